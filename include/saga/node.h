@@ -1,0 +1,272 @@
+/*
+ * libsaga — the node: one SQLite database, one transport, one libuv loop.
+ *
+ * A node hosts an orchestrator (it runs sagas of the definitions registered on it), the
+ * participants whose handlers are registered on it, or both. Lifecycle:
+ *
+ *   saga_node_config cfg; saga_node_config_init(&cfg);
+ *   cfg.name = "orders"; cfg.db_path = "orders.db"; cfg.transport = t;
+ *   saga_node_open(&node, loop, &cfg);         // opens/migrates the database
+ *   saga_node_register(node, &def);            // definitions this node orchestrates
+ *   saga_node_handle(node, "order", "order.create", create_order, NULL);  // participants
+ *   saga_node_start(node);                     // recovery: resume in-flight sagas, relay
+ *   saga_start(node, "purchase", input, key, started_cb, arg);
+ *   ... uv_run(loop, UV_RUN_DEFAULT) ...
+ *   saga_node_close(node, closed_cb, arg);     // then let the loop run once more
+ *
+ * Everything a node does in one loop turn (started sagas, replies, commands, timeouts) is
+ * group-committed in one SQLite transaction; each participant handler runs in its own
+ * savepoint inside it. After the commit, and only then: deliveries are acknowledged,
+ * callbacks and events run, and the new outbox rows are published.
+ *
+ * Errors: functions return SAGA_OK or a negative code; saga_node_errmsg() has the detail.
+ * Thread: every function must be called on the loop's thread, except saga_node_post().
+ */
+#ifndef SAGA_NODE_H
+#define SAGA_NODE_H
+
+#include "clock.h"
+#include "common.h"
+#include "data.h"
+#include "definition.h"
+#include "participant.h"
+#include "transport.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct uv_loop_s uv_loop_t;
+typedef struct saga_node saga_node;
+
+/** Saga states. Terminal: COMPLETED, COMPENSATED, FAILED. */
+typedef enum saga_state {
+  SAGA_RUNNING = 1,
+  SAGA_COMPENSATING = 2,
+  SAGA_COMPLETED = 3,
+  SAGA_COMPENSATED = 4,
+  SAGA_FAILED = 5 /**< a compensation could not finish; needs an operator */
+} saga_state;
+
+/** Name of a state, e.g. "RUNNING"; "UNKNOWN" for other values. */
+SAGA_EXTERN const char *saga_state_name(int state);
+
+/** Transitions reported to the event hook and recorded in each saga's history. */
+typedef enum saga_event_type {
+  SAGA_EV_STARTED = 1,
+  SAGA_EV_STEP_SENT = 2,        /**< an action attempt was sent (STATUS_EXECUTE) */
+  SAGA_EV_STEP_SUCCEEDED = 3,
+  SAGA_EV_STEP_FAILED = 4,      /**< business refusal or technical failure; detail = reason */
+  SAGA_EV_STEP_TIMED_OUT = 5,
+  SAGA_EV_STEP_RETRY = 6,       /**< another attempt is scheduled */
+  SAGA_EV_COMPENSATION_SENT = 7,
+  SAGA_EV_COMPENSATED = 8,      /**< a step's compensation was confirmed */
+  SAGA_EV_COMPENSATION_FAILED = 9, /**< gave up compensating a step; the saga is FAILED */
+  SAGA_EV_RESOLVE_SENT = 10,    /**< asked the pivot's participant whether it applied */
+  SAGA_EV_CANCELLED = 11,       /**< cancel or saga deadline: compensation starts */
+  SAGA_EV_COMPLETED = 12,
+  SAGA_EV_SAGA_COMPENSATED = 13,
+  SAGA_EV_SAGA_FAILED = 14,
+  SAGA_EV_STALE_REPLY = 15,     /**< a duplicate or late reply was ignored */
+  SAGA_EV_DEFINITION_MISSING = 16 /**< an instance's definition version is not registered */
+} saga_event_type;
+
+/** Name of an event type, e.g. "STEP_SENT". */
+SAGA_EXTERN const char *saga_event_name(int type);
+
+/** One transition. Every pointer is borrowed for the duration of the hook call. */
+typedef struct saga_event {
+  saga_event_type type;
+  const char *saga_id;
+  const char *definition; /**< definition name */
+  uint32_t version;       /**< definition version */
+  int step;               /**< step index, -1 for saga-level events */
+  const char *step_name;  /**< "" for saga-level events */
+  uint32_t attempt;
+  saga_state state;       /**< saga state after the transition */
+  const char *detail;     /**< reason or note, "" when none */
+  uint64_t at_ms;         /**< clock time of the transition */
+} saga_event;
+
+/** The event hook: called after the transition's transaction committed, on the loop. */
+typedef void (*saga_event_cb)(saga_node *node, const saga_event *ev, void *arg);
+
+typedef enum saga_sync {
+  SAGA_SYNC_OFF = 0,
+  SAGA_SYNC_NORMAL = 1,
+  SAGA_SYNC_FULL = 2 /**< default: every commit is durable */
+} saga_sync;
+
+#define SAGA_NODE_CONFIG_VERSION 1
+
+/** Node configuration. Initialise with saga_node_config_init(), then set fields. */
+typedef struct saga_node_config {
+  int struct_version;         /**< SAGA_NODE_CONFIG_VERSION */
+  const char *name;           /**< required: node name; also its reply channel */
+  const char *db_path;        /**< required: SQLite file (":memory:" for tests) */
+  const char *vfs;            /**< SQLite VFS name, NULL = default */
+  saga_sync synchronous;      /**< default SAGA_SYNC_FULL */
+  saga_transport *transport;  /**< required; taken by saga_node_open(), even on failure */
+  saga_clock *clock;          /**< NULL = a real clock of the node's own; borrowed */
+  const saga_allocator *alloc;/**< NULL = libc; copied */
+  saga_log_fn log;            /**< NULL = no logging */
+  void *log_arg;
+  uint64_t (*random)(void *arg); /**< NULL = seeded from the OS; used for ids and jitter */
+  void *random_arg;
+  saga_event_cb on_event;     /**< NULL = none */
+  void *event_arg;
+  uint32_t resend_ms;         /**< outbox rows unconfirmed this long are sent again;
+                                   default 1000 */
+  uint32_t batch_max;         /**< most work items in one transaction; default 1024 */
+  saga_limits limits;         /**< decoding limits; defaults from saga_limits_init() */
+  uint32_t busy_timeout_ms;   /**< SQLite busy timeout; default 5000 */
+} saga_node_config;
+
+/** Fills cfg with defaults (struct_version set, everything optional at its default). */
+SAGA_EXTERN void saga_node_config_init(saga_node_config *cfg);
+
+/**
+ * Opens the database (creating it, or migrating it to this library's schema), and opens the
+ * transport on loop. The node takes ownership of cfg->transport in every case. Strings in
+ * cfg are copied.
+ * Returns SAGA_OK and sets *out; SAGA_EINVAL (missing name/db_path/transport, NULL loop),
+ * SAGA_EVERSION (config or transport version unknown), SAGA_ESCHEMA (database written by a
+ * newer libsaga), SAGA_ESTORE/SAGA_EIO/SAGA_EREADONLY (SQLite), SAGA_ENOMEM, or the
+ * transport's error. On failure nothing is left to free; if errmsg is not NULL a sentence
+ * describing the failure is copied into it (errlen bytes).
+ */
+SAGA_EXTERN int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg,
+                               char *errmsg, size_t errlen);
+
+/**
+ * Starts closing: stops timers and the transport; pending API callbacks get SAGA_ECLOSED.
+ * cb (may be NULL) runs on the loop once everything is released. The node must not be used
+ * after this call. Accepts NULL (cb is then not called).
+ */
+SAGA_EXTERN void saga_node_close(saga_node *node, void (*cb)(void *arg), void *arg);
+
+/** The last error's detail on this node (never NULL; "" when none). Borrowed until the next
+ * call on the node. */
+SAGA_EXTERN const char *saga_node_errmsg(const saga_node *node);
+
+/** The SQLite connection of the node, for read-only queries by the application. */
+SAGA_EXTERN sqlite3 *saga_node_db(saga_node *node);
+
+/** The node's clock. */
+SAGA_EXTERN saga_clock *saga_node_clock(saga_node *node);
+
+/**
+ * Registers a definition to orchestrate (copied). Several versions of one name may be
+ * registered; saga_start() uses the highest. Must be called before saga_node_start().
+ * Returns SAGA_OK, SAGA_EDEFINITION (invalid; errmsg says why), SAGA_EEXIST (same name and
+ * version already registered), SAGA_ESTATE (node already started), SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_node_register(saga_node *node, const saga_definition *def);
+
+/**
+ * Registers handler fn for command on channel (both copied) and subscribes to channel at
+ * saga_node_start(). Must be called before saga_node_start().
+ * Returns SAGA_OK, SAGA_EINVAL, SAGA_EEXIST (same channel and command), SAGA_ESTATE,
+ * SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_node_handle(saga_node *node, const char *channel, const char *command,
+                                 saga_handler fn, void *arg);
+
+/**
+ * Recovery and start: subscribes the channels, re-arms every stored deadline, sends unsent
+ * outbox rows, and reports (event SAGA_EV_DEFINITION_MISSING, once per instance) every
+ * in-flight saga whose definition version is not registered — those are left untouched.
+ * Returns the number of such instances (>= 0), or a negative error.
+ */
+SAGA_EXTERN int saga_node_start(saga_node *node);
+
+/** Completion of saga_start(): status SAGA_OK and the saga id (borrowed for the call), or
+ * a negative status and saga_id NULL. `existed` is 1 when the idempotency key matched an
+ * earlier saga (the same id is returned; nothing new started). */
+typedef void (*saga_start_cb)(saga_node *node, int status, const char *saga_id, int existed,
+                              void *arg);
+
+/**
+ * Starts a saga of the highest registered version of definition `name`, with a copy of
+ * input (may be NULL) as its data. idem_key (may be NULL) makes the start idempotent: a
+ * later start with the same key returns the first saga's id. The saga is durable when cb
+ * runs (after the commit). If this returns an error, cb never runs; otherwise it runs
+ * exactly once, on the loop.
+ * Returns SAGA_OK, SAGA_EINVAL, SAGA_ENODEF, SAGA_ESTATE (not started / closing),
+ * SAGA_ENOMEM, SAGA_ETOOBIG (input over the message limit).
+ */
+SAGA_EXTERN int saga_start(saga_node *node, const char *name, const saga_data *input,
+                           const char *idem_key, saga_start_cb cb, void *arg);
+
+/** Completion of an operator action: SAGA_OK or a negative status. */
+typedef void (*saga_done_cb)(saga_node *node, int status, void *arg);
+
+/**
+ * Aborts a RUNNING saga into compensation. Fails with SAGA_ESTATE (through cb) when the saga
+ * has passed its pivot or is not running, SAGA_ENOTFOUND when unknown. Async contract as for
+ * saga_start().
+ */
+SAGA_EXTERN int saga_cancel(saga_node *node, const char *saga_id, saga_done_cb cb, void *arg);
+
+/**
+ * Operator repair: resumes a FAILED saga's compensation from the step that failed, with a
+ * fresh attempt count. SAGA_ESTATE through cb when the saga is not FAILED.
+ */
+SAGA_EXTERN int saga_retry_failed(saga_node *node, const char *saga_id, saga_done_cb cb, void *arg);
+
+/** A snapshot of one saga, from saga_get(). All memory belongs to the struct. */
+typedef struct saga_info {
+  char id[40];
+  char *definition;
+  uint32_t version;
+  saga_state state;
+  int step;           /**< current step (action or compensation) */
+  uint32_t attempt;
+  char *error;        /**< last failure reason, "" when none */
+  saga_data *data;    /**< the saga data */
+  uint64_t created_ms, updated_ms;
+  uint64_t deadline_ms; /**< next timer, 0 when none */
+} saga_info;
+
+/**
+ * Reads the committed state of a saga. On SAGA_OK *out is a new snapshot to release with
+ * saga_info_free(). SAGA_ENOTFOUND, SAGA_EINVAL, SAGA_ESTORE, SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_get(saga_node *node, const char *saga_id, saga_info **out);
+
+/** Frees a snapshot. Accepts NULL. */
+SAGA_EXTERN void saga_info_free(saga_info *info);
+
+/**
+ * The only thread-safe entry: runs fn(node, arg) on the loop thread soon. Returns SAGA_OK,
+ * SAGA_ECLOSED (node closing: fn will not run), SAGA_ENOMEM. If it returns SAGA_OK, fn runs
+ * exactly once — with node NULL when the node closed before fn could run.
+ */
+SAGA_EXTERN int saga_node_post(saga_node *node, void (*fn)(saga_node *node, void *arg),
+                               void *arg);
+
+/** Counters of a node. */
+typedef struct saga_node_stats {
+  uint64_t transactions;   /**< group commits */
+  uint64_t work_items;     /**< items processed in them */
+  uint64_t commit_failures;
+  uint64_t sent, resent, acked_out; /**< outbox rows published / resent / confirmed */
+  uint64_t delivered, duplicates, dead_letters;
+  uint64_t handler_runs;
+} saga_node_stats;
+
+/** Copies the node's counters. */
+SAGA_EXTERN void saga_node_stats_get(const saga_node *node, saga_node_stats *out);
+
+/**
+ * Number of outbox rows not yet confirmed (reads the database). Negative on error.
+ */
+SAGA_EXTERN int64_t saga_node_outbox_depth(saga_node *node);
+
+/** Nonzero when the node has queued work not yet committed (for test harnesses). */
+SAGA_EXTERN int saga_node_busy(const saga_node *node);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAGA_NODE_H */

@@ -1,0 +1,83 @@
+/*
+ * libsaga — participants: handlers for commands, run inside the participant's transaction.
+ *
+ * A handler is registered per (channel, command) with saga_node_handle(). When a command
+ * arrives the node opens a savepoint inside its write transaction and calls the handler,
+ * which does its business writes on saga_tx_db(tx) and fills the reply. The business
+ * writes, the inbox record (message id + reply) and the outgoing reply commit together; the
+ * delivery is acknowledged to the transport only after that commit. Consequences:
+ *   - a duplicate command (same message id) never runs the handler again; the recorded reply
+ *     is sent again;
+ *   - a later attempt of an action that already succeeded gets the recorded reply;
+ *   - a compensation for an action this node never applied runs no handler and leaves a
+ *     tombstone, so the action, should it arrive late, is refused without running.
+ *
+ * Handler return values:
+ *   SAGA_OK            success; the reply's data is merged into the saga's data;
+ *   saga_reply_fail()  a business refusal (returns SAGA_EREFUSED); the handler's writes are
+ *                      rolled back; the saga retries or compensates per its definition;
+ *   any other < 0      a technical failure: writes rolled back, the message is recorded in
+ *                      the dead-letter table and a failure reply is sent, so the saga never
+ *                      hangs on it.
+ *
+ * Thread: handlers run on the node's loop thread. Every pointer passed to a handler is
+ * borrowed for the call only.
+ */
+#ifndef SAGA_PARTICIPANT_H
+#define SAGA_PARTICIPANT_H
+
+#include "common.h"
+#include "data.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sqlite3 sqlite3;
+
+typedef struct saga_tx saga_tx;
+typedef struct saga_msg saga_msg;
+typedef struct saga_reply saga_reply;
+
+/** A command handler. See the file comment for the return values. */
+typedef int (*saga_handler)(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg);
+
+/**
+ * The node's SQLite connection, inside the open savepoint. Do not COMMIT, ROLLBACK or
+ * RELEASE on it, and do not keep it after the handler returns.
+ */
+SAGA_EXTERN sqlite3 *saga_tx_db(saga_tx *tx);
+
+/** The saga id of the command (NUL-terminated, borrowed). */
+SAGA_EXTERN const char *saga_msg_saga_id(const saga_msg *m);
+/** The command name. */
+SAGA_EXTERN const char *saga_msg_command(const saga_msg *m);
+/** The message id (unique per saga, step, phase and attempt). */
+SAGA_EXTERN const char *saga_msg_id(const saga_msg *m);
+/** Index of the step in its definition. */
+SAGA_EXTERN uint32_t saga_msg_step(const saga_msg *m);
+/** Attempt number, from 1. */
+SAGA_EXTERN uint32_t saga_msg_attempt(const saga_msg *m);
+/** Nonzero when this is a compensation. */
+SAGA_EXTERN int saga_msg_is_compensation(const saga_msg *m);
+/** The saga's data as sent with the command. Never NULL. */
+SAGA_EXTERN const saga_data *saga_msg_data(const saga_msg *m);
+/** A header value (e.g. "traceparent"), or NULL. */
+SAGA_EXTERN const char *saga_msg_header(const saga_msg *m, const char *name);
+
+/** Adds key=value to the reply's data (merged into the saga data on success). */
+SAGA_EXTERN int saga_reply_set(saga_reply *r, const char *key, const void *val, size_t len);
+/** Adds a text value to the reply's data. */
+SAGA_EXTERN int saga_reply_set_str(saga_reply *r, const char *key, const char *val);
+/** Adds a decimal integer to the reply's data. */
+SAGA_EXTERN int saga_reply_set_i64(saga_reply *r, const char *key, int64_t v);
+/**
+ * Marks the reply as a business failure with a reason (copied, truncated to 512 bytes).
+ * Returns SAGA_EREFUSED so a handler can `return saga_reply_fail(r, "why");`.
+ */
+SAGA_EXTERN int saga_reply_fail(saga_reply *r, const char *reason);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAGA_PARTICIPANT_H */

@@ -1,0 +1,118 @@
+/*
+ * libsaga — the transport adapter interface, for adapter authors.
+ *
+ * An adapter is a struct whose first member is a `saga_transport`, plus a constant table of
+ * methods. The shipped adapters (in-memory, TCP, NATS, Redis) are written against exactly
+ * this header and nothing else of the core.
+ *
+ * The contract, in one paragraph: the node calls open() once with its loop, then
+ * subscribe() for every channel it consumes, then send() for every outgoing message. The
+ * adapter calls saga_transport_deliver() for every message that arrives on a subscribed
+ * channel, with a delivery tag of its choosing; the node later calls ack(tag) — only after
+ * the transaction that recorded the message committed. An unacknowledged delivery may be
+ * delivered again (after a reconnect, a redelivery timeout, ...): the node tolerates
+ * duplicates. For sends, the adapter calls saga_transport_sent(token, status) once the medium
+ * has taken responsibility for the message (a broker stored it, or the receiving node
+ * acknowledged it); only then is the node's outbox row deleted. If that never happens the
+ * node sends the row again after its resend interval, forever, so an adapter may lose
+ * messages it had not confirmed without losing anything for the user.
+ *
+ * Versioning: `version` is the first field of the methods table. The core reads the fields
+ * that exist in that version and refuses newer versions it does not know (SAGA_EVERSION).
+ * New methods are only ever appended.
+ *
+ * Thread: every method is called on the node's loop thread, and the saga_transport_*
+ * functions below must be called on it too (use a uv_async_t to get there from another
+ * thread). Callbacks into the core may happen from inside a method (e.g. a synchronous
+ * delivery during send()); the core handles that re-entrancy by queueing.
+ */
+#ifndef SAGA_SYS_TRANSPORT_H
+#define SAGA_SYS_TRANSPORT_H
+
+#include "../common.h"
+#include "../transport.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct uv_loop_s uv_loop_t;
+
+#define SAGA_TRANSPORT_VERSION 1
+
+typedef struct saga_transport_methods {
+  int version;      /**< SAGA_TRANSPORT_VERSION the adapter was written for */
+  const char *name; /**< short adapter name for logs, e.g. "mem", "tcp" */
+
+  /**
+   * Starts I/O on loop. Called once, before any other method. Return SAGA_OK or a negative
+   * code (the node's open then fails with it).
+   */
+  int (*open)(saga_transport *t, uv_loop_t *loop);
+
+  /**
+   * Starts consuming channel (NUL-terminated, borrowed for the call). Called after open(),
+   * at most once per channel. Return SAGA_OK or a negative code.
+   */
+  int (*subscribe)(saga_transport *t, const char *channel);
+
+  /**
+   * Sends len bytes to channel. Both are borrowed for the call: copy what you keep.
+   * Return SAGA_OK if the message was taken (confirmation follows with
+   * saga_transport_sent()), or a negative code if it could not even be queued (the node
+   * logs it and retries after its resend interval). `token` is opaque; pass it back.
+   */
+  int (*send)(saga_transport *t, const char *channel, const void *data, size_t len,
+              uint64_t token);
+
+  /**
+   * The node committed the delivery `tag` (given by the adapter in
+   * saga_transport_deliver()): acknowledge it to the medium. Must not fail; an adapter that
+   * cannot acknowledge now must tolerate the redelivery that follows.
+   */
+  void (*ack)(saga_transport *t, uint64_t tag);
+
+  /**
+   * Stops I/O. No saga_transport_* call may follow once close returns, except that the
+   * adapter may finish asynchronously and then call saga_transport_closed(); it must call it
+   * exactly once, from close() itself or later on the loop.
+   */
+  void (*close)(saga_transport *t);
+
+  /** Frees the adapter's memory. Called after close completed, or for a never-opened one. */
+  void (*destroy)(saga_transport *t);
+} saga_transport_methods;
+
+/**
+ * The head of every adapter object. The adapter sets `methods`; the core owns the rest.
+ */
+struct saga_transport {
+  const saga_transport_methods *methods;
+  void *saga__host; /**< the core's; do not touch */
+};
+
+/**
+ * Hands a received message to the node. data/len are borrowed for the call (the node
+ * copies). tag identifies this delivery for ack(). Returns SAGA_OK, or SAGA_ECLOSED when
+ * the node is closing (do not ack; it will not be acked).
+ */
+SAGA_EXTERN int saga_transport_deliver(saga_transport *t, const char *channel, const void *data,
+                                       size_t len, uint64_t tag);
+
+/**
+ * Reports that the message sent with `token` is safely with the medium (status SAGA_OK), or
+ * definitely failed (status < 0: the node resends it later). Unknown or repeated tokens are
+ * ignored, so reporting twice is harmless.
+ */
+SAGA_EXTERN void saga_transport_sent(saga_transport *t, uint64_t token, int status);
+
+/** Reports that an asynchronous close() completed. */
+SAGA_EXTERN void saga_transport_closed(saga_transport *t);
+
+/** Logs through the node's log hook (no-op before open). msg is borrowed. */
+SAGA_EXTERN void saga_transport_log(saga_transport *t, saga_log_level level, const char *msg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAGA_SYS_TRANSPORT_H */

@@ -1,0 +1,624 @@
+/*
+ * The orchestrator: one saga instance's state machine, driven by replies, timers and
+ * operator requests. Every function here runs inside the node's group transaction; what it
+ * writes (instance row, history, outbox rows) commits or rolls back together.
+ *
+ * The state machine is the const table `machine` below: (mode, event) -> action. A mode is
+ * derived from the stored state, phase and wait columns; an empty cell means the event does
+ * not apply there (a reply is then reported stale and changes nothing).
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "node_internal.h"
+
+enum { WAIT_NONE = 0, WAIT_REPLY = 1, WAIT_BACKOFF = 2 };
+enum { FLAG_UNCERTAIN = 1 }; /* an attempt of the current step timed out */
+
+typedef enum mode {
+  M_ACT_WAIT,
+  M_ACT_BACKOFF,
+  M_RES_WAIT,
+  M_RES_BACKOFF,
+  M_COMP_WAIT,
+  M_COMP_BACKOFF,
+  M_DONE,
+  M__COUNT
+} mode;
+
+typedef enum event {
+  E_OK,          /* matching success reply */
+  E_FAIL,        /* matching failure reply */
+  E_TIMEOUT,     /* reply deadline of the current attempt passed */
+  E_BACKOFF_END, /* time for the next attempt */
+  E_CANCEL,      /* saga_cancel() */
+  E_DEADLINE,    /* whole-saga deadline passed */
+  E__COUNT
+} event;
+
+typedef int (*action_fn)(saga_node *n, saga__inst *i, const saga_envelope *reply, event ev);
+
+/* ---- instance rows ---------------------------------------------------------------------- */
+
+void saga__inst_init(saga__inst *i, const saga_allocator *a) {
+  memset(i, 0, sizeof *i);
+  saga__buf_init(&i->data, a);
+}
+
+void saga__inst_free(saga__inst *i) { saga__buf_free(&i->data); }
+
+static void copy_col(char *dst, size_t cap, sqlite3_stmt *st, int col) {
+  const char *s = (const char *)sqlite3_column_text(st, col);
+  snprintf(dst, cap, "%s", s ? s : "");
+}
+
+static uint64_t col_u64(sqlite3_stmt *st, int col) {
+  return sqlite3_column_type(st, col) == SQLITE_NULL ? 0 : (uint64_t)sqlite3_column_int64(st, col);
+}
+
+static int inst_load(saga_node *n, const char *id, saga__inst *i) {
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_GET);
+  sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+  int rc = sqlite3_step(st);
+  if (rc != SQLITE_ROW) {
+    sqlite3_reset(st);
+    if (rc == SQLITE_DONE) return saga__node_fail(n, SAGA_ENOTFOUND, "saga '%s' not found", id);
+    return saga__node_db_fail(n, saga__store_err(rc), "loading saga");
+  }
+  copy_col(i->id, sizeof i->id, st, 0);
+  copy_col(i->def_name, sizeof i->def_name, st, 1);
+  i->def_version = (uint32_t)sqlite3_column_int64(st, 2);
+  i->state = sqlite3_column_int(st, 3);
+  i->phase = sqlite3_column_int(st, 4);
+  i->step = sqlite3_column_int(st, 5);
+  i->attempt = (uint32_t)sqlite3_column_int64(st, 6);
+  i->wait = sqlite3_column_int(st, 7);
+  i->flags = sqlite3_column_int(st, 8);
+  i->hseq = sqlite3_column_int64(st, 9);
+  saga__buf_reset(&i->data);
+  rc = saga__buf_append(&i->data, sqlite3_column_blob(st, 10), (size_t)sqlite3_column_bytes(st, 10));
+  copy_col(i->error, sizeof i->error, st, 11);
+  copy_col(i->trace_span, sizeof i->trace_span, st, 12);
+  i->created_ms = col_u64(st, 13);
+  i->updated_ms = col_u64(st, 14);
+  i->step_deadline = col_u64(st, 15);
+  i->saga_deadline = col_u64(st, 16);
+  i->parked = sqlite3_column_int(st, 17);
+  sqlite3_reset(st);
+  if (rc != SAGA_OK) return saga__node_fail(n, SAGA_ENOMEM, "out of memory loading saga");
+  i->def = saga__node_find_def(n, i->def_name, i->def_version);
+  i->exists = 1;
+  return SAGA_OK;
+}
+
+static void bind_opt(sqlite3_stmt *st, int col, uint64_t v) {
+  if (v == 0)
+    sqlite3_bind_null(st, col);
+  else
+    sqlite3_bind_int64(st, col, (sqlite3_int64)v);
+}
+
+static uint64_t next_deadline(const saga__inst *i) {
+  uint64_t a = i->step_deadline, b = i->saga_deadline;
+  if (a == 0) return b;
+  if (b == 0) return a;
+  return a < b ? a : b;
+}
+
+static int inst_save(saga_node *n, saga__inst *i) {
+  i->updated_ms = saga__node_now(n);
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_UPDATE);
+  sqlite3_bind_text(st, 1, i->id, -1, SQLITE_STATIC);
+  sqlite3_bind_int(st, 2, i->state);
+  sqlite3_bind_int(st, 3, i->phase);
+  sqlite3_bind_int(st, 4, i->step);
+  sqlite3_bind_int64(st, 5, i->attempt);
+  sqlite3_bind_int(st, 6, i->wait);
+  sqlite3_bind_int(st, 7, i->flags);
+  sqlite3_bind_int64(st, 8, i->hseq);
+  sqlite3_bind_blob(st, 9, i->data.data ? (const void *)i->data.data : "", (int)i->data.len,
+                    SQLITE_STATIC);
+  sqlite3_bind_text(st, 10, i->error, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 11, (sqlite3_int64)i->updated_ms);
+  bind_opt(st, 12, i->step_deadline);
+  bind_opt(st, 13, i->saga_deadline);
+  bind_opt(st, 14, i->parked ? 0 : next_deadline(i));
+  sqlite3_bind_int(st, 15, i->parked);
+  int rc = saga__store_exec(&n->store, ST_INST_UPDATE);
+  return rc == SAGA_OK ? SAGA_OK : saga__node_db_fail(n, rc, "saving saga");
+}
+
+static int ev(saga_node *n, saga__inst *i, saga_event_type t, const char *detail) {
+  int step = t == SAGA_EV_STARTED || t == SAGA_EV_COMPLETED || t == SAGA_EV_SAGA_COMPENSATED ||
+                     t == SAGA_EV_SAGA_FAILED || t == SAGA_EV_CANCELLED ||
+                     t == SAGA_EV_DEFINITION_MISSING
+                 ? -1
+                 : i->step;
+  return saga__node_event(n, t, i, step, i->attempt, detail);
+}
+
+/* ---- sending commands ------------------------------------------------------------------- */
+
+static int send_command(saga_node *n, saga__inst *i) {
+  const saga__step *s = &i->def->steps[i->step];
+  char name[320], msg_id[96], trace[96];
+  const char *channel = s->local_action ? SAGA__LOCAL_CHANNEL : s->channel;
+  saga_event_type sent = SAGA_EV_STEP_SENT;
+  if (i->phase == SAGA_PHASE_RESOLVE) {
+    snprintf(name, sizeof name, "saga.resolve");
+    sent = SAGA_EV_RESOLVE_SENT;
+  } else if (s->local_action) {
+    snprintf(name, sizeof name, "%s:%u:%d:%s", i->def->name, i->def->version, i->step,
+             i->phase == SAGA_PHASE_ACTION ? "action" : "compensation");
+  } else {
+    snprintf(name, sizeof name, "%s", i->phase == SAGA_PHASE_ACTION ? s->action : s->compensation);
+  }
+  if (i->phase == SAGA_PHASE_COMPENSATION) sent = SAGA_EV_COMPENSATION_SENT;
+  snprintf(msg_id, sizeof msg_id, "%s/%d/%d/%" PRIu32, i->id, i->step, i->phase, i->attempt);
+  snprintf(trace, sizeof trace, "00-%s-%s-01", i->id, i->trace_span);
+  saga_header hdr = {"traceparent", trace};
+  saga_envelope env;
+  memset(&env, 0, sizeof env);
+  env.version = SAGA_ENVELOPE_VERSION;
+  env.kind = SAGA_MSG_COMMAND;
+  env.msg_id = msg_id;
+  env.saga_id = i->id;
+  env.step = (uint32_t)i->step;
+  env.attempt = i->attempt;
+  env.phase = (saga_phase)i->phase;
+  env.name = name;
+  env.reply_to = n->name;
+  env.headers = &hdr;
+  env.nheaders = 1;
+  env.payload = i->data.data;
+  env.payload_len = i->data.len;
+  saga__buf_reset(&n->scratch);
+  int rc = saga__envelope_encode_buf(&env, &n->scratch);
+  if (rc != SAGA_OK) return saga__node_fail(n, rc, "encoding command: %s", saga_strerror(rc));
+  rc = saga__node_outbox(n, channel, i->id, n->scratch.data, n->scratch.len);
+  if (rc != SAGA_OK) return rc;
+  i->wait = WAIT_REPLY;
+  i->step_deadline = s->timeout_ms ? saga__node_now(n) + s->timeout_ms : 0;
+  return ev(n, i, sent, "");
+}
+
+/* ---- helpers of the actions ------------------------------------------------------------- */
+
+static int has_compensation(const saga__step *s) {
+  return s->kind == SAGA_STEP_COMPENSATABLE && (s->compensation != NULL || s->local_compensation);
+}
+
+static int finish(saga_node *n, saga__inst *i, int state, saga_event_type t, const char *why) {
+  i->state = state;
+  i->wait = WAIT_NONE;
+  i->step_deadline = i->saga_deadline = 0;
+  return ev(n, i, t, why);
+}
+
+/* Compensates, in reverse order, every compensatable step at or below `from`. */
+static int begin_comp(saga_node *n, saga__inst *i, int from) {
+  int j = from;
+  while (j >= 0 && !has_compensation(&i->def->steps[j])) j--;
+  i->saga_deadline = 0;
+  if (j < 0) {
+    i->step = from < 0 ? 0 : from;
+    return finish(n, i, SAGA_COMPENSATED, SAGA_EV_SAGA_COMPENSATED, "");
+  }
+  i->state = SAGA_COMPENSATING;
+  i->phase = SAGA_PHASE_COMPENSATION;
+  i->step = j;
+  i->attempt = 1;
+  i->flags = 0;
+  return send_command(n, i);
+}
+
+static double rand01(saga_node *n) { return (double)(saga__node_rand(n) >> 11) / 9007199254740992.0; }
+
+static int schedule_retry(saga_node *n, saga__inst *i) {
+  const saga_retry *r = &i->def->steps[i->step].retry;
+  uint64_t delay = saga__retry_delay(r, i->attempt, rand01(n));
+  i->wait = WAIT_BACKOFF;
+  i->step_deadline = saga__node_now(n) + delay;
+  char why[64];
+  snprintf(why, sizeof why, "attempt %" PRIu32 " in %" PRIu64 " ms", i->attempt + 1, delay);
+  return ev(n, i, SAGA_EV_STEP_RETRY, why);
+}
+
+static uint32_t comp_max(const saga__step *s) {
+  uint32_t m = saga__retry_max(&s->retry);
+  return m < 3 ? 3 : m;
+}
+
+/* Merges the reply's data into the saga data. */
+static int merge_reply(saga_node *n, saga__inst *i, const saga_envelope *r) {
+  if (r == NULL || r->payload_len == 0 ||
+      (r->payload_len == 1 && ((const uint8_t *)r->payload)[0] == 0x80))
+    return SAGA_OK;
+  saga_data *cur = NULL, *add = NULL;
+  char err[200];
+  int rc = saga__data_decode(i->data.data, i->data.len, &n->limits, n->alloc, &cur, err,
+                             sizeof err);
+  if (rc == SAGA_OK)
+    rc = saga__data_decode(r->payload, r->payload_len, &n->limits, n->alloc, &add, err,
+                           sizeof err);
+  if (rc == SAGA_OK) rc = saga_data_merge(cur, add);
+  if (rc == SAGA_OK) {
+    saga__buf_reset(&i->data);
+    rc = saga__data_encode(cur, &i->data);
+  }
+  saga_data_free(cur);
+  saga_data_free(add);
+  if (rc != SAGA_OK) return saga__node_fail(n, rc, "merging reply data: %s", err);
+  return SAGA_OK;
+}
+
+/* ---- the actions ------------------------------------------------------------------------ */
+
+static int act_ok(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  int rc = merge_reply(n, i, r);
+  if (rc == SAGA_OK) rc = ev(n, i, SAGA_EV_STEP_SUCCEEDED, "");
+  if (rc != SAGA_OK) return rc;
+  i->step++;
+  i->flags = 0;
+  if ((size_t)i->step >= i->def->nsteps) {
+    i->step = (int)i->def->nsteps - 1;
+    return finish(n, i, SAGA_COMPLETED, SAGA_EV_COMPLETED, "");
+  }
+  if (i->step >= i->def->pivot) i->saga_deadline = 0;
+  i->phase = SAGA_PHASE_ACTION;
+  i->attempt = 1;
+  return send_command(n, i);
+}
+
+static int act_fail(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  const saga__step *s = &i->def->steps[i->step];
+  const char *why = r && r->error[0] ? r->error : "failed";
+  snprintf(i->error, sizeof i->error, "%s: %s", s->name, why);
+  int rc = ev(n, i, SAGA_EV_STEP_FAILED, why);
+  if (rc != SAGA_OK) return rc;
+  if (s->kind == SAGA_STEP_RETRIABLE ||
+      (s->retry.retry_before_compensate && i->attempt < saga__retry_max(&s->retry)))
+    return schedule_retry(n, i);
+  /* A refusal of the latest attempt is definitive: the participant refuses older attempts
+   * once it has answered a newer one, so this step cannot apply later. */
+  return begin_comp(n, i, i->step - 1);
+}
+
+static int act_timeout(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  const saga__step *s = &i->def->steps[i->step];
+  int rc = ev(n, i, SAGA_EV_STEP_TIMED_OUT, "");
+  if (rc != SAGA_OK) return rc;
+  i->flags |= FLAG_UNCERTAIN;
+  if (s->kind == SAGA_STEP_RETRIABLE || i->attempt < saga__retry_max(&s->retry))
+    return schedule_retry(n, i);
+  snprintf(i->error, sizeof i->error, "%s: timed out after %" PRIu32 " attempts", s->name,
+           i->attempt);
+  if (s->kind == SAGA_STEP_PIVOT) {
+    /* The pivot's outcome is unknown and it has no compensation: ask its participant. */
+    i->phase = SAGA_PHASE_RESOLVE;
+    i->attempt = 1;
+    return send_command(n, i);
+  }
+  /* Outcome unknown: compensate this step too; its participant tombstones it if the action
+   * never arrived, so a late action is refused. */
+  return begin_comp(n, i, i->step);
+}
+
+static int act_resend(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  i->attempt++;
+  return send_command(n, i);
+}
+
+static int res_absent(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  int rc = ev(n, i, SAGA_EV_STEP_FAILED, "pivot did not apply");
+  if (rc != SAGA_OK) return rc;
+  return begin_comp(n, i, i->step - 1);
+}
+
+static int res_retry(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  int rc = ev(n, i, SAGA_EV_STEP_TIMED_OUT, "resolve");
+  return rc != SAGA_OK ? rc : schedule_retry(n, i);
+}
+
+static int comp_ok(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  int rc = ev(n, i, SAGA_EV_COMPENSATED, "");
+  if (rc != SAGA_OK) return rc;
+  if (i->step == 0) return finish(n, i, SAGA_COMPENSATED, SAGA_EV_SAGA_COMPENSATED, "");
+  return begin_comp(n, i, i->step - 1);
+}
+
+static int comp_fail(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  const saga__step *s = &i->def->steps[i->step];
+  const char *why = e == E_TIMEOUT ? "compensation timed out"
+                                   : (r && r->error[0] ? r->error : "compensation failed");
+  int rc = ev(n, i, e == E_TIMEOUT ? SAGA_EV_STEP_TIMED_OUT : SAGA_EV_STEP_FAILED, why);
+  if (rc != SAGA_OK) return rc;
+  if (i->attempt < comp_max(s)) return schedule_retry(n, i);
+  snprintf(i->error, sizeof i->error, "compensation of %s failed after %" PRIu32
+           " attempts: %s", s->name, i->attempt, why);
+  rc = ev(n, i, SAGA_EV_COMPENSATION_FAILED, why);
+  if (rc != SAGA_OK) return rc;
+  return finish(n, i, SAGA_FAILED, SAGA_EV_SAGA_FAILED, i->error);
+}
+
+static int abort_running(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+  if (i->step >= i->def->pivot) {
+    i->saga_deadline = 0;
+    if (e == E_DEADLINE) return SAGA_OK; /* past the point of no return: run to the end */
+    return saga__node_fail(n, SAGA_ESTATE, "saga '%s' is past its pivot and cannot be "
+                                           "cancelled", i->id);
+  }
+  const char *why = e == E_DEADLINE ? "saga deadline reached" : "cancelled";
+  snprintf(i->error, sizeof i->error, "%s", why);
+  int rc = ev(n, i, SAGA_EV_CANCELLED, why);
+  /* The current step may be in flight: compensate it too (tombstoned if it never ran). */
+  return rc != SAGA_OK ? rc : begin_comp(n, i, i->step);
+}
+
+static const action_fn machine[M__COUNT][E__COUNT] = {
+    /*                 E_OK     E_FAIL      E_TIMEOUT    E_BACKOFF_END E_CANCEL       E_DEADLINE */
+    [M_ACT_WAIT] = {act_ok, act_fail, act_timeout, NULL, abort_running, abort_running},
+    [M_ACT_BACKOFF] = {NULL, NULL, NULL, act_resend, abort_running, abort_running},
+    [M_RES_WAIT] = {act_ok, res_absent, res_retry, NULL, NULL, NULL},
+    [M_RES_BACKOFF] = {NULL, NULL, NULL, act_resend, NULL, NULL},
+    [M_COMP_WAIT] = {comp_ok, comp_fail, comp_fail, NULL, NULL, NULL},
+    [M_COMP_BACKOFF] = {NULL, NULL, NULL, act_resend, NULL, NULL},
+    [M_DONE] = {NULL, NULL, NULL, NULL, NULL, NULL},
+};
+
+static mode mode_of(const saga__inst *i) {
+  int backoff = i->wait == WAIT_BACKOFF;
+  switch (i->state) {
+  case SAGA_RUNNING:
+    if (i->phase == SAGA_PHASE_RESOLVE) return backoff ? M_RES_BACKOFF : M_RES_WAIT;
+    return backoff ? M_ACT_BACKOFF : M_ACT_WAIT;
+  case SAGA_COMPENSATING:
+    return backoff ? M_COMP_BACKOFF : M_COMP_WAIT;
+  default:
+    return M_DONE;
+  }
+}
+
+/* The one step function: applies e to i and saves it. Returns SAGA_ESTATE when e does not
+ * apply in i's mode (nothing changed). */
+static int step(saga_node *n, saga__inst *i, event e, const saga_envelope *r) {
+  action_fn fn = machine[mode_of(i)][e];
+  if (fn == NULL)
+    return saga__node_fail(n, SAGA_ESTATE, "saga '%s' is %s; %s does not apply", i->id,
+                           saga_state_name(i->state),
+                           e == E_CANCEL ? "cancel" : "this event");
+  int rc = fn(n, i, r, e);
+  if (rc != SAGA_OK) return rc;
+  return inst_save(n, i);
+}
+
+/* ---- entry points ----------------------------------------------------------------------- */
+
+static void hex(char *out, uint64_t v, int digits) {
+  static const char x[] = "0123456789abcdef";
+  for (int k = digits - 1; k >= 0; k--, v >>= 4) out[k] = x[v & 15];
+  out[digits] = '\0';
+}
+
+int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const void *input,
+                       size_t input_len, const char *idem_key) {
+  if (idem_key != NULL) {
+    sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_BY_KEY);
+    sqlite3_bind_text(st, 1, idem_key, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+      copy_col(w->saga_id, sizeof w->saga_id, st, 0);
+      w->existed = 1;
+    }
+    sqlite3_reset(st);
+    if (rc == SQLITE_ROW) return SAGA_OK;
+    if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "idempotency key");
+  }
+  saga__inst *i = &n->inst;
+  uint64_t now = saga__node_now(n);
+  hex(i->id, saga__node_rand(n), 16);
+  hex(i->id + 16, saga__node_rand(n), 16);
+  hex(i->trace_span, saga__node_rand(n), 16);
+  snprintf(i->def_name, sizeof i->def_name, "%s", def->name);
+  i->def = def;
+  i->def_version = def->version;
+  i->state = SAGA_RUNNING;
+  i->phase = SAGA_PHASE_ACTION;
+  i->step = 0;
+  i->attempt = 1;
+  i->wait = WAIT_NONE;
+  i->flags = 0;
+  i->hseq = 0;
+  i->parked = 0;
+  i->error[0] = '\0';
+  i->created_ms = i->updated_ms = now;
+  i->step_deadline = 0;
+  i->saga_deadline = def->deadline_ms ? now + def->deadline_ms : 0;
+  saga__buf_reset(&i->data);
+  static const uint8_t empty_map = 0x80;
+  int rc = input_len ? saga__buf_append(&i->data, input, input_len)
+                     : saga__buf_append(&i->data, &empty_map, 1);
+  if (rc != SAGA_OK) return saga__node_fail(n, rc, "out of memory starting saga");
+
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_INSERT);
+  sqlite3_bind_text(st, 1, i->id, -1, SQLITE_STATIC);
+  sqlite3_bind_text(st, 2, def->name, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 3, def->version);
+  if (idem_key) sqlite3_bind_text(st, 4, idem_key, -1, SQLITE_STATIC);
+  sqlite3_bind_int(st, 5, i->state);
+  sqlite3_bind_int(st, 6, i->phase);
+  sqlite3_bind_int(st, 7, 0);
+  sqlite3_bind_int(st, 8, 1);
+  sqlite3_bind_int(st, 9, WAIT_NONE);
+  sqlite3_bind_int(st, 10, 0);
+  sqlite3_bind_int(st, 11, 0);
+  sqlite3_bind_blob(st, 12, i->data.data, (int)i->data.len, SQLITE_STATIC);
+  sqlite3_bind_text(st, 13, "", -1, SQLITE_STATIC);
+  sqlite3_bind_text(st, 14, i->trace_span, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 15, (sqlite3_int64)now);
+  sqlite3_bind_int64(st, 16, (sqlite3_int64)now);
+  rc = saga__store_exec(&n->store, ST_INST_INSERT);
+  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "inserting saga");
+  i->exists = 1;
+  rc = ev(n, i, SAGA_EV_STARTED, "");
+  if (rc == SAGA_OK) rc = send_command(n, i);
+  if (rc == SAGA_OK) rc = inst_save(n, i);
+  if (rc == SAGA_OK) snprintf(w->saga_id, sizeof w->saga_id, "%s", i->id);
+  return rc;
+}
+
+int saga__engine_reply(saga_node *n, const saga_envelope *r) {
+  saga__inst *i = &n->inst;
+  int rc = inst_load(n, r->saga_id, i);
+  if (rc == SAGA_ENOTFOUND) {
+    saga__node_log(n, SAGA_LOG_WARN, "reply '%s' for unknown saga '%s' ignored", r->msg_id,
+                   r->saga_id);
+    return SAGA_OK;
+  }
+  if (rc != SAGA_OK) return rc;
+  if (i->def == NULL) return SAGA_ENODEF;
+  mode m = mode_of(i);
+  int waiting = m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT;
+  if (!waiting || r->phase != (saga_phase)i->phase || r->step != (uint32_t)i->step ||
+      r->attempt != i->attempt) {
+    char why[160];
+    snprintf(why, sizeof why, "reply for step %" PRIu32 " phase %d attempt %" PRIu32 " ignored",
+             r->step, (int)r->phase, r->attempt);
+    rc = ev(n, i, SAGA_EV_STALE_REPLY, why);
+    return rc == SAGA_OK ? inst_save(n, i) : rc;
+  }
+  return step(n, i, r->status == 0 ? E_OK : E_FAIL, r);
+}
+
+int saga__engine_due(saga_node *n, uint64_t now, size_t max, size_t *processed) {
+  /* Collect the due ids first: the scan must not run while rows are being updated. */
+  saga__buf *ids = &n->scratch2;
+  saga__buf_reset(ids);
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_DUE);
+  sqlite3_bind_int64(st, 1, (sqlite3_int64)now);
+  sqlite3_bind_int64(st, 2, (sqlite3_int64)max);
+  int rc;
+  size_t count = 0;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    char id[40];
+    copy_col(id, sizeof id, st, 0);
+    if (saga__buf_append(ids, id, sizeof id) != SAGA_OK) {
+      sqlite3_reset(st);
+      return saga__node_fail(n, SAGA_ENOMEM, "out of memory collecting timers");
+    }
+    count++;
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "reading timers");
+  *processed = count;
+  for (size_t k = 0; k < count; k++) {
+    saga__inst *i = &n->inst;
+    rc = inst_load(n, (const char *)ids->data + k * 40, i);
+    if (rc == SAGA_ENOTFOUND) continue;
+    if (rc != SAGA_OK) return rc;
+    if (i->def == NULL) {
+      i->parked = 1;
+      rc = ev(n, i, SAGA_EV_DEFINITION_MISSING, "definition version not registered");
+      if (rc == SAGA_OK) rc = inst_save(n, i);
+      if (rc != SAGA_OK) return rc;
+      continue;
+    }
+    event e;
+    if (i->saga_deadline != 0 && now >= i->saga_deadline && i->state == SAGA_RUNNING)
+      e = E_DEADLINE;
+    else if (i->step_deadline != 0 && now >= i->step_deadline)
+      e = i->wait == WAIT_BACKOFF ? E_BACKOFF_END : E_TIMEOUT;
+    else
+      e = E__COUNT;
+    if (e == E__COUNT || machine[mode_of(i)][e] == NULL) {
+      /* Nothing applies (e.g. a deadline of a finished phase): clear it. */
+      if (e == E_DEADLINE || e == E__COUNT) i->saga_deadline = 0;
+      if (e != E__COUNT && e != E_DEADLINE) i->step_deadline = 0;
+      rc = inst_save(n, i);
+    } else {
+      rc = step(n, i, e, NULL);
+    }
+    if (rc != SAGA_OK) return rc;
+  }
+  return SAGA_OK;
+}
+
+int saga__engine_cancel(saga_node *n, const char *id) {
+  saga__inst *i = &n->inst;
+  int rc = inst_load(n, id, i);
+  if (rc != SAGA_OK) return rc;
+  if (i->def == NULL)
+    return saga__node_fail(n, SAGA_ENODEF, "definition '%s' version %u is not registered",
+                           i->def_name, i->def_version);
+  return step(n, i, E_CANCEL, NULL);
+}
+
+int saga__engine_retry(saga_node *n, const char *id) {
+  saga__inst *i = &n->inst;
+  int rc = inst_load(n, id, i);
+  if (rc != SAGA_OK) return rc;
+  if (i->def == NULL)
+    return saga__node_fail(n, SAGA_ENODEF, "definition '%s' version %u is not registered",
+                           i->def_name, i->def_version);
+  if (i->state != SAGA_FAILED)
+    return saga__node_fail(n, SAGA_ESTATE, "saga '%s' is %s, not FAILED", id,
+                           saga_state_name(i->state));
+  i->state = SAGA_COMPENSATING;
+  i->phase = SAGA_PHASE_COMPENSATION;
+  i->attempt = 1;
+  i->error[0] = '\0';
+  rc = send_command(n, i);
+  return rc != SAGA_OK ? rc : inst_save(n, i);
+}
+
+int saga__engine_unpark(saga_node *n, int *missing) {
+  typedef struct {
+    char id[40];
+    int action; /* 1 unpark, 2 report missing */
+  } todo;
+  saga__buf *list = &n->scratch2;
+  saga__buf_reset(list);
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_INFLIGHT);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    todo t;
+    copy_col(t.id, sizeof t.id, st, 0);
+    const char *name = (const char *)sqlite3_column_text(st, 1);
+    uint32_t version = (uint32_t)sqlite3_column_int64(st, 2);
+    int parked = sqlite3_column_int(st, 3);
+    int known = saga__node_find_def(n, name ? name : "", version) != NULL;
+    t.action = known ? (parked ? 1 : 0) : 2;
+    if (t.action != 0 && saga__buf_append(list, &t, sizeof t) != SAGA_OK) {
+      sqlite3_reset(st);
+      return saga__node_fail(n, SAGA_ENOMEM, "out of memory during recovery");
+    }
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "recovery scan");
+  size_t count = list->len / sizeof(todo);
+  for (size_t k = 0; k < count; k++) {
+    todo t;
+    memcpy(&t, list->data + k * sizeof t, sizeof t);
+    if (t.action == 1) {
+      st = saga__store_stmt(&n->store, ST_INST_UNPARK);
+      sqlite3_bind_text(st, 1, t.id, -1, SQLITE_STATIC);
+      rc = saga__store_exec(&n->store, ST_INST_UNPARK);
+      if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "unparking saga");
+      continue;
+    }
+    saga__inst *i = &n->inst;
+    rc = inst_load(n, t.id, i);
+    if (rc != SAGA_OK) return rc;
+    (*missing)++;
+    char why[240];
+    snprintf(why, sizeof why, "definition '%s' version %u is not registered", i->def_name,
+             i->def_version);
+    saga__node_log(n, SAGA_LOG_WARN, "saga %s: %s; left untouched", i->id, why);
+    i->parked = 1;
+    rc = ev(n, i, SAGA_EV_DEFINITION_MISSING, why);
+    if (rc == SAGA_OK) rc = inst_save(n, i);
+    if (rc != SAGA_OK) return rc;
+  }
+  return SAGA_OK;
+}

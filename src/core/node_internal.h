@@ -1,0 +1,270 @@
+/*
+ * The node's private structure, shared by node.c (lifecycle, batching, relay), engine.c
+ * (orchestrator state machine), participant.c (command handling) and store.c (SQLite).
+ */
+#ifndef SAGA_NODE_INTERNAL_H
+#define SAGA_NODE_INTERNAL_H
+
+#include <sqlite3.h>
+
+#include "../internal.h"
+
+/* Reserved channel for steps run by local functions: delivered to the node itself. */
+#define SAGA__LOCAL_CHANNEL "saga.local"
+/* Delivery tags of loopback deliveries carry this bit; the rest is the outbox id. */
+#define SAGA__LOOPBACK_TAG (UINT64_C(1) << 63)
+
+/* ---- store ------------------------------------------------------------------------------ */
+
+typedef enum saga__stmt_id {
+  ST_BEGIN,
+  ST_COMMIT,
+  ST_ROLLBACK,
+  ST_SP_ITEM,
+  ST_SP_ITEM_RELEASE,
+  ST_SP_ITEM_ROLLBACK,
+  ST_SP_HANDLER,
+  ST_SP_HANDLER_RELEASE,
+  ST_SP_HANDLER_ROLLBACK,
+  ST_INST_INSERT,
+  ST_INST_GET,
+  ST_INST_BY_KEY,
+  ST_INST_UPDATE,
+  ST_INST_DUE,
+  ST_INST_MIN_DEADLINE,
+  ST_INST_PARK,
+  ST_INST_PARKED,
+  ST_INST_UNPARK,
+  ST_INST_INFLIGHT,
+  ST_HIST_INSERT,
+  ST_OUTBOX_INSERT,
+  ST_OUTBOX_DELETE,
+  ST_OUTBOX_AFTER,
+  ST_OUTBOX_STALE,
+  ST_OUTBOX_COUNT,
+  ST_INBOX_GET,
+  ST_INBOX_INSERT,
+  ST_PSTEP_GET,
+  ST_PSTEP_PUT,
+  ST_DEAD_INSERT,
+  ST__COUNT
+} saga__stmt_id;
+
+typedef struct saga__store {
+  sqlite3 *db;
+  sqlite3_stmt *st[ST__COUNT];
+} saga__store;
+
+int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync,
+                     uint32_t busy_ms, char *err, size_t errlen);
+void saga__store_close(saga__store *s);
+/* Maps a SQLite result code to a SAGA_E* code. */
+int saga__store_err(int sqlite_rc);
+/* Runs a prepared statement that returns no rows, then resets it. Returns SAGA_OK or the
+ * mapped error (detail via sqlite3_errmsg). */
+int saga__store_exec(saga__store *s, saga__stmt_id id);
+/* Gets a statement reset and with bindings cleared. */
+sqlite3_stmt *saga__store_stmt(saga__store *s, saga__stmt_id id);
+
+/* ---- definitions ------------------------------------------------------------------------ */
+
+typedef struct saga__step {
+  char *name, *channel, *action, *compensation;
+  saga_step_kind kind;
+  saga_retry retry;
+  uint32_t timeout_ms;
+  saga_handler local_action, local_compensation;
+  void *local_arg;
+} saga__step;
+
+typedef struct saga__def {
+  char *name;
+  uint32_t version;
+  saga__step *steps;
+  size_t nsteps;
+  uint32_t deadline_ms;
+  int pivot; /* index of the pivot, or of the first retriable step, or nsteps: the first step
+                from which the saga can no longer be cancelled */
+} saga__def;
+
+/* Validates and deep-copies def into out (fields allocated with a). */
+int saga__def_copy(saga__def *out, const saga_definition *def, const saga_allocator *a,
+                   char *err, size_t errlen);
+void saga__def_free(saga__def *d, const saga_allocator *a);
+/* The delay before attempt `attempt + 1` of a step. r01 is a random number in [0,1). */
+uint64_t saga__retry_delay(const saga_retry *r, uint32_t attempt, double r01);
+uint32_t saga__retry_max(const saga_retry *r);
+
+/* ---- participants ----------------------------------------------------------------------- */
+
+typedef struct saga__handler {
+  char *channel;
+  char *command;
+  saga_handler fn;
+  void *arg;
+} saga__handler;
+
+/* ---- work queue ------------------------------------------------------------------------- */
+
+typedef enum saga__work_type {
+  W_DELIVERY = 1,
+  W_START,
+  W_CANCEL,
+  W_RETRY,
+  W_SENT
+} saga__work_type;
+
+/* One queued item. Variable-length bytes live in the queue's arena, referenced by offset. */
+typedef struct saga__work {
+  saga__work_type type;
+  int status;          /* result after processing */
+  int ack;             /* delivery: acknowledge after commit */
+  int existed;         /* start: idempotency key matched */
+  uint64_t tag;        /* delivery tag / sent token */
+  size_t off1, len1;   /* delivery: channel (NUL-terminated); start: def name; cancel: id */
+  size_t off2, len2;   /* delivery: bytes; start: encoded input */
+  size_t off3, len3;   /* start: idempotency key (len3 = SIZE_MAX when none) */
+  char saga_id[40];    /* start: the saga id (generated or existing) */
+  void *cb;
+  void *cb_arg;
+  size_t events_before; /* events buffered before this item (rolled back with it) */
+} saga__work;
+
+typedef struct saga__queue {
+  saga__work *items;
+  size_t n, cap;
+  saga__buf arena;
+} saga__queue;
+
+/* ---- events buffered until commit ------------------------------------------------------- */
+
+typedef struct saga__event_rec {
+  saga_event_type type;
+  char saga_id[40];
+  const saga__def *def;
+  int step;
+  uint32_t attempt;
+  saga_state state;
+  size_t detail_off; /* in node->event_text */
+  uint64_t at_ms;
+} saga__event_rec;
+
+/* ---- a loaded saga instance ------------------------------------------------------------- */
+
+typedef struct saga__inst {
+  char id[40];
+  const saga__def *def; /* NULL when its version is not registered */
+  char def_name[160];
+  uint32_t def_version;
+  int state, phase, step, wait, flags, parked;
+  uint32_t attempt;
+  int64_t hseq;
+  saga__buf data; /* encoded data map */
+  char error[520];
+  char trace_span[20];
+  uint64_t created_ms, updated_ms;
+  uint64_t step_deadline, saga_deadline; /* 0 = none */
+  int exists;
+} saga__inst;
+
+/* ---- the node --------------------------------------------------------------------------- */
+
+typedef struct saga__post {
+  void (*fn)(saga_node *node, void *arg);
+  void *arg;
+  struct saga__post *next;
+} saga__post;
+
+struct saga_node {
+  saga_allocator alloc_copy;
+  const saga_allocator *alloc;
+  uv_loop_t *loop;
+  char *name;
+  saga_log_fn log;
+  void *log_arg;
+  uint64_t (*random)(void *);
+  void *random_arg;
+  uint64_t rng_state;
+  saga_event_cb on_event;
+  void *event_arg;
+  uint32_t resend_ms, batch_max;
+  saga_limits limits;
+
+  saga__store store;
+  saga_clock *clock;
+  int own_clock;
+  saga_transport *transport;
+  saga_transport_methods tm; /* copied field by field by version */
+  saga__transport_host host;
+  int transport_open, transport_closed;
+
+  saga__def *defs;
+  size_t ndefs;
+  saga__handler *handlers;
+  size_t nhandlers;
+
+  int started, closing, in_flush;
+  uv_idle_t idle;
+  int idle_active;
+  uv_async_t async;
+  uv_mutex_t post_mu;
+  saga__post *posts;
+  int pending_closes;
+  void (*close_cb)(void *);
+  void *close_arg;
+
+  saga__timer deadline_timer; /* earliest saga deadline */
+  saga__timer resend_timer;
+  saga__timer retry_timer;    /* flush again after a failed commit */
+  int timers_due;
+  uint64_t relay_hwm; /* highest outbox id handed to the transport */
+
+  saga__queue queues[2];
+  int cur; /* queue receiving new work */
+
+  saga__event_rec *events;
+  size_t nevents, events_cap;
+  saga__buf event_text;
+
+  saga__inst inst; /* scratch for the instance being processed */
+  saga__buf scratch, scratch2, reply_buf;
+
+  saga_node_stats stats;
+  char errmsg[512];
+};
+
+/* node.c */
+void saga__node_log(saga_node *n, saga_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int saga__node_fail(saga_node *n, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int saga__node_db_fail(saga_node *n, int code, const char *what);
+uint64_t saga__node_now(saga_node *n);
+uint64_t saga__node_rand(saga_node *n);
+const saga__def *saga__node_find_def(saga_node *n, const char *name, uint32_t version);
+const saga__handler *saga__node_find_handler(saga_node *n, const char *channel,
+                                             const char *command);
+/* Buffers an event (delivered after commit). */
+int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst, int step,
+                     uint32_t attempt, const char *detail);
+/* Inserts an outbox row. */
+int saga__node_outbox(saga_node *n, const char *channel, const char *saga_id, const void *body,
+                      size_t len);
+int saga__node_dead_letter(saga_node *n, const char *channel, const char *msg_id,
+                           const char *reason, const void *body, size_t len);
+
+/* engine.c */
+int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const void *input,
+                       size_t input_len, const char *idem_key);
+int saga__engine_reply(saga_node *n, const saga_envelope *env);
+int saga__engine_due(saga_node *n, uint64_t now, size_t max, size_t *processed);
+int saga__engine_cancel(saga_node *n, const char *saga_id);
+int saga__engine_retry(saga_node *n, const char *saga_id);
+int saga__engine_unpark(saga_node *n, int *missing);
+void saga__inst_init(saga__inst *i, const saga_allocator *a);
+void saga__inst_free(saga__inst *i);
+
+/* participant.c */
+int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env);
+
+#endif /* SAGA_NODE_INTERNAL_H */

@@ -1,0 +1,96 @@
+/*
+ * Cross-file internals of libsaga. Nothing here is public API; names use the saga__ prefix.
+ */
+#ifndef SAGA_INTERNAL_H
+#define SAGA_INTERNAL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "saga.h"
+#include "saga/sys/transport.h"
+
+/* ---- allocation (src/util/util.c) ---------------------------------------------------- */
+
+/* The allocator to use: a copy of the user's or the libc one. Never NULL after resolve. */
+const saga_allocator *saga__alloc_resolve(const saga_allocator *a);
+void *saga__malloc(const saga_allocator *a, size_t n);
+void *saga__calloc(const saga_allocator *a, size_t n);
+void *saga__realloc(const saga_allocator *a, void *p, size_t n);
+void saga__free(const saga_allocator *a, void *p);
+char *saga__strdup(const saga_allocator *a, const char *s);
+char *saga__strndup(const saga_allocator *a, const char *s, size_t n);
+
+/* A growable byte buffer using an allocator. */
+typedef struct saga__buf {
+  uint8_t *data;
+  size_t len, cap;
+  const saga_allocator *alloc;
+} saga__buf;
+
+void saga__buf_init(saga__buf *b, const saga_allocator *a);
+int saga__buf_reserve(saga__buf *b, size_t extra);
+int saga__buf_append(saga__buf *b, const void *p, size_t n);
+void saga__buf_reset(saga__buf *b); /* len = 0, keeps memory */
+void saga__buf_free(saga__buf *b);
+
+/* snprintf into err (errlen may be 0 / err NULL). */
+void saga__errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* splitmix64 step, for seeded generators. */
+uint64_t saga__splitmix64(uint64_t *state);
+/* 64 bits from the OS (getrandom), falling back to time and address entropy. */
+uint64_t saga__os_random(void);
+
+/* ---- codec (src/codec/codec.c): the only file that includes msgpack.h ----------------- */
+
+/* Appends the msgpack map of d (str -> bin) to out. d may be NULL (empty map). */
+int saga__data_encode(const saga_data *d, saga__buf *out);
+
+/* Decodes a data map. len 0 gives an empty map. Enforces lim (NULL = defaults). */
+int saga__data_decode(const void *buf, size_t len, const saga_limits *lim,
+                      const saga_allocator *a, saga_data **out, char *err, size_t errlen);
+
+/* Encodes into an existing buffer (appending), for the hot path. */
+int saga__envelope_encode_buf(const saga_envelope *env, saga__buf *out);
+
+/* ---- clocks and timers (src/util/clock.c) --------------------------------------------- */
+
+typedef struct saga__timer saga__timer;
+struct saga__timer {
+  uint64_t deadline;
+  void (*cb)(saga__timer *t);
+  void *data;
+  saga_clock *clock;
+  saga__timer *prev, *next; /* in the clock's list of armed timers */
+  int armed;
+};
+
+/* A real clock: wall-clock ms, timers on a uv_timer_t of loop. */
+int saga__clock_real_new(saga_clock **out, uv_loop_t *loop, const saga_allocator *a);
+/* Closes a real clock's uv handle and frees it once closed (manual: frees at once). */
+void saga__clock_close(saga_clock *c);
+int saga__clock_is_manual(const saga_clock *c);
+
+void saga__timer_init(saga__timer *t, saga_clock *c, void (*cb)(saga__timer *), void *data);
+/* Arms (or re-arms) t to fire at deadline (clock ms). A deadline in the past fires on the
+ * next loop turn (real) or the next advance (manual), never synchronously here. */
+void saga__timer_arm(saga__timer *t, uint64_t deadline);
+void saga__timer_stop(saga__timer *t);
+
+/* ---- transports (src/transport/transport.c) ------------------------------------------- */
+
+/* What the core plugs into saga_transport.saga__host. */
+typedef struct saga__transport_host {
+  int (*deliver)(void *ctx, const char *channel, const void *data, size_t len, uint64_t tag);
+  void (*sent)(void *ctx, uint64_t token, int status);
+  void (*closed)(void *ctx);
+  void (*log)(void *ctx, saga_log_level level, const char *msg);
+  void *ctx;
+} saga__transport_host;
+
+#endif /* SAGA_INTERNAL_H */

@@ -1,0 +1,84 @@
+-- libsaga schema. Each migration starts with a line "-- migration N" and is applied once, in
+-- order, inside one transaction that also sets PRAGMA user_version = N. Never edit a released
+-- migration: append a new one.
+
+-- migration 1
+-- One row per saga instance this node orchestrates.
+CREATE TABLE saga_instance (
+  id               TEXT PRIMARY KEY,
+  def_name         TEXT NOT NULL,
+  def_version      INTEGER NOT NULL,
+  idem_key         TEXT UNIQUE,
+  state            INTEGER NOT NULL,  -- saga_state
+  phase            INTEGER NOT NULL,  -- saga_phase of the current step
+  step             INTEGER NOT NULL,
+  attempt          INTEGER NOT NULL,
+  wait             INTEGER NOT NULL,  -- 0 none (terminal), 1 awaiting reply, 2 backing off
+  flags            INTEGER NOT NULL DEFAULT 0,
+  hseq             INTEGER NOT NULL DEFAULT 0,  -- last history sequence number
+  data             BLOB NOT NULL,     -- msgpack map str -> bin
+  error            TEXT NOT NULL DEFAULT '',
+  trace_span       TEXT NOT NULL DEFAULT '',
+  created_ms       INTEGER NOT NULL,
+  updated_ms       INTEGER NOT NULL,
+  step_deadline_ms INTEGER,           -- reply timeout or end of backoff
+  saga_deadline_ms INTEGER,           -- whole-saga deadline (before the pivot)
+  deadline_ms      INTEGER,           -- the earlier of the two; NULL when none or parked
+  parked           INTEGER NOT NULL DEFAULT 0  -- definition version not registered
+);
+CREATE INDEX saga_instance_deadline ON saga_instance(deadline_ms) WHERE deadline_ms IS NOT NULL;
+CREATE INDEX saga_instance_state ON saga_instance(state, updated_ms);
+
+-- Append-only transitions of every saga, for the inspector and audits.
+CREATE TABLE saga_history (
+  saga_id  TEXT NOT NULL,
+  seq      INTEGER NOT NULL,
+  at_ms    INTEGER NOT NULL,
+  event    INTEGER NOT NULL,  -- saga_event_type
+  step     INTEGER NOT NULL,
+  attempt  INTEGER NOT NULL,
+  detail   TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (saga_id, seq)
+) WITHOUT ROWID;
+
+-- Transactional outbox: rows commit with the state change that produced them. AUTOINCREMENT
+-- keeps ids increasing even after the newest rows are deleted, which the relay relies on.
+CREATE TABLE saga_outbox (
+  id         INTEGER PRIMARY KEY AUTOINCREMENT,
+  channel    TEXT NOT NULL,
+  saga_id    TEXT NOT NULL,
+  body       BLOB NOT NULL,
+  created_ms INTEGER NOT NULL
+);
+
+-- Participant inbox: one row per command message handled, with the reply it produced.
+CREATE TABLE saga_inbox (
+  msg_id      TEXT PRIMARY KEY,
+  saga_id     TEXT NOT NULL,
+  received_ms INTEGER NOT NULL,
+  reply_to    TEXT NOT NULL,
+  reply       BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX saga_inbox_received ON saga_inbox(received_ms);
+
+-- Participant step record across attempts and phases: 1 applied, 2 compensated,
+-- 3 tombstone (compensated or resolved before any action applied), 4 action refused.
+CREATE TABLE saga_pstep (
+  saga_id    TEXT NOT NULL,
+  step       INTEGER NOT NULL,
+  state      INTEGER NOT NULL,
+  attempt    INTEGER NOT NULL,
+  reply      BLOB,              -- data of the successful action's reply
+  updated_ms INTEGER NOT NULL,
+  PRIMARY KEY (saga_id, step)
+) WITHOUT ROWID;
+
+-- Messages that could not be handled: kept, with the reason, for an operator.
+CREATE TABLE saga_dead_letter (
+  id      INTEGER PRIMARY KEY,
+  at_ms   INTEGER NOT NULL,
+  channel TEXT NOT NULL,
+  msg_id  TEXT NOT NULL DEFAULT '',
+  reason  TEXT NOT NULL,
+  body    BLOB NOT NULL
+);

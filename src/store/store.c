@@ -1,0 +1,205 @@
+/* SQLite store: connection setup, migrations and the statements prepared once per node. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/node_internal.h"
+#include "saga_schema.h"
+
+static const char *const stmt_sql[ST__COUNT] = {
+    [ST_BEGIN] = "BEGIN IMMEDIATE",
+    [ST_COMMIT] = "COMMIT",
+    [ST_ROLLBACK] = "ROLLBACK",
+    [ST_SP_ITEM] = "SAVEPOINT saga_item",
+    [ST_SP_ITEM_RELEASE] = "RELEASE saga_item",
+    [ST_SP_ITEM_ROLLBACK] = "ROLLBACK TO saga_item",
+    [ST_SP_HANDLER] = "SAVEPOINT saga_handler",
+    [ST_SP_HANDLER_RELEASE] = "RELEASE saga_handler",
+    [ST_SP_HANDLER_ROLLBACK] = "ROLLBACK TO saga_handler",
+    [ST_INST_INSERT] =
+        "INSERT INTO saga_instance(id, def_name, def_version, idem_key, state, phase, step,"
+        " attempt, wait, flags, hseq, data, error, trace_span, created_ms, updated_ms,"
+        " step_deadline_ms, saga_deadline_ms, deadline_ms)"
+        " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+    [ST_INST_GET] =
+        "SELECT id, def_name, def_version, state, phase, step, attempt, wait, flags, hseq,"
+        " data, error, trace_span, created_ms, updated_ms, step_deadline_ms,"
+        " saga_deadline_ms, parked FROM saga_instance WHERE id = ?1",
+    [ST_INST_BY_KEY] = "SELECT id FROM saga_instance WHERE idem_key = ?1",
+    [ST_INST_UPDATE] =
+        "UPDATE saga_instance SET state=?2, phase=?3, step=?4, attempt=?5, wait=?6, flags=?7,"
+        " hseq=?8, data=?9, error=?10, updated_ms=?11, step_deadline_ms=?12,"
+        " saga_deadline_ms=?13, deadline_ms=?14, parked=?15 WHERE id = ?1",
+    [ST_INST_DUE] = "SELECT id FROM saga_instance WHERE deadline_ms <= ?1"
+                    " ORDER BY deadline_ms LIMIT ?2",
+    [ST_INST_MIN_DEADLINE] = "SELECT min(deadline_ms) FROM saga_instance"
+                             " WHERE deadline_ms IS NOT NULL",
+    [ST_INST_PARK] = "UPDATE saga_instance SET parked = 1, deadline_ms = NULL WHERE id = ?1",
+    [ST_INST_PARKED] = "SELECT id, def_name, def_version FROM saga_instance WHERE parked = 1",
+    [ST_INST_UNPARK] =
+        "UPDATE saga_instance SET parked = 0, deadline_ms = CASE"
+        " WHEN step_deadline_ms IS NULL THEN saga_deadline_ms"
+        " WHEN saga_deadline_ms IS NULL THEN step_deadline_ms"
+        " ELSE min(step_deadline_ms, saga_deadline_ms) END WHERE id = ?1",
+    [ST_INST_INFLIGHT] = "SELECT id, def_name, def_version, parked FROM saga_instance"
+                         " WHERE state IN (1, 2)",
+    [ST_HIST_INSERT] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
+                       " detail) VALUES(?1,?2,?3,?4,?5,?6,?7)",
+    [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms)"
+                         " VALUES(?1,?2,?3,?4)",
+    [ST_OUTBOX_DELETE] = "DELETE FROM saga_outbox WHERE id = ?1",
+    [ST_OUTBOX_AFTER] = "SELECT id, channel, body FROM saga_outbox WHERE id > ?1"
+                        " ORDER BY id LIMIT ?2",
+    [ST_OUTBOX_STALE] = "SELECT id, channel, body FROM saga_outbox WHERE id > ?1 AND id <= ?2"
+                        " AND created_ms <= ?3 ORDER BY id LIMIT ?4",
+    [ST_OUTBOX_COUNT] = "SELECT count(*) FROM saga_outbox",
+    [ST_INBOX_GET] = "SELECT reply_to, reply FROM saga_inbox WHERE msg_id = ?1",
+    [ST_INBOX_INSERT] = "INSERT INTO saga_inbox(msg_id, saga_id, received_ms, reply_to, reply)"
+                        " VALUES(?1,?2,?3,?4,?5)",
+    [ST_PSTEP_GET] = "SELECT state, attempt, reply FROM saga_pstep WHERE saga_id = ?1"
+                     " AND step = ?2",
+    [ST_PSTEP_PUT] = "INSERT OR REPLACE INTO saga_pstep(saga_id, step, state, attempt, reply,"
+                     " updated_ms) VALUES(?1,?2,?3,?4,?5,?6)",
+    [ST_DEAD_INSERT] = "INSERT INTO saga_dead_letter(at_ms, channel, msg_id, reason, body)"
+                       " VALUES(?1,?2,?3,?4,?5)",
+};
+
+int saga__store_err(int rc) {
+  switch (rc & 0xff) {
+  case SQLITE_OK:
+  case SQLITE_DONE:
+  case SQLITE_ROW:
+    return SAGA_OK;
+  case SQLITE_NOMEM:
+    return SAGA_ENOMEM;
+  case SQLITE_FULL:
+    return SAGA_EFULL;
+  case SQLITE_READONLY:
+  case SQLITE_PERM:
+  case SQLITE_CANTOPEN:
+    return rc == SQLITE_CANTOPEN ? SAGA_EIO : SAGA_EREADONLY;
+  case SQLITE_IOERR:
+  case SQLITE_CORRUPT:
+  case SQLITE_NOTADB:
+    return SAGA_EIO;
+  case SQLITE_BUSY:
+  case SQLITE_LOCKED:
+    return SAGA_EBUSY;
+  case SQLITE_CONSTRAINT:
+    return SAGA_EEXIST;
+  default:
+    return SAGA_ESTORE;
+  }
+}
+
+sqlite3_stmt *saga__store_stmt(saga__store *s, saga__stmt_id id) {
+  sqlite3_stmt *st = s->st[id];
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  return st;
+}
+
+int saga__store_exec(saga__store *s, saga__stmt_id id) {
+  sqlite3_stmt *st = s->st[id];
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  return rc == SQLITE_DONE || rc == SQLITE_ROW ? SAGA_OK : saga__store_err(rc);
+}
+
+/* Applies every migration above the database's user_version, each in its own transaction. */
+static int migrate(sqlite3 *db, char *err, size_t errlen) {
+  sqlite3_stmt *st = NULL;
+  int have = 0, rc;
+  rc = sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL);
+  if (rc == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW) have = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  if (rc != SQLITE_OK) goto sqlfail;
+
+  const char *marker = "-- migration ";
+  const char *p = strstr(saga_schema_sql, marker);
+  int latest = 0;
+  while (p != NULL) {
+    int num = atoi(p + strlen(marker));
+    const char *next = strstr(p + 1, marker);
+    latest = num;
+    if (num > have) {
+      size_t len = next ? (size_t)(next - p) : strlen(p);
+      char *sql = malloc(len + 64);
+      if (sql == NULL) return SAGA_ENOMEM;
+      int n = snprintf(sql, len + 64, "BEGIN;\n%.*s\nPRAGMA user_version = %d;\nCOMMIT;",
+                       (int)len, p, num);
+      (void)n;
+      char *msg = NULL;
+      rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
+      free(sql);
+      if (rc != SQLITE_OK) {
+        saga__errf(err, errlen, "migration %d failed: %s", num, msg ? msg : "?");
+        sqlite3_free(msg);
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        return saga__store_err(rc);
+      }
+    }
+    p = next;
+  }
+  if (have > latest) {
+    saga__errf(err, errlen,
+               "database schema version %d is newer than this library's (%d); refusing to open",
+               have, latest);
+    return SAGA_ESCHEMA;
+  }
+  return SAGA_OK;
+sqlfail:
+  saga__errf(err, errlen, "reading schema version: %s", sqlite3_errmsg(db));
+  return saga__store_err(rc);
+}
+
+int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync,
+                     uint32_t busy_ms, char *err, size_t errlen) {
+  memset(s, 0, sizeof *s);
+  int rc = sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, vfs);
+  if (rc != SQLITE_OK) {
+    saga__errf(err, errlen, "cannot open database '%s': %s", path,
+               s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
+    goto fail;
+  }
+  sqlite3_extended_result_codes(s->db, 1);
+  sqlite3_busy_timeout(s->db, (int)busy_ms);
+  char pragmas[160];
+  snprintf(pragmas, sizeof pragmas,
+           "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;",
+           sync == SAGA_SYNC_OFF ? "OFF" : sync == SAGA_SYNC_NORMAL ? "NORMAL" : "FULL");
+  char *msg = NULL;
+  rc = sqlite3_exec(s->db, pragmas, NULL, NULL, &msg);
+  if (rc != SQLITE_OK) {
+    saga__errf(err, errlen, "configuring database '%s': %s", path, msg ? msg : "?");
+    sqlite3_free(msg);
+    goto fail;
+  }
+  int mrc = migrate(s->db, err, errlen);
+  if (mrc != SAGA_OK) {
+    sqlite3_close_v2(s->db);
+    s->db = NULL;
+    return mrc;
+  }
+  for (int i = 0; i < ST__COUNT; i++) {
+    rc = sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL);
+    if (rc != SQLITE_OK) {
+      saga__errf(err, errlen, "preparing statement %d: %s", i, sqlite3_errmsg(s->db));
+      goto fail;
+    }
+  }
+  return SAGA_OK;
+fail:;
+  int code = saga__store_err(rc);
+  saga__store_close(s);
+  return code == SAGA_OK ? SAGA_ESTORE : code;
+}
+
+void saga__store_close(saga__store *s) {
+  for (int i = 0; i < ST__COUNT; i++) {
+    sqlite3_finalize(s->st[i]);
+    s->st[i] = NULL;
+  }
+  if (s->db != NULL) sqlite3_close_v2(s->db);
+  s->db = NULL;
+}
