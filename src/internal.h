@@ -15,7 +15,8 @@
 
 /* ---- allocation (src/util/util.c) ---------------------------------------------------- */
 
-/* The allocator to use: a copy of the user's or the libc one. Never NULL after resolve. */
+/* The allocator to use: a (the user's) or the libc one. Never NULL. Callers that keep it
+ * beyond the call copy the struct. */
 const saga_allocator *saga__alloc_resolve(const saga_allocator *a);
 void *saga__malloc(const saga_allocator *a, size_t n);
 void *saga__calloc(const saga_allocator *a, size_t n);

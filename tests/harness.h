@@ -47,4 +47,73 @@ void th_drain(uv_loop_t *loop);
 /* A seed from $SAGA_SEED or the given default; printed so a failing run can be replayed. */
 uint64_t th_seed(uint64_t dflt);
 
+/* ---- a small world for engine tests: one orchestrator node, one participant node --------- */
+
+#define TH_MAX_STEPS 8
+#define TH_MAX_EVENTS 200000
+
+/* Behaviour of the test participant, per step: 'o' succeed, 'r' refuse (business failure),
+ * 'e' technical error. Compensations likewise. */
+typedef struct th_world_opts {
+  int nsteps;                        /* default 3 */
+  saga_step_kind kinds[TH_MAX_STEPS];/* default compensatable */
+  uint32_t timeout_ms[TH_MAX_STEPS]; /* default 0 */
+  saga_retry retry[TH_MAX_STEPS];
+  uint32_t deadline_ms;
+  unsigned skip_mask;                /* steps whose channel the participant node does not serve */
+  saga_mem_faults faults;
+  const saga_allocator *alloc;       /* for both nodes, NULL = libc */
+  const char *vfs;                   /* SQLite VFS of both nodes */
+  uint32_t resend_ms;                /* default 200 */
+  uint32_t version;                  /* definition version, default 1 */
+  int no_register;                   /* open without registering the definition */
+} th_world_opts;
+
+typedef struct th_world {
+  uv_loop_t loop;
+  saga_clock *clock;
+  saga_mem_hub *hub;
+  char *dir;
+  saga_node *orch, *part, *late;
+  th_world_opts o;
+  char action_mode[TH_MAX_STEPS], comp_mode[TH_MAX_STEPS];
+  int ev_type[TH_MAX_EVENTS];
+  int ev_step[TH_MAX_EVENTS];
+  size_t nev;
+  uint64_t terminal; /* terminal events seen */
+  uint64_t handler_calls;
+  uint64_t started_ok;
+  int last_start_status;
+  char last_id[40];
+} th_world;
+
+void th_world_defaults(th_world_opts *o);
+/* Opens loop, manual clock, hub and both nodes (in a new temp dir). Returns SAGA_OK or the
+ * error of the first call that failed. */
+int th_world_open(th_world *w, const th_world_opts *o);
+/* Closes nodes and hub (keeping the files) and drains the loop. */
+void th_world_close_nodes(th_world *w);
+/* Opens the nodes again on the same files (recovery). */
+int th_world_reopen(th_world *w);
+/* Closes everything and removes the temp dir. */
+void th_world_free(th_world *w);
+/* Opens a third node "late" serving the channels of skip_mask, on its own database. */
+int th_world_open_late(th_world *w);
+/* Starts a saga (input key "n" = i); returns saga_start's code. */
+int th_world_start(th_world *w, int i, const char *idem_key);
+/* Runs the world (manual time) until `count` terminal events were seen. */
+int th_world_run_until_terminal(th_world *w, uint64_t count);
+/* Runs until quiescent with no armed timer, or max_ms of clock time. */
+void th_world_settle(th_world *w, uint64_t max_ms);
+/* Effects recorded by the participant(s): kind "do" or "undo"; saga_id NULL = all sagas,
+ * step -1 = all steps. */
+int th_fx_count(th_world *w, const char *saga_id, int step, const char *kind);
+/* The state of a saga in the orchestrator database, or -1. */
+int th_saga_state(th_world *w, const char *saga_id);
+/* Checks every saga of the orchestrator: terminal, and effects exactly once / undone in
+ * reverse order. Returns 0 or -1 with a message printed. */
+int th_check_invariants(th_world *w, int expect_all_terminal);
+/* Count of events of a type in the log (step -2 = any). */
+size_t th_count_events(th_world *w, int type, int step);
+
 #endif

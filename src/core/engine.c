@@ -15,6 +15,14 @@
 
 enum { WAIT_NONE = 0, WAIT_REPLY = 1, WAIT_BACKOFF = 2 };
 enum { FLAG_UNCERTAIN = 1 }; /* an attempt of the current step timed out */
+/* Bits 8 and up of flags hold the attempt number at which an operator retry started a new
+ * round: attempt numbers keep growing (message ids stay unique, old replies stay stale) while
+ * the retry limit counts from the start of the round. */
+#define ROUND_SHIFT 8
+
+static uint32_t round_attempt(const saga__inst *i) {
+  return i->attempt - (uint32_t)(i->flags >> ROUND_SHIFT);
+}
 
 typedef enum mode {
   M_ACT_WAIT,
@@ -217,7 +225,7 @@ static double rand01(saga_node *n) { return (double)(saga__node_rand(n) >> 11) /
 
 static int schedule_retry(saga_node *n, saga__inst *i) {
   const saga_retry *r = &i->def->steps[i->step].retry;
-  uint64_t delay = saga__retry_delay(r, i->attempt, rand01(n));
+  uint64_t delay = saga__retry_delay(r, round_attempt(i), rand01(n));
   i->wait = WAIT_BACKOFF;
   i->step_deadline = saga__node_now(n) + delay;
   char why[64];
@@ -334,9 +342,9 @@ static int comp_fail(saga_node *n, saga__inst *i, const saga_envelope *r, event 
                                    : (r && r->error[0] ? r->error : "compensation failed");
   int rc = ev(n, i, e == E_TIMEOUT ? SAGA_EV_STEP_TIMED_OUT : SAGA_EV_STEP_FAILED, why);
   if (rc != SAGA_OK) return rc;
-  if (i->attempt < comp_max(s)) return schedule_retry(n, i);
+  if (round_attempt(i) < comp_max(s)) return schedule_retry(n, i);
   snprintf(i->error, sizeof i->error, "compensation of %s failed after %" PRIu32
-           " attempts: %s", s->name, i->attempt, why);
+           " attempts: %s", s->name, round_attempt(i), why);
   rc = ev(n, i, SAGA_EV_COMPENSATION_FAILED, why);
   if (rc != SAGA_OK) return rc;
   return finish(n, i, SAGA_FAILED, SAGA_EV_SAGA_FAILED, i->error);
@@ -566,7 +574,8 @@ int saga__engine_retry(saga_node *n, const char *id) {
                            saga_state_name(i->state));
   i->state = SAGA_COMPENSATING;
   i->phase = SAGA_PHASE_COMPENSATION;
-  i->attempt = 1;
+  i->flags = (int)(i->attempt << ROUND_SHIFT);
+  i->attempt++;
   i->error[0] = '\0';
   rc = send_command(n, i);
   return rc != SAGA_OK ? rc : inst_save(n, i);

@@ -16,8 +16,9 @@
  * the receiver's ack(tag) queues the confirmation, reported to the sender from the idle
  * callback with saga_transport_sent().
  *
- * Transports are referred to by id, never by pointer, in everything the hub keeps, so a
- * closed transport is simply not found any more: nothing can call into it.
+ * Deliveries, confirmations and messages refer to transports by id, never by pointer, so a
+ * closed transport is simply not found any more: nothing can call into it. The only
+ * pointers, in the channels' subscriber lists, are removed when it closes.
  *
  * Stats: `acked` counts acknowledgements the hub received for deliveries it knew;
  * `acks_dropped` how many of those the fault mode lost on their way back.
@@ -93,7 +94,6 @@ struct saga_mem_hub {
   mem_chan *chans;
   mem_q ready;
   mem_msg *delayed; /* sorted by ready_at, ties in send order */
-  size_t ndelayed;
   mem_rec **buckets; /* tag -> delivery awaiting ack; power-of-two size */
   size_t nbuckets, nrecs;
   mem_rec *acks_head, *acks_tail; /* confirmations to report, in ack order */
@@ -202,6 +202,7 @@ static void idle_update(saga_mem_hub *hub);
 
 static mem_msg *msg_new(saga_mem_hub *hub, mem_chan *chan, uint64_t sender, uint64_t token,
                         const void *data, size_t len) {
+  if (len > SIZE_MAX - sizeof(mem_msg)) return NULL;
   mem_msg *m = saga__malloc(&hub->alloc, sizeof *m + len);
   if (m == NULL) return NULL;
   memset(m, 0, sizeof *m);
@@ -234,7 +235,6 @@ static void delayed_insert(saga_mem_hub *hub, mem_msg *m) {
   while (*pp != NULL && (*pp)->ready_at <= m->ready_at) pp = &(*pp)->next;
   m->next = *pp;
   *pp = m;
-  hub->ndelayed++;
   if (hub->delayed == m) saga__timer_arm(&hub->timer, m->ready_at);
 }
 
@@ -244,7 +244,6 @@ static void hub_timer_cb(saga__timer *timer) {
   mem_msg *m;
   while ((m = hub->delayed) != NULL && m->ready_at <= now) {
     hub->delayed = m->next;
-    hub->ndelayed--;
     make_ready(hub, m);
   }
   if (hub->delayed != NULL) saga__timer_arm(&hub->timer, hub->delayed->ready_at);
@@ -371,15 +370,16 @@ static mem_rec *recs_take(saga_mem_hub *hub, uint64_t tag) {
 
 /* ---- the idle callback: deliveries and confirmations ---------------------------------- */
 
-/* Hands m to one subscriber of its channel, trying each once in round-robin order; parks
- * it on the channel when nobody (or only closing nodes) can take it. Takes m. */
+/*
+ * Hands m to one subscriber of its channel, trying each once in round-robin order; parks
+ * it on the channel when nobody (or only closing nodes) can take it. Takes m.
+ *
+ * A message is tried even when older ones of its channel are parked: they are parked only
+ * because every subscriber refused, so it is parked behind them unless a subscriber has
+ * changed its mind, and then one refusal does not stall the channel until the next subscribe.
+ */
 static void deliver_one(saga_mem_hub *hub, mem_msg *m) {
   mem_chan *c = m->chan;
-  /* Behind parked messages of the same channel, to keep the channel's order. */
-  if (c->parked.count > 0) {
-    q_push(&c->parked, m);
-    return;
-  }
   /* The callback may change c->subs (close, subscribe): re-read it on every attempt. */
   for (size_t attempt = 0; attempt < c->nsubs; attempt++) {
     size_t i = c->rr % c->nsubs;

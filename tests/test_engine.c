@@ -1,0 +1,391 @@
+/* The orchestrator's state machine, path by path, on a manual clock over the in-memory hub. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+
+static void done_cb(saga_node *n, int status, void *arg) { *(int *)arg = status; }
+
+static void open_world(th_world *w, const th_world_opts *o) {
+  int rc = th_world_open(w, o);
+  assert_int_equal(rc, SAGA_OK);
+}
+
+static void run_one(th_world *w) {
+  assert_int_equal(th_world_start(w, 1, NULL), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(w, 1), 0);
+  assert_int_equal(w->last_start_status, SAGA_OK);
+}
+
+static void test_success(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPLETED);
+  for (int s = 0; s < 3; s++) {
+    assert_int_equal(th_fx_count(&w, w.last_id, s, "do"), 1);
+    assert_int_equal(th_fx_count(&w, w.last_id, s, "undo"), 0);
+  }
+  assert_int_equal(th_count_events(&w, SAGA_EV_STEP_SUCCEEDED, -2), 3);
+  assert_int_equal(th_count_events(&w, SAGA_EV_COMPLETED, -2), 1);
+  /* Reply data of every step was merged into the saga data. */
+  saga_info *info = NULL;
+  assert_int_equal(saga_get(w.orch, w.last_id, &info), SAGA_OK);
+  assert_string_equal(saga_data_get_str(info->data, "s2"), "done");
+  assert_string_equal(saga_data_get_str(info->data, "n"), "1");
+  saga_info_free(info);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
+/* Failure at step k: steps k-1 .. 0 are compensated in that order; step k never applied. */
+static void test_failure_each_step(void **state) {
+  for (int k = 0; k < 3; k++) {
+    th_world w;
+    open_world(&w, NULL);
+    w.action_mode[k] = 'r';
+    run_one(&w);
+    assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+    for (int s = 0; s < 3; s++) {
+      assert_int_equal(th_fx_count(&w, w.last_id, s, "do"), s < k ? 1 : 0);
+      assert_int_equal(th_fx_count(&w, w.last_id, s, "undo"), s < k ? 1 : 0);
+    }
+    assert_int_equal(th_count_events(&w, SAGA_EV_STEP_FAILED, k), 1);
+    assert_int_equal(th_count_events(&w, SAGA_EV_COMPENSATED, -2), (size_t)k);
+    assert_int_equal(th_check_invariants(&w, 1), 0);
+    th_world_free(&w);
+  }
+}
+
+/* A technical error of a handler rolls its writes back, dead-letters the message and fails
+ * the step like a refusal, so the saga never hangs. */
+static void test_handler_error(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  w.action_mode[1] = 'e';
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_fx_count(&w, w.last_id, 1, "do"), 0);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st);
+  assert_int_equal(st.dead_letters, 1);
+  th_world_free(&w);
+}
+
+static void test_pivot_refused(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.kinds[1] = SAGA_STEP_PIVOT;
+  o.kinds[2] = SAGA_STEP_RETRIABLE;
+  th_world w;
+  open_world(&w, &o);
+  w.action_mode[1] = 'r';
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_fx_count(&w, w.last_id, 0, "undo"), 1);
+  assert_int_equal(th_fx_count(&w, w.last_id, 2, "do"), 0);
+  th_world_free(&w);
+}
+
+static int retries_seen(void *arg) {
+  th_world *w = arg;
+  return th_count_events(w, SAGA_EV_STEP_RETRY, 2) >= 4;
+}
+
+/* After the pivot a retriable step is retried until it succeeds, never compensated, and
+ * cannot be cancelled. */
+static void test_retriable_after_pivot(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.kinds[1] = SAGA_STEP_PIVOT;
+  o.kinds[2] = SAGA_STEP_RETRIABLE;
+  o.retry[2].max_attempts = 1; /* ignored for retriable steps: they retry forever */
+  o.retry[2].backoff_ms = 10;
+  th_world w;
+  open_world(&w, &o);
+  w.action_mode[2] = 'r';
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, retries_seen, &w, 600000), 0);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_RUNNING);
+  int cancel_status = 1;
+  assert_int_equal(saga_cancel(w.orch, w.last_id, done_cb, &cancel_status), SAGA_OK);
+  w.action_mode[2] = 'o';
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(cancel_status, SAGA_ESTATE);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPLETED);
+  assert_int_equal(th_fx_count(&w, w.last_id, 2, "do"), 1);
+  assert_int_equal(th_fx_count(&w, NULL, -1, "undo"), 0);
+  th_world_free(&w);
+}
+
+/* retry_before_compensate: a refused attempt is retried up to max_attempts. */
+static void test_retry_before_compensate(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.retry[1].max_attempts = 3;
+  o.retry[1].backoff_ms = 5;
+  o.retry[1].retry_before_compensate = 1;
+  th_world w;
+  open_world(&w, &o);
+  w.action_mode[1] = 'r';
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_count_events(&w, SAGA_EV_STEP_FAILED, 1), 3);
+  assert_int_equal(th_count_events(&w, SAGA_EV_STEP_RETRY, 1), 2);
+  th_world_free(&w);
+}
+
+static int comp_sent_for(void *arg) {
+  th_world *w = arg;
+  return th_count_events(w, SAGA_EV_COMPENSATION_SENT, w->o.nsteps - 1 - 0) > 0 ||
+         w->terminal > 0;
+}
+
+typedef struct {
+  th_world *w;
+  int step;
+} step_ctx;
+
+static int comp_sent_step(void *arg) {
+  step_ctx *c = arg;
+  return th_count_events(c->w, SAGA_EV_COMPENSATION_SENT, c->step) > 0;
+}
+
+/* Timeout of step k: retried, then compensated including step k itself (its outcome is
+ * unknown). The participant, reachable only late, applies the action and then its
+ * compensation; the late reply is ignored as stale. */
+static void test_timeout_each_step(void **state) {
+  (void)comp_sent_for;
+  for (int k = 0; k < 3; k++) {
+    th_world_opts o;
+    th_world_defaults(&o);
+    o.skip_mask = 1u << k;
+    o.timeout_ms[k] = 100;
+    o.retry[k].max_attempts = 2;
+    o.retry[k].backoff_ms = 10;
+    th_world w;
+    open_world(&w, &o);
+    assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+    step_ctx c = {&w, k};
+    assert_int_equal(th_run_manual(&w.loop, w.clock, comp_sent_step, &c, 600000), 0);
+    assert_int_equal(th_count_events(&w, SAGA_EV_STEP_TIMED_OUT, k), 2);
+    assert_int_equal((th_world_open_late(&w) == SAGA_OK ? 0 : -1), 0);
+    assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+    assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+    for (int s = 0; s <= k; s++) {
+      assert_int_equal(th_fx_count(&w, w.last_id, s, "do"), 1);
+      assert_int_equal(th_fx_count(&w, w.last_id, s, "undo"), 1);
+    }
+    th_world_settle(&w, 10000);
+    assert_true(th_count_events(&w, SAGA_EV_STALE_REPLY, k) >= 1);
+    assert_int_equal(th_check_invariants(&w, 1), 0);
+    th_world_free(&w);
+  }
+}
+
+/* A pivot that times out is resolved by asking its participant. */
+static void test_pivot_timeout_resolve(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.kinds[1] = SAGA_STEP_PIVOT;
+  o.kinds[2] = SAGA_STEP_RETRIABLE;
+  o.skip_mask = 1u << 1;
+  o.timeout_ms[1] = 50;
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  th_world_settle(&w, 60);
+  assert_true(th_count_events(&w, SAGA_EV_RESOLVE_SENT, 1) >= 1);
+  /* The pivot's participant comes up: it sees the action first, then the question. */
+  assert_int_equal((th_world_open_late(&w) == SAGA_OK ? 0 : -1), 0);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPLETED);
+  assert_int_equal(th_fx_count(&w, w.last_id, 1, "do"), 1);
+  th_world_free(&w);
+}
+
+static void test_idempotent_start(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  assert_int_equal(th_world_start(&w, 1, "key-1"), SAGA_OK);
+  assert_int_equal(th_world_start(&w, 2, "key-1"), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  th_world_settle(&w, 10000);
+  char first[40];
+  snprintf(first, sizeof first, "%s", w.last_id);
+  assert_int_equal(th_world_start(&w, 3, "key-1"), SAGA_OK);
+  th_world_settle(&w, 10000);
+  assert_string_equal(first, w.last_id);
+  assert_int_equal(w.terminal, 1);
+  assert_int_equal(th_fx_count(&w, NULL, 0, "do"), 1);
+  th_world_free(&w);
+}
+
+static int step_sent(void *arg) {
+  step_ctx *c = arg;
+  return th_count_events(c->w, SAGA_EV_STEP_SENT, c->step) > 0;
+}
+
+static void test_cancel(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 1; /* step 1 never answers: the saga waits there */
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  step_ctx c = {&w, 1};
+  assert_int_equal(th_run_manual(&w.loop, w.clock, step_sent, &c, 60000), 0);
+  int status = 1;
+  assert_int_equal(saga_cancel(w.orch, w.last_id, done_cb, &status), SAGA_OK);
+  /* The in-flight step 1 is compensated too; its participant must come up to confirm. */
+  th_world_settle(&w, 50);
+  assert_int_equal(status, SAGA_OK);
+  assert_int_equal((th_world_open_late(&w) == SAGA_OK ? 0 : -1), 0);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_count_events(&w, SAGA_EV_CANCELLED, -2), 1);
+  assert_int_equal(th_fx_count(&w, w.last_id, 0, "undo"), 1);
+  /* Cancelling a finished saga, or an unknown one, fails through the callback. */
+  status = 1;
+  assert_int_equal(saga_cancel(w.orch, w.last_id, done_cb, &status), SAGA_OK);
+  th_world_settle(&w, 50);
+  assert_int_equal(status, SAGA_ESTATE);
+  assert_int_equal(saga_cancel(w.orch, "nope", done_cb, &status), SAGA_OK);
+  th_world_settle(&w, 50);
+  assert_int_equal(status, SAGA_ENOTFOUND);
+  th_world_free(&w);
+}
+
+static void test_deadline(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 2;
+  o.deadline_ms = 500;
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  th_world_settle(&w, 1000);
+  assert_int_equal(th_count_events(&w, SAGA_EV_CANCELLED, -2), 1);
+  assert_int_equal((th_world_open_late(&w) == SAGA_OK ? 0 : -1), 0);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
+/* A compensation that keeps failing ends FAILED with the reason; saga_retry_failed() resumes
+ * it once the participant is repaired. */
+static void test_compensation_failed_and_retry(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  w.action_mode[2] = 'r';
+  w.comp_mode[0] = 'r';
+  run_one(&w);
+  saga_info *info = NULL;
+  assert_int_equal(saga_get(w.orch, w.last_id, &info), SAGA_OK);
+  assert_int_equal(info->state, SAGA_FAILED);
+  assert_non_null(strstr(info->error, "compensation of S0"));
+  saga_info_free(info);
+  assert_int_equal(th_count_events(&w, SAGA_EV_COMPENSATION_FAILED, 0), 1);
+  w.comp_mode[0] = 'o';
+  int status = 1;
+  assert_int_equal(saga_retry_failed(w.orch, w.last_id, done_cb, &status), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 2), 0);
+  assert_int_equal(status, SAGA_OK);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
+/* Every message duplicated: handlers still run once per step, stale replies are ignored. */
+static void test_duplicates(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.faults.seed = 7;
+  o.faults.duplicate = 1.0;
+  th_world w;
+  open_world(&w, &o);
+  for (int i = 0; i < 20; i++) assert_int_equal(th_world_start(&w, i, NULL), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 20), 0);
+  th_world_settle(&w, 5000);
+  assert_int_equal(w.handler_calls, 60);
+  assert_true(th_count_events(&w, SAGA_EV_STALE_REPLY, -2) > 0);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st);
+  assert_true(st.duplicates > 0);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
+/* An instance finishes on its own version; a missing version is reported, not guessed. */
+static void test_version_pinning(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 2; /* waits at step 2 */
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  step_ctx c = {&w, 2};
+  assert_int_equal(th_run_manual(&w.loop, w.clock, step_sent, &c, 60000), 0);
+  char id[40];
+  snprintf(id, sizeof id, "%s", w.last_id);
+  /* Restart with only version 2 registered (a 2-step definition). */
+  w.o.version = 2;
+  w.o.nsteps = 2;
+  w.o.skip_mask = 0;
+  assert_int_equal(th_world_reopen(&w), SAGA_OK);
+  assert_int_equal(th_count_events(&w, SAGA_EV_DEFINITION_MISSING, -2), 1);
+  th_world_settle(&w, 5000);
+  assert_int_equal(th_saga_state(&w, id), SAGA_RUNNING);
+  /* Restart with version 1 again: it finishes its 3 steps. */
+  w.o.version = 1;
+  w.o.nsteps = 3;
+  assert_int_equal(th_world_reopen(&w), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(th_saga_state(&w, id), SAGA_COMPLETED);
+  assert_int_equal(th_fx_count(&w, id, 2, "do"), 1);
+  th_world_free(&w);
+}
+
+static void test_api_errors(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  assert_int_equal(saga_start(w.orch, "nope", NULL, NULL, NULL, NULL), SAGA_ENODEF);
+  assert_non_null(strstr(saga_node_errmsg(w.orch), "nope"));
+  assert_int_equal(saga_start(w.orch, "test", NULL, "", NULL, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_start(NULL, "test", NULL, NULL, NULL, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_node_register(w.orch, NULL), SAGA_EINVAL);
+  saga_step bad[2] = {{.name = "A", .channel = "c", .action = "a", .kind = SAGA_STEP_PIVOT},
+                      {.name = "B", .channel = "c", .action = "b"}};
+  saga_definition d = {SAGA_DEFINITION_VERSION, "bad", 1, bad, 2, 0};
+  char err[200];
+  assert_int_equal(saga_definition_validate(&d, err, sizeof err), SAGA_EDEFINITION);
+  assert_non_null(strstr(err, "cannot follow the pivot"));
+  assert_int_equal(saga_node_register(w.orch, &d), SAGA_ESTATE); /* already started */
+  saga_info *info = NULL;
+  assert_int_equal(saga_get(w.orch, "missing", &info), SAGA_ENOTFOUND);
+  assert_null(info);
+  th_world_free(&w);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_success),
+      cmocka_unit_test(test_failure_each_step),
+      cmocka_unit_test(test_handler_error),
+      cmocka_unit_test(test_pivot_refused),
+      cmocka_unit_test(test_retriable_after_pivot),
+      cmocka_unit_test(test_retry_before_compensate),
+      cmocka_unit_test(test_timeout_each_step),
+      cmocka_unit_test(test_pivot_timeout_resolve),
+      cmocka_unit_test(test_idempotent_start),
+      cmocka_unit_test(test_cancel),
+      cmocka_unit_test(test_deadline),
+      cmocka_unit_test(test_compensation_failed_and_retry),
+      cmocka_unit_test(test_duplicates),
+      cmocka_unit_test(test_version_pinning),
+      cmocka_unit_test(test_api_errors),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
