@@ -190,6 +190,9 @@ static int th_do(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
   if (rc != SAGA_OK) return rc;
   uint32_t s = saga_msg_step(m);
   char mode = s < TH_MAX_STEPS ? w->action_mode[s] : 'o';
+  int64_t fail = -1;
+  if (saga_data_get_i64(saga_msg_data(m), "fail", &fail) == SAGA_OK && fail == (int64_t)s)
+    mode = 'r';
   if (mode == 'r') return saga_reply_fail(r, "refused by test");
   if (mode == 'e') return SAGA_EIO;
   char key[16];
@@ -204,6 +207,11 @@ static int th_undo(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
   if (rc != SAGA_OK) return rc;
   uint32_t s = saga_msg_step(m);
   char mode = s < TH_MAX_STEPS ? w->comp_mode[s] : 'o';
+  int64_t cfail = -1;
+  /* Refuse the first attempt of this compensation: the retry must then succeed. */
+  if (saga_data_get_i64(saga_msg_data(m), "cfail", &cfail) == SAGA_OK &&
+      cfail == (int64_t)s && saga_msg_attempt(m) == 1)
+    mode = 'r';
   if (mode == 'r') return saga_reply_fail(r, "compensation refused by test");
   if (mode == 'e') return SAGA_EIO;
   return SAGA_OK;
@@ -242,6 +250,8 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
   cfg.vfs = w->o.vfs;
   cfg.resend_ms = w->o.resend_ms;
   cfg.on_event = orchestrate ? th_on_event : NULL;
+  cfg.test_hook = w->o.hook;
+  cfg.test_hook_arg = w->o.hook_arg;
   cfg.event_arg = w;
   char err[256];
   rc = saga_node_open(out, &w->loop, &cfg, err, sizeof err);
@@ -299,7 +309,7 @@ int th_world_open(th_world *w, const th_world_opts *o) {
   memset(w->action_mode, 'o', sizeof w->action_mode);
   memset(w->comp_mode, 'o', sizeof w->comp_mode);
   uv_loop_init(&w->loop);
-  w->dir = th_tmpdir();
+  w->dir = w->o.dir != NULL ? strdup(w->o.dir) : th_tmpdir();
   int rc = saga_clock_manual_new(&w->clock, UINT64_C(1700000000000), NULL);
   if (rc != SAGA_OK) return rc;
   return th_open_all(w);
@@ -329,7 +339,10 @@ void th_world_free(th_world *w) {
   th_world_close_nodes(w);
   saga_clock_free(w->clock);
   uv_loop_close(&w->loop);
-  th_rmdir(w->dir);
+  if (w->o.dir != NULL)
+    free(w->dir);
+  else
+    th_rmdir(w->dir);
   w->dir = NULL;
 }
 
@@ -343,10 +356,17 @@ static void th_started(saga_node *n, int status, const char *id, int existed, vo
 }
 
 int th_world_start(th_world *w, int i, const char *idem_key) {
+  return th_world_start_ex(w, i, idem_key, -1, -1);
+}
+
+int th_world_start_ex(th_world *w, int i, const char *idem_key, int fail_step,
+                      int comp_fail_step) {
   saga_data *d = NULL;
   int rc = saga_data_new(&d, NULL);
   if (rc != SAGA_OK) return rc;
   saga_data_set_i64(d, "n", i);
+  if (fail_step >= 0) saga_data_set_i64(d, "fail", fail_step);
+  if (comp_fail_step >= 0) saga_data_set_i64(d, "cfail", comp_fail_step);
   rc = saga_start(w->orch, "test", d, idem_key, th_started, w);
   saga_data_free(d);
   return rc;

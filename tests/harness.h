@@ -67,6 +67,9 @@ typedef struct th_world_opts {
   uint32_t resend_ms;                /* default 200 */
   uint32_t version;                  /* definition version, default 1 */
   int no_register;                   /* open without registering the definition */
+  const char *dir;                   /* use this existing folder (kept by th_world_free) */
+  void (*hook)(void *arg, const char *point); /* test hook of both nodes */
+  void *hook_arg;
 } th_world_opts;
 
 typedef struct th_world {
@@ -101,6 +104,11 @@ void th_world_free(th_world *w);
 int th_world_open_late(th_world *w);
 /* Starts a saga (input key "n" = i); returns saga_start's code. */
 int th_world_start(th_world *w, int i, const char *idem_key);
+/* Same, and the participant refuses step fail_step of this saga (input key "fail"), and
+ * refuses attempt 1 of the compensation of step comp_fail_step (input key "cfail"), so
+ * that its retry succeeds. -1 for none. */
+int th_world_start_ex(th_world *w, int i, const char *idem_key, int fail_step,
+                      int comp_fail_step);
 /* Runs the world (manual time) until `count` terminal events were seen. */
 int th_world_run_until_terminal(th_world *w, uint64_t count);
 /* Runs until quiescent with no armed timer, or max_ms of clock time. */

@@ -120,6 +120,16 @@ typedef struct saga_node_config {
   uint32_t batch_max;         /**< most work items in one transaction; default 1024 */
   saga_limits limits;         /**< decoding limits; defaults from saga_limits_init() */
   uint32_t busy_timeout_ms;   /**< SQLite busy timeout; default 5000 */
+  /**
+   * Fault-injection hook for crash tests (NULL in production): called at named points of
+   * the node's work, e.g. to _exit() the process there. Points: "tx.before_commit",
+   * "tx.after_commit" (committed, nothing acknowledged or published yet), "tx.after_ack",
+   * "outbox.after_insert", "relay.after_publish" (handed to the transport, not yet
+   * confirmed), "participant.after_handler", "participant.after_inbox" (inbox row written,
+   * not committed), "engine.after_transition".
+   */
+  void (*test_hook)(void *arg, const char *point);
+  void *test_hook_arg;
 } saga_node_config;
 
 /** Fills cfg with defaults (struct_version set, everything optional at its default). */

@@ -397,8 +397,9 @@ static int step(saga_node *n, saga__inst *i, event e, const saga_envelope *r) {
                            saga_state_name(i->state),
                            e == E_CANCEL ? "cancel" : "this event");
   int rc = fn(n, i, r, e);
-  if (rc != SAGA_OK) return rc;
-  return inst_save(n, i);
+  if (rc == SAGA_OK) rc = inst_save(n, i);
+  if (rc == SAGA_OK) SAGA__HOOK(n, "engine.after_transition");
+  return rc;
 }
 
 /* ---- entry points ----------------------------------------------------------------------- */

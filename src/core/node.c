@@ -163,7 +163,9 @@ int saga__node_outbox(saga_node *n, const char *channel, const char *saga_id, co
   sqlite3_bind_blob(st, 3, body, (int)len, SQLITE_STATIC);
   sqlite3_bind_int64(st, 4, (sqlite3_int64)saga__node_now(n));
   int rc = saga__store_exec(&n->store, ST_OUTBOX_INSERT);
-  return rc == SAGA_OK ? SAGA_OK : saga__node_db_fail(n, rc, "writing outbox");
+  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "writing outbox");
+  SAGA__HOOK(n, "outbox.after_insert");
+  return SAGA_OK;
 }
 
 int saga__node_dead_letter(saga_node *n, const char *channel, const char *msg_id,
@@ -342,6 +344,7 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
           if (s != NULL) s->tag = w->tag & ~SAGA__LOOPBACK_TAG;
         } else if (n->transport_open && !n->transport_closed) {
           n->tm.ack(n->transport, w->tag);
+          SAGA__HOOK(n, "tx.after_ack");
         }
       }
       break;
@@ -382,8 +385,12 @@ static int run_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with
     rc = trc < 0 ? trc : rc;
   }
   if (!broken) {
+    SAGA__HOOK(n, "tx.before_commit");
     rc = saga__store_exec(&n->store, ST_COMMIT);
-    if (rc == SAGA_OK) return SAGA_OK;
+    if (rc == SAGA_OK) {
+      SAGA__HOOK(n, "tx.after_commit");
+      return SAGA_OK;
+    }
     saga__node_db_fail(n, rc, "committing");
   } else if (rc == SAGA_OK) {
     rc = SAGA_ESTORE;
@@ -464,6 +471,7 @@ static void publish(saga_node *n, uint64_t id, const char *channel, const void *
   }
   if (!n->transport_open || n->transport_closed) return;
   int rc = n->tm.send(n->transport, channel, body, len, id);
+  if (rc == SAGA_OK) SAGA__HOOK(n, "relay.after_publish");
   if (rc != SAGA_OK)
     saga__node_log(n, SAGA_LOG_WARN, "transport refused message %" PRIu64 " to '%s': %s", id,
                    channel, saga_strerror(rc));
@@ -689,6 +697,8 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   n->event_arg = cfg->event_arg;
   n->resend_ms = cfg->resend_ms ? cfg->resend_ms : 1000;
   n->batch_max = cfg->batch_max ? cfg->batch_max : 1024;
+  n->test_hook = cfg->test_hook;
+  n->test_hook_arg = cfg->test_hook_arg;
   n->limits = cfg->limits;
   if (n->limits.max_message_bytes == 0) saga_limits_init(&n->limits);
   saga__buf_init(&n->queues[0].arena, n->alloc);

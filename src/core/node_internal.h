@@ -231,7 +231,15 @@ struct saga_node {
 
   saga_node_stats stats;
   char errmsg[512];
+  void (*test_hook)(void *, const char *);
+  void *test_hook_arg;
 };
+
+/* Calls the test hook, if any, at a named point. */
+#define SAGA__HOOK(n, point) \
+  do { \
+    if ((n)->test_hook != NULL) (n)->test_hook((n)->test_hook_arg, (point)); \
+  } while (0)
 
 /* node.c */
 void saga__node_log(saga_node *n, saga_log_level lvl, const char *fmt, ...)

@@ -115,6 +115,7 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
   saga_msg msg = {env, data};
   n->stats.handler_runs++;
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
+  SAGA__HOOK(n, "participant.after_handler");
   int ok = hrc == SAGA_OK && !reply.failed;
   if (!ok) {
     rc = saga__store_exec(&n->store, ST_SP_HANDLER_ROLLBACK);
@@ -290,5 +291,6 @@ int saga__participant_command(saga_node *n, const char *channel, const saga_enve
   sqlite3_bind_blob(st, 5, n->scratch.data, (int)n->scratch.len, SQLITE_STATIC);
   rc = saga__store_exec(&n->store, ST_INBOX_INSERT);
   if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "writing inbox");
+  SAGA__HOOK(n, "participant.after_inbox");
   return saga__node_outbox(n, env->reply_to, env->saga_id, n->scratch.data, n->scratch.len);
 }
