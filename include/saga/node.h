@@ -36,7 +36,9 @@
 extern "C" {
 #endif
 
-typedef struct uv_loop_s uv_loop_t;
+struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
+struct sqlite3; /* from sqlite3.h, declared here so this header stands alone */
+
 typedef struct saga_node saga_node;
 
 /** Saga states. Terminal: COMPLETED, COMPENSATED, FAILED. */
@@ -145,7 +147,7 @@ SAGA_EXTERN void saga_node_config_init(saga_node_config *cfg);
  * transport's error. On failure nothing is left to free; if errmsg is not NULL a sentence
  * describing the failure is copied into it (errlen bytes).
  */
-SAGA_EXTERN int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg,
+SAGA_EXTERN int saga_node_open(saga_node **out, struct uv_loop_s *loop, const saga_node_config *cfg,
                                char *errmsg, size_t errlen);
 
 /**
@@ -160,7 +162,7 @@ SAGA_EXTERN void saga_node_close(saga_node *node, void (*cb)(void *arg), void *a
 SAGA_EXTERN const char *saga_node_errmsg(const saga_node *node);
 
 /** The SQLite connection of the node, for read-only queries by the application. */
-SAGA_EXTERN sqlite3 *saga_node_db(saga_node *node);
+SAGA_EXTERN struct sqlite3 *saga_node_db(saga_node *node);
 
 /** The node's clock. */
 SAGA_EXTERN saga_clock *saga_node_clock(saga_node *node);

@@ -33,7 +33,8 @@
 extern "C" {
 #endif
 
-typedef struct sqlite3 sqlite3;
+struct sqlite3; /* from sqlite3.h, declared here so this header stands alone */
+
 
 typedef struct saga_tx saga_tx;
 typedef struct saga_msg saga_msg;
@@ -46,7 +47,7 @@ typedef int (*saga_handler)(saga_tx *tx, const saga_msg *cmd, saga_reply *reply,
  * The node's SQLite connection, inside the open savepoint. Do not COMMIT, ROLLBACK or
  * RELEASE on it, and do not keep it after the handler returns.
  */
-SAGA_EXTERN sqlite3 *saga_tx_db(saga_tx *tx);
+SAGA_EXTERN struct sqlite3 *saga_tx_db(saga_tx *tx);
 
 /** The saga id of the command (NUL-terminated, borrowed). */
 SAGA_EXTERN const char *saga_msg_saga_id(const saga_msg *m);

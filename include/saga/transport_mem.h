@@ -28,7 +28,8 @@
 extern "C" {
 #endif
 
-typedef struct uv_loop_s uv_loop_t;
+struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
+
 typedef struct saga_mem_hub saga_mem_hub;
 
 /** Fault probabilities, each 0..1. All zero (the default) is a perfect network. */
@@ -53,7 +54,7 @@ typedef struct saga_mem_stats {
  * pass the nodes' manual clock for deterministic runs. faults may be NULL (no faults) and
  * is copied. alloc may be NULL. Returns SAGA_OK, SAGA_EINVAL, SAGA_ENOMEM.
  */
-SAGA_EXTERN int saga_mem_hub_new(saga_mem_hub **out, uv_loop_t *loop, saga_clock *clock,
+SAGA_EXTERN int saga_mem_hub_new(saga_mem_hub **out, struct uv_loop_s *loop, saga_clock *clock,
                                  const saga_mem_faults *faults, const saga_allocator *alloc);
 
 /**

@@ -434,6 +434,7 @@ static void flush(saga_node *n) {
     after_tx(n, q, from, to, rc == SAGA_OK, rc);
     from = to;
   } while (from < total && !n->closing);
+  if (from < total) after_tx(n, q, from, total, 0, SAGA_ECLOSED); /* closed mid-way */
   q->n = 0;
   saga__buf_reset(&q->arena);
   n->in_flush = 0;
@@ -707,6 +708,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__buf_init(&n->scratch, n->alloc);
   saga__buf_init(&n->scratch2, n->alloc);
   saga__buf_init(&n->reply_buf, n->alloc);
+  saga__buf_init(&n->input_buf, n->alloc);
   saga__inst_init(&n->inst, n->alloc);
   int rc;
   n->name = saga__strdup(n->alloc, cfg->name);
@@ -886,14 +888,14 @@ int saga_start(saga_node *n, const char *name, const saga_data *input, const cha
   if (idem_key != NULL && (idem_key[0] == '\0' || strlen(idem_key) > n->limits.max_string_bytes))
     return saga__node_fail(n, SAGA_EINVAL, "idempotency key must be 1..%zu bytes",
                            n->limits.max_string_bytes);
-  saga__buf_reset(&n->scratch2);
-  rc = saga__data_encode(input, &n->scratch2);
+  saga__buf_reset(&n->input_buf);
+  rc = saga__data_encode(input, &n->input_buf);
   if (rc != SAGA_OK) return saga__node_fail(n, rc, "encoding input: %s", saga_strerror(rc));
   /* Leave room for the envelope around the data in every command. */
-  if (n->scratch2.len + 4096 > n->limits.max_message_bytes)
+  if (n->input_buf.len + 4096 > n->limits.max_message_bytes)
     return saga__node_fail(n, SAGA_ETOOBIG, "input of %zu bytes exceeds the message limit",
-                           n->scratch2.len);
-  saga__work *w = queue_push(n, W_START, name, strlen(name), n->scratch2.data, n->scratch2.len,
+                           n->input_buf.len);
+  saga__work *w = queue_push(n, W_START, name, strlen(name), n->input_buf.data, n->input_buf.len,
                              idem_key, idem_key ? strlen(idem_key) : 0);
   if (w == NULL) return saga__node_fail(n, SAGA_ENOMEM, "out of memory queueing start");
   if (idem_key == NULL) w->len3 = SIZE_MAX;
@@ -1000,6 +1002,7 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->scratch);
   saga__buf_free(&n->scratch2);
   saga__buf_free(&n->reply_buf);
+  saga__buf_free(&n->input_buf);
   saga__inst_free(&n->inst);
   saga__free(a, n->name);
   saga_allocator copy = n->alloc_copy;

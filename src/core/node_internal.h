@@ -227,7 +227,7 @@ struct saga_node {
   saga__buf event_text;
 
   saga__inst inst; /* scratch for the instance being processed */
-  saga__buf scratch, scratch2, reply_buf;
+  saga__buf scratch, scratch2, reply_buf, input_buf;
 
   saga_node_stats stats;
   char errmsg[512];

@@ -36,7 +36,8 @@
 extern "C" {
 #endif
 
-typedef struct uv_loop_s uv_loop_t;
+struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
+
 
 #define SAGA_TRANSPORT_VERSION 1
 
@@ -48,7 +49,7 @@ typedef struct saga_transport_methods {
    * Starts I/O on loop. Called once, before any other method. Return SAGA_OK or a negative
    * code (the node's open then fails with it).
    */
-  int (*open)(saga_transport *t, uv_loop_t *loop);
+  int (*open)(saga_transport *t, struct uv_loop_s *loop);
 
   /**
    * Starts consuming channel (NUL-terminated, borrowed for the call). Called after open(),
