@@ -16,6 +16,9 @@
  *   SAGA_OK            success; the reply's data is merged into the saga's data;
  *   saga_reply_fail()  a business refusal (returns SAGA_EREFUSED); the handler's writes are
  *                      rolled back; the saga retries or compensates per its definition;
+ *   SAGA_ENOMEM, SAGA_EBUSY, SAGA_EIO, SAGA_EFULL
+ *                      transient: the handler's writes are rolled back and nothing of the
+ *                      command is recorded or acknowledged, so it is delivered again later;
  *   any other < 0      a technical failure: writes rolled back, the message is recorded in
  *                      the dead-letter table and a failure reply is sent, so the saga never
  *                      hangs on it.

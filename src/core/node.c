@@ -258,7 +258,7 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
   }
   switch (env->kind) {
   case SAGA_MSG_COMMAND:
-    rc = saga__participant_command(n, channel, env);
+    rc = saga__participant_command(n, channel, env, data, w->len2);
     break;
   case SAGA_MSG_REPLY:
     rc = saga__engine_reply(n, env);

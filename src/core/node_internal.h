@@ -273,6 +273,8 @@ void saga__inst_init(saga__inst *i, const saga_allocator *a);
 void saga__inst_free(saga__inst *i);
 
 /* participant.c */
-int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env);
+/* raw/raw_len: the message as received, kept in dead letters. */
+int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env,
+                              const void *raw, size_t raw_len);
 
 #endif /* SAGA_NODE_INTERNAL_H */

@@ -23,6 +23,15 @@ struct saga_msg {
   const saga_data *data;
 };
 
+/* The command being handled, as received: dead letters keep these bytes. */
+typedef struct raw_msg {
+  const void *bytes;
+  size_t len;
+} raw_msg;
+
+/* Longest message id accepted; ours are under 100 bytes. The reply id appends "/r". */
+#define MAX_MSG_ID 512
+
 struct saga_reply {
   saga_data *data;
   int failed;
@@ -83,11 +92,12 @@ static void refuse(outcome *o, int status, const char *fmt, ...) {
 
 /* Runs the handler in its own savepoint. Returns < 0 only for store errors that break the
  * transaction; handler failures are reported in o. */
-static int run_handler(saga_node *n, const char *channel, const saga_envelope *env, outcome *o) {
+static int run_handler(saga_node *n, const char *channel, const saga_envelope *env,
+                       const raw_msg *raw, outcome *o) {
   const saga__handler *h = saga__node_find_handler(n, channel, env->name);
   if (h == NULL) {
     refuse(o, SAGA_ENOHANDLER, "no handler for command '%s'", env->name);
-    return saga__node_dead_letter(n, channel, env->msg_id, o->error, NULL, 0);
+    return saga__node_dead_letter(n, channel, env->msg_id, o->error, raw->bytes, raw->len);
   }
   saga_data *data = NULL;
   char err[200];
@@ -96,8 +106,7 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
   if (rc == SAGA_ENOMEM) return saga__node_fail(n, rc, "out of memory decoding command data");
   if (rc != SAGA_OK) {
     refuse(o, rc, "malformed saga data: %s", err);
-    return saga__node_dead_letter(n, channel, env->msg_id, o->error, env->payload,
-                                  env->payload_len);
+    return saga__node_dead_letter(n, channel, env->msg_id, o->error, raw->bytes, raw->len);
   }
   saga_reply reply;
   memset(&reply, 0, sizeof reply);
@@ -139,6 +148,10 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
     o->status = SAGA_OK;
     o->payload = n->reply_buf.data;
     o->payload_len = n->reply_buf.len;
+  } else if (hrc == SAGA_ENOMEM || hrc == SAGA_EBUSY || hrc == SAGA_EIO || hrc == SAGA_EFULL) {
+    /* Transient: nothing of this command is recorded or acknowledged; it comes again. */
+    rc = saga__node_fail(n, hrc, "handler for '%s' failed transiently: %s", env->name,
+                         saga_strerror(hrc));
   } else if (hrc == SAGA_OK || hrc == SAGA_EREFUSED) {
     refuse(o, SAGA_EREFUSED, "%s", reply.failed ? reply.reason : "refused");
   } else {
@@ -148,7 +161,7 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
     snprintf(why, sizeof why, "handler for '%s' failed: %s (%s)", env->name,
              saga_err_name(hrc), reply.failed ? reply.reason : saga_strerror(hrc));
     refuse(o, hrc, "%s", why);
-    rc = saga__node_dead_letter(n, channel, env->msg_id, why, NULL, 0);
+    rc = saga__node_dead_letter(n, channel, env->msg_id, why, raw->bytes, raw->len);
   }
 done:
   saga_data_free(reply.data);
@@ -170,8 +183,9 @@ static int put_pstep(saga_node *n, const saga_envelope *env, int state, const vo
 }
 
 /* Decides and runs the command given the participant's record of its step. */
-static int decide(saga_node *n, const char *channel, const saga_envelope *env, int pstate,
-                  uint32_t pattempt, const void *preply, size_t preply_len, outcome *o) {
+static int decide(saga_node *n, const char *channel, const saga_envelope *env,
+                  const raw_msg *raw, int pstate, uint32_t pattempt, const void *preply,
+                  size_t preply_len, outcome *o) {
   int rc = SAGA_OK;
   switch (env->phase) {
   case SAGA_PHASE_ACTION:
@@ -183,7 +197,7 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env, i
     } else if (pstate == PS_REFUSED && env->attempt <= pattempt) {
       refuse(o, SAGA_EREFUSED, "%s", "stale attempt: a newer attempt was already answered");
     } else {
-      rc = run_handler(n, channel, env, o);
+      rc = run_handler(n, channel, env, raw, o);
       if (rc == SAGA_OK) {
         o->pstate = o->status == SAGA_OK ? PS_APPLIED : PS_REFUSED;
         o->store_reply = o->status == SAGA_OK;
@@ -192,7 +206,7 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env, i
     break;
   case SAGA_PHASE_COMPENSATION:
     if (pstate == PS_APPLIED) {
-      rc = run_handler(n, channel, env, o);
+      rc = run_handler(n, channel, env, raw, o);
       if (rc == SAGA_OK && o->status == SAGA_OK) o->pstate = PS_COMPENSATED;
     } else if (pstate != PS_COMPENSATED && pstate != PS_TOMBSTONE) {
       o->pstate = PS_TOMBSTONE; /* nothing to undo; refuse the action should it come later */
@@ -211,10 +225,15 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env, i
   return rc;
 }
 
-int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env) {
+int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env,
+                              const void *raw_bytes, size_t raw_len) {
+  raw_msg raw = {raw_bytes, raw_len};
   if (env->reply_to[0] == '\0' || env->msg_id[0] == '\0' || env->saga_id[0] == '\0')
     return saga__node_dead_letter(n, channel, env->msg_id, "command without msg_id, saga_id "
-                                  "or reply_to", NULL, 0);
+                                  "or reply_to", raw_bytes, raw_len);
+  if (strlen(env->msg_id) > MAX_MSG_ID)
+    return saga__node_dead_letter(n, channel, "", "command msg_id longer than 512 bytes",
+                                  raw_bytes, raw_len);
   /* 1. A duplicate: send the recorded reply again. */
   sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INBOX_GET);
   sqlite3_bind_text(st, 1, env->msg_id, -1, SQLITE_STATIC);
@@ -253,7 +272,7 @@ int saga__participant_command(saga_node *n, const char *channel, const saga_enve
   /* 3. Decide, running the handler if it is due. */
   outcome o;
   memset(&o, 0, sizeof o);
-  rc = decide(n, channel, env, pstate, pattempt, preply->data, preply->len, &o);
+  rc = decide(n, channel, env, &raw, pstate, pattempt, preply->data, preply->len, &o);
   if (rc != SAGA_OK) return rc;
   if (o.pstate != PS_NONE) {
     rc = put_pstep(n, env, o.pstate, o.store_reply ? o.payload : NULL, o.payload_len);
@@ -261,7 +280,7 @@ int saga__participant_command(saga_node *n, const char *channel, const saga_enve
   }
 
   /* 4. The reply: recorded in the inbox and queued in the outbox, in this transaction. */
-  char msg_id[128];
+  char msg_id[MAX_MSG_ID + 3];
   snprintf(msg_id, sizeof msg_id, "%s/r", env->msg_id);
   saga_header hdr = {"traceparent", saga_envelope_header(env, "traceparent")};
   saga_envelope r;

@@ -76,8 +76,8 @@ int saga__store_err(int rc) {
     return SAGA_EFULL;
   case SQLITE_READONLY:
   case SQLITE_PERM:
+    return SAGA_EREADONLY;
   case SQLITE_CANTOPEN:
-    return rc == SQLITE_CANTOPEN ? SAGA_EIO : SAGA_EREADONLY;
   case SQLITE_IOERR:
   case SQLITE_CORRUPT:
   case SQLITE_NOTADB:
