@@ -194,7 +194,11 @@ static int th_do(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
   if (saga_data_get_i64(saga_msg_data(m), "fail", &fail) == SAGA_OK && fail == (int64_t)s)
     mode = 'r';
   if (mode == 'r') return saga_reply_fail(r, "refused by test");
-  if (mode == 'e') return SAGA_EIO;
+  if (mode == 'e') return SAGA_EINVAL; /* a technical failure: dead-lettered, step fails */
+  if (w->transient_left > 0) {
+    w->transient_left--;
+    return SAGA_EBUSY; /* transient: not recorded, not acknowledged, delivered again */
+  }
   char key[16];
   snprintf(key, sizeof key, "s%u", s);
   return saga_reply_set_str(r, key, "done");
@@ -213,7 +217,7 @@ static int th_undo(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
       cfail == (int64_t)s && saga_msg_attempt(m) == 1)
     mode = 'r';
   if (mode == 'r') return saga_reply_fail(r, "compensation refused by test");
-  if (mode == 'e') return SAGA_EIO;
+  if (mode == 'e') return SAGA_EINVAL;
   return SAGA_OK;
 }
 

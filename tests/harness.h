@@ -53,7 +53,7 @@ uint64_t th_seed(uint64_t dflt);
 #define TH_MAX_EVENTS 200000
 
 /* Behaviour of the test participant, per step: 'o' succeed, 'r' refuse (business failure),
- * 'e' technical error. Compensations likewise. */
+ * 'e' technical error (SAGA_EINVAL). Compensations likewise. */
 typedef struct th_world_opts {
   int nsteps;                        /* default 3 */
   saga_step_kind kinds[TH_MAX_STEPS];/* default compensatable */
@@ -85,6 +85,7 @@ typedef struct th_world {
   size_t nev;
   uint64_t terminal; /* terminal events seen */
   uint64_t handler_calls;
+  int transient_left; /* the next this-many successful actions fail with SAGA_EBUSY first */
   uint64_t started_ok;
   int last_start_status;
   char last_id[40];

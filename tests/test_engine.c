@@ -73,6 +73,23 @@ static void test_handler_error(void **state) {
   th_world_free(&w);
 }
 
+/* A transient handler error (busy, I/O, memory) records nothing and acknowledges nothing:
+ * the command is delivered again from the sender's outbox and then applies exactly once. */
+static void test_transient_handler_error(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  w.transient_left = 3;
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPLETED);
+  assert_int_equal(w.transient_left, 0);
+  for (int s = 0; s < 3; s++) assert_int_equal(th_fx_count(&w, w.last_id, s, "do"), 1);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st);
+  assert_int_equal(st.dead_letters, 0);
+  assert_true(st.handler_runs >= 6);
+  th_world_free(&w);
+}
+
 static void test_pivot_refused(void **state) {
   th_world_opts o;
   th_world_defaults(&o);
@@ -374,6 +391,7 @@ int main(void) {
       cmocka_unit_test(test_success),
       cmocka_unit_test(test_failure_each_step),
       cmocka_unit_test(test_handler_error),
+      cmocka_unit_test(test_transient_handler_error),
       cmocka_unit_test(test_pivot_refused),
       cmocka_unit_test(test_retriable_after_pivot),
       cmocka_unit_test(test_retry_before_compensate),
