@@ -91,6 +91,8 @@ typedef struct saga__transport_host {
   void (*sent)(void *ctx, uint64_t token, int status);
   void (*closed)(void *ctx);
   void (*log)(void *ctx, saga_log_level level, const char *msg);
+  int (*dead_letter)(void *ctx, const char *channel, const void *data, size_t len,
+                     uint64_t tag, const char *reason);
   void *ctx;
 } saga__transport_host;
 

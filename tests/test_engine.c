@@ -90,6 +90,21 @@ static void test_transient_handler_error(void **state) {
   th_world_free(&w);
 }
 
+/* A command failing transiently every time is dead-lettered after max_deliveries (10)
+ * deliveries and answered with a failure: the saga compensates instead of looping. */
+static void test_transient_cap(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  w.transient_left = 1000000;
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(1000000 - w.transient_left, 10);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st);
+  assert_int_equal(st.dead_letters, 1);
+  th_world_free(&w);
+}
+
 static void test_pivot_refused(void **state) {
   th_world_opts o;
   th_world_defaults(&o);
@@ -392,6 +407,7 @@ int main(void) {
       cmocka_unit_test(test_failure_each_step),
       cmocka_unit_test(test_handler_error),
       cmocka_unit_test(test_transient_handler_error),
+      cmocka_unit_test(test_transient_cap),
       cmocka_unit_test(test_pivot_refused),
       cmocka_unit_test(test_retriable_after_pivot),
       cmocka_unit_test(test_retry_before_compensate),

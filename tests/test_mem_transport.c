@@ -710,7 +710,7 @@ static void test_hub_allocation_failures(void **state) {
       fake a, b;
       memset(&a, 0, sizeof a);
       memset(&b, 0, sizeof b);
-      a.host = b.host = (saga__transport_host){fake_deliver, fake_sent, fake_closed, fake_log, NULL};
+      a.host = b.host = (saga__transport_host){.deliver = fake_deliver, .sent = fake_sent, .closed = fake_closed, .log = fake_log};
       a.host.ctx = &a;
       b.host.ctx = &b;
       int ok = saga_mem_transport_new(&a.t, hub) == SAGA_OK;

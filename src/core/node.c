@@ -301,6 +301,14 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int *broken
   case W_RETRY:
     rc = saga__engine_retry(n, arena_str(q, w->off1));
     break;
+  case W_DEAD: {
+    const uint8_t *data = q->arena.data + w->off2;
+    size_t keep = w->len2 > n->limits.max_message_bytes ? n->limits.max_message_bytes : w->len2;
+    rc = saga__node_dead_letter(n, arena_str(q, w->off1), NULL, arena_str(q, w->off3), data,
+                                keep);
+    w->ack = rc == SAGA_OK;
+    break;
+  }
   case W_SENT: {
     sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_DELETE);
     sqlite3_bind_int64(st, 1, (sqlite3_int64)w->tag);
@@ -338,6 +346,7 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
     int status = committed ? w->status : (w->status < 0 ? w->status : tx_rc);
     switch (w->type) {
     case W_DELIVERY:
+    case W_DEAD:
       if (committed && w->ack) {
         if (w->tag & SAGA__LOOPBACK_TAG) {
           saga__work *s = queue_push(n, W_SENT, NULL, 0, NULL, 0, NULL, 0);
@@ -586,6 +595,19 @@ static int host_deliver(void *ctx, const char *channel, const void *data, size_t
   return SAGA_OK;
 }
 
+static int host_dead_letter(void *ctx, const char *channel, const void *data, size_t len,
+                            uint64_t tag, const char *reason) {
+  saga_node *n = ctx;
+  if (n->closing) return SAGA_ECLOSED;
+  if (tag & SAGA__LOOPBACK_TAG) return SAGA_EINVAL;
+  size_t keep = len > n->limits.max_message_bytes ? n->limits.max_message_bytes : len;
+  saga__work *w = queue_push(n, W_DEAD, channel, strlen(channel), data, keep, reason,
+                             strlen(reason));
+  if (w == NULL) return SAGA_ENOMEM;
+  w->tag = tag;
+  return SAGA_OK;
+}
+
 static void host_sent(void *ctx, uint64_t token, int status) {
   saga_node *n = ctx;
   if (n->closing || status != SAGA_OK) return;
@@ -613,6 +635,7 @@ void saga_node_config_init(saga_node_config *cfg) {
   cfg->resend_ms = 1000;
   cfg->batch_max = 1024;
   cfg->busy_timeout_ms = 5000;
+  cfg->max_deliveries = 10;
   saga_limits_init(&cfg->limits);
 }
 
@@ -645,6 +668,7 @@ static int attach_transport(saga_node *n, saga_transport *t, char *err, size_t e
   n->host.sent = host_sent;
   n->host.closed = host_closed;
   n->host.log = host_log;
+  n->host.dead_letter = host_dead_letter;
   n->host.ctx = n;
   t->saga__host = &n->host;
   n->transport = t;
@@ -698,6 +722,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   n->event_arg = cfg->event_arg;
   n->resend_ms = cfg->resend_ms ? cfg->resend_ms : 1000;
   n->batch_max = cfg->batch_max ? cfg->batch_max : 1024;
+  n->max_deliveries = cfg->max_deliveries ? cfg->max_deliveries : 10;
   n->test_hook = cfg->test_hook;
   n->test_hook_arg = cfg->test_hook_arg;
   n->limits = cfg->limits;

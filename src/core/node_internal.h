@@ -111,7 +111,8 @@ typedef enum saga__work_type {
   W_START,
   W_CANCEL,
   W_RETRY,
-  W_SENT
+  W_SENT,
+  W_DEAD /* a message the transport gave up on: keep it, then acknowledge it */
 } saga__work_type;
 
 /* One queued item. Variable-length bytes live in the queue's arena, referenced by offset. */
@@ -231,6 +232,13 @@ struct saga_node {
 
   saga_node_stats stats;
   char errmsg[512];
+  uint32_t max_deliveries;
+  /* Transient handler failures per message id (hash), direct-mapped: a command failing
+   * transiently max_deliveries times is dead-lettered instead of redelivered forever. */
+  struct {
+    uint64_t hash;
+    uint32_t count;
+  } transient[256];
   void (*test_hook)(void *, const char *);
   void *test_hook_arg;
 };

@@ -90,6 +90,22 @@ static void refuse(outcome *o, int status, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* Counts a transient failure of msg_id; nonzero once it has failed max_deliveries times
+ * (the entry is then cleared). A hash collision only makes the count approximate. */
+static int transient_cap_reached(saga_node *n, const char *msg_id) {
+  uint64_t h = 1469598103934665603ull;
+  for (const char *p = msg_id; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ull;
+  size_t slot = (size_t)(h % (sizeof n->transient / sizeof n->transient[0]));
+  if (n->transient[slot].hash != h) {
+    n->transient[slot].hash = h;
+    n->transient[slot].count = 0;
+  }
+  if (++n->transient[slot].count < n->max_deliveries) return 0;
+  n->transient[slot].hash = 0;
+  n->transient[slot].count = 0;
+  return 1;
+}
+
 /* Runs the handler in its own savepoint. Returns < 0 only for store errors that break the
  * transaction; handler failures are reported in o. */
 static int run_handler(saga_node *n, const char *channel, const saga_envelope *env,
@@ -148,7 +164,9 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
     o->status = SAGA_OK;
     o->payload = n->reply_buf.data;
     o->payload_len = n->reply_buf.len;
-  } else if (hrc == SAGA_ENOMEM || hrc == SAGA_EBUSY || hrc == SAGA_EIO || hrc == SAGA_EFULL) {
+  } else if ((hrc == SAGA_ENOMEM || hrc == SAGA_EBUSY || hrc == SAGA_EIO ||
+              hrc == SAGA_EFULL) &&
+             !transient_cap_reached(n, env->msg_id)) {
     /* Transient: nothing of this command is recorded or acknowledged; it comes again. */
     rc = saga__node_fail(n, hrc, "handler for '%s' failed transiently: %s", env->name,
                          saga_strerror(hrc));

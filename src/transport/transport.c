@@ -13,6 +13,14 @@ int saga_transport_deliver(saga_transport *t, const char *channel, const void *d
   return h->deliver(h->ctx, channel, data, len, tag);
 }
 
+int saga_transport_dead_letter(saga_transport *t, const char *channel, const void *data,
+                               size_t len, uint64_t tag, const char *reason) {
+  saga__transport_host *h = host_of(t);
+  if (h == NULL || h->dead_letter == NULL) return SAGA_ECLOSED;
+  if (channel == NULL || reason == NULL || (data == NULL && len > 0)) return SAGA_EINVAL;
+  return h->dead_letter(h->ctx, channel, data, len, tag, reason);
+}
+
 void saga_transport_sent(saga_transport *t, uint64_t token, int status) {
   saga__transport_host *h = host_of(t);
   if (h != NULL && h->sent != NULL) h->sent(h->ctx, token, status);

@@ -107,6 +107,17 @@ SAGA_EXTERN int saga_transport_deliver(saga_transport *t, const char *channel, c
  */
 SAGA_EXTERN void saga_transport_sent(saga_transport *t, uint64_t token, int status);
 
+/**
+ * Hands the node a message the adapter gives up on — e.g. one delivered more often than its
+ * delivery cap — so that it is kept in the node's dead-letter table with the reason, instead
+ * of blocking the channel. The node records it and then acknowledges `tag` with ack(), so
+ * the medium can drop it. data/len/reason are borrowed for the call. Returns SAGA_OK or
+ * SAGA_ECLOSED (node closing: do not ack).
+ */
+SAGA_EXTERN int saga_transport_dead_letter(saga_transport *t, const char *channel,
+                                           const void *data, size_t len, uint64_t tag,
+                                           const char *reason);
+
 /** Reports that an asynchronous close() completed. */
 SAGA_EXTERN void saga_transport_closed(saga_transport *t);
 
