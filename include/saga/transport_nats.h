@@ -1,6 +1,6 @@
 /*
- * libsaga — the NATS JetStream transport (libnats). Link libsaga_nats (pkg-config
- * libsaga-nats, CMake target libsaga::nats).
+ * libsaga — the NATS JetStream transport (libnats). Link -lsaga_nats (CMake target
+ * libsaga::nats).
  *
  * Each channel is a subject "<prefix>.<channel>" in one stream (created or verified at open,
  * idempotently). Each subscribed channel has a durable pull consumer named after the

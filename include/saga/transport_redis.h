@@ -1,6 +1,6 @@
 /*
- * libsaga — the Redis Streams transport (hiredis). Link libsaga_redis (pkg-config
- * libsaga-redis, CMake target libsaga::redis).
+ * libsaga — the Redis Streams transport (hiredis). Link -lsaga_redis (CMake target
+ * libsaga::redis).
  *
  * Each channel is a stream "<prefix>:<channel>" written with XADD; each consuming service
  * reads it through a consumer group named after the channel (replicas share it, each entry

@@ -1,6 +1,6 @@
 /*
- * libsaga — the TCP transport (brokerless, libuv). Link libsaga_tcp (pkg-config libsaga-tcp,
- * CMake target libsaga::tcp).
+ * libsaga — the TCP transport (brokerless, libuv). Link -lsaga_tcp (CMake target
+ * libsaga::tcp).
  *
  * Every node listens on an address; a static route table says which address serves each
  * channel (share one table between all nodes). A message is a length-prefixed msgpack frame on

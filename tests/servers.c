@@ -1,0 +1,126 @@
+#include "servers.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+int th_free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  int port = -1;
+  if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+      getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+    port = ntohs(a.sin_port);
+  if (fd >= 0) close(fd);
+  return port;
+}
+
+int th_have_program(const char *name) {
+  const char *dirs[] = {"/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin", "/bin"};
+  char path[256];
+  for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+    snprintf(path, sizeof path, "%s/%s", dirs[i], name);
+    if (access(path, X_OK) == 0) return 1;
+  }
+  return 0;
+}
+
+static uint64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+int th_wait_port(int port, int timeout_ms) {
+  uint64_t end = now_ms() + (uint64_t)timeout_ms;
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons((uint16_t)port);
+  for (;;) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    if (fd >= 0) close(fd);
+    if (ok) return 0;
+    if (now_ms() >= end) return -1;
+    /* Polling a readiness condition with a short pause; bounded by the deadline above. */
+    struct timespec ts = {0, 10 * 1000000};
+    nanosleep(&ts, NULL);
+  }
+}
+
+static pid_t spawn(th_server *s) {
+  char port[16], dir[512];
+  snprintf(port, sizeof port, "%d", s->port);
+  snprintf(dir, sizeof dir, "%s", s->dir);
+  pid_t pid = fork();
+  if (pid != 0) return pid;
+  /* Child: quiet, in its own process group so a test's signals do not reach it. */
+  setpgid(0, 0);
+  int devnull = open("/dev/null", O_WRONLY);
+  if (devnull >= 0) {
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+  }
+  if (strcmp(s->kind, "nats") == 0) {
+    execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", dir,
+           (char *)NULL);
+    execl("/usr/sbin/nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd",
+          dir, (char *)NULL);
+  } else {
+    execlp("redis-server", "redis-server", "--bind", "127.0.0.1", "--port", port, "--dir", dir,
+           "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+           (char *)NULL);
+  }
+  _exit(127);
+}
+
+int th_server_start(th_server *s, const char *kind) {
+  memset(s, 0, sizeof *s);
+  snprintf(s->kind, sizeof s->kind, "%s", kind);
+  s->dir = th_tmpdir();
+  s->port = th_free_port();
+  return th_server_restart(s);
+}
+
+int th_server_restart(th_server *s) {
+  if (s->port <= 0) return -1;
+  s->pid = spawn(s);
+  if (s->pid < 0) return -1;
+  if (th_wait_port(s->port, 15000) != 0) {
+    th_server_kill9(s);
+    return -1;
+  }
+  return 0;
+}
+
+void th_server_kill9(th_server *s) {
+  if (s->pid > 0) {
+    kill(s->pid, SIGKILL);
+    waitpid(s->pid, NULL, 0);
+  }
+  s->pid = 0;
+}
+
+void th_server_free(th_server *s) {
+  th_server_kill9(s);
+  th_rmdir(s->dir);
+  s->dir = NULL;
+}

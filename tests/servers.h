@@ -1,0 +1,31 @@
+/* Real servers for integration tests: nats-server (JetStream) and redis-server, started on
+ * 127.0.0.1 with a free port and a temporary folder, killed and restarted on demand. */
+#ifndef SAGA_TEST_SERVERS_H
+#define SAGA_TEST_SERVERS_H
+
+#include <sys/types.h>
+
+typedef struct th_server {
+  char kind[8];  /* "nats" or "redis" */
+  pid_t pid;     /* 0 when not running */
+  int port;
+  char *dir;     /* data folder, kept across restarts */
+} th_server;
+
+/* A TCP port on 127.0.0.1 that was free a moment ago. */
+int th_free_port(void);
+/* Nonzero when the program is on PATH (or in /usr/sbin), e.g. to skip a test cleanly. */
+int th_have_program(const char *name);
+/* Starts the server and returns once it accepts connections (0), or -1. JetStream's store and
+ * Redis's append-only file live in a fresh temporary folder, so a restart keeps the data. */
+int th_server_start(th_server *s, const char *kind);
+/* kill -9 and reap. */
+void th_server_kill9(th_server *s);
+/* Starts it again on the same port and folder. */
+int th_server_restart(th_server *s);
+/* Stops it (SIGKILL) and removes its folder. */
+void th_server_free(th_server *s);
+/* Waits until 127.0.0.1:port accepts a TCP connection, up to timeout_ms. 0 or -1. */
+int th_wait_port(int port, int timeout_ms);
+
+#endif
