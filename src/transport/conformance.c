@@ -1,11 +1,572 @@
-/* The transport conformance kit (include/saga/conformance.h). */
+/*
+ * The transport conformance kit (include/saga/conformance.h). It drives transports through
+ * the adapter interface with a host of its own (recording what the adapter reports), then
+ * runs real sagas over two nodes. Real time throughout: adapters talk to real networks.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
 #include "../internal.h"
 #include "saga/conformance.h"
 
+/* ---- a transport under test, with the host the kit plugs into it ------------------------ */
+
+typedef struct rec_delivery {
+  char channel[64];
+  uint8_t *data;
+  size_t len;
+  uint64_t tag;
+} rec_delivery;
+
+typedef struct kt {
+  saga_transport *t;
+  saga__transport_host host;
+  const char *node;
+  rec_delivery *dl;
+  size_t ndl, dlcap;
+  uint64_t *sent_ok;
+  size_t nsent, sentcap;
+  int sent_errors;
+  int closed;         /* saga_transport_closed() calls */
+  int after_closed;   /* callbacks received after closed */
+  int open;           /* opened and not yet closed */
+  size_t acked_upto;  /* deliveries [0, acked_upto) were acknowledged */
+  int dead_letters;
+} kt;
+
+static int kt_deliver(void *ctx, const char *channel, const void *data, size_t len,
+                      uint64_t tag) {
+  kt *k = ctx;
+  if (k->closed) k->after_closed++;
+  if (k->ndl == k->dlcap) {
+    size_t cap = k->dlcap ? k->dlcap * 2 : 64;
+    rec_delivery *p = saga__realloc(NULL, k->dl, cap * sizeof *p);
+    if (p == NULL) return SAGA_ENOMEM;
+    k->dl = p;
+    k->dlcap = cap;
+  }
+  rec_delivery *d = &k->dl[k->ndl];
+  d->data = saga__malloc(NULL, len + 1);
+  if (d->data == NULL) return SAGA_ENOMEM;
+  memcpy(d->data, data, len);
+  d->data[len] = 0;
+  d->len = len;
+  d->tag = tag;
+  snprintf(d->channel, sizeof d->channel, "%s", channel);
+  k->ndl++;
+  return SAGA_OK;
+}
+
+static void kt_sent(void *ctx, uint64_t token, int status) {
+  kt *k = ctx;
+  if (k->closed) k->after_closed++;
+  if (status != SAGA_OK) {
+    k->sent_errors++;
+    return;
+  }
+  if (k->nsent == k->sentcap) {
+    size_t cap = k->sentcap ? k->sentcap * 2 : 64;
+    uint64_t *p = saga__realloc(NULL, k->sent_ok, cap * sizeof *p);
+    if (p == NULL) return;
+    k->sent_ok = p;
+    k->sentcap = cap;
+  }
+  k->sent_ok[k->nsent++] = token;
+}
+
+static void kt_closed(void *ctx) {
+  kt *k = ctx;
+  k->closed++;
+}
+
+static void kt_log(void *ctx, saga_log_level lvl, const char *msg) {
+  (void)ctx;
+  (void)lvl;
+  (void)msg;
+}
+
+static int kt_dead_letter(void *ctx, const char *channel, const void *data, size_t len,
+                          uint64_t tag, const char *reason) {
+  kt *k = ctx;
+  k->dead_letters++;
+  if (k->open) k->t->methods->ack(k->t, tag);
+  return SAGA_OK;
+}
+
+typedef struct kit {
+  uv_loop_t *loop;
+  const saga_conformance_medium *m;
+  uint32_t patience;
+  char *report;
+  size_t reportlen, used;
+  int failed;
+} kit;
+
+static void say(kit *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void say(kit *c, const char *fmt, ...) {
+  if (c->report == NULL || c->used + 1 >= c->reportlen) return;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(c->report + c->used, c->reportlen - c->used, fmt, ap);
+  va_end(ap);
+  if (n > 0) c->used += (size_t)n < c->reportlen - c->used ? (size_t)n : c->reportlen - c->used - 1;
+}
+
+static void result(kit *c, const char *check, const char *why) {
+  if (why == NULL) {
+    say(c, "PASS %s\n", check);
+  } else {
+    say(c, "FAIL %s: %s\n", check, why);
+    c->failed++;
+  }
+}
+
+/* ---- waiting on the loop ---------------------------------------------------------------- */
+
+typedef int (*pred_fn)(void *arg);
+
+static void wait_timeout_cb(uv_timer_t *h) { *(int *)h->data = 1; }
+static void close_noop(uv_handle_t *h) { (void)h; }
+
+/* Runs the loop until pred(arg) holds or ms of real time passed. Returns nonzero on pred. */
+static int wait_for(kit *c, pred_fn pred, void *arg, uint32_t ms) {
+  int timed_out = 0;
+  uv_timer_t timer;
+  uv_timer_init(c->loop, &timer);
+  timer.data = &timed_out;
+  uv_timer_start(&timer, wait_timeout_cb, ms, 0);
+  while (!pred(arg) && !timed_out) uv_run(c->loop, UV_RUN_ONCE);
+  uv_close((uv_handle_t *)&timer, close_noop);
+  uv_run(c->loop, UV_RUN_NOWAIT);
+  return pred(arg);
+}
+
+static int never(void *arg) {
+  (void)arg;
+  return 0;
+}
+
+static int kt_open(kit *c, kt *k, const char *node) {
+  memset(k, 0, sizeof *k);
+  k->node = node;
+  k->host.deliver = kt_deliver;
+  k->host.sent = kt_sent;
+  k->host.closed = kt_closed;
+  k->host.log = kt_log;
+  k->host.dead_letter = kt_dead_letter;
+  k->host.ctx = k;
+  int rc = c->m->create(c->m->ctx, node, &k->t);
+  if (rc != SAGA_OK) return rc;
+  k->t->saga__host = &k->host;
+  rc = k->t->methods->open(k->t, c->loop);
+  if (rc != SAGA_OK) {
+    k->t->methods->destroy(k->t);
+    k->t = NULL;
+    return rc;
+  }
+  k->open = 1;
+  rc = k->t->methods->subscribe(k->t, node);
+  if (rc == SAGA_OK && strcmp(node, "conf-b") == 0) rc = k->t->methods->subscribe(k->t, "conf-ch");
+  return rc;
+}
+
+static int kt_is_closed(void *arg) { return ((kt *)arg)->closed > 0; }
+
+/* Closes (waiting for saga_transport_closed) and destroys; frees the records. */
+static void kt_close(kit *c, kt *k) {
+  if (k->t != NULL && k->open) {
+    k->open = 0;
+    k->t->methods->close(k->t);
+    wait_for(c, kt_is_closed, k, c->patience);
+    k->t->methods->destroy(k->t);
+  }
+  k->t = NULL;
+  for (size_t i = 0; i < k->ndl; i++) saga__free(NULL, k->dl[i].data);
+  saga__free(NULL, k->dl);
+  saga__free(NULL, k->sent_ok);
+  k->dl = NULL;
+  k->sent_ok = NULL;
+  k->ndl = k->nsent = 0;
+}
+
+static int kt_send(kt *k, const char *channel, const char *text, uint64_t token) {
+  return k->t->methods->send(k->t, channel, text, strlen(text), token);
+}
+
+static int has_sent(const kt *k, uint64_t token) {
+  for (size_t i = 0; i < k->nsent; i++)
+    if (k->sent_ok[i] == token) return 1;
+  return 0;
+}
+
+static long find_delivery(const kt *k, const char *text) {
+  for (size_t i = 0; i < k->ndl; i++)
+    if (k->dl[i].len == strlen(text) && memcmp(k->dl[i].data, text, k->dl[i].len) == 0)
+      return (long)i;
+  return -1;
+}
+
+static size_t count_delivery(const kt *k, const char *text) {
+  size_t n = 0;
+  for (size_t i = 0; i < k->ndl; i++)
+    if (k->dl[i].len == strlen(text) && memcmp(k->dl[i].data, text, k->dl[i].len) == 0) n++;
+  return n;
+}
+
+static void ack_all(kt *k) {
+  for (; k->acked_upto < k->ndl; k->acked_upto++)
+    if (k->open) k->t->methods->ack(k->t, k->dl[k->acked_upto].tag);
+}
+
+/* Predicates over (kt, text/token). */
+typedef struct probe {
+  kt *rx, *tx;
+  const char *text;
+  uint64_t token;
+  size_t count;
+} probe;
+
+static int got_text(void *arg) {
+  probe *p = arg;
+  return find_delivery(p->rx, p->text) >= 0;
+}
+
+static int got_sent(void *arg) {
+  probe *p = arg;
+  if (p->rx != NULL) ack_all(p->rx);
+  return has_sent(p->tx, p->token);
+}
+
+/* Resends `text` every 200 ms (as a node's outbox would) until it was delivered to rx and
+ * confirmed to tx, acknowledging what rx receives. */
+typedef struct resend_ctx {
+  probe p;
+  const char *channel;
+} resend_ctx;
+
+static void resend_cb(uv_timer_t *h) {
+  resend_ctx *r = h->data;
+  if (!has_sent(r->p.tx, r->p.token)) kt_send(r->p.tx, r->channel, r->p.text, r->p.token);
+}
+
+static int delivered_and_sent(void *arg) {
+  probe *p = arg;
+  ack_all(p->rx);
+  return find_delivery(p->rx, p->text) >= 0 && has_sent(p->tx, p->token);
+}
+
+static int resend_until_done(kit *c, kt *tx, kt *rx, const char *channel, const char *text,
+                             uint64_t token, uint32_t ms) {
+  resend_ctx r = {{rx, tx, text, token, 0}, channel};
+  uv_timer_t timer;
+  uv_timer_init(c->loop, &timer);
+  timer.data = &r;
+  kt_send(tx, channel, text, token);
+  uv_timer_start(&timer, resend_cb, 200, 200);
+  int ok = wait_for(c, delivered_and_sent, &r.p, ms);
+  uv_close((uv_handle_t *)&timer, close_noop);
+  uv_run(c->loop, UV_RUN_NOWAIT);
+  return ok;
+}
+
+/* ---- the transport-level checks --------------------------------------------------------- */
+
+static int all_ordered(void *arg) {
+  probe *p = arg;
+  ack_all(p->rx);
+  size_t distinct = 0;
+  char buf[32];
+  for (size_t i = 0; i < p->count; i++) {
+    snprintf(buf, sizeof buf, "ord-%04zu", i);
+    if (find_delivery(p->rx, buf) >= 0) distinct++;
+  }
+  return distinct == p->count;
+}
+
+static void check_transport(kit *c) {
+  kt a, b, b2, b3;
+  char why[200];
+  memset(&b2, 0, sizeof b2);
+  memset(&b3, 0, sizeof b3);
+  int rc = kt_open(c, &a, "conf-a");
+  if (rc == SAGA_OK) rc = kt_open(c, &b, "conf-b");
+  if (rc != SAGA_OK) {
+    snprintf(why, sizeof why, "could not open transports: %s", saga_strerror(rc));
+    result(c, "delivery", why);
+    kt_close(c, &a);
+    kt_close(c, &b);
+    return;
+  }
+
+  /* delivery */
+  probe p = {&b, &a, "hello-1", 1, 0};
+  kt_send(&a, "conf-ch", "hello-1", 1);
+  int ok = wait_for(c, got_text, &p, c->patience);
+  long i = find_delivery(&b, "hello-1");
+  result(c, "delivery",
+         !ok ? "message not delivered within the patience"
+             : strcmp(b.dl[i].channel, "conf-ch") != 0 ? "delivered on the wrong channel" : NULL);
+
+  /* ack */
+  ok = wait_for(c, got_sent, &p, c->patience);
+  result(c, "ack", ok ? NULL : "sender never told the message was safe after the ack");
+
+  /* unacked */
+  b.acked_upto = b.ndl;
+  probe u = {&b, &a, "unacked-2", 2, 0};
+  kt_send(&a, "conf-ch", "unacked-2", 2);
+  ok = wait_for(c, got_text, &u, c->patience);
+  if (!ok) {
+    result(c, "unacked", "message not delivered");
+  } else {
+    b.acked_upto = b.ndl; /* never acknowledge it */
+    /* A broker confirms on storage, soon; a brokerless adapter must not confirm at all. */
+    probe s = {NULL, &a, NULL, 2, 0};
+    wait_for(c, got_sent, &s, c->m->redelivery_ms ? c->patience : 300);
+    int confirmed = has_sent(&a, 2);
+    kt_close(c, &b);
+    rc = kt_open(c, &b2, "conf-b");
+    if (rc != SAGA_OK) {
+      result(c, "unacked", "could not reopen the receiver");
+    } else if (confirmed) {
+      probe r = {&b2, &a, "unacked-2", 2, 0};
+      ok = wait_for(c, got_text, &r, c->m->redelivery_ms + c->patience);
+      result(c, "unacked", ok ? NULL : "confirmed to the sender but never redelivered");
+    } else if (c->m->redelivery_ms != 0) {
+      result(c, "unacked", "a broker adapter never confirmed a stored message");
+    } else {
+      result(c, "unacked", NULL); /* the sender's outbox keeps it */
+    }
+  }
+
+  /* duplicates */
+  if (b2.t != NULL) {
+    kt_send(&a, "conf-ch", "dup-3", 3);
+    kt_send(&a, "conf-ch", "dup-3", 3);
+    probe d = {&b2, &a, "dup-3", 3, 0};
+    ok = wait_for(c, delivered_and_sent, &d, c->patience);
+    size_t n = count_delivery(&b2, "dup-3");
+    snprintf(why, sizeof why, "delivered %zu times, confirmed %d", n, has_sent(&a, 3));
+    result(c, "duplicates", ok && n >= 1 && n <= 2 ? NULL : why);
+  }
+
+  /* order */
+  if (!c->m->ordered) {
+    say(c, "SKIP order: the medium does not promise per-channel order\n");
+  } else if (b2.t != NULL) {
+    char buf[32];
+    for (size_t k = 0; k < 200; k++) {
+      snprintf(buf, sizeof buf, "ord-%04zu", k);
+      kt_send(&a, "conf-ch", buf, 1000 + k);
+    }
+    probe o = {&b2, &a, NULL, 0, 200};
+    ok = wait_for(c, all_ordered, &o, c->patience * 2);
+    long last = -1;
+    int in_order = 1;
+    for (size_t k = 0; ok && k < 200; k++) {
+      snprintf(buf, sizeof buf, "ord-%04zu", k);
+      long at = find_delivery(&b2, buf);
+      if (at < last) in_order = 0;
+      last = at;
+    }
+    result(c, "order", !ok ? "not all 200 messages arrived" : in_order ? NULL : "out of order");
+  }
+
+  /* peer gone: the receiver is away, the sender keeps resending; it comes back */
+  kt_close(c, &b2);
+  kt_send(&a, "conf-ch", "peer-5", 5);
+  wait_for(c, never, NULL, 200);
+  int early = has_sent(&a, 5) && c->m->redelivery_ms == 0;
+  rc = kt_open(c, &b3, "conf-b");
+  ok = rc == SAGA_OK && resend_until_done(c, &a, &b3, "conf-ch", "peer-5", 5, c->patience * 2);
+  result(c, "peer-gone",
+         early ? "a brokerless adapter confirmed a message nobody received"
+               : ok ? NULL : "not delivered and confirmed after the receiver came back");
+
+  /* outage of the medium */
+  if (c->m->stop == NULL || c->m->restart == NULL) {
+    say(c, "SKIP outage: the medium cannot be stopped\n");
+  } else if (b3.t != NULL) {
+    rc = c->m->stop(c->m->ctx);
+    kt_send(&a, "conf-ch", "out-6", 6);
+    wait_for(c, never, NULL, 300);
+    int confirmed_down = has_sent(&a, 6);
+    int rc2 = c->m->restart(c->m->ctx);
+    ok = rc == SAGA_OK && rc2 == SAGA_OK &&
+         resend_until_done(c, &a, &b3, "conf-ch", "out-6", 6, c->patience * 3);
+    result(c, "outage",
+           confirmed_down ? "confirmed while the medium was down"
+                          : ok ? NULL : "no delivery and confirmation after the medium restarted");
+  }
+
+  /* close with messages in flight */
+  char buf[32];
+  for (int k = 0; k < 50 && b3.t != NULL; k++) {
+    snprintf(buf, sizeof buf, "flight-%d", k);
+    kt_send(&a, "conf-ch", buf, 5000 + (uint64_t)k);
+  }
+  kt_close(c, &a);
+  kt_close(c, &b3);
+  wait_for(c, never, NULL, 100);
+  snprintf(why, sizeof why, "closed callbacks %d and %d (want 1 each), %d callbacks after closed",
+           a.closed, b3.closed, a.after_closed + b3.after_closed);
+  result(c, "close", a.closed == 1 && (b3.closed == 1 || b3.t == NULL) &&
+                             a.after_closed + b3.after_closed == 0
+                         ? NULL
+                         : why);
+}
+
+/* ---- the saga-level check --------------------------------------------------------------- */
+
+typedef struct saga_world {
+  saga_node *orch, *part;
+  int terminal, closed;
+} saga_world;
+
+static int fx(saga_tx *tx, const saga_msg *m, const char *kind) {
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(saga_tx_db(tx),
+                              "INSERT INTO conf_fx(saga_id, step, kind) VALUES(?1, ?2, ?3)", -1,
+                              &st, NULL);
+  if (rc == SQLITE_OK) {
+    sqlite3_bind_text(st, 1, saga_msg_saga_id(m), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int(st, 2, (int)saga_msg_step(m));
+    sqlite3_bind_text(st, 3, kind, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+  }
+  sqlite3_finalize(st);
+  return rc == SQLITE_OK ? SAGA_OK : SAGA_EINVAL;
+}
+
+static int conf_do(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  int64_t fail = -1;
+  saga_data_get_i64(saga_msg_data(m), "fail", &fail);
+  if (fail == (int64_t)saga_msg_step(m)) return saga_reply_fail(r, "refused by the kit");
+  return fx(tx, m, "do");
+}
+
+static int conf_undo(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  return fx(tx, m, "undo");
+}
+
+static void conf_event(saga_node *n, const saga_event *ev, void *arg) {
+  saga_world *w = arg;
+  if (ev->type == SAGA_EV_COMPLETED || ev->type == SAGA_EV_SAGA_COMPENSATED ||
+      ev->type == SAGA_EV_SAGA_FAILED)
+    w->terminal++;
+}
+
+static void conf_closed(void *arg) { ((saga_world *)arg)->closed++; }
+
+static int sixty_done(void *arg) { return ((saga_world *)arg)->terminal >= 60; }
+static int both_closed(void *arg) { return ((saga_world *)arg)->closed >= 2; }
+
+static int open_node(kit *c, saga_world *w, saga_node **out, const char *name,
+                     const char *path, int participant) {
+  saga_transport *t = NULL;
+  int rc = c->m->create(c->m->ctx, name, &t);
+  if (rc != SAGA_OK) return rc;
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = name;
+  cfg.db_path = path;
+  cfg.transport = t;
+  cfg.synchronous = SAGA_SYNC_NORMAL;
+  cfg.resend_ms = 300;
+  cfg.on_event = participant ? NULL : conf_event;
+  cfg.event_arg = w;
+  rc = saga_node_open(out, c->loop, &cfg, NULL, 0);
+  if (rc != SAGA_OK) return rc;
+  if (sqlite3_exec(saga_node_db(*out),
+                   "CREATE TABLE IF NOT EXISTS conf_fx(saga_id TEXT, step INT, kind TEXT)", NULL,
+                   NULL, NULL) != SQLITE_OK)
+    return SAGA_ESTORE;
+  if (participant) {
+    if ((rc = saga_node_handle(*out, "conf-ch", "c.do", conf_do, NULL)) != SAGA_OK) return rc;
+    if ((rc = saga_node_handle(*out, "conf-ch", "c.undo", conf_undo, NULL)) != SAGA_OK)
+      return rc;
+  } else {
+    static const saga_step steps[] = {
+        {.name = "ONE", .channel = "conf-ch", .action = "c.do", .compensation = "c.undo"},
+        {.name = "TWO", .channel = "conf-ch", .action = "c.do", .compensation = "c.undo"},
+        {.name = "THREE", .channel = "conf-ch", .action = "c.do", .kind = SAGA_STEP_PIVOT},
+    };
+    static const saga_definition def = {SAGA_DEFINITION_VERSION, "conformance", 1, steps, 3, 0};
+    if ((rc = saga_node_register(*out, &def)) != SAGA_OK) return rc;
+  }
+  rc = saga_node_start(*out);
+  return rc < 0 ? rc : SAGA_OK;
+}
+
+static int count_fx(saga_node *n, const char *kind, int step) {
+  sqlite3_stmt *st = NULL;
+  int v = -1;
+  if (sqlite3_prepare_v2(saga_node_db(n),
+                         "SELECT count(*) FROM conf_fx WHERE kind = ?1 AND step = ?2", -1, &st,
+                         NULL) == SQLITE_OK) {
+    sqlite3_bind_text(st, 1, kind, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, step);
+    if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int(st, 0);
+  }
+  sqlite3_finalize(st);
+  return v;
+}
+
+static void check_sagas(kit *c) {
+  if (c->m->db_dir == NULL) {
+    say(c, "SKIP sagas: no db_dir given\n");
+    return;
+  }
+  char a[600], b[600], why[240];
+  uint64_t tag = saga__os_random();
+  snprintf(a, sizeof a, "%s/conf-a-%016llx.db", c->m->db_dir, (unsigned long long)tag);
+  snprintf(b, sizeof b, "%s/conf-b-%016llx.db", c->m->db_dir, (unsigned long long)tag);
+  saga_world w;
+  memset(&w, 0, sizeof w);
+  int rc = open_node(c, &w, &w.orch, "conf-a", a, 0);
+  if (rc == SAGA_OK) rc = open_node(c, &w, &w.part, "conf-b", b, 1);
+  int started = 0;
+  for (int i = 0; rc == SAGA_OK && i < 60; i++) {
+    saga_data *d = NULL;
+    rc = saga_data_new(&d, NULL);
+    if (rc == SAGA_OK && i % 3 == 0) rc = saga_data_set_i64(d, "fail", 2);
+    if (rc == SAGA_OK) rc = saga_start(w.orch, "conformance", d, NULL, NULL, NULL);
+    saga_data_free(d);
+    started += rc == SAGA_OK;
+  }
+  if (rc != SAGA_OK) {
+    snprintf(why, sizeof why, "setup failed: %s", saga_strerror(rc));
+    result(c, "sagas", why);
+  } else {
+    int ok = wait_for(c, sixty_done, &w, c->patience * 6);
+    /* 40 complete (3 effects each), 20 refuse step 3 and undo steps 1-2. */
+    int d0 = count_fx(w.part, "do", 0), d2 = count_fx(w.part, "do", 2);
+    int u0 = count_fx(w.part, "undo", 0), u1 = count_fx(w.part, "undo", 1);
+    snprintf(why, sizeof why, "%d of 60 finished; effects do0=%d do2=%d undo0=%d undo1=%d "
+             "(want 60 40 20 20)", w.terminal, d0, d2, u0, u1);
+    result(c, "sagas", ok && d0 == 60 && d2 == 40 && u0 == 20 && u1 == 20 ? NULL : why);
+  }
+  int nodes = (w.orch != NULL) + (w.part != NULL);
+  w.closed = 2 - nodes;
+  saga_node_close(w.orch, conf_closed, &w);
+  saga_node_close(w.part, conf_closed, &w);
+  wait_for(c, both_closed, &w, c->patience);
+}
+
 int saga_conformance_run(struct uv_loop_s *loop, const saga_conformance_medium *m, char *report,
                          size_t reportlen) {
-  (void)loop;
-  (void)m;
-  saga__errf(report, reportlen, "conformance kit not implemented yet\n");
-  return SAGA_EINVAL;
+  if (loop == NULL || m == NULL || m->create == NULL) return SAGA_EINVAL;
+  kit c;
+  memset(&c, 0, sizeof c);
+  c.loop = loop;
+  c.m = m;
+  c.patience = m->timeout_ms ? m->timeout_ms : 5000;
+  c.report = report;
+  c.reportlen = reportlen;
+  if (report != NULL && reportlen > 0) report[0] = '\0';
+  check_transport(&c);
+  check_sagas(&c);
+  return c.failed;
 }
