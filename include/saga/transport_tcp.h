@@ -14,6 +14,10 @@
  * Frames over max_frame_bytes, or malformed, close that connection only, with the reason
  * logged. Messages waiting for a connection are bounded by max_queued_bytes per peer; beyond
  * it send() refuses (SAGA_EBUSY) and the outbox resends later, so memory stays bounded.
+ *
+ * Signals: writing to a connection the peer closed raises SIGPIPE. If the process left
+ * SIGPIPE at its default (which ends the process), opening a TCP transport sets it to
+ * ignored, and says so in the log; a disposition the application chose is left alone.
  */
 #ifndef SAGA_TRANSPORT_TCP_H
 #define SAGA_TRANSPORT_TCP_H

@@ -1,0 +1,221 @@
+/* TCP transport specifics: malformed and oversized frames close only their connection,
+ * unserved channels are refused, reconnects after the peer was away, bounded queues. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+#include "saga/transport_tcp.h"
+#include "servers.h"
+
+typedef struct rx {
+  saga_transport *t;
+  saga__transport_host host;
+  int delivered, closed;
+  char last[64];
+  uint64_t last_tag;
+  uint64_t sent[64];
+  int nsent, sent_errors;
+  char log[2048];
+} rx;
+
+static int rx_deliver(void *ctx, const char *ch, const void *d, size_t n, uint64_t tag) {
+  rx *r = ctx;
+  r->delivered++;
+  snprintf(r->last, sizeof r->last, "%.*s", (int)n, (const char *)d);
+  r->last_tag = tag;
+  return SAGA_OK;
+}
+static void rx_sent(void *ctx, uint64_t token, int status) {
+  rx *r = ctx;
+  if (status == SAGA_OK && r->nsent < 64)
+    r->sent[r->nsent++] = token;
+  else if (status != SAGA_OK)
+    r->sent_errors++;
+}
+static void rx_closed(void *ctx) { ((rx *)ctx)->closed++; }
+static void rx_log(void *ctx, saga_log_level l, const char *msg) {
+  rx *r = ctx;
+  size_t used = strlen(r->log);
+  snprintf(r->log + used, sizeof r->log - used, "%s\n", msg);
+}
+
+static void rx_open(rx *r, uv_loop_t *loop, const char *listen, const char *route_addr,
+                    size_t max_queued) {
+  memset(r, 0, sizeof *r);
+  saga_tcp_route routes[] = {{"ch", route_addr}, {"other", route_addr}};
+  saga_tcp_config cfg;
+  saga_tcp_config_init(&cfg);
+  cfg.listen = listen;
+  cfg.routes = routes;
+  cfg.nroutes = 2;
+  cfg.reconnect_min_ms = 10;
+  cfg.reconnect_max_ms = 100;
+  if (max_queued) cfg.max_queued_bytes = max_queued;
+  assert_int_equal(saga_tcp_transport_new(&r->t, &cfg), SAGA_OK);
+  r->host = (saga__transport_host){.deliver = rx_deliver, .sent = rx_sent, .closed = rx_closed,
+                                   .log = rx_log, .ctx = r};
+  r->t->saga__host = &r->host;
+  assert_int_equal(r->t->methods->open(r->t, loop), SAGA_OK);
+  assert_int_equal(r->t->methods->subscribe(r->t, "ch"), SAGA_OK);
+}
+
+static int rx_is_closed(void *arg) { return ((rx *)arg)->closed > 0; }
+
+static void rx_close(rx *r, uv_loop_t *loop) {
+  r->t->methods->close(r->t);
+  assert_int_equal(th_run_real(loop, rx_is_closed, r, 5000), 0);
+  r->t->methods->destroy(r->t);
+}
+
+typedef struct want {
+  rx *r;
+  int delivered;
+  int nsent;
+  int sent_errors;
+} want;
+
+static int reached(void *arg) {
+  want *w = arg;
+  return w->r->delivered >= w->delivered && w->r->nsent >= w->nsent &&
+         w->r->sent_errors >= w->sent_errors;
+}
+
+static int raw_connect(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons((uint16_t)port);
+  assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+  return fd;
+}
+
+static int log_has_lost(void *arg) { return strstr(((rx *)arg)->log, "connection to") != NULL; }
+
+static int log_has(void *arg) { return strstr(((rx *)arg)->log, "dropping inbound") != NULL; }
+
+/* A garbage frame and an oversized frame each close their own connection, with the reason
+ * logged; the transport keeps serving other connections. */
+static void test_malformed_and_oversized(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int pb = th_free_port();
+  char b[32];
+  snprintf(b, sizeof b, "127.0.0.1:%d", pb);
+  rx R, S;
+  rx_open(&R, &loop, b, b, 0);
+  rx_open(&S, &loop, NULL, b, 0);
+  int fd = raw_connect(pb);
+  const unsigned char junk[] = {0, 0, 0, 3, 0xc1, 0xc1, 0xc1}; /* 0xc1 is never valid */
+  assert_int_equal(write(fd, junk, sizeof junk), (ssize_t)sizeof junk);
+  assert_int_equal(th_run_real(&loop, log_has, &R, 5000), 0);
+  assert_non_null(strstr(R.log, "not valid msgpack"));
+  close(fd);
+  R.log[0] = '\0';
+  fd = raw_connect(pb);
+  const unsigned char big[] = {0x7f, 0xff, 0xff, 0xff}; /* announces a 2 GiB frame */
+  assert_int_equal(write(fd, big, sizeof big), (ssize_t)sizeof big);
+  assert_int_equal(th_run_real(&loop, log_has, &R, 5000), 0);
+  assert_non_null(strstr(R.log, "over max_frame_bytes"));
+  close(fd);
+  /* The listener still works for a well-behaved sender. */
+  assert_int_equal(S.t->methods->send(S.t, "ch", "fine", 4, 7), SAGA_OK);
+  want w = {&R, 1, 0, 0};
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  assert_string_equal(R.last, "fine");
+  R.t->methods->ack(R.t, R.last_tag);
+  want ws = {&S, 0, 1, 0};
+  assert_int_equal(th_run_real(&loop, reached, &ws, 5000), 0);
+  assert_int_equal(S.sent[0], 7);
+  rx_close(&S, &loop);
+  rx_close(&R, &loop);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+/* A message for a channel the receiving node does not serve is refused with a NACK, which
+ * the sender reports as a failed send (the outbox will try again later). */
+static void test_unserved_channel(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char b[32];
+  snprintf(b, sizeof b, "127.0.0.1:%d", th_free_port());
+  rx R, S;
+  rx_open(&R, &loop, b, b, 0);
+  rx_open(&S, &loop, NULL, b, 0);
+  assert_int_equal(S.t->methods->send(S.t, "other", "x", 1, 9), SAGA_OK);
+  want w = {&S, 0, 0, 1};
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  assert_int_equal(R.delivered, 0);
+  assert_int_equal(S.t->methods->send(S.t, "nowhere", "x", 1, 10), SAGA_EINVAL);
+  rx_close(&S, &loop);
+  rx_close(&R, &loop);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+/* Messages sent while the peer is down wait (bounded) and go out when it comes back; the
+ * sender keeps reconnecting with backoff. Over the bound, send refuses with SAGA_EBUSY. */
+static void test_reconnect_and_bound(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char b[32];
+  snprintf(b, sizeof b, "127.0.0.1:%d", th_free_port());
+  rx S;
+  rx_open(&S, &loop, NULL, b, 4096);
+  char msg[1000];
+  memset(msg, 'm', sizeof msg);
+  int accepted = 0, busy = 0;
+  for (int i = 0; i < 10; i++) {
+    int rc = S.t->methods->send(S.t, "ch", msg, sizeof msg, (uint64_t)i);
+    if (rc == SAGA_OK) accepted++;
+    if (rc == SAGA_EBUSY) busy++;
+  }
+  assert_true(accepted >= 3 && accepted <= 4);
+  assert_int_equal(busy, 10 - accepted);
+  /* It fails to connect (and backs off) until the peer comes up. */
+  assert_int_equal(th_run_real(&loop, log_has_lost, &S, 5000), 0);
+  rx R;
+  rx_open(&R, &loop, b, b, 0);
+  want w = {&R, accepted, 0, 0};
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  rx_close(&S, &loop);
+  rx_close(&R, &loop);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+static void test_bad_config(void **state) {
+  saga_transport *t = NULL;
+  saga_tcp_config cfg;
+  saga_tcp_config_init(&cfg);
+  cfg.listen = "not an address";
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_EINVAL);
+  cfg.listen = "127.0.0.1:99999";
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_EINVAL);
+  saga_tcp_route r = {"ch", "[::1]:80"};
+  cfg.listen = "[::1]:0";
+  cfg.routes = &r;
+  cfg.nroutes = 1;
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_OK);
+  saga_transport_free(t);
+  cfg.struct_version = 99;
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_EVERSION);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_malformed_and_oversized),
+      cmocka_unit_test(test_unserved_channel),
+      cmocka_unit_test(test_reconnect_and_bound),
+      cmocka_unit_test(test_bad_config),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
