@@ -3,7 +3,8 @@
 # Runs as root (CI) or through sudo. On systems without dpkg it only says what to install.
 set -euo pipefail
 
-pkgs=(build-essential cmake pkg-config g++ libsqlite3-dev libuv1-dev libmsgpack-dev libcmocka-dev)
+pkgs=(build-essential cmake pkg-config g++ libsqlite3-dev libuv1-dev libmsgpack-dev libcmocka-dev
+      libnats-dev nats-server libhiredis-dev redis-server)
 
 if ! command -v dpkg-query >/dev/null; then
   echo "deps: not a Debian-based system; make sure these (or equivalents) are installed: ${pkgs[*]}"

@@ -210,12 +210,103 @@ static void test_bad_config(void **state) {
   assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_EVERSION);
 }
 
+/* ---- node level: a poison command over TCP -------------------------------------------------- */
+
+typedef struct pw {
+  int terminal, compensated, closed;
+} pw;
+
+static int poison_do(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  int64_t poison = 0;
+  saga_data_get_i64(saga_msg_data(m), "poison", &poison);
+  return poison ? SAGA_EBUSY : SAGA_OK; /* fails transiently, every time */
+}
+static int poison_undo(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  return SAGA_OK;
+}
+static void poison_event(saga_node *n, const saga_event *ev, void *arg) {
+  pw *w = arg;
+  if (ev->type == SAGA_EV_COMPLETED || ev->type == SAGA_EV_SAGA_COMPENSATED) w->terminal++;
+  if (ev->type == SAGA_EV_SAGA_COMPENSATED) w->compensated++;
+}
+static void poison_closed(void *arg) { ((pw *)arg)->closed++; }
+static int poison_done(void *arg) { return ((pw *)arg)->terminal >= 21; }
+static int poison_closed_all(void *arg) { return ((pw *)arg)->closed >= 2; }
+
+static saga_node *tcp_node(uv_loop_t *loop, const char *name, const char *listen,
+                           saga_tcp_route *routes, const char *db, pw *w) {
+  saga_transport *t = NULL;
+  saga_tcp_config cfg;
+  saga_tcp_config_init(&cfg);
+  cfg.listen = listen;
+  cfg.routes = routes;
+  cfg.nroutes = 2;
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_OK);
+  saga_node_config nc;
+  saga_node_config_init(&nc);
+  nc.name = name;
+  nc.db_path = db;
+  nc.transport = t;
+  nc.resend_ms = 50;
+  nc.on_event = poison_event;
+  nc.event_arg = w;
+  saga_node *n = NULL;
+  assert_int_equal(saga_node_open(&n, loop, &nc, NULL, 0), SAGA_OK);
+  return n;
+}
+
+/* A command whose handler fails every time is dead-lettered after the delivery cap and
+ * answered with a failure (its saga compensates), while 20 other sagas flow past it. */
+static void test_poison_over_tcp(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char *dir = th_tmpdir();
+  char a[32], b[32];
+  snprintf(a, sizeof a, "127.0.0.1:%d", th_free_port());
+  snprintf(b, sizeof b, "127.0.0.1:%d", th_free_port());
+  saga_tcp_route routes[] = {{"orch", a}, {"work", b}};
+  char *da = th_path(dir, "a.db"), *db = th_path(dir, "b.db");
+  pw w = {0};
+  saga_node *orch = tcp_node(&loop, "orch", a, routes, da, &w);
+  saga_node *part = tcp_node(&loop, "part", b, routes, db, &w);
+  static const saga_step steps[] = {
+      {.name = "ONE", .channel = "work", .action = "w.do", .compensation = "w.undo"},
+      {.name = "TWO", .channel = "work", .action = "w.do", .kind = SAGA_STEP_PIVOT}};
+  static const saga_definition def = {SAGA_DEFINITION_VERSION, "p", 1, steps, 2, 0};
+  assert_int_equal(saga_node_register(orch, &def), SAGA_OK);
+  assert_int_equal(saga_node_handle(part, "work", "w.do", poison_do, NULL), SAGA_OK);
+  assert_int_equal(saga_node_handle(part, "work", "w.undo", poison_undo, NULL), SAGA_OK);
+  assert_true(saga_node_start(orch) >= 0);
+  assert_true(saga_node_start(part) >= 0);
+  for (int i = 0; i < 21; i++) {
+    saga_data *d = NULL;
+    saga_data_new(&d, NULL);
+    if (i == 10) saga_data_set_i64(d, "poison", 1);
+    assert_int_equal(saga_start(orch, "p", d, NULL, NULL, NULL), SAGA_OK);
+    saga_data_free(d);
+  }
+  assert_int_equal(th_run_real(&loop, poison_done, &w, 30000), 0);
+  assert_int_equal(w.compensated, 1);
+  saga_node_stats st;
+  saga_node_stats_get(part, &st);
+  assert_int_equal(st.dead_letters, 1);
+  saga_node_close(orch, poison_closed, &w);
+  saga_node_close(part, poison_closed, &w);
+  assert_int_equal(th_run_real(&loop, poison_closed_all, &w, 5000), 0);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  free(da);
+  free(db);
+  th_rmdir(dir);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_malformed_and_oversized),
       cmocka_unit_test(test_unserved_channel),
       cmocka_unit_test(test_reconnect_and_bound),
       cmocka_unit_test(test_bad_config),
+      cmocka_unit_test(test_poison_over_tcp),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
