@@ -177,3 +177,79 @@ static void mp_dump_logs(mp_proc **procs, int n) {
     fclose(f);
   }
 }
+
+/* The broker scenario (NATS or Redis): two participant replicas share one database and the
+ * broker's consumers. Kill -9 the broker and restart it; kill -9 the orchestrator and restart
+ * it; kill -9 one replica for good — the other must take over its unacknowledged messages. */
+__attribute__((unused)) static void mp_broker_arg(mp_proc *p, const char *kind, int port) {
+  char url[64];
+  if (strcmp(kind, "nats") == 0) {
+    snprintf(url, sizeof url, "nats://127.0.0.1:%d", port);
+    mp_arg(p, "--nats");
+  } else {
+    snprintf(url, sizeof url, "127.0.0.1:%d", port);
+    mp_arg(p, "--redis");
+  }
+  mp_arg(p, url);
+}
+
+__attribute__((unused)) static void mp_run_broker(const char *kind) {
+  const char *prog = strcmp(kind, "nats") == 0 ? "nats-server" : "redis-server";
+  if (!th_have_program(prog)) {
+    printf("%s is not installed: skipped (apt-get install %s)\n", prog, prog);
+    skip();
+  }
+  th_server srv;
+  assert_int_equal(th_server_start(&srv, kind), 0);
+  char *dir = th_tmpdir();
+  char *orch_db = th_path(dir, "orch.db"), *part_db = th_path(dir, "part.db");
+  mp_proc orch = {0}, r1 = {0}, r2 = {0};
+  snprintf(orch.log, sizeof orch.log, "%s/orch.log", dir);
+  snprintf(r1.log, sizeof r1.log, "%s/replica1.log", dir);
+  snprintf(r2.log, sizeof r2.log, "%s/replica2.log", dir);
+  mp_arg(&orch, "saga_proc");
+  mp_arg(&orch, "orch");
+  mp_arg(&orch, "--db");
+  mp_arg(&orch, orch_db);
+  mp_arg(&orch, "--sagas");
+  mp_arg(&orch, "1000");
+  mp_broker_arg(&orch, kind, srv.port);
+  mp_proc *replicas[] = {&r1, &r2};
+  for (int i = 0; i < 2; i++) {
+    mp_arg(replicas[i], "saga_proc");
+    mp_arg(replicas[i], "part");
+    mp_arg(replicas[i], "--db");
+    mp_arg(replicas[i], part_db);
+    mp_arg(replicas[i], "--serve");
+    mp_arg(replicas[i], "inv,ord,pay");
+    mp_broker_arg(replicas[i], kind, srv.port);
+  }
+  mp_spawn(&r1);
+  mp_spawn(&r2);
+  mp_spawn(&orch);
+
+  int n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 4, 300000);
+  printf("kill -9 %s at %d terminal sagas, restart it\n", prog, n);
+  th_server_kill9(&srv);
+  assert_int_equal(th_server_restart(&srv), 0);
+  n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 2, 300000);
+  printf("kill -9 the orchestrator at %d terminal sagas, restart it\n", n);
+  mp_kill9(&orch);
+  mp_spawn(&orch);
+  n = mp_wait_terminal(orch_db, &orch, 3 * MP_SAGAS / 4, 300000);
+  printf("kill -9 participant replica 2 of 2 at %d terminal sagas, for good\n", n);
+  mp_kill9(&r2);
+  n = mp_wait_terminal(orch_db, &orch, MP_SAGAS, 600000);
+  mp_proc *all[] = {&orch, &r1, &r2};
+  if (n < MP_SAGAS) mp_dump_logs(all, 3);
+  assert_int_equal(n, MP_SAGAS);
+  mp_free(&orch);
+  mp_free(&r1);
+  mp_free(&r2);
+  th_server_free(&srv);
+  const char *parts[] = {part_db};
+  assert_int_equal(mp_verify(orch_db, parts, 1, MP_SAGAS), 0);
+  free(orch_db);
+  free(part_db);
+  th_rmdir(dir);
+}
