@@ -88,6 +88,9 @@ typedef struct saga_event {
   saga_state state;       /**< saga state after the transition */
   const char *detail;     /**< reason or note, "" when none */
   uint64_t at_ms;         /**< clock time of the transition */
+  const saga_data *data;  /**< events received from another node (saga_node_subscribe_events):
+                               the saga's data at the transition; NULL for this node's own
+                               events (read it with saga_get()) */
 } saga_event;
 
 /** The event hook: called after the transition's transaction committed, on the loop. */
@@ -135,6 +138,12 @@ typedef struct saga_node_config {
    */
   void (*test_hook)(void *arg, const char *point);
   void *test_hook_arg;
+  /**
+   * NULL, or a channel to which every transition of this node's sagas is also published, as
+   * an event message written in the transition's own transaction (so at least once, in
+   * order per saga). Other nodes receive them with saga_node_subscribe_events().
+   */
+  const char *event_channel;
 } saga_node_config;
 
 /** Fills cfg with defaults (struct_version set, everything optional at its default). */
@@ -212,6 +221,16 @@ typedef void (*saga_start_cb)(saga_node *node, int status, const char *saga_id, 
  */
 SAGA_EXTERN int saga_start(saga_node *node, const char *name, const saga_data *input,
                            const char *idem_key, saga_start_cb cb, void *arg);
+
+/**
+ * Receives, from then on, the events other nodes publish to `channel` (their
+ * cfg.event_channel): cb runs on the loop, after the delivery was recorded, with ev->data set.
+ * Delivery is at least once: a receiver that must not show an event twice keeps the last
+ * (saga_id, at_ms, type) it saw. Must be called before saga_node_start(); one callback per
+ * node. Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE, SAGA_EEXIST, SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_node_subscribe_events(saga_node *node, const char *channel,
+                                           saga_event_cb cb, void *arg);
 
 /** Completion of an operator action: SAGA_OK or a negative status. */
 typedef void (*saga_done_cb)(saga_node *node, int status, void *arg);

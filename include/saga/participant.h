@@ -69,6 +69,16 @@ SAGA_EXTERN const saga_data *saga_msg_data(const saga_msg *m);
 /** A header value (e.g. "traceparent"), or NULL. */
 SAGA_EXTERN const char *saga_msg_header(const saga_msg *m, const char *name);
 
+/**
+ * Starts a saga of definition `name` (registered on this node) inside the handler's
+ * transaction: it exists if and only if the handler's work commits, so a command can start a
+ * saga exactly once. idem_key as for saga_start() (an existing saga with that key is not
+ * started again: *existed is set to 1). The new or existing saga id is copied into id_out
+ * (at least 40 bytes). Returns SAGA_OK, SAGA_ENODEF, SAGA_EINVAL, SAGA_ENOMEM, SAGA_ESTORE.
+ */
+SAGA_EXTERN int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input,
+                              const char *idem_key, char *id_out, size_t id_len, int *existed);
+
 /** Adds key=value to the reply's data (merged into the saga data on success). */
 SAGA_EXTERN int saga_reply_set(saga_reply *r, const char *key, const void *val, size_t len);
 /** Adds a text value to the reply's data. */

@@ -9,6 +9,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "node_internal.h"
@@ -87,6 +88,39 @@ const char *saga_event_name(int t) { return t >= 1 && t <= 16 ? event_names[t] :
 
 /* ---- events and history ----------------------------------------------------------------- */
 
+/* Writes the transition as an event message to cfg.event_channel, in this transaction. */
+static int publish_event(saga_node *n, saga_event_type type, const saga__inst *inst, int step,
+                         uint32_t attempt, const char *detail, uint64_t now) {
+  char msg_id[80], at[24], version[16];
+  snprintf(msg_id, sizeof msg_id, "%s/e/%lld", inst->id, (long long)inst->hseq);
+  snprintf(at, sizeof at, "%llu", (unsigned long long)now);
+  snprintf(version, sizeof version, "%u", inst->def_version);
+  const char *step_name = (inst->def && step >= 0 && (size_t)step < inst->def->nsteps)
+                              ? inst->def->steps[step].name
+                              : "";
+  saga_header hdr[4] = {{"definition", inst->def_name}, {"version", version},
+                        {"step-name", step_name}, {"at", at}};
+  saga_envelope env;
+  memset(&env, 0, sizeof env);
+  env.version = SAGA_ENVELOPE_VERSION;
+  env.kind = SAGA_MSG_EVENT;
+  env.msg_id = msg_id;
+  env.saga_id = inst->id;
+  env.step = step < 0 ? UINT32_MAX : (uint32_t)step;
+  env.attempt = attempt;
+  env.name = saga_event_name(type);
+  env.status = inst->state;
+  env.error = detail;
+  env.headers = hdr;
+  env.nheaders = 4;
+  env.payload = inst->data.data;
+  env.payload_len = inst->data.len;
+  saga__buf_reset(&n->event_buf);
+  int rc = saga__envelope_encode_buf(&env, &n->event_buf);
+  if (rc != SAGA_OK) return saga__node_fail(n, rc, "encoding event");
+  return saga__node_outbox(n, n->event_channel, inst->id, n->event_buf.data, n->event_buf.len);
+}
+
 int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst, int step,
                      uint32_t attempt, const char *detail) {
   saga__inst *mi = (saga__inst *)inst;
@@ -103,6 +137,10 @@ int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst,
   sqlite3_bind_text(st, 7, detail, -1, SQLITE_STATIC);
   int rc = saga__store_exec(&n->store, ST_HIST_INSERT);
   if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "recording history");
+  if (n->event_channel != NULL) {
+    rc = publish_event(n, type, inst, step, attempt, detail, now);
+    if (rc != SAGA_OK) return rc;
+  }
   if (n->on_event == NULL) return SAGA_OK;
 
   if (n->nevents == n->events_cap) {
@@ -113,6 +151,7 @@ int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst,
     n->events_cap = cap;
   }
   saga__event_rec *r = &n->events[n->nevents];
+  r->remote_off = 0;
   r->detail_off = n->event_text.len;
   size_t dlen = strlen(detail), nlen = strlen(inst->def_name);
   if (saga__buf_reserve(&n->event_text, dlen + nlen + 2) != SAGA_OK)
@@ -130,9 +169,16 @@ int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst,
   return SAGA_OK;
 }
 
+static void dispatch_remote(saga_node *n, size_t off);
+
 static void dispatch_events(saga_node *n) {
-  for (size_t i = 0; i < n->nevents && n->on_event != NULL; i++) {
+  for (size_t i = 0; i < n->nevents; i++) {
     const saga__event_rec *r = &n->events[i];
+    if (r->remote_off != 0) {
+      dispatch_remote(n, (size_t)(r->remote_off - 1));
+      continue;
+    }
+    if (n->on_event == NULL) continue;
     saga_event ev;
     const char *text = (const char *)n->event_text.data;
     ev.type = r->type;
@@ -147,10 +193,12 @@ static void dispatch_events(saga_node *n) {
     ev.attempt = r->attempt;
     ev.state = r->state;
     ev.at_ms = r->at_ms;
+    ev.data = NULL;
     n->on_event(n, &ev, n->event_arg);
   }
   n->nevents = 0;
   saga__buf_reset(&n->event_text);
+  saga__buf_reset(&n->remote_events);
 }
 
 /* ---- outbox and dead letters ------------------------------------------------------------ */
@@ -239,6 +287,72 @@ static const char *arena_str(saga__queue *q, size_t off) {
   return (const char *)q->arena.data + off;
 }
 
+/* Keeps an event message from another node for dispatch after the commit. Events nobody
+ * subscribed to are acknowledged and dropped. */
+static int queue_remote_event(saga_node *n, const uint8_t *data, size_t len) {
+  if (n->event_sub_cb == NULL) return SAGA_OK;
+  if (n->nevents == n->events_cap) {
+    size_t cap = n->events_cap ? n->events_cap * 2 : 64;
+    saga__event_rec *p = saga__realloc(n->alloc, n->events, cap * sizeof *p);
+    if (p == NULL) return saga__node_fail(n, SAGA_ENOMEM, "out of memory buffering an event");
+    n->events = p;
+    n->events_cap = cap;
+  }
+  uint64_t len64 = len;
+  size_t off = n->remote_events.len;
+  if (saga__buf_append(&n->remote_events, &len64, sizeof len64) != SAGA_OK ||
+      saga__buf_append(&n->remote_events, data, len) != SAGA_OK) {
+    n->remote_events.len = off;
+    return saga__node_fail(n, SAGA_ENOMEM, "out of memory buffering an event");
+  }
+  saga__event_rec *r = &n->events[n->nevents++];
+  memset(r, 0, sizeof *r);
+  r->remote_off = off + 1;
+  return SAGA_OK;
+}
+
+static saga_event_type event_type_of(const char *name) {
+  for (int t = 1; t <= 16; t++)
+    if (strcmp(saga_event_name(t), name) == 0) return (saga_event_type)t;
+  return (saga_event_type)0;
+}
+
+/* Decodes a received event and hands it to the subscriber. */
+static void dispatch_remote(saga_node *n, size_t off) {
+  uint64_t len;
+  memcpy(&len, n->remote_events.data + off, sizeof len);
+  saga_envelope *env = NULL;
+  saga_data *data = NULL;
+  char err[200];
+  if (saga_envelope_decode(n->remote_events.data + off + sizeof len, (size_t)len, &n->limits,
+                           n->alloc, &env, err, sizeof err) != SAGA_OK ||
+      saga__data_decode(env->payload, env->payload_len, &n->limits, n->alloc, &data, err,
+                        sizeof err) != SAGA_OK) {
+    saga__node_log(n, SAGA_LOG_WARN, "malformed event message dropped: %s", err);
+    saga_envelope_free(env);
+    return;
+  }
+  const char *version = saga_envelope_header(env, "version");
+  const char *at = saga_envelope_header(env, "at");
+  const char *def = saga_envelope_header(env, "definition");
+  const char *step_name = saga_envelope_header(env, "step-name");
+  saga_event ev;
+  ev.type = event_type_of(env->name);
+  ev.saga_id = env->saga_id;
+  ev.definition = def ? def : "";
+  ev.version = version ? (uint32_t)strtoul(version, NULL, 10) : 0;
+  ev.step = env->step == UINT32_MAX ? -1 : (int)env->step;
+  ev.step_name = step_name ? step_name : "";
+  ev.attempt = env->attempt;
+  ev.state = (saga_state)env->status;
+  ev.detail = env->error;
+  ev.at_ms = at ? strtoull(at, NULL, 10) : 0;
+  ev.data = data;
+  n->event_sub_cb(n, &ev, n->event_sub_arg);
+  saga_data_free(data);
+  saga_envelope_free(env);
+}
+
 /* Runs one delivered message inside the transaction. */
 static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
   const char *channel = arena_str(q, w->off1);
@@ -264,7 +378,7 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
     rc = saga__engine_reply(n, env);
     break;
   default:
-    rc = SAGA_OK; /* events have no consumer in the core; acknowledged and dropped */
+    rc = queue_remote_event(n, data, w->len2);
     break;
   }
   saga_envelope_free(env);
@@ -375,6 +489,7 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
   } else {
     n->nevents = 0;
     saga__buf_reset(&n->event_text);
+    saga__buf_reset(&n->remote_events);
   }
 }
 
@@ -723,6 +838,8 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   n->resend_ms = cfg->resend_ms ? cfg->resend_ms : 1000;
   n->batch_max = cfg->batch_max ? cfg->batch_max : 1024;
   n->max_deliveries = cfg->max_deliveries ? cfg->max_deliveries : 10;
+  saga__buf_init(&n->remote_events, n->alloc);
+  saga__buf_init(&n->event_buf, n->alloc);
   n->test_hook = cfg->test_hook;
   n->test_hook_arg = cfg->test_hook_arg;
   n->limits = cfg->limits;
@@ -737,6 +854,9 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__inst_init(&n->inst, n->alloc);
   int rc;
   n->name = saga__strdup(n->alloc, cfg->name);
+  if (cfg->event_channel != NULL &&
+      (n->event_channel = saga__strdup(n->alloc, cfg->event_channel)) == NULL)
+    n->name = (saga__free(n->alloc, n->name), NULL);
   if (n->name == NULL) {
     rc = SAGA_ENOMEM;
     saga__errf(err, errlen, "out of memory");
@@ -838,6 +958,21 @@ int saga_node_handle(saga_node *n, const char *channel, const char *command, sag
   return add_handler(n, channel, command, fn, arg);
 }
 
+int saga_node_subscribe_events(saga_node *n, const char *channel, saga_event_cb cb, void *arg) {
+  if (n == NULL) return SAGA_EINVAL;
+  if (channel == NULL || channel[0] == '\0' || cb == NULL || strlen(channel) > 256)
+    return saga__node_fail(n, SAGA_EINVAL, "event channel (1..256 bytes) and callback needed");
+  if (n->started || n->closing)
+    return saga__node_fail(n, SAGA_ESTATE, "subscribe to events before start");
+  if (n->event_sub_cb != NULL)
+    return saga__node_fail(n, SAGA_EEXIST, "already subscribed to events");
+  if ((n->event_sub_channel = saga__strdup(n->alloc, channel)) == NULL)
+    return saga__node_fail(n, SAGA_ENOMEM, "out of memory");
+  n->event_sub_cb = cb;
+  n->event_sub_arg = arg;
+  return SAGA_OK;
+}
+
 /* Local steps become handlers on the reserved loopback channel, one per definition step. */
 static int register_local_steps(saga_node *n) {
   char name[320];
@@ -864,6 +999,8 @@ int saga_node_start(saga_node *n) {
   int rc = register_local_steps(n);
   if (rc != SAGA_OK) return rc;
   rc = n->tm.subscribe(n->transport, n->name);
+  if (rc == SAGA_OK && n->event_sub_channel != NULL)
+    rc = n->tm.subscribe(n->transport, n->event_sub_channel);
   for (size_t i = 0; rc == SAGA_OK && i < n->nhandlers; i++) {
     const char *ch = n->handlers[i].channel;
     int seen = strcmp(ch, n->name) == 0 || strcmp(ch, SAGA__LOCAL_CHANNEL) == 0;
@@ -1028,6 +1165,10 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->scratch2);
   saga__buf_free(&n->reply_buf);
   saga__buf_free(&n->input_buf);
+  saga__buf_free(&n->remote_events);
+  saga__buf_free(&n->event_buf);
+  saga__free(a, n->event_channel);
+  saga__free(a, n->event_sub_channel);
   saga__inst_free(&n->inst);
   saga__free(a, n->name);
   saga_allocator copy = n->alloc_copy;

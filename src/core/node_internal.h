@@ -141,6 +141,7 @@ typedef struct saga__queue {
 
 typedef struct saga__event_rec {
   saga_event_type type;
+  uint64_t remote_off;          /* remote event: offset+1 of its bytes in remote_events */
   char saga_id[40];
   const saga__def *def;
   int step;
@@ -233,6 +234,12 @@ struct saga_node {
   saga_node_stats stats;
   char errmsg[512];
   uint32_t max_deliveries;
+  char *event_channel;          /* publish transitions there (cfg.event_channel) */
+  char *event_sub_channel;      /* receive other nodes' transitions */
+  saga_event_cb event_sub_cb;
+  void *event_sub_arg;
+  saga__buf remote_events;      /* received event envelopes, dispatched after commit */
+  saga__buf event_buf;          /* encoding of a published event */
   /* Transient handler failures per message id (hash), direct-mapped: a command failing
    * transiently max_deliveries times is dead-lettered instead of redelivered forever. */
   struct {

@@ -53,6 +53,28 @@ const char *saga_msg_header(const saga_msg *m, const char *name) {
   return saga_envelope_header(m->env, name);
 }
 
+int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const char *idem_key,
+                  char *id_out, size_t id_len, int *existed) {
+  if (tx == NULL || name == NULL || id_out == NULL || id_len < 40) return SAGA_EINVAL;
+  saga_node *n = tx->n;
+  const saga__def *def = saga__node_find_def(n, name, 0);
+  if (def == NULL) return saga__node_fail(n, SAGA_ENODEF, "definition '%s' is not registered", name);
+  if (idem_key != NULL && (idem_key[0] == '\0' || strlen(idem_key) > n->limits.max_string_bytes))
+    return saga__node_fail(n, SAGA_EINVAL, "idempotency key must be 1..%zu bytes",
+                           n->limits.max_string_bytes);
+  saga__buf in;
+  saga__buf_init(&in, n->alloc);
+  int rc = saga__data_encode(input, &in);
+  saga__work w;
+  memset(&w, 0, sizeof w);
+  if (rc == SAGA_OK) rc = saga__engine_start(n, &w, def, in.data, in.len, idem_key);
+  saga__buf_free(&in);
+  if (rc != SAGA_OK) return rc;
+  snprintf(id_out, id_len, "%s", w.saga_id);
+  if (existed != NULL) *existed = w.existed;
+  return SAGA_OK;
+}
+
 int saga_reply_set(saga_reply *r, const char *key, const void *val, size_t len) {
   return r != NULL ? saga_data_set(r->data, key, val, len) : SAGA_EINVAL;
 }
@@ -139,10 +161,14 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
   saga_tx tx = {n};
   saga_msg msg = {env, data};
   n->stats.handler_runs++;
+  /* Transitions of sagas the handler starts (saga_tx_start) are rolled back with it. */
+  size_t events_before = n->nevents, text_before = n->event_text.len;
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
   SAGA__HOOK(n, "participant.after_handler");
   int ok = hrc == SAGA_OK && !reply.failed;
   if (!ok) {
+    n->nevents = events_before;
+    n->event_text.len = text_before;
     rc = saga__store_exec(&n->store, ST_SP_HANDLER_ROLLBACK);
     if (rc != SAGA_OK) {
       rc = saga__node_db_fail(n, rc, "rolling back handler savepoint");
