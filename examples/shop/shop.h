@@ -1,0 +1,116 @@
+/*
+ * The example shop (../../../shared/SHOP.md is the specification): shared declarations of its
+ * services. Each service owns its SQLite database; product, order, payment and orchestrator
+ * are libsaga nodes; purchase is a node that only starts and watches sagas; account is plain.
+ *
+ * Threading: everything runs on one libuv loop per process. The HTTP server (libmicrohttpd)
+ * is driven from that loop (http.c), so route handlers may call libsaga directly.
+ */
+#ifndef SHOP_H
+#define SHOP_H
+
+#include <jansson.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include <saga.h>
+
+/* ---- HTTP (http.c) ---------------------------------------------------------------------- */
+
+typedef struct shop_http shop_http;
+typedef struct shop_req shop_req;
+typedef struct shop_sse shop_sse;
+
+/* A route handler. It answers with one shop_reply_* call, now or later (the connection
+ * waits; answer exactly once). */
+typedef void (*shop_handler)(shop_req *r, void *arg);
+
+#define SHOP_MAX_BODY (64 * 1024) /* larger request bodies get 413 */
+
+/* Serves HTTP on 127.0.0.1:port (0 = any free port; see shop_http_port) from loop. */
+int shop_http_start(shop_http **out, uv_loop_t *loop, const char *bind_addr, int port);
+int shop_http_port(const shop_http *h);
+/* Stops serving; open SSE streams are closed (their on_close runs). Frees h. */
+void shop_http_stop(shop_http *h);
+
+/* Adds a route. pattern is a path whose segments may be "{}" (one segment, read back with
+ * shop_req_param). Routes are matched in the order added; no match gives 404, a path that
+ * matches with another method 405. */
+int shop_http_route(shop_http *h, const char *method, const char *pattern, shop_handler fn,
+                    void *arg);
+
+const char *shop_req_method(const shop_req *r);
+const char *shop_req_path(const shop_req *r);
+/* The i-th "{}" segment of the matched pattern (0-based), or NULL. */
+const char *shop_req_param(const shop_req *r, int i);
+/* A query-string value, or NULL. */
+const char *shop_req_query(const shop_req *r, const char *key);
+/* A request header, or NULL. */
+const char *shop_req_header(const shop_req *r, const char *name);
+/* The body parsed as a JSON object, borrowed (NULL when empty or not an object: answer 400). */
+json_t *shop_req_json(shop_req *r);
+/* The raw body and its length. */
+const char *shop_req_body(const shop_req *r, size_t *len);
+
+/* Answers with a JSON body (taken, may be NULL for no body). */
+void shop_reply_json(shop_req *r, int status, json_t *body);
+/* Answers {"msg": msg}. */
+void shop_reply_error(shop_req *r, int status, const char *msg);
+/* Answers with a text body (copied). */
+void shop_reply_text(shop_req *r, int status, const char *content_type, const char *body);
+
+/* Answers 200 text/event-stream and keeps the connection open. on_close runs once when the
+ * client goes away or the server stops; the stream must not be used after it. */
+shop_sse *shop_reply_sse(shop_req *r, void (*on_close)(shop_sse *s, void *arg), void *arg);
+/* Sends one event ("event: <event>\ndata: <data>\n\n"). 0, or -1 if the stream is closed. */
+int shop_sse_send(shop_sse *s, const char *event, const char *data);
+
+/* ---- the process context ---------------------------------------------------------------- */
+
+typedef struct shop_ctx {
+  uv_loop_t *loop;
+  shop_http *http;
+  const char *data_dir;      /* SQLite files live here */
+  const char *jwt_secret;    /* HS256 key shared by every service */
+  int64_t payment_limit;     /* payments above this amount are refused (the demo's rule) */
+  /* Embedded mode: the product service's database, so that the purchase service can check
+   * products exist (distributed: NULL, and product_url is used). */
+  const char *product_db;
+  const char *product_url;   /* distributed: base URL of the product service */
+} shop_ctx;
+
+/* Services: each registers its routes on c->http and, for nodes, its handlers and
+ * definitions on node (before saga_node_start). */
+int shop_account_init(shop_ctx *c);
+int shop_product_init(shop_ctx *c, saga_node *node);
+int shop_order_init(shop_ctx *c, saga_node *node);
+int shop_payment_init(shop_ctx *c, saga_node *node);
+int shop_orchestrator_init(shop_ctx *c, saga_node *node);
+int shop_purchase_init(shop_ctx *c, saga_node *node);
+/* Releases what the services keep (account's database, SSE subscribers). */
+void shop_services_close(shop_ctx *c);
+
+/* ---- auth (auth.c): JWT HS256 with libjwt, argon2id with libsodium --------------------- */
+
+/* Checks "Authorization: Bearer <access token>": on success sets *customer_id and returns 0;
+ * otherwise answers 401 itself and returns -1. */
+int shop_auth_customer(const shop_ctx *c, shop_req *r, int64_t *customer_id);
+/* Issues a token pair for a customer into a new JSON object {access_token, refresh_token}. */
+json_t *shop_auth_issue(const shop_ctx *c, int64_t customer_id);
+/* Verifies a refresh token; 0 and *customer_id, or -1. */
+int shop_auth_refresh(const shop_ctx *c, const char *token, int64_t *customer_id);
+
+/* ---- the saga ----------------------------------------------------------------------------- */
+
+/* Channels and commands of the purchase saga. */
+#define SHOP_CH_PRODUCT "product"
+#define SHOP_CH_ORDER "order"
+#define SHOP_CH_PAYMENT "payment"
+#define SHOP_CH_ORCHESTRATOR "orchestrator"
+#define SHOP_EVENTS "purchase.events"   /* the orchestrator publishes transitions here */
+
+/* Saga data keys: purchase_id, customer_id, items (JSON [{product_id, amount}]),
+ * currency; added by replies: detail (JSON of the reserved products: [{product_id, name,
+ * description, brand_name, price, amount}]), total (integer). */
+
+#endif
