@@ -156,7 +156,9 @@ sqlfail:
 int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync,
                      uint32_t busy_ms, char *err, size_t errlen) {
   memset(s, 0, sizeof *s);
-  int rc = sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, vfs);
+  /* One thread per node: the connection needs no mutexes of its own. */
+  int rc = sqlite3_open_v2(path, &s->db,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, vfs);
   if (rc != SQLITE_OK) {
     saga__errf(err, errlen, "cannot open database '%s': %s", path,
                s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
