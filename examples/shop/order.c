@@ -1,7 +1,162 @@
-/* The order service: being written. */
+/*
+ * The order service: the second step of the purchase saga (create the order from what the
+ * product step reserved; delete it to compensate), and GET /api/order/{purchase_id} for the
+ * customer who bought it.
+ *
+ * An order is keyed by its purchase id, so creating it twice (a redelivery that escaped
+ * libsaga's inbox, a saga retried by an operator) leaves one order and succeeds; deleting an
+ * order that does not exist succeeds too, since a compensation must tolerate "the action
+ * never happened".
+ */
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "shop.h"
 
+typedef struct order_svc {
+  shop_ctx *c;
+  saga_node *node;
+} order_svc;
+
+/* One order service per process. */
+static order_svc svc;
+
+static const char schema[] =
+    "CREATE TABLE IF NOT EXISTS orders ("
+    "  purchase_id TEXT PRIMARY KEY,"
+    "  customer_id INTEGER NOT NULL,"
+    "  items TEXT NOT NULL);"; /* JSON [{product_id, name, description, brand_name, price,
+                                   amount}], as the product step reserved them */
+
+/* A store error inside a handler: rolled back and delivered again later (transient). */
+static int store_error(sqlite3 *db, const char *what) {
+  fprintf(stderr, "[order] %s: %s\n", what, sqlite3_errmsg(db));
+  return sqlite3_errcode(db) == SQLITE_NOMEM ? SAGA_ENOMEM : SAGA_EIO;
+}
+
+/* The purchase id as the reference system's clients expect it: a JSON number when it is
+ * one (the reference uses 64-bit integer ids), a string otherwise. */
+static json_t *purchase_id_json(const char *id) {
+  int64_t v = 0;
+  const char *p = id;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    if (v > (INT64_MAX - (*p - '0')) / 10) break;
+    v = v * 10 + (*p - '0');
+  }
+  int numeric = *p == '\0' && p != id && (id[0] != '0' || id[1] == '\0');
+  return numeric ? json_integer((json_int_t)v) : json_string(id);
+}
+
+/* order.create: data purchase_id, customer_id, detail. No reply data. */
+static int create_order(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
+  (void)arg;
+  sqlite3 *db = saga_tx_db(tx);
+  const saga_data *in = saga_msg_data(cmd);
+  const char *purchase_id = saga_data_get_str(in, "purchase_id");
+  const char *detail = saga_data_get_str(in, "detail");
+  int64_t customer_id;
+  if (purchase_id == NULL || purchase_id[0] == '\0' || detail == NULL ||
+      saga_data_get_i64(in, "customer_id", &customer_id) != SAGA_OK)
+    return saga_reply_fail(reply, "malformed purchase: purchase_id, customer_id and detail "
+                                  "are required");
+  /* Keep only what GET /api/order can show: refuse a detail that is not a JSON array. */
+  json_error_t jerr;
+  json_t *items = json_loads(detail, 0, &jerr);
+  int is_array = json_is_array(items);
+  json_decref(items);
+  if (!is_array) return saga_reply_fail(reply, "malformed purchase: detail is not a JSON array");
+
+  sqlite3_stmt *st = NULL;
+  int rc = SAGA_OK;
+  if (sqlite3_prepare_v2(db,
+                         "INSERT OR IGNORE INTO orders (purchase_id, customer_id, items) "
+                         "VALUES (?1, ?2, ?3)",
+                         -1, &st, NULL) != SQLITE_OK)
+    rc = store_error(db, "preparing a statement");
+  else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK ||
+           sqlite3_bind_int64(st, 2, customer_id) != SQLITE_OK ||
+           sqlite3_bind_text(st, 3, detail, -1, SQLITE_STATIC) != SQLITE_OK)
+    rc = store_error(db, "binding");
+  else if (sqlite3_step(st) != SQLITE_DONE)
+    rc = store_error(db, "creating an order");
+  sqlite3_finalize(st);
+  return rc;
+}
+
+/* order.delete: data purchase_id. No order (never created, or deleted already): success. */
+static int delete_order(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
+  (void)reply;
+  (void)arg;
+  sqlite3 *db = saga_tx_db(tx);
+  const char *purchase_id = saga_data_get_str(saga_msg_data(cmd), "purchase_id");
+  if (purchase_id == NULL) return SAGA_OK; /* the creation refused it: nothing to delete */
+  sqlite3_stmt *st = NULL;
+  int rc = SAGA_OK;
+  if (sqlite3_prepare_v2(db, "DELETE FROM orders WHERE purchase_id = ?1", -1, &st, NULL) !=
+      SQLITE_OK)
+    rc = store_error(db, "preparing a statement");
+  else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK)
+    rc = store_error(db, "binding");
+  else if (sqlite3_step(st) != SQLITE_DONE)
+    rc = store_error(db, "deleting an order");
+  sqlite3_finalize(st);
+  return rc;
+}
+
+/* GET /api/order/{purchase_id} (Bearer) -> {id, purchased_items: [...]}; the owner only. */
+static void get_order(shop_req *r, void *arg) {
+  order_svc *s = arg;
+  int64_t customer;
+  if (shop_auth_customer(s->c, r, &customer) != 0) return; /* answered 401 */
+  const char *purchase_id = shop_req_param(r, 0);
+  sqlite3 *db = saga_node_db(s->node);
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(db, "SELECT customer_id, items FROM orders WHERE purchase_id = ?1",
+                              -1, &st, NULL);
+  if (rc == SQLITE_OK) rc = sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC);
+  if (rc == SQLITE_OK) rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW && sqlite3_column_int64(st, 0) == customer) {
+    json_error_t jerr;
+    const char *text = (const char *)sqlite3_column_text(st, 1);
+    json_t *items = text != NULL ? json_loads(text, 0, &jerr) : NULL;
+    json_t *id = purchase_id_json(purchase_id);
+    json_t *out = items != NULL && id != NULL
+                      ? json_pack("{s:O,s:O}", "id", id, "purchased_items", items)
+                      : NULL;
+    json_decref(items);
+    json_decref(id);
+    if (out == NULL) {
+      fprintf(stderr, "[order] order %s: cannot build the answer\n", purchase_id);
+      shop_reply_error(r, 500, "internal error");
+    } else {
+      shop_reply_json(r, 200, out);
+    }
+  } else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
+    shop_reply_error(r, 404, "order not found"); /* none, or another customer's */
+  } else {
+    fprintf(stderr, "[order] reading an order: %s\n", sqlite3_errmsg(db));
+    shop_reply_error(r, 500, "internal error");
+  }
+  sqlite3_finalize(st);
+}
+
 int shop_order_init(shop_ctx *c, saga_node *node) {
-  (void)c; (void)node;
-  return 0;
+  svc.c = c;
+  svc.node = node;
+  sqlite3 *db = saga_node_db(node);
+  char *err = NULL;
+  if (sqlite3_exec(db, schema, NULL, NULL, &err) != SQLITE_OK) {
+    fprintf(stderr, "[order] creating tables: %s\n", err ? err : sqlite3_errmsg(db));
+    sqlite3_free(err);
+    return -1;
+  }
+  int rc = saga_node_handle(node, SHOP_CH_ORDER, "order.create", create_order, &svc);
+  if (rc == SAGA_OK) rc = saga_node_handle(node, SHOP_CH_ORDER, "order.delete", delete_order, &svc);
+  if (rc != SAGA_OK) {
+    fprintf(stderr, "[order] registering handlers: %s\n", saga_strerror(rc));
+    return -1;
+  }
+  return shop_http_route(c->http, "GET", "/api/order/{}", get_order, &svc) != 0 ? -1 : 0;
 }

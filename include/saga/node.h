@@ -173,7 +173,11 @@ SAGA_EXTERN void saga_node_close(saga_node *node, void (*cb)(void *arg), void *a
  * call on the node. */
 SAGA_EXTERN const char *saga_node_errmsg(const saga_node *node);
 
-/** The SQLite connection of the node, for read-only queries by the application. */
+/**
+ * The SQLite connection of the node, for the application's own statements between the node's
+ * transactions (on the loop thread, outside handlers): reads, and writes that belong to no
+ * saga (e.g. creating a product). Inside a handler use saga_tx_db() instead.
+ */
 SAGA_EXTERN struct sqlite3 *saga_node_db(saga_node *node);
 
 /** The node's clock. */
