@@ -89,6 +89,8 @@ int shop_orchestrator_init(shop_ctx *c, saga_node *node);
 int shop_purchase_init(shop_ctx *c, saga_node *node);
 /* Releases what the services keep (account's database, SSE subscribers). */
 void shop_services_close(shop_ctx *c);
+void shop_account_close(void);          /* account.c: its database and statements */
+void shop_purchase_close(shop_ctx *c);  /* purchase.c: streams, pending starts, lookups */
 
 /* ---- auth (auth.c): JWT HS256 with libjwt, argon2id with libsodium --------------------- */
 
