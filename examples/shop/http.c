@@ -269,6 +269,10 @@ static void free_params(char **params) {
 }
 
 static void dispatch(shop_http *h, shop_req *r) {
+  if (h->stopping) {
+    shop_reply_error(r, 503, "shutting down");
+    return;
+  }
   if (r->too_big) {
     shop_reply_error(r, 413, "request body too large");
     return;
@@ -405,6 +409,10 @@ static void closed_free(uv_handle_t *hd) {
 
 void shop_http_stop(shop_http *h) {
   if (h == NULL) return;
+  /* From here on new requests are answered 503 at once (nothing new parks), and the listener
+   * accepts no more connections. */
+  h->stopping = 1;
+  MHD_quiesce_daemon(h->d);
   /* Every parked connection must be resumed before MHD stops: answer pending requests,
    * end open streams. */
   for (shop_req *r = h->live; r != NULL; r = r->next) {
@@ -427,7 +435,7 @@ void shop_http_stop(shop_http *h) {
     free(h->routes[i].pattern);
   }
   free(h->routes);
-  h->stopping = 2;
+  h->stopping = 2; /* counts the two handle closes below */
   h->poll.data = h->timer.data = h;
   uv_close((uv_handle_t *)&h->poll, closed_free);
   uv_close((uv_handle_t *)&h->timer, closed_free);

@@ -1,0 +1,929 @@
+/*
+ * The Redis Streams transport against a real redis-server started by each test (appendonly,
+ * fsync always, its own port and folder). Transports are driven through the adapter
+ * interface with a fake host recording the callbacks, as tests/test_mem_transport.c does;
+ * the last test runs two real nodes over Redis. A synchronous hiredis client inspects the
+ * server (pending entries, groups). Skipped when redis-server is not installed.
+ *
+ * Everything waits for a condition (th_run_real with a predicate); the timeouts are safety
+ * nets, never the synchronisation.
+ */
+#include "harness.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <hiredis/hiredis.h>
+#include <sqlite3.h>
+
+#include "internal.h"
+#include "saga/transport_redis.h"
+#include "servers.h"
+
+#define MAXD 512
+#define WAIT_MS 15000
+
+typedef struct delivery {
+  char data[64];
+  size_t len;
+  uint64_t tag;
+  uint64_t at_ns;
+} delivery;
+
+typedef struct dead {
+  char data[64];
+  char reason[200];
+  uint64_t tag;
+} dead;
+
+typedef struct fake {
+  saga__transport_host host;
+  saga_transport *t;
+  const char *name;
+  delivery d[MAXD];
+  size_t nd;
+  uint64_t sent[MAXD];
+  int sent_status[MAXD];
+  size_t ns;
+  dead dl[16];
+  size_t ndl;
+  int closed;
+  int auto_ack;          /* ack every delivery from inside the callback */
+  const char *never_ack; /* ... except deliveries of this data */
+  int ack_dead;          /* ack dead letters, as the node does once it recorded them */
+  int close_in_deliver;  /* ack, then close the transport from inside the first delivery */
+  int lost, back;        /* log lines: a connection lost / re-established */
+} fake;
+
+static int verbose(void) { return getenv("SAGA_TEST_VERBOSE") != NULL; }
+
+static int fake_deliver(void *ctx, const char *channel, const void *data, size_t len,
+                        uint64_t tag) {
+  fake *f = ctx;
+  (void)channel;
+  assert_int_equal(f->closed, 0); /* never called into a closed transport */
+  assert_true(f->nd < MAXD);
+  assert_true(len < sizeof f->d[0].data);
+  assert_true(tag != 0 && (tag >> 63) == 0); /* bit 63 is the core's */
+  delivery *d = &f->d[f->nd++];
+  memcpy(d->data, data, len);
+  d->data[len] = '\0';
+  d->len = len;
+  d->tag = tag;
+  d->at_ns = uv_hrtime();
+  int poison =
+      f->never_ack != NULL && len == strlen(f->never_ack) && memcmp(data, f->never_ack, len) == 0;
+  if (f->auto_ack && !poison) f->t->methods->ack(f->t, tag);
+  if (f->close_in_deliver) {
+    f->close_in_deliver = 0;
+    f->t->methods->ack(f->t, tag);
+    f->t->methods->close(f->t);
+  }
+  return SAGA_OK;
+}
+
+static int fake_dead(void *ctx, const char *channel, const void *data, size_t len, uint64_t tag,
+                     const char *reason) {
+  fake *f = ctx;
+  (void)channel;
+  assert_int_equal(f->closed, 0);
+  assert_true(f->ndl < 16);
+  dead *d = &f->dl[f->ndl++];
+  assert_true(len < sizeof d->data);
+  memcpy(d->data, data, len);
+  d->data[len] = '\0';
+  snprintf(d->reason, sizeof d->reason, "%s", reason);
+  d->tag = tag;
+  if (f->ack_dead) f->t->methods->ack(f->t, tag);
+  return SAGA_OK;
+}
+
+static void fake_sent(void *ctx, uint64_t token, int status) {
+  fake *f = ctx;
+  assert_int_equal(f->closed, 0);
+  assert_true(f->ns < MAXD);
+  f->sent_status[f->ns] = status;
+  f->sent[f->ns++] = token;
+}
+
+static void fake_closed(void *ctx) { ((fake *)ctx)->closed++; }
+
+static void fake_log(void *ctx, saga_log_level level, const char *msg) {
+  fake *f = ctx;
+  if (verbose()) printf("  [%s] %d %s\n", f->name, (int)level, msg);
+  if (level >= SAGA_LOG_WARN && strstr(msg, "retrying") != NULL) f->lost++;
+  if (strstr(msg, "re-established") != NULL) f->back++;
+}
+
+typedef struct env {
+  uv_loop_t loop;
+  th_server srv;
+  th_alloc ta;
+  char prefix[32];
+} env;
+
+/* The running test's server, stopped by the teardown even when an assertion failed. */
+static th_server *live_server;
+
+static int teardown(void **state) {
+  (void)state;
+  if (live_server != NULL) th_server_free(live_server);
+  live_server = NULL;
+  return 0;
+}
+
+/* Starts a server; returns 0, or 1 when the test must be skipped. */
+static int env_init(env *e, const char *prefix) {
+  memset(e, 0, sizeof *e);
+  if (!th_have_program("redis-server")) {
+    printf("redis-server is not installed: skipping\n");
+    return 1;
+  }
+  th_alloc_init(&e->ta);
+  assert_int_equal(uv_loop_init(&e->loop), 0);
+  assert_int_equal(th_server_start(&e->srv, "redis"), 0);
+  live_server = &e->srv;
+  snprintf(e->prefix, sizeof e->prefix, "%s", prefix);
+  return 0;
+}
+
+static void env_free(env *e) {
+  th_drain(&e->loop);
+  assert_int_equal(uv_loop_close(&e->loop), 0); /* every handle of the adapter closed */
+  th_server_free(&e->srv);
+  live_server = NULL;
+  assert_int_equal(e->ta.live, 0); /* everything the adapter allocated came back */
+}
+
+static void attach(env *e, fake *f, const char *name, uint32_t claim_idle_ms,
+                   uint32_t max_deliveries) {
+  memset(f, 0, sizeof *f);
+  f->name = name;
+  f->host.deliver = fake_deliver;
+  f->host.sent = fake_sent;
+  f->host.closed = fake_closed;
+  f->host.log = fake_log;
+  f->host.dead_letter = fake_dead;
+  f->host.ctx = f;
+  saga_redis_config cfg;
+  saga_redis_config_init(&cfg);
+  cfg.port = e->srv.port;
+  cfg.prefix = e->prefix;
+  cfg.claim_idle_ms = claim_idle_ms;
+  cfg.max_deliveries = max_deliveries;
+  cfg.reconnect_min_ms = 20;
+  cfg.reconnect_max_ms = 200;
+  cfg.alloc = &e->ta.a;
+  assert_int_equal(saga_redis_transport_new(&f->t, &cfg), SAGA_OK);
+  assert_int_equal(f->t->methods->version, SAGA_TRANSPORT_VERSION);
+  assert_string_equal(f->t->methods->name, "redis");
+  f->t->saga__host = &f->host;
+  assert_int_equal(f->t->methods->open(f->t, &e->loop), SAGA_OK);
+}
+
+static void sub(fake *f, const char *channel) {
+  assert_int_equal(f->t->methods->subscribe(f->t, channel), SAGA_OK);
+}
+
+static int send_bytes(fake *f, const char *channel, const void *p, size_t len, uint64_t token) {
+  return f->t->methods->send(f->t, channel, p, len, token);
+}
+
+static int send_str(fake *f, const char *channel, const char *s, uint64_t token) {
+  return send_bytes(f, channel, s, strlen(s), token);
+}
+
+static int closed_pred(void *arg) { return ((fake *)arg)->closed > 0; }
+
+static void detach(env *e, fake *f) {
+  if (f->t == NULL) return;
+  f->t->methods->close(f->t);
+  assert_int_equal(th_run_real(&e->loop, closed_pred, f, WAIT_MS), 0);
+  f->t->methods->destroy(f->t);
+  f->t = NULL;
+  uv_run(&e->loop, UV_RUN_NOWAIT);
+  assert_int_equal(f->closed, 1); /* exactly once */
+}
+
+static int sent_index(const fake *f, uint64_t token) {
+  for (size_t i = 0; i < f->ns; i++)
+    if (f->sent[i] == token) return (int)i;
+  return -1;
+}
+
+static int count_data(const fake *f, const char *s) {
+  int n = 0;
+  for (size_t i = 0; i < f->nd; i++)
+    if (strcmp(f->d[i].data, s) == 0) n++;
+  return n;
+}
+
+/* ---- a synchronous client to look at the server ----------------------------------------- */
+
+static redisContext *cli(env *e) {
+  redisContext *c = redisConnect("127.0.0.1", e->srv.port);
+  assert_non_null(c);
+  assert_int_equal(c->err, 0);
+  return c;
+}
+
+/* Entries of channel's group pending (delivered, not acknowledged). */
+static long long pending(env *e, const char *channel) {
+  redisContext *c = cli(e);
+  char key[128];
+  snprintf(key, sizeof key, "%s:%s", e->prefix, channel);
+  redisReply *r = redisCommand(c, "XPENDING %s %s", key, channel);
+  assert_non_null(r);
+  long long n = -1;
+  if (r->type == REDIS_REPLY_ARRAY && r->elements >= 1 &&
+      r->element[0]->type == REDIS_REPLY_INTEGER)
+    n = r->element[0]->integer;
+  freeReplyObject(r);
+  redisFree(c);
+  return n;
+}
+
+/* Number of groups on a channel's stream, and whether the first is named after it. */
+static long long groups(env *e, const char *channel, int *named_ok) {
+  redisContext *c = cli(e);
+  char key[128];
+  snprintf(key, sizeof key, "%s:%s", e->prefix, channel);
+  redisReply *r = redisCommand(c, "XINFO GROUPS %s", key);
+  assert_non_null(r);
+  long long n = r->type == REDIS_REPLY_ARRAY ? (long long)r->elements : -1;
+  *named_ok = 0;
+  if (n >= 1 && r->element[0]->type == REDIS_REPLY_ARRAY && r->element[0]->elements >= 2)
+    *named_ok = strcmp(r->element[0]->element[1]->str, channel) == 0;
+  freeReplyObject(r);
+  redisFree(c);
+  return n;
+}
+
+/* After a restart the port accepts before Redis finished loading its append-only file
+ * (commands then fail with -LOADING): wait until it answers PING. */
+static int ready_pred(void *arg) {
+  env *e = arg;
+  redisContext *c = redisConnect("127.0.0.1", e->srv.port);
+  int ok = 0;
+  if (c != NULL && c->err == 0) {
+    redisReply *r = redisCommand(c, "PING");
+    ok = r != NULL && r->type == REDIS_REPLY_STATUS;
+    if (r != NULL) freeReplyObject(r);
+  }
+  if (c != NULL) redisFree(c);
+  return ok;
+}
+
+static void restart_ready(env *e) {
+  assert_int_equal(th_server_restart(&e->srv), 0);
+  assert_int_equal(th_run_real(&e->loop, ready_pred, e, WAIT_MS), 0);
+}
+
+typedef struct pend_ctx {
+  env *e;
+  const char *channel;
+  long long want;
+} pend_ctx;
+
+static int pending_pred(void *arg) {
+  pend_ctx *p = arg;
+  return pending(p->e, p->channel) == p->want;
+}
+
+static void wait_pending(env *e, const char *channel, long long want) {
+  pend_ctx p = {e, channel, want};
+  assert_int_equal(th_run_real(&e->loop, pending_pred, &p, WAIT_MS), 0);
+}
+
+/* ---- predicates ------------------------------------------------------------------------- */
+
+typedef struct count_ctx {
+  const size_t *n;
+  size_t want;
+} count_ctx;
+
+static int count_pred(void *arg) {
+  count_ctx *c = arg;
+  return *c->n >= c->want;
+}
+
+static int wait_count(env *e, const size_t *n, size_t want) {
+  count_ctx c = {n, want};
+  return th_run_real(&e->loop, count_pred, &c, WAIT_MS);
+}
+
+static int int_pred(void *arg) {
+  count_ctx *c = arg;
+  return *(const int *)c->n >= (int)c->want;
+}
+
+static int wait_int(env *e, const int *n, int want) {
+  count_ctx c = {(const size_t *)(const void *)n, (size_t)want};
+  return th_run_real(&e->loop, int_pred, &c, WAIT_MS);
+}
+
+/* ---- tests ------------------------------------------------------------------------------ */
+
+static void test_config(void **state) {
+  (void)state;
+  saga_transport *t = NULL;
+  saga_redis_config cfg;
+  saga_redis_config_init(&cfg);
+  assert_int_equal(cfg.struct_version, SAGA_REDIS_CONFIG_VERSION);
+  assert_int_equal(cfg.port, 6379);
+  assert_int_equal(cfg.claim_idle_ms, 30000);
+  assert_int_equal(cfg.max_deliveries, 10);
+  assert_int_equal(saga_redis_transport_new(NULL, &cfg), SAGA_EINVAL);
+  cfg.struct_version = 99;
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EVERSION);
+  saga_redis_config_init(&cfg);
+  cfg.reconnect_min_ms = 500;
+  cfg.reconnect_max_ms = 100;
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EINVAL);
+  cfg.reconnect_max_ms = 1000;
+  cfg.port = 70000;
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EINVAL);
+  assert_null(t);
+  /* A never-opened transport: methods refuse, destroy frees (no server needed). */
+  th_alloc ta;
+  th_alloc_init(&ta);
+  saga_redis_config_init(&cfg);
+  cfg.alloc = &ta.a;
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_OK);
+  assert_int_equal(t->methods->subscribe(t, "x"), SAGA_ESTATE);
+  assert_int_equal(t->methods->send(t, "x", "a", 1, 1), SAGA_ESTATE);
+  saga_transport_free(t);
+  assert_int_equal(ta.live, 0);
+}
+
+/* Send, deliver (bytes intact, in order), confirm only on XADD's reply, ack -> XACK; an
+ * error reply is reported as a failed send. */
+static void test_send_deliver_ack(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t1")) skip();
+  fake a, b;
+  attach(&e, &a, "a", 30000, 10);
+  attach(&e, &b, "b", 30000, 10);
+  sub(&a, "ch");
+  sub(&a, "ch"); /* again: harmless */
+  static const char bin[] = {'a', '\0', 'b'};
+  assert_int_equal(send_str(&b, "ch", "m0", 1), SAGA_OK);
+  assert_int_equal(send_bytes(&b, "ch", bin, sizeof bin, 2), SAGA_OK);
+  assert_int_equal(send_str(&b, "ch", "", 3), SAGA_OK);
+  assert_int_equal(send_str(&b, "ch", "m3", 4), SAGA_OK);
+  assert_int_equal(b.ns, 0); /* never confirmed before the broker answered */
+  assert_int_equal(wait_count(&e, &a.nd, 4), 0);
+  assert_int_equal(wait_count(&e, &b.ns, 4), 0);
+  for (size_t i = 0; i < 4; i++) {
+    assert_int_equal(b.sent[i], i + 1);
+    assert_int_equal(b.sent_status[i], SAGA_OK);
+  }
+  assert_string_equal(a.d[0].data, "m0");
+  assert_int_equal(a.d[1].len, 3);
+  assert_memory_equal(a.d[1].data, bin, 3);
+  assert_int_equal(a.d[2].len, 0);
+  assert_string_equal(a.d[3].data, "m3");
+  assert_true(a.d[0].tag != a.d[1].tag);
+  assert_int_equal(pending(&e, "ch"), 4); /* delivered, not acknowledged yet */
+  for (size_t i = 0; i < 4; i++) a.t->methods->ack(a.t, a.d[i].tag);
+  a.t->methods->ack(a.t, a.d[0].tag); /* repeated: ignored */
+  a.t->methods->ack(a.t, 777777);     /* unknown: ignored */
+  wait_pending(&e, "ch", 0);
+
+  /* An error reply: the stream key holds a string, XADD answers WRONGTYPE. */
+  redisContext *c = cli(&e);
+  redisReply *r = redisCommand(c, "SET t1:bad x");
+  freeReplyObject(r);
+  redisFree(c);
+  assert_int_equal(send_str(&b, "bad", "oops", 99), SAGA_OK);
+  assert_int_equal(wait_count(&e, &b.ns, 5), 0);
+  assert_int_equal(b.sent[4], 99);
+  assert_true(b.sent_status[4] < 0);
+  assert_int_equal(a.nd, 4);
+
+  detach(&e, &a);
+  detach(&e, &b);
+  env_free(&e);
+}
+
+/* An entry never acknowledged is claimed again after claim_idle_ms (not before) and
+ * delivered again, with a new tag; one left by a closed (dead) replica goes to another. */
+static void test_reclaim(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t2")) skip();
+  const uint32_t idle = 600;
+  fake a, b;
+  attach(&e, &a, "a", idle, 10);
+  attach(&e, &b, "b", idle, 10);
+  sub(&a, "ch");
+  assert_int_equal(send_str(&b, "ch", "x", 1), SAGA_OK);
+  assert_int_equal(wait_count(&e, &a.nd, 1), 0);
+  assert_int_equal(wait_count(&e, &a.nd, 2), 0);
+  assert_string_equal(a.d[1].data, "x");
+  assert_true(a.d[1].tag != a.d[0].tag);
+  uint64_t gap_ms = (a.d[1].at_ns - a.d[0].at_ns) / 1000000;
+  assert_true(gap_ms >= idle);
+  a.t->methods->ack(a.t, a.d[1].tag);
+  wait_pending(&e, "ch", 0);
+  a.t->methods->ack(a.t, a.d[0].tag); /* the older delivery's tag: harmless */
+
+  /* A replica dies with a delivery unacknowledged: another replica gets it. */
+  assert_int_equal(send_str(&b, "ch", "y", 2), SAGA_OK);
+  assert_int_equal(wait_count(&e, &a.nd, 3), 0);
+  assert_string_equal(a.d[2].data, "y");
+  detach(&e, &a);
+  fake c;
+  attach(&e, &c, "c", idle, 10);
+  c.auto_ack = 1;
+  sub(&c, "ch");
+  assert_int_equal(wait_count(&e, &c.nd, 1), 0);
+  assert_string_equal(c.d[0].data, "y");
+  wait_pending(&e, "ch", 0);
+  detach(&e, &b);
+  detach(&e, &c);
+  env_free(&e);
+}
+
+/* Two replicas subscribed to one channel share its group: each entry goes to one of them. */
+static void test_replicas_share(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t3")) skip();
+  fake r1, r2, s;
+  attach(&e, &r1, "r1", 30000, 10);
+  attach(&e, &r2, "r2", 30000, 10);
+  attach(&e, &s, "s", 30000, 10);
+  r1.auto_ack = r2.auto_ack = 1;
+  sub(&r1, "ch");
+  sub(&r2, "ch");
+  const int n = 200;
+  for (int i = 0; i < n; i++) {
+    char m[16];
+    snprintf(m, sizeof m, "m%d", i);
+    assert_int_equal(send_str(&s, "ch", m, (uint64_t)i + 1), SAGA_OK);
+  }
+  assert_int_equal(wait_count(&e, &s.ns, (size_t)n), 0);
+  size_t total = 0;
+  for (;;) {
+    total = r1.nd + r2.nd;
+    if (total >= (size_t)n) break;
+    size_t want1 = r1.nd + 1;
+    /* Wait for any further delivery to either replica. */
+    count_ctx c1 = {&r1.nd, want1};
+    if (th_run_real(&e.loop, count_pred, &c1, 200) != 0 && r1.nd + r2.nd == total)
+      assert_int_equal(wait_count(&e, &r2.nd, r2.nd + 1), 0);
+  }
+  assert_int_equal(total, (size_t)n);
+  for (int i = 0; i < n; i++) {
+    char m[16];
+    snprintf(m, sizeof m, "m%d", i);
+    assert_int_equal(count_data(&r1, m) + count_data(&r2, m), 1);
+  }
+  assert_true(r1.nd > 0);
+  assert_true(r2.nd > 0);
+  printf("replica 1 got %zu, replica 2 got %zu\n", r1.nd, r2.nd);
+  wait_pending(&e, "ch", 0);
+  int named = 0;
+  assert_int_equal(groups(&e, "ch", &named), 1);
+  assert_true(named);
+  detach(&e, &r1);
+  detach(&e, &r2);
+  detach(&e, &s);
+  env_free(&e);
+}
+
+/* The group is created once, by whoever comes first, and never reset: a message sent
+ * before its consumer ever subscribed is delivered, and later subscribers do not get
+ * acknowledged entries again. */
+static void test_group_idempotent(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t4")) skip();
+  fake s, a;
+  attach(&e, &s, "s", 30000, 10);
+  assert_int_equal(send_str(&s, "ch", "early", 1), SAGA_OK);
+  assert_int_equal(wait_count(&e, &s.ns, 1), 0);
+  assert_int_equal(s.sent_status[0], SAGA_OK);
+  int named = 0;
+  assert_int_equal(groups(&e, "ch", &named), 1); /* the sender created it */
+  assert_true(named);
+  attach(&e, &a, "a", 30000, 10);
+  a.auto_ack = 1;
+  sub(&a, "ch");
+  assert_int_equal(wait_count(&e, &a.nd, 1), 0);
+  assert_string_equal(a.d[0].data, "early");
+  wait_pending(&e, "ch", 0);
+  fake a2;
+  attach(&e, &a2, "a2", 30000, 10);
+  a2.auto_ack = 1;
+  sub(&a2, "ch"); /* BUSYGROUP: joins the existing group */
+  fake s2;
+  attach(&e, &s2, "s2", 30000, 10); /* another sender: creates nothing new either */
+  assert_int_equal(send_str(&s2, "ch", "late", 1), SAGA_OK);
+  assert_int_equal(wait_count(&e, &s2.ns, 1), 0);
+  while (count_data(&a, "late") + count_data(&a2, "late") == 0) {
+    size_t na = a.nd, na2 = a2.nd;
+    count_ctx c1 = {&a.nd, na + 1};
+    if (th_run_real(&e.loop, count_pred, &c1, 200) != 0 && a2.nd == na2)
+      assert_int_equal(wait_count(&e, &a2.nd, na2 + 1), 0);
+  }
+  assert_int_equal(count_data(&a, "late") + count_data(&a2, "late"), 1);
+  assert_int_equal(count_data(&a, "early") + count_data(&a2, "early"), 1);
+  assert_int_equal(groups(&e, "ch", &named), 1);
+  wait_pending(&e, "ch", 0);
+  detach(&e, &a);
+  detach(&e, &a2);
+  detach(&e, &s);
+  detach(&e, &s2);
+  env_free(&e);
+}
+
+/* A poison entry (never acknowledged) is delivered max_deliveries times, then handed to the
+ * dead-letter callback and acknowledged; other entries keep flowing meanwhile. */
+static void test_poison(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t5")) skip();
+  fake a, s;
+  attach(&e, &a, "a", 300, 3);
+  attach(&e, &s, "s", 300, 3);
+  a.auto_ack = 1;
+  a.never_ack = "poison";
+  a.ack_dead = 1;
+  sub(&a, "ch");
+  assert_int_equal(send_str(&s, "ch", "poison", 1), SAGA_OK);
+  for (int i = 0; i < 20; i++) {
+    char m[16];
+    snprintf(m, sizeof m, "n%d", i);
+    assert_int_equal(send_str(&s, "ch", m, (uint64_t)i + 2), SAGA_OK);
+  }
+  assert_int_equal(wait_count(&e, &a.nd, 21), 0);
+  assert_int_equal(a.ndl, 0); /* the others did not wait for the poison */
+  for (int i = 0; i < 20; i++) {
+    char m[16];
+    snprintf(m, sizeof m, "n%d", i);
+    assert_int_equal(count_data(&a, m), 1);
+  }
+  assert_int_equal(wait_count(&e, &a.ndl, 1), 0);
+  assert_string_equal(a.dl[0].data, "poison");
+  assert_non_null(strstr(a.dl[0].reason, "max_deliveries"));
+  assert_int_equal(count_data(&a, "poison"), 3);
+  wait_pending(&e, "ch", 0); /* the dead letter's ack removed it */
+  assert_int_equal(send_str(&s, "ch", "after", 30), SAGA_OK);
+  while (count_data(&a, "after") == 0) assert_int_equal(wait_count(&e, &a.nd, a.nd + 1), 0);
+  assert_int_equal(a.ndl, 1);
+  assert_int_equal(count_data(&a, "poison"), 3);
+  detach(&e, &a);
+  detach(&e, &s);
+  env_free(&e);
+}
+
+/* kill -9 of the server: an XADD that got no reply is not confirmed, nor is a send during
+ * the outage; after the restart both connections come back, and the resends are
+ * confirmed and delivered. */
+static void test_outage(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t6")) skip();
+  fake a, s;
+  attach(&e, &a, "a", 1000, 10);
+  attach(&e, &s, "s", 1000, 10);
+  a.auto_ack = 1;
+  sub(&a, "ch");
+  assert_int_equal(send_str(&s, "ch", "m1", 1), SAGA_OK);
+  assert_int_equal(wait_count(&e, &a.nd, 1), 0);
+  assert_int_equal(wait_count(&e, &s.ns, 1), 0);
+  wait_pending(&e, "ch", 0);
+
+  /* Frozen server: the XADD is written but never answered, then the server dies. */
+  assert_int_equal(kill(e.srv.pid, SIGSTOP), 0);
+  assert_int_equal(send_str(&s, "ch", "m2", 2), SAGA_OK);
+  for (int i = 0; i < 10; i++) uv_run(&e.loop, UV_RUN_NOWAIT);
+  th_server_kill9(&e.srv);
+  assert_int_equal(wait_int(&e, &s.lost, 1), 0);
+  assert_int_equal(wait_int(&e, &a.lost, 1), 0);
+  int rc = send_str(&s, "ch", "m3", 3);
+  for (int i = 0; i < 10; i++) uv_run(&e.loop, UV_RUN_NOWAIT);
+  assert_true(rc != SAGA_OK || sent_index(&s, 3) < 0);
+  assert_int_equal(sent_index(&s, 2), -1);
+  assert_int_equal(sent_index(&s, 3), -1);
+  assert_int_equal(s.ns, 1);
+
+  restart_ready(&e);
+  assert_int_equal(wait_int(&e, &s.back, 1), 0);
+  assert_int_equal(wait_int(&e, &a.back, 1), 0);
+  /* What the node's outbox does: send the unconfirmed rows again. */
+  assert_int_equal(send_str(&s, "ch", "m2", 2), SAGA_OK);
+  assert_int_equal(send_str(&s, "ch", "m3", 3), SAGA_OK);
+  assert_int_equal(wait_count(&e, &s.ns, 3), 0);
+  assert_true(sent_index(&s, 2) >= 0 && s.sent_status[sent_index(&s, 2)] == SAGA_OK);
+  assert_true(sent_index(&s, 3) >= 0 && s.sent_status[sent_index(&s, 3)] == SAGA_OK);
+  while (count_data(&a, "m2") == 0 || count_data(&a, "m3") == 0)
+    assert_int_equal(wait_count(&e, &a.nd, a.nd + 1), 0);
+  assert_int_equal(count_data(&a, "m1"), 1); /* acknowledged before the crash: kept so */
+  wait_pending(&e, "ch", 0);
+  detach(&e, &a);
+  detach(&e, &s);
+  env_free(&e);
+}
+
+/* Closing with sends in flight and the server gone: closed exactly once, nothing after. */
+static void test_close(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t7")) skip();
+  fake a, s;
+  attach(&e, &a, "a", 1000, 10);
+  attach(&e, &s, "s", 1000, 10);
+  sub(&a, "ch");
+  for (int i = 0; i < 50; i++) assert_int_equal(send_str(&s, "ch", "x", (uint64_t)i + 1), 0);
+  s.t->methods->close(s.t);
+  s.t->methods->close(s.t); /* twice: once is what counts */
+  assert_int_equal(send_str(&s, "ch", "x", 99), SAGA_ECLOSED);
+  assert_int_equal(s.t->methods->subscribe(s.t, "z"), SAGA_ECLOSED);
+  assert_int_equal(th_run_real(&e.loop, closed_pred, &s, WAIT_MS), 0);
+  size_t ns = s.ns;
+  for (int i = 0; i < 10; i++) uv_run(&e.loop, UV_RUN_NOWAIT);
+  assert_int_equal(s.ns, ns);
+  assert_int_equal(s.closed, 1);
+  s.t->methods->destroy(s.t);
+  s.t = NULL;
+  /* A transport whose server is gone still closes. */
+  th_server_kill9(&e.srv);
+  assert_int_equal(wait_int(&e, &a.lost, 1), 0);
+  detach(&e, &a);
+  /* Closed from inside a delivery callback, with more entries in the same reply: no
+   * delivery after it, closed once. */
+  restart_ready(&e);
+  attach(&e, &a, "a", 1000, 10);
+  fake s2;
+  attach(&e, &s2, "s2", 1000, 10);
+  sub(&a, "ch");
+  a.close_in_deliver = 1;
+  for (int i = 0; i < 20; i++) assert_int_equal(send_str(&s2, "ch", "y", (uint64_t)i + 1), 0);
+  assert_int_equal(th_run_real(&e.loop, closed_pred, &a, WAIT_MS), 0);
+  assert_int_equal(a.nd, 1);
+  a.t->methods->destroy(a.t);
+  a.t = NULL;
+  detach(&e, &s2);
+  /* Destroyed right after close (as a node does when its open fails): freed once the
+   * handles closed, with no callback. */
+  fake c;
+  attach(&e, &c, "c", 1000, 10);
+  sub(&c, "ch");
+  c.t->methods->close(c.t);
+  c.t->methods->destroy(c.t);
+  c.t = NULL;
+  for (int i = 0; i < 10; i++) uv_run(&e.loop, UV_RUN_NOWAIT);
+  assert_int_equal(c.closed, 0);
+  env_free(&e);
+}
+
+static long long xlen(env *e, const char *channel) {
+  redisContext *c = cli(e);
+  redisReply *r = redisCommand(c, "XLEN %s:%s", e->prefix, channel);
+  assert_non_null(r);
+  long long n = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+  freeReplyObject(r);
+  redisFree(c);
+  return n;
+}
+
+typedef struct len_ctx {
+  env *e;
+  long long below;
+} len_ctx;
+
+static int xlen_pred(void *arg) {
+  len_ctx *l = arg;
+  return xlen(l->e, "ch") < l->below;
+}
+
+/* Subscribers trim their stream below the oldest pending entry: acknowledged entries go, an
+ * entry still pending stays (and is delivered again). Redis trims whole internal nodes (100
+ * entries by default), so the pending entry sits in a middle node: trimming past it would
+ * drop it. */
+static void test_trim(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t9")) skip();
+  fake a, s;
+  attach(&e, &a, "a", 400, 3);
+  attach(&e, &s, "s", 400, 3);
+  a.auto_ack = 1;
+  a.never_ack = "hold";
+  a.ack_dead = 1;
+  sub(&a, "ch");
+  for (int i = 0; i < 250; i++) {
+    char m[16];
+    snprintf(m, sizeof m, i == 150 ? "hold" : "m%d", i);
+    assert_int_equal(send_str(&s, "ch", m, (uint64_t)i + 1), SAGA_OK);
+  }
+  assert_int_equal(wait_count(&e, &a.nd, 250), 0);
+  assert_int_equal(xlen(&e, "ch"), 250);
+  len_ctx l = {&e, 250};
+  assert_int_equal(th_run_real(&e.loop, xlen_pred, &l, WAIT_MS), 0);
+  long long left = xlen(&e, "ch");
+  printf("trimmed to %lld entries while one is pending\n", left);
+  assert_true(left >= 100); /* "hold" and everything after it */
+  if (a.ndl == 0) {
+    /* Still pending: it must still be in the stream. */
+    redisContext *c = cli(&e);
+    redisReply *r = redisCommand(c, "XPENDING t9:ch ch");
+    assert_true(r->type == REDIS_REPLY_ARRAY && r->element[0]->integer == 1);
+    char id[64];
+    snprintf(id, sizeof id, "%s", r->element[1]->str);
+    freeReplyObject(r);
+    r = redisCommand(c, "XRANGE t9:ch %s %s", id, id);
+    assert_true(r->type == REDIS_REPLY_ARRAY && r->elements == 1);
+    freeReplyObject(r);
+    redisFree(c);
+  }
+  /* Delivered again, then dead-lettered with its bytes: it was never trimmed away. */
+  assert_int_equal(wait_count(&e, &a.ndl, 1), 0);
+  assert_string_equal(a.dl[0].data, "hold");
+  assert_int_equal(count_data(&a, "hold"), 3);
+  wait_pending(&e, "ch", 0);
+  detach(&e, &a);
+  detach(&e, &s);
+  env_free(&e);
+}
+
+/* ---- two nodes over Redis ---------------------------------------------------------------- */
+
+typedef struct nodes {
+  th_world *w;
+  env *e;
+  int closed;
+} nodes;
+
+static int fx_insert(saga_tx *tx, const saga_msg *m, const char *kind) {
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(saga_tx_db(tx),
+                              "INSERT INTO fx(saga_id, step, kind) "
+                              "VALUES(?1,?2,?3)",
+                              -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    sqlite3_bind_text(st, 1, saga_msg_saga_id(m), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int(st, 2, (int)saga_msg_step(m));
+    sqlite3_bind_text(st, 3, kind, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+  }
+  sqlite3_finalize(st);
+  return rc == SQLITE_OK ? SAGA_OK : SAGA_ESTORE;
+}
+
+static int do_h(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  (void)arg;
+  int rc = fx_insert(tx, m, "do");
+  if (rc != SAGA_OK) return rc;
+  int64_t fail = -1;
+  if (saga_data_get_i64(saga_msg_data(m), "fail", &fail) == SAGA_OK &&
+      fail == (int64_t)saga_msg_step(m))
+    return saga_reply_fail(r, "refused by test");
+  return SAGA_OK;
+}
+
+static int undo_h(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  (void)r;
+  (void)arg;
+  return fx_insert(tx, m, "undo");
+}
+
+static void on_event(saga_node *n, const saga_event *ev, void *arg) {
+  th_world *w = arg;
+  (void)n;
+  if (ev->type == SAGA_EV_COMPLETED || ev->type == SAGA_EV_SAGA_COMPENSATED ||
+      ev->type == SAGA_EV_SAGA_FAILED)
+    w->terminal++;
+  if (ev->type == SAGA_EV_SAGA_COMPENSATED) w->handler_calls++; /* compensated count */
+}
+
+static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
+  th_world *w = ns->w;
+  saga_redis_config rc;
+  saga_redis_config_init(&rc);
+  rc.port = ns->e->srv.port;
+  rc.prefix = ns->e->prefix;
+  rc.claim_idle_ms = 2000;
+  rc.reconnect_min_ms = 20;
+  rc.reconnect_max_ms = 500;
+  saga_transport *t = NULL;
+  assert_int_equal(saga_redis_transport_new(&t, &rc), SAGA_OK);
+  char file[64];
+  snprintf(file, sizeof file, "%s.db", name);
+  char *path = th_path(w->dir, file);
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = name;
+  cfg.db_path = path;
+  cfg.transport = t;
+  cfg.synchronous = SAGA_SYNC_NORMAL;
+  cfg.on_event = orch ? on_event : NULL;
+  cfg.event_arg = w;
+  char err[256];
+  int rc2 = saga_node_open(out, &ns->e->loop, &cfg, err, sizeof err);
+  if (rc2 != SAGA_OK) printf("open %s: %s\n", name, err);
+  assert_int_equal(rc2, SAGA_OK);
+  free(path);
+  assert_int_equal(sqlite3_exec(saga_node_db(*out),
+                                "CREATE TABLE IF NOT EXISTS fx(id INTEGER PRIMARY KEY, "
+                                "saga_id TEXT, step INT, kind TEXT)",
+                                NULL, NULL, NULL),
+                   SQLITE_OK);
+  static const char *const chans[3] = {"p0", "p1", "p2"};
+  if (orch) {
+    saga_step steps[3];
+    memset(steps, 0, sizeof steps);
+    static const char *const names[3] = {"S0", "S1", "S2"};
+    for (int i = 0; i < 3; i++) {
+      steps[i].name = names[i];
+      steps[i].channel = chans[i];
+      steps[i].action = "do";
+      steps[i].compensation = "undo";
+    }
+    saga_definition def = {SAGA_DEFINITION_VERSION, "test", 1, steps, 3, 0};
+    assert_int_equal(saga_node_register(*out, &def), SAGA_OK);
+  } else {
+    for (int i = 0; i < 3; i++) {
+      assert_int_equal(saga_node_handle(*out, chans[i], "do", do_h, w), SAGA_OK);
+      assert_int_equal(saga_node_handle(*out, chans[i], "undo", undo_h, w), SAGA_OK);
+    }
+  }
+  assert_true(saga_node_start(*out) >= 0);
+}
+
+static void started(saga_node *n, int status, const char *id, int existed, void *arg) {
+  th_world *w = arg;
+  (void)n;
+  (void)id;
+  (void)existed;
+  if (status == SAGA_OK) w->started_ok++;
+}
+
+static int terminal_pred(void *arg) {
+  th_world *w = arg;
+  return w->terminal >= 100;
+}
+
+static void node_closed(void *arg) { ((nodes *)arg)->closed++; }
+
+static int nodes_closed_pred(void *arg) { return ((nodes *)arg)->closed >= 2; }
+
+static void test_nodes(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t8")) skip();
+  th_world *w = calloc(1, sizeof *w);
+  assert_non_null(w);
+  th_world_defaults(&w->o);
+  w->dir = th_tmpdir();
+  nodes ns = {w, &e, 0};
+  open_node(&ns, &w->orch, "orch", 1);
+  open_node(&ns, &w->part, "part", 0);
+  uint64_t t0 = uv_hrtime();
+  for (int i = 0; i < 100; i++) {
+    saga_data *d = NULL;
+    assert_int_equal(saga_data_new(&d, NULL), SAGA_OK);
+    saga_data_set_i64(d, "n", i);
+    if (i % 5 == 4) saga_data_set_i64(d, "fail", 2); /* a fifth compensated */
+    assert_int_equal(saga_start(w->orch, "test", d, NULL, started, w), SAGA_OK);
+    saga_data_free(d);
+  }
+  int rc = th_run_real(&e.loop, terminal_pred, w, 60000);
+  printf("100 sagas over redis: %d terminal in %.0f ms\n", (int)w->terminal,
+         (double)(uv_hrtime() - t0) / 1e6);
+  assert_int_equal(rc, 0);
+  assert_int_equal(w->started_ok, 100);
+  assert_int_equal(w->handler_calls, 20); /* compensated */
+  assert_int_equal(th_check_invariants(w, 1), 0);
+  assert_int_equal(th_fx_count(w, NULL, -1, "do"), 80 * 3 + 20 * 2);
+  assert_int_equal(th_fx_count(w, NULL, -1, "undo"), 20 * 2);
+  saga_node_close(w->orch, node_closed, &ns);
+  saga_node_close(w->part, node_closed, &ns);
+  assert_int_equal(th_run_real(&e.loop, nodes_closed_pred, &ns, WAIT_MS), 0);
+  w->orch = w->part = NULL;
+  th_rmdir(w->dir);
+  free(w);
+  env_free(&e);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test_teardown(test_config, teardown),
+      cmocka_unit_test_teardown(test_send_deliver_ack, teardown),
+      cmocka_unit_test_teardown(test_reclaim, teardown),
+      cmocka_unit_test_teardown(test_replicas_share, teardown),
+      cmocka_unit_test_teardown(test_group_idempotent, teardown),
+      cmocka_unit_test_teardown(test_poison, teardown),
+      cmocka_unit_test_teardown(test_outage, teardown),
+      cmocka_unit_test_teardown(test_close, teardown),
+      cmocka_unit_test_teardown(test_trim, teardown),
+      cmocka_unit_test_teardown(test_nodes, teardown),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
