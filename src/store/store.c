@@ -107,39 +107,59 @@ int saga__store_exec(saga__store *s, saga__stmt_id id) {
 }
 
 /* Applies every migration above the database's user_version, each in its own transaction. */
-static int migrate(sqlite3 *db, char *err, size_t errlen) {
+static int user_version(sqlite3 *db, int *out) {
   sqlite3_stmt *st = NULL;
-  int have = 0, rc;
-  rc = sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL);
-  if (rc == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW) have = sqlite3_column_int(st, 0);
+  int rc = sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+      *out = sqlite3_column_int(st, 0);
+      rc = SQLITE_OK;
+    }
+  }
   sqlite3_finalize(st);
-  if (rc != SQLITE_OK) goto sqlfail;
+  return rc;
+}
 
+/* Applies every migration above the database's user_version. Each runs in its own
+ * BEGIN IMMEDIATE transaction that re-reads user_version first: processes opening one
+ * database at the same moment (replicas sharing a file) apply each migration exactly once. */
+static int migrate(sqlite3 *db, char *err, size_t errlen) {
   const char *marker = "-- migration ";
   const char *p = strstr(saga_schema_sql, marker);
-  int latest = 0;
+  int latest = 0, have = 0, rc;
   while (p != NULL) {
     int num = atoi(p + strlen(marker));
     const char *next = strstr(p + 1, marker);
     latest = num;
-    if (num > have) {
-      size_t len = next ? (size_t)(next - p) : strlen(p);
+    size_t len = next ? (size_t)(next - p) : strlen(p);
+    char *msg = NULL;
+    rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, &msg);
+    if (rc == SQLITE_OK) rc = user_version(db, &have);
+    if (rc == SQLITE_OK && num > have) {
       char *sql = malloc(len + 64);
-      if (sql == NULL) return SAGA_ENOMEM;
-      int n = snprintf(sql, len + 64, "BEGIN;\n%.*s\nPRAGMA user_version = %d;\nCOMMIT;",
-                       (int)len, p, num);
-      (void)n;
-      char *msg = NULL;
+      if (sql == NULL) {
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        return SAGA_ENOMEM;
+      }
+      snprintf(sql, len + 64, "%.*s\nPRAGMA user_version = %d;", (int)len, p, num);
       rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
       free(sql);
-      if (rc != SQLITE_OK) {
-        saga__errf(err, errlen, "migration %d failed: %s", num, msg ? msg : "?");
-        sqlite3_free(msg);
-        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
-        return saga__store_err(rc);
-      }
+    }
+    if (rc == SQLITE_OK) rc = sqlite3_exec(db, "COMMIT", NULL, NULL, &msg);
+    if (rc != SQLITE_OK) {
+      saga__errf(err, errlen, "migration %d failed: %s", num,
+                 msg ? msg : sqlite3_errmsg(db));
+      sqlite3_free(msg);
+      if (!sqlite3_get_autocommit(db)) sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+      return saga__store_err(rc);
     }
     p = next;
+  }
+  rc = user_version(db, &have);
+  if (rc != SQLITE_OK) {
+    saga__errf(err, errlen, "reading schema version: %s", sqlite3_errmsg(db));
+    return saga__store_err(rc);
   }
   if (have > latest) {
     saga__errf(err, errlen,
@@ -148,9 +168,6 @@ static int migrate(sqlite3 *db, char *err, size_t errlen) {
     return SAGA_ESCHEMA;
   }
   return SAGA_OK;
-sqlfail:
-  saga__errf(err, errlen, "reading schema version: %s", sqlite3_errmsg(db));
-  return saga__store_err(rc);
 }
 
 int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync,

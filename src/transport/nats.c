@@ -1,1 +1,1197 @@
-/* The nats transport: being written. */
+/*
+ * The NATS JetStream transport, on libnats. Written only against saga/sys/transport.h, as a
+ * third-party adapter would be.
+ *
+ * Layout on the server: one stream (default "SAGA") with work-queue retention captures the
+ * subjects "<prefix>.>"; channel C is the subject "<prefix>.C". Every subscribed channel has
+ * one durable pull consumer, named after the channel, filtered on its subject, with explicit
+ * acks and ack_wait; every transport subscribing the channel (the replicas of one service)
+ * pulls from the same consumer, so each message goes to one of them. Work-queue retention
+ * removes a message once it is acknowledged; a message sent to a channel nobody consumes yet
+ * waits in the stream until a consumer appears. Both are created at open/subscribe, or
+ * verified when they exist: a stream or consumer whose configuration would break these
+ * semantics is reported (SAGA_EEXIST plus a log line naming the difference), never changed.
+ *
+ * Threads. libnats does its I/O on threads of its own and its calls block, while the node
+ * lives on one libuv loop. So:
+ *   - the loop thread makes the calls that do not wait for the server (publish, ack) and,
+ *     at open/subscribe only, the JetStream management requests (bounded by NT_API_WAIT_MS);
+ *   - each subscribed channel has a fetch thread that pulls messages (a long poll for one
+ *     message while idle, then immediate batches while there is more) into a ring, at most
+ *     NT_MAX_INFLIGHT messages fetched and not yet acknowledged per channel: the flow control;
+ *   - one thread reads the publish acknowledgements: every message is published with the
+ *     reply subject "<inbox>.<token>", so JetStream's ack names the token it confirms and no
+ *     table of pending publishes is needed (an unconfirmed publish costs nothing to forget);
+ *   - libnats calls the connection callbacks (disconnected, reconnected, closed, errors) on
+ *     its own thread.
+ * They all hand their results to the loop through state guarded by `mu` and one uv_async_t;
+ * only the loop thread calls into the core. The natsMsg of a delivery stays alive in a slot
+ * until the node acknowledges its tag (natsMsg_Ack then), or ack_wait passed, or the
+ * transport closes (in the last two cases without an ack: JetStream redelivers it).
+ *
+ * Delivery count. A message JetStream has delivered more than max_deliveries times (its
+ * metadata's NumDelivered) is handed to saga_transport_dead_letter() instead of being
+ * delivered; the node records it and acknowledges the tag. The consumer has no MaxDeliver
+ * of its own, so a message the node failed to record comes again after ack_wait: nothing
+ * is ever dropped silently, and a poison message costs one delivery per ack_wait, in
+ * parallel with the rest of the channel (up to NT_MAX_INFLIGHT unacknowledged messages).
+ *
+ * Outages. The connection reconnects forever. A publish made while disconnected goes to
+ * libnats's reconnect buffer and is sent after the reconnect; it is confirmed only if
+ * JetStream then stores it. When that buffer is full the publish is reported failed at once.
+ * Either way the node's outbox resends what was not confirmed.
+ *
+ * Close. close() stops the threads and closes the connection; once libnats reported the
+ * connection closed and our threads ended, everything is released and saga_transport_closed()
+ * is called from the uv_async_t's close callback. No callback into the core follows close().
+ */
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <nats/nats.h>
+#include <uv.h>
+
+#include "saga/sys/transport.h"
+#include "saga/transport_nats.h"
+
+#define NT_MAX_INFLIGHT 256u  /* per channel: fetched, not acknowledged yet */
+#define NT_FETCH_BATCH 64     /* most messages one immediate fetch asks for */
+#define NT_FETCH_WAIT_MS 1000 /* one long poll; also how often idle threads look at `stopping` */
+#define NT_API_WAIT_MS 5000   /* JetStream management requests at open/subscribe */
+#define NT_ACK_RING 1024u     /* publish acks waiting for the loop */
+#define NT_LOG_RING 16u       /* log lines from other threads waiting for the loop */
+#define NT_LOG_LEN 256
+#define NT_NAME_MAX 200     /* longest stream name or subject prefix accepted */
+#define NT_SUBJECT_MAX 512  /* longest subject "<prefix>.<channel>" */
+#define NT_CONSUMER_KEEP 48 /* characters of the channel kept in a consumer name */
+#define NT_NO_SLOT UINT32_MAX
+
+/* A delivery tag: slot (12 bits), channel index (16 bits), slot generation (32 bits). The
+ * generation makes a stale or repeated tag harmless; bit 63 stays clear (the core reserves
+ * it). */
+#define NT_SLOT_BITS 12
+#define NT_SUB_BITS 16
+#define NT_MAX_SUBS (1u << NT_SUB_BITS)
+
+enum { NT_NEW = 0, NT_OPEN, NT_CLOSING, NT_FINISHING, NT_CLOSED, NT_FAILED };
+
+typedef struct nats_tp nats_tp;
+
+typedef struct nt_slot {
+  natsMsg *msg;  /* the delivery awaiting the node's ack, NULL when free */
+  uint64_t at;   /* loop time it was handed over */
+  uint32_t gen;  /* bumped on every use */
+  uint32_t next; /* free list */
+} nt_slot;
+
+typedef struct nt_sub {
+  nats_tp *tp;
+  uint32_t index;
+  char *channel;
+  char *subject;
+  char *consumer;
+  natsSubscription *sub;
+  uv_thread_t thread;
+  int thread_started;
+  /* Shared with the fetch thread, under tp->mu. */
+  natsMsg *ring[NT_MAX_INFLIGHT];
+  uint32_t ring_head, ring_count;
+  uint32_t inflight; /* in the ring or in a slot */
+  /* Loop thread only. */
+  nt_slot slots[NT_MAX_INFLIGHT];
+  uint32_t free_head;
+} nt_sub;
+
+typedef struct nt_ack {
+  uint64_t token;
+  int status;
+} nt_ack;
+
+struct nats_tp {
+  saga_transport base; /* first, as the adapter interface requires */
+  saga_allocator alloc;
+  char *url, *stream, *prefix;
+  uint32_t ack_wait_ms, max_deliveries, reconnect_wait_ms;
+
+  /* Loop thread only. */
+  int state;
+  int destroyed; /* destroy() came before the close finished: free at the end, report nothing */
+  int buffer_full_logged;
+  uv_loop_t *loop;
+  uv_async_t async;
+  uv_timer_t sweep; /* releases deliveries left unacknowledged past ack_wait */
+  int handles_open; /* async and sweep, until their close callbacks ran */
+  natsOptions *opts;
+  natsConnection *nc;
+  jsCtx *js;
+  char *inbox; /* publish acks come to "<inbox>.<token>" */
+  natsSubscription *acksub;
+  uv_thread_t ack_thread;
+  int ack_thread_started;
+  nt_sub **subs;
+  size_t nsubs, subs_cap;
+
+  /* Shared with libnats's and our threads, under mu. */
+  uv_mutex_t mu;
+  uv_cond_t cv;    /* broadcast on any change a thread may wait for */
+  int sync_ready;  /* mu and cv initialised */
+  int async_ready; /* uv_async_send allowed */
+  int stopping;
+  int connected;
+  int nc_closed; /* libnats called the closed callback */
+  int threads_live;
+  nt_ack acks[NT_ACK_RING];
+  uint32_t ack_head, ack_count;
+  char logs[NT_LOG_RING][NT_LOG_LEN];
+  int log_level[NT_LOG_RING];
+  uint32_t log_head, log_count, logs_dropped;
+};
+
+/* ---- memory ---------------------------------------------------------------------------- */
+
+static void *libc_malloc(size_t n, void *ud) {
+  (void)ud;
+  return malloc(n);
+}
+static void *libc_realloc(void *p, size_t n, void *ud) {
+  (void)ud;
+  return realloc(p, n);
+}
+static void libc_free(void *p, void *ud) {
+  (void)ud;
+  free(p);
+}
+
+static void *nt_malloc(const saga_allocator *a, size_t n) { return a->malloc(n, a->ud); }
+
+static void *nt_calloc(const saga_allocator *a, size_t n) {
+  void *p = a->malloc(n, a->ud);
+  if (p != NULL) memset(p, 0, n);
+  return p;
+}
+
+static void nt_free(const saga_allocator *a, void *p) {
+  if (p != NULL) a->free(p, a->ud);
+}
+
+static char *nt_strdup(const saga_allocator *a, const char *s) {
+  size_t n = strlen(s) + 1;
+  char *p = nt_malloc(a, n);
+  if (p != NULL) memcpy(p, s, n);
+  return p;
+}
+
+/* ---- names ----------------------------------------------------------------------------- */
+
+/* A subject: dot-separated non-empty tokens of printable characters without wildcards. */
+static int subject_ok(const char *s, size_t max) {
+  size_t n = strlen(s);
+  if (n == 0 || n > max || s[0] == '.' || s[n - 1] == '.') return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c <= ' ' || c == 0x7f || c == '*' || c == '>') return 0;
+    if (c == '.' && s[i + 1] == '.') return 0;
+  }
+  return 1;
+}
+
+/* A stream name: printable, no whitespace, dots, wildcards or path separators. */
+static int stream_name_ok(const char *s) {
+  size_t n = strlen(s);
+  if (n == 0 || n > NT_NAME_MAX) return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c <= ' ' || c == 0x7f || c == '.' || c == '*' || c == '>' || c == '/' || c == '\\')
+      return 0;
+  }
+  return 1;
+}
+
+static int consumer_char_ok(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+         c == '_';
+}
+
+static uint32_t fnv1a(const char *s) {
+  uint32_t h = 2166136261u;
+  for (; *s; s++) {
+    h ^= (unsigned char)*s;
+    h *= 16777619u;
+  }
+  return h;
+}
+
+/*
+ * The durable consumer's name for a channel: the channel itself when it is made only of
+ * letters, digits, '-' and '_' and is short; otherwise those characters with the rest
+ * replaced by '_', cut at NT_CONSUMER_KEEP, plus a hash of the full channel name, so that
+ * "a.b" and "a_b" still get consumers of their own.
+ */
+static void consumer_name(const char *channel, char *out, size_t outlen) {
+  size_t j = 0;
+  int changed = 0;
+  for (size_t i = 0; channel[i] != '\0'; i++) {
+    if (j == NT_CONSUMER_KEEP) {
+      changed = 1;
+      break;
+    }
+    char c = channel[i];
+    if (!consumer_char_ok(c)) changed = 1;
+    out[j++] = consumer_char_ok(c) ? c : '_';
+  }
+  out[j] = '\0';
+  if (changed) snprintf(out + j, outlen - j, "_%08" PRIx32, fnv1a(channel));
+}
+
+static int make_subject(const nats_tp *tp, const char *channel, char *out, size_t outlen) {
+  if (!subject_ok(channel, NT_SUBJECT_MAX)) return SAGA_EINVAL;
+  int n = snprintf(out, outlen, "%s.%s", tp->prefix, channel);
+  return n > 0 && (size_t)n < outlen ? SAGA_OK : SAGA_EINVAL;
+}
+
+/* ---- logging --------------------------------------------------------------------------- */
+
+/* Whether the core may be called: from open() until close() (or destroy()). */
+static int host_ok(const nats_tp *tp) {
+  return !tp->destroyed && (tp->state == NT_NEW || tp->state == NT_OPEN);
+}
+
+static void nt_log(nats_tp *tp, saga_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void nt_log(nats_tp *tp, saga_log_level level, const char *fmt, ...) {
+  if (!host_ok(tp)) return;
+  char buf[768];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  saga_transport_log(&tp->base, level, buf);
+}
+
+static void wake_locked(nats_tp *tp) {
+  if (tp->async_ready) uv_async_send(&tp->async);
+}
+
+/* From any thread, with mu held: queues a line for the loop to log. */
+static void post_log_locked(nats_tp *tp, saga_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void post_log_locked(nats_tp *tp, saga_log_level level, const char *fmt, ...) {
+  if (tp->log_count == NT_LOG_RING) {
+    tp->logs_dropped++;
+    return;
+  }
+  uint32_t i = (tp->log_head + tp->log_count) % NT_LOG_RING;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(tp->logs[i], NT_LOG_LEN, fmt, ap);
+  va_end(ap);
+  tp->log_level[i] = level;
+  tp->log_count++;
+  wake_locked(tp);
+}
+
+/* The text of libnats's last error on this thread, else the status's. */
+static const char *nats_err(natsStatus s) {
+  natsStatus last = NATS_OK;
+  const char *t = nats_GetLastError(&last);
+  if (t != NULL && *t != '\0' && last == s) return t;
+  return natsStatus_GetText(s);
+}
+
+/* ---- libnats's connection callbacks (its thread) --------------------------------------- */
+
+static void on_disconnected(natsConnection *nc, void *closure) {
+  nats_tp *tp = closure;
+  (void)nc;
+  uv_mutex_lock(&tp->mu);
+  tp->connected = 0;
+  if (!tp->stopping)
+    post_log_locked(tp, SAGA_LOG_WARN, "disconnected from NATS; reconnecting every %" PRIu32 " ms",
+                    tp->reconnect_wait_ms);
+  uv_mutex_unlock(&tp->mu);
+}
+
+static void on_reconnected(natsConnection *nc, void *closure) {
+  nats_tp *tp = closure;
+  (void)nc;
+  uv_mutex_lock(&tp->mu);
+  tp->connected = 1;
+  uv_cond_broadcast(&tp->cv);
+  post_log_locked(tp, SAGA_LOG_INFO, "reconnected to NATS");
+  uv_mutex_unlock(&tp->mu);
+}
+
+/* The last callback libnats makes for a connection. The async send happens under mu, so
+ * once the loop saw nc_closed (under mu) this thread no longer touches the transport. */
+static void on_closed(natsConnection *nc, void *closure) {
+  nats_tp *tp = closure;
+  (void)nc;
+  uv_mutex_lock(&tp->mu);
+  tp->nc_closed = 1;
+  tp->connected = 0;
+  uv_cond_broadcast(&tp->cv);
+  wake_locked(tp);
+  uv_mutex_unlock(&tp->mu);
+}
+
+static void on_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure) {
+  nats_tp *tp = closure;
+  (void)nc;
+  (void)sub;
+  uv_mutex_lock(&tp->mu);
+  if (!tp->stopping)
+    post_log_locked(tp, SAGA_LOG_WARN, "NATS asynchronous error: %s", natsStatus_GetText(err));
+  uv_mutex_unlock(&tp->mu);
+}
+
+/* ---- our threads ------------------------------------------------------------------------ */
+
+/* Waits up to ms or until woken; with mu held. A pause between retries, not a
+ * synchronisation: close() wakes it. */
+static void backoff_locked(nats_tp *tp, uint32_t ms) {
+  uv_cond_timedwait(&tp->cv, &tp->mu, (uint64_t)(ms > 0 ? ms : 1) * 1000000u);
+}
+
+static void thread_done(nats_tp *tp) {
+  uv_mutex_lock(&tp->mu);
+  tp->threads_live--;
+  wake_locked(tp);
+  uv_mutex_unlock(&tp->mu);
+}
+
+/*
+ * Pulls a channel's messages into its ring while connected and below NT_MAX_INFLIGHT.
+ * While idle it long-polls for one message (so a lone message is handed over at once); after
+ * a fetch that returned something it asks for a batch without waiting, until the consumer
+ * has nothing more.
+ */
+static void fetch_main(void *arg) {
+  nt_sub *s = arg;
+  nats_tp *tp = s->tp;
+  int more = 0;
+  natsStatus failing = NATS_OK;
+  for (;;) {
+    uv_mutex_lock(&tp->mu);
+    while (!tp->stopping && (!tp->connected || s->inflight >= NT_MAX_INFLIGHT))
+      uv_cond_wait(&tp->cv, &tp->mu);
+    if (tp->stopping) {
+      uv_mutex_unlock(&tp->mu);
+      break;
+    }
+    uint32_t room = NT_MAX_INFLIGHT - s->inflight;
+    uv_mutex_unlock(&tp->mu);
+
+    natsMsgList list;
+    memset(&list, 0, sizeof list);
+    natsStatus st;
+    if (more) {
+      jsFetchRequest req;
+      jsFetchRequest_Init(&req);
+      req.Batch = room < NT_FETCH_BATCH ? (int)room : NT_FETCH_BATCH;
+      req.NoWait = true;
+      req.Expires = (int64_t)NT_FETCH_WAIT_MS * 1000000;
+      st = natsSubscription_FetchRequest(&list, s->sub, &req);
+    } else {
+      st = natsSubscription_Fetch(&list, s->sub, 1, NT_FETCH_WAIT_MS, NULL);
+    }
+    if (st == NATS_OK && list.Count > 0) {
+      uv_mutex_lock(&tp->mu);
+      for (int i = 0; i < list.Count; i++) {
+        /* Count <= room, and only this thread adds: the ring has space. */
+        s->ring[(s->ring_head + s->ring_count) % NT_MAX_INFLIGHT] = list.Msgs[i];
+        s->ring_count++;
+        list.Msgs[i] = NULL;
+      }
+      s->inflight += (uint32_t)list.Count;
+      if (failing != NATS_OK)
+        post_log_locked(tp, SAGA_LOG_INFO, "fetching from consumer '%s' works again", s->consumer);
+      wake_locked(tp);
+      uv_mutex_unlock(&tp->mu);
+      natsMsgList_Destroy(&list);
+      failing = NATS_OK;
+      more = 1;
+      continue;
+    }
+    natsMsgList_Destroy(&list);
+    more = 0;
+    /* Nothing available (404), or the long poll expired: ask again. */
+    if (st == NATS_OK || st == NATS_TIMEOUT || st == NATS_NOT_FOUND) continue;
+    uv_mutex_lock(&tp->mu);
+    if (tp->stopping || st == NATS_CONNECTION_CLOSED || st == NATS_INVALID_SUBSCRIPTION) {
+      if (!tp->stopping)
+        post_log_locked(tp, SAGA_LOG_ERROR, "consumer '%s' stopped: %s", s->consumer,
+                        natsStatus_GetText(st));
+      uv_mutex_unlock(&tp->mu);
+      break;
+    }
+    if (st != failing)
+      post_log_locked(tp, SAGA_LOG_WARN, "fetching from consumer '%s' failed: %s; retrying",
+                      s->consumer, natsStatus_GetText(st));
+    failing = st;
+    backoff_locked(tp, tp->reconnect_wait_ms);
+    uv_mutex_unlock(&tp->mu);
+  }
+  thread_done(tp);
+}
+
+/* A JetStream publish ack is JSON with "seq" and no "error"; anything else (an error, an
+ * empty 503 "no responders") means the message was not stored. */
+static int puback_ok(natsMsg *m) {
+  const char *d = natsMsg_GetData(m);
+  int n = natsMsg_GetDataLength(m);
+  if (d == NULL || n <= 0) return 0;
+  return memmem(d, (size_t)n, "\"seq\"", 5) != NULL && memmem(d, (size_t)n, "\"error\"", 7) == NULL;
+}
+
+/* Reads publish acks: the token is the last token of the reply subject. */
+static void ack_main(void *arg) {
+  nats_tp *tp = arg;
+  for (;;) {
+    natsMsg *m = NULL;
+    natsStatus st = natsSubscription_NextMsg(&m, tp->acksub, NT_FETCH_WAIT_MS);
+    if (st == NATS_OK) {
+      const char *subj = natsMsg_GetSubject(m);
+      const char *dot = subj != NULL ? strrchr(subj, '.') : NULL;
+      char *end = NULL;
+      uint64_t token = dot != NULL ? strtoull(dot + 1, &end, 10) : 0;
+      int valid = dot != NULL && end != dot + 1 && *end == '\0';
+      int status = puback_ok(m) ? SAGA_OK : SAGA_ETRANSPORT;
+      natsMsg_Destroy(m);
+      if (!valid) continue;
+      uv_mutex_lock(&tp->mu);
+      while (!tp->stopping && tp->ack_count == NT_ACK_RING) uv_cond_wait(&tp->cv, &tp->mu);
+      if (tp->stopping) {
+        uv_mutex_unlock(&tp->mu);
+        break;
+      }
+      nt_ack *a = &tp->acks[(tp->ack_head + tp->ack_count) % NT_ACK_RING];
+      a->token = token;
+      a->status = status;
+      tp->ack_count++;
+      wake_locked(tp);
+      uv_mutex_unlock(&tp->mu);
+      continue;
+    }
+    uv_mutex_lock(&tp->mu);
+    int stop = tp->stopping || st == NATS_CONNECTION_CLOSED || st == NATS_INVALID_SUBSCRIPTION;
+    if (!stop && st != NATS_TIMEOUT && st != NATS_SLOW_CONSUMER && st != NATS_NO_RESPONDERS)
+      backoff_locked(tp, tp->reconnect_wait_ms);
+    uv_mutex_unlock(&tp->mu);
+    if (stop) break;
+  }
+  thread_done(tp);
+}
+
+/* ---- the loop side: slots, deliveries, confirmations ---------------------------------- */
+
+static uint64_t make_tag(uint32_t sub, uint32_t slot, uint32_t gen) {
+  return ((uint64_t)gen << (NT_SLOT_BITS + NT_SUB_BITS)) | ((uint64_t)sub << NT_SLOT_BITS) | slot;
+}
+
+/* Frees a slot, acknowledging its message first when ack is set. */
+static void release_slot(nats_tp *tp, nt_sub *s, uint32_t si, int ack) {
+  nt_slot *slot = &s->slots[si];
+  natsMsg *m = slot->msg;
+  slot->msg = NULL;
+  slot->next = s->free_head;
+  s->free_head = si;
+  if (ack) {
+    natsStatus st = natsMsg_Ack(m, NULL);
+    if (st != NATS_OK)
+      nt_log(tp, SAGA_LOG_DEBUG, "ack on '%s' failed (%s): JetStream will redeliver", s->channel,
+             natsStatus_GetText(st));
+  }
+  natsMsg_Destroy(m);
+  uv_mutex_lock(&tp->mu);
+  s->inflight--;
+  uv_cond_broadcast(&tp->cv);
+  uv_mutex_unlock(&tp->mu);
+}
+
+/* Hands one fetched message to the node: delivered, or dead-lettered past the cap. */
+static void hand_over(nats_tp *tp, nt_sub *s, natsMsg *m) {
+  uint64_t delivered = 1;
+  jsMsgMetaData *meta = NULL;
+  if (natsMsg_GetMetaData(&meta, m) == NATS_OK) {
+    delivered = meta->NumDelivered;
+    jsMsgMetaData_Destroy(meta);
+  }
+  /* inflight counts ring and slots together and never exceeds NT_MAX_INFLIGHT. */
+  uint32_t si = s->free_head;
+  nt_slot *slot = &s->slots[si];
+  s->free_head = slot->next;
+  slot->gen++;
+  slot->msg = m;
+  slot->at = uv_now(tp->loop);
+  uint32_t gen = slot->gen;
+  uint64_t tag = make_tag(s->index, si, gen);
+  const void *data = natsMsg_GetData(m);
+  int len = natsMsg_GetDataLength(m);
+  size_t n = len > 0 ? (size_t)len : 0;
+  int rc;
+  if (delivered > tp->max_deliveries) {
+    char reason[160];
+    snprintf(reason, sizeof reason,
+             "delivered %" PRIu64 " times without acknowledgement (max_deliveries %" PRIu32 ")",
+             delivered, tp->max_deliveries);
+    rc = saga_transport_dead_letter(&tp->base, s->channel, n > 0 ? data : "", n, tag, reason);
+  } else {
+    rc = saga_transport_deliver(&tp->base, s->channel, n > 0 ? data : "", n, tag);
+  }
+  /* Refused (the node is closing): no ack, JetStream redelivers after ack_wait. The slot may
+   * already be free if the node acknowledged from inside the callback. */
+  if (rc != SAGA_OK && slot->msg == m && slot->gen == gen) release_slot(tp, s, si, 0);
+}
+
+static void drain_sub(nats_tp *tp, nt_sub *s) {
+  natsMsg *batch[NT_MAX_INFLIGHT];
+  uv_mutex_lock(&tp->mu);
+  uint32_t n = s->ring_count;
+  for (uint32_t i = 0; i < n; i++) batch[i] = s->ring[(s->ring_head + i) % NT_MAX_INFLIGHT];
+  s->ring_head = (s->ring_head + n) % NT_MAX_INFLIGHT;
+  s->ring_count = 0;
+  uv_mutex_unlock(&tp->mu);
+  uint32_t i = 0;
+  for (; i < n && tp->state == NT_OPEN; i++) hand_over(tp, s, batch[i]);
+  if (i < n) {
+    /* Closed from inside a callback: the rest is not delivered, so not acknowledged. */
+    for (uint32_t j = i; j < n; j++) natsMsg_Destroy(batch[j]);
+    uv_mutex_lock(&tp->mu);
+    s->inflight -= n - i;
+    uv_mutex_unlock(&tp->mu);
+  }
+}
+
+static void drain_acks(nats_tp *tp) {
+  nt_ack chunk[64];
+  uv_mutex_lock(&tp->mu);
+  uint32_t total = tp->ack_count; /* what arrives meanwhile waits for the next turn */
+  uv_mutex_unlock(&tp->mu);
+  while (total > 0 && tp->state == NT_OPEN) {
+    uint32_t n = total < 64 ? total : 64;
+    uv_mutex_lock(&tp->mu);
+    for (uint32_t i = 0; i < n; i++) chunk[i] = tp->acks[(tp->ack_head + i) % NT_ACK_RING];
+    tp->ack_head = (tp->ack_head + n) % NT_ACK_RING;
+    tp->ack_count -= n;
+    uv_cond_broadcast(&tp->cv);
+    uv_mutex_unlock(&tp->mu);
+    total -= n;
+    for (uint32_t i = 0; i < n && tp->state == NT_OPEN; i++)
+      saga_transport_sent(&tp->base, chunk[i].token, chunk[i].status);
+  }
+}
+
+static void drain_logs(nats_tp *tp) {
+  for (;;) {
+    char line[NT_LOG_LEN];
+    int level;
+    uint32_t dropped;
+    uv_mutex_lock(&tp->mu);
+    if (tp->log_count == 0) {
+      uv_mutex_unlock(&tp->mu);
+      return;
+    }
+    memcpy(line, tp->logs[tp->log_head], NT_LOG_LEN);
+    level = tp->log_level[tp->log_head];
+    tp->log_head = (tp->log_head + 1) % NT_LOG_RING;
+    tp->log_count--;
+    dropped = tp->logs_dropped;
+    tp->logs_dropped = 0;
+    uv_mutex_unlock(&tp->mu);
+    if (dropped > 0) nt_log(tp, SAGA_LOG_WARN, "%" PRIu32 " log lines dropped", dropped);
+    nt_log(tp, (saga_log_level)level, "%s", line);
+  }
+}
+
+/*
+ * A delivery the node has not acknowledged within ack_wait is one JetStream redelivers (to
+ * this transport or to a replica): its slot is released without an ack, so that handler
+ * failures the node does not acknowledge cannot pile up and stall the channel at
+ * NT_MAX_INFLIGHT. A late ack(tag) of it is then ignored, and the redelivery is a duplicate
+ * the node tolerates.
+ */
+static void on_sweep(uv_timer_t *h) {
+  nats_tp *tp = h->data;
+  if (tp->state != NT_OPEN) return;
+  uint64_t now = uv_now(tp->loop);
+  size_t released = 0;
+  for (size_t i = 0; i < tp->nsubs; i++) {
+    nt_sub *s = tp->subs[i];
+    for (uint32_t j = 0; j < NT_MAX_INFLIGHT; j++) {
+      if (s->slots[j].msg == NULL || now - s->slots[j].at < tp->ack_wait_ms) continue;
+      release_slot(tp, s, j, 0);
+      released++;
+    }
+  }
+  if (released > 0)
+    nt_log(tp, SAGA_LOG_DEBUG,
+           "%zu deliveries unacknowledged after ack_wait: JetStream "
+           "redelivers them",
+           released);
+}
+
+static void try_finish_close(nats_tp *tp);
+
+static void on_async(uv_async_t *h) {
+  nats_tp *tp = h->data;
+  if (tp->state == NT_OPEN) {
+    drain_logs(tp);
+    if (tp->state == NT_OPEN) drain_acks(tp);
+    for (size_t i = 0; i < tp->nsubs && tp->state == NT_OPEN; i++) drain_sub(tp, tp->subs[i]);
+  }
+  if (tp->state == NT_CLOSING) try_finish_close(tp);
+}
+
+/* ---- teardown --------------------------------------------------------------------------- */
+
+/* Releases every libnats object. The connection is closed and our threads have ended (or
+ * never started); nothing else touches these objects any more. */
+static void release_nats(nats_tp *tp) {
+  if (tp->ack_thread_started) uv_thread_join(&tp->ack_thread);
+  tp->ack_thread_started = 0;
+  for (size_t i = 0; i < tp->nsubs; i++) {
+    nt_sub *s = tp->subs[i];
+    if (s->thread_started) uv_thread_join(&s->thread);
+    s->thread_started = 0;
+    /* Unacknowledged: JetStream redelivers them after ack_wait. Messages before their
+     * subscription, which they point to. */
+    for (uint32_t j = 0; j < s->ring_count; j++)
+      natsMsg_Destroy(s->ring[(s->ring_head + j) % NT_MAX_INFLIGHT]);
+    s->ring_count = 0;
+    for (uint32_t j = 0; j < NT_MAX_INFLIGHT; j++) {
+      natsMsg_Destroy(s->slots[j].msg);
+      s->slots[j].msg = NULL;
+    }
+    s->inflight = 0;
+    /* Destroy, not Unsubscribe: the durable consumer stays for the other replicas. */
+    natsSubscription_Destroy(s->sub);
+    s->sub = NULL;
+  }
+  natsSubscription_Destroy(tp->acksub);
+  tp->acksub = NULL;
+  jsCtx_Destroy(tp->js);
+  tp->js = NULL;
+  natsConnection_Destroy(tp->nc);
+  tp->nc = NULL;
+  natsOptions_Destroy(tp->opts);
+  tp->opts = NULL;
+}
+
+static void free_tp(nats_tp *tp) {
+  saga_allocator a = tp->alloc;
+  for (size_t i = 0; i < tp->nsubs; i++) {
+    nt_sub *s = tp->subs[i];
+    nt_free(&a, s->channel);
+    nt_free(&a, s->subject);
+    nt_free(&a, s->consumer);
+    nt_free(&a, s);
+  }
+  nt_free(&a, tp->subs);
+  nt_free(&a, tp->inbox);
+  nt_free(&a, tp->url);
+  nt_free(&a, tp->stream);
+  nt_free(&a, tp->prefix);
+  if (tp->sync_ready) {
+    uv_cond_destroy(&tp->cv);
+    uv_mutex_destroy(&tp->mu);
+  }
+  nt_free(&a, tp);
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  nats_tp *tp = h->data;
+  if (--tp->handles_open > 0) return;
+  tp->state = NT_CLOSED;
+  if (tp->destroyed) {
+    free_tp(tp);
+    return;
+  }
+  /* Last: the node may destroy the transport from inside. */
+  saga_transport_closed(&tp->base);
+}
+
+static void try_finish_close(nats_tp *tp) {
+  uv_mutex_lock(&tp->mu);
+  int ready = tp->nc_closed && tp->threads_live == 0;
+  if (ready) tp->async_ready = 0;
+  uv_mutex_unlock(&tp->mu);
+  if (!ready) return;
+  tp->state = NT_FINISHING;
+  release_nats(tp);
+  uv_timer_stop(&tp->sweep);
+  uv_close((uv_handle_t *)&tp->sweep, on_handle_closed);
+  uv_close((uv_handle_t *)&tp->async, on_handle_closed);
+}
+
+/* ---- stream and consumer ---------------------------------------------------------------- */
+
+static int ensure_stream(nats_tp *tp) {
+  char pattern[NT_NAME_MAX + 3];
+  snprintf(pattern, sizeof pattern, "%s.>", tp->prefix);
+  jsStreamInfo *si = NULL;
+  jsErrCode jerr = 0;
+  natsStatus s = js_GetStreamInfo(&si, tp->js, tp->stream, NULL, &jerr);
+  if (s == NATS_NOT_FOUND) {
+    jsStreamConfig cfg;
+    jsStreamConfig_Init(&cfg);
+    const char *subjects[1] = {pattern};
+    cfg.Name = tp->stream;
+    cfg.Subjects = subjects;
+    cfg.SubjectsLen = 1;
+    cfg.Retention = js_WorkQueuePolicy;
+    cfg.Storage = js_FileStorage;
+    s = js_AddStream(&si, tp->js, &cfg, NULL, &jerr);
+    if (s != NATS_OK) {
+      /* Another node may have created it meanwhile: look again, and compare. */
+      nt_log(tp, SAGA_LOG_DEBUG, "creating stream '%s': %s", tp->stream, nats_err(s));
+      jsStreamInfo_Destroy(si);
+      si = NULL;
+      natsStatus s2 = js_GetStreamInfo(&si, tp->js, tp->stream, NULL, NULL);
+      if (s2 == NATS_OK) s = s2;
+    }
+  }
+  if (s != NATS_OK || si == NULL || si->Config == NULL) {
+    nt_log(tp, SAGA_LOG_ERROR, "cannot create or look up JetStream stream '%s' at %s: %s%s",
+           tp->stream, tp->url, nats_err(s),
+           jerr ? "" : " (is JetStream enabled on the server, nats-server -js?)");
+    jsStreamInfo_Destroy(si);
+    return SAGA_ETRANSPORT;
+  }
+  const jsStreamConfig *c = si->Config;
+  int has = 0;
+  char subjects[256] = "";
+  size_t used = 0;
+  for (int i = 0; i < c->SubjectsLen; i++) {
+    if (strcmp(c->Subjects[i], pattern) == 0) has = 1;
+    int w =
+        snprintf(subjects + used, sizeof subjects - used, "%s%s", i ? ", " : "", c->Subjects[i]);
+    if (w > 0 && (size_t)w < sizeof subjects - used) used += (size_t)w;
+  }
+  int rc = SAGA_OK;
+  if (!has || c->Retention != js_WorkQueuePolicy) {
+    static const char *const ret[] = {"limits", "interest", "work-queue"};
+    int r = (int)c->Retention;
+    nt_log(tp, SAGA_LOG_ERROR,
+           "JetStream stream '%s' exists with another configuration: subjects [%s], %s "
+           "retention; libsaga needs subjects [%s] with work-queue retention (use another "
+           "stream name or prefix, or delete the stream)",
+           tp->stream, subjects, r >= 0 && r < 3 ? ret[r] : "unknown", pattern);
+    rc = SAGA_EEXIST;
+  }
+  jsStreamInfo_Destroy(si);
+  return rc;
+}
+
+/* Describes how an existing consumer differs from ours into buf; returns 0 when it fits. */
+static int consumer_differs(const nats_tp *tp, const jsConsumerConfig *c, const char *subject,
+                            char *buf, size_t len) {
+  size_t used = 0;
+  int bad = 0;
+#define NT_DIFF(...)                                                                               \
+  do {                                                                                             \
+    int w_ = snprintf(buf + used, len - used, "%s", bad++ ? "; " : "");                            \
+    if (w_ > 0 && (size_t)w_ < len - used) used += (size_t)w_;                                     \
+    w_ = snprintf(buf + used, len - used, __VA_ARGS__);                                            \
+    if (w_ > 0 && (size_t)w_ < len - used) used += (size_t)w_;                                     \
+  } while (0)
+  buf[0] = '\0';
+  int64_t want_wait = (int64_t)tp->ack_wait_ms * 1000000;
+  if (c->AckPolicy != js_AckExplicit) NT_DIFF("ack policy is not explicit");
+  if (c->AckWait != want_wait)
+    NT_DIFF("ack wait %" PRId64 " ms (configured %" PRIu32 " ms)", c->AckWait / 1000000,
+            tp->ack_wait_ms);
+  if (c->MaxDeliver > 0 && (uint64_t)c->MaxDeliver <= tp->max_deliveries)
+    NT_DIFF("max deliver %" PRId64 " would stop redelivery before max_deliveries %" PRIu32
+            " dead-letters it",
+            c->MaxDeliver, tp->max_deliveries);
+  if (c->FilterSubject == NULL || strcmp(c->FilterSubject, subject) != 0)
+    NT_DIFF("filter subject '%s' (expected '%s')", c->FilterSubject ? c->FilterSubject : "",
+            subject);
+  if (c->DeliverSubject != NULL && c->DeliverSubject[0] != '\0')
+    NT_DIFF("a push consumer (deliver subject '%s'), libsaga pulls", c->DeliverSubject);
+#undef NT_DIFF
+  return bad;
+}
+
+static int ensure_consumer(nats_tp *tp, const char *name, const char *subject) {
+  jsConsumerInfo *ci = NULL;
+  jsErrCode jerr = 0;
+  natsStatus s = js_GetConsumerInfo(&ci, tp->js, tp->stream, name, NULL, &jerr);
+  if (s == NATS_NOT_FOUND) {
+    jsConsumerConfig cfg;
+    jsConsumerConfig_Init(&cfg);
+    cfg.Durable = name;
+    cfg.Description = "libsaga channel";
+    cfg.DeliverPolicy = js_DeliverAll;
+    cfg.AckPolicy = js_AckExplicit;
+    cfg.AckWait = (int64_t)tp->ack_wait_ms * 1000000;
+    cfg.MaxDeliver = -1; /* the adapter dead-letters; the server never gives up */
+    cfg.FilterSubject = subject;
+    cfg.ReplayPolicy = js_ReplayInstant;
+    s = js_AddConsumer(&ci, tp->js, tp->stream, &cfg, NULL, &jerr);
+    if (s != NATS_OK) {
+      nt_log(tp, SAGA_LOG_DEBUG, "creating consumer '%s': %s", name, nats_err(s));
+      jsConsumerInfo_Destroy(ci);
+      ci = NULL;
+      natsStatus s2 = js_GetConsumerInfo(&ci, tp->js, tp->stream, name, NULL, NULL);
+      if (s2 == NATS_OK) s = s2;
+    }
+  }
+  if (s != NATS_OK || ci == NULL || ci->Config == NULL) {
+    nt_log(tp, SAGA_LOG_ERROR,
+           "cannot create or look up JetStream consumer '%s' of stream '%s': %s", name, tp->stream,
+           nats_err(s));
+    jsConsumerInfo_Destroy(ci);
+    return SAGA_ETRANSPORT;
+  }
+  char diff[512];
+  int rc = SAGA_OK;
+  if (consumer_differs(tp, ci->Config, subject, diff, sizeof diff)) {
+    nt_log(tp, SAGA_LOG_ERROR,
+           "JetStream consumer '%s' of stream '%s' exists with another configuration: %s "
+           "(make the settings agree, or delete the consumer)",
+           name, tp->stream, diff);
+    rc = SAGA_EEXIST;
+  }
+  jsConsumerInfo_Destroy(ci);
+  return rc;
+}
+
+/* ---- the adapter methods ---------------------------------------------------------------- */
+
+static int tp_open(saga_transport *t, uv_loop_t *loop) {
+  nats_tp *tp = (nats_tp *)t;
+  if (tp->state != NT_NEW) return SAGA_ESTATE;
+  if (loop == NULL) return SAGA_EINVAL;
+  tp->loop = loop;
+  int rc = SAGA_ETRANSPORT;
+  natsStatus s;
+  natsInbox *inbox = NULL;
+
+  if (uv_mutex_init(&tp->mu) != 0) return SAGA_ENOMEM;
+  if (uv_cond_init(&tp->cv) != 0) {
+    uv_mutex_destroy(&tp->mu);
+    return SAGA_ENOMEM;
+  }
+  tp->sync_ready = 1;
+
+  s = natsOptions_Create(&tp->opts);
+  if (s == NATS_OK) s = natsOptions_SetURL(tp->opts, tp->url);
+  if (s == NATS_OK) s = natsOptions_SetName(tp->opts, "libsaga");
+  if (s == NATS_OK) s = natsOptions_SetMaxReconnect(tp->opts, -1);
+  if (s == NATS_OK) s = natsOptions_SetReconnectWait(tp->opts, tp->reconnect_wait_ms);
+  if (s == NATS_OK) s = natsOptions_SetTimeout(tp->opts, 2000);
+  /* A half-open connection is noticed within about 30 s instead of libnats's 4 min. */
+  if (s == NATS_OK) s = natsOptions_SetPingInterval(tp->opts, 10000);
+  if (s == NATS_OK) s = natsOptions_SetMaxPingsOut(tp->opts, 3);
+  if (s == NATS_OK) s = natsOptions_SetDisconnectedCB(tp->opts, on_disconnected, tp);
+  if (s == NATS_OK) s = natsOptions_SetReconnectedCB(tp->opts, on_reconnected, tp);
+  if (s == NATS_OK) s = natsOptions_SetClosedCB(tp->opts, on_closed, tp);
+  if (s == NATS_OK) s = natsOptions_SetErrorHandler(tp->opts, on_error, tp);
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "NATS options for '%s': %s", tp->url, nats_err(s));
+    rc = s == NATS_NO_MEMORY ? SAGA_ENOMEM : SAGA_EINVAL;
+    goto fail;
+  }
+  /* Before the connect: a disconnection reported right after it must not be overwritten. */
+  tp->connected = 1;
+  s = natsConnection_Connect(&tp->nc, tp->opts);
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "cannot connect to NATS at %s: %s", tp->url, nats_err(s));
+    tp->nc = NULL;
+    goto fail;
+  }
+
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jo.Wait = NT_API_WAIT_MS;
+  s = natsConnection_JetStream(&tp->js, tp->nc, &jo);
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "JetStream context: %s", nats_err(s));
+    goto fail;
+  }
+  if ((rc = ensure_stream(tp)) != SAGA_OK) goto fail;
+  rc = SAGA_ETRANSPORT;
+
+  s = natsInbox_Create(&inbox);
+  if (s == NATS_OK) {
+    tp->inbox = nt_strdup(&tp->alloc, inbox);
+    natsInbox_Destroy(inbox);
+    if (tp->inbox == NULL) {
+      rc = SAGA_ENOMEM;
+      goto fail;
+    }
+    char wild[128];
+    snprintf(wild, sizeof wild, "%s.*", tp->inbox);
+    s = natsConnection_SubscribeSync(&tp->acksub, tp->nc, wild);
+  }
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "subscribing to publish acknowledgements: %s", nats_err(s));
+    goto fail;
+  }
+  tp->threads_live = 1;
+  if (uv_thread_create(&tp->ack_thread, ack_main, tp) != 0) {
+    tp->threads_live = 0;
+    rc = SAGA_ENOMEM;
+    goto fail;
+  }
+  tp->ack_thread_started = 1;
+  /* Last: once initialised, the handle can only go through uv_close. */
+  if (uv_async_init(loop, &tp->async, on_async) != 0) {
+    rc = SAGA_EIO;
+    goto fail;
+  }
+  tp->async.data = tp;
+  uv_timer_init(loop, &tp->sweep); /* cannot fail once the loop took the async handle */
+  tp->sweep.data = tp;
+  tp->handles_open = 2;
+  uint64_t period = tp->ack_wait_ms / 4 > 50 ? tp->ack_wait_ms / 4 : 50;
+  uv_timer_start(&tp->sweep, on_sweep, period, period);
+  uv_unref((uv_handle_t *)&tp->sweep); /* the async handle is what keeps the loop alive */
+  uv_mutex_lock(&tp->mu);
+  tp->async_ready = 1;
+  /* Anything posted meanwhile (a log line) is picked up at once. */
+  if (tp->log_count > 0) wake_locked(tp);
+  uv_mutex_unlock(&tp->mu);
+  tp->state = NT_OPEN;
+  {
+    char where[256] = "";
+    natsConnection_GetConnectedUrl(tp->nc, where, sizeof where);
+    nt_log(tp, SAGA_LOG_INFO, "connected to NATS at %s, stream '%s', subjects '%s.>'", where,
+           tp->stream, tp->prefix);
+  }
+  return SAGA_OK;
+
+fail:
+  /* Synchronous teardown: libnats must be done with tp before the node destroys it. */
+  if (tp->nc != NULL) {
+    uv_mutex_lock(&tp->mu);
+    tp->stopping = 1;
+    uv_cond_broadcast(&tp->cv);
+    uv_mutex_unlock(&tp->mu);
+    natsConnection_Close(tp->nc);
+    uv_mutex_lock(&tp->mu);
+    while (!tp->nc_closed) uv_cond_wait(&tp->cv, &tp->mu);
+    uv_mutex_unlock(&tp->mu);
+  }
+  release_nats(tp);
+  tp->state = NT_FAILED;
+  return rc;
+}
+
+static int tp_subscribe(saga_transport *t, const char *channel) {
+  nats_tp *tp = (nats_tp *)t;
+  if (channel == NULL) return SAGA_EINVAL;
+  if (tp->state != NT_OPEN) return tp->state == NT_NEW ? SAGA_ESTATE : SAGA_ECLOSED;
+  for (size_t i = 0; i < tp->nsubs; i++)
+    if (strcmp(tp->subs[i]->channel, channel) == 0) return SAGA_OK;
+  char subject[NT_SUBJECT_MAX + NT_NAME_MAX + 2];
+  if (make_subject(tp, channel, subject, sizeof subject) != SAGA_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "channel '%s' cannot be a NATS subject token sequence", channel);
+    return SAGA_EINVAL;
+  }
+  if (tp->nsubs >= NT_MAX_SUBS) return SAGA_EFULL;
+  char name[NT_CONSUMER_KEEP + 16];
+  consumer_name(channel, name, sizeof name);
+  int rc = ensure_consumer(tp, name, subject);
+  if (rc != SAGA_OK) return rc;
+
+  if (tp->nsubs == tp->subs_cap) {
+    size_t cap = tp->subs_cap ? tp->subs_cap * 2 : 4;
+    nt_sub **subs = tp->alloc.realloc(tp->subs, cap * sizeof *subs, tp->alloc.ud);
+    if (subs == NULL) return SAGA_ENOMEM;
+    tp->subs = subs;
+    tp->subs_cap = cap;
+  }
+  nt_sub *s = nt_calloc(&tp->alloc, sizeof *s);
+  if (s == NULL) return SAGA_ENOMEM;
+  s->tp = tp;
+  s->index = (uint32_t)tp->nsubs;
+  s->channel = nt_strdup(&tp->alloc, channel);
+  s->subject = nt_strdup(&tp->alloc, subject);
+  s->consumer = nt_strdup(&tp->alloc, name);
+  for (uint32_t i = 0; i < NT_MAX_INFLIGHT; i++)
+    s->slots[i].next = i + 1 < NT_MAX_INFLIGHT ? i + 1 : NT_NO_SLOT;
+  s->free_head = 0;
+  if (s->channel == NULL || s->subject == NULL || s->consumer == NULL) {
+    rc = SAGA_ENOMEM;
+    goto fail;
+  }
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Stream = tp->stream;
+  so.Consumer = name; /* bound: libnats neither creates nor ever deletes it */
+  jsErrCode jerr = 0;
+  natsStatus st = js_PullSubscribe(&s->sub, tp->js, subject, NULL, NULL, &so, &jerr);
+  if (st != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "pull subscription to consumer '%s': %s", name, nats_err(st));
+    s->sub = NULL;
+    rc = SAGA_ETRANSPORT;
+    goto fail;
+  }
+  uv_mutex_lock(&tp->mu);
+  tp->threads_live++;
+  uv_mutex_unlock(&tp->mu);
+  if (uv_thread_create(&s->thread, fetch_main, s) != 0) {
+    uv_mutex_lock(&tp->mu);
+    tp->threads_live--;
+    uv_mutex_unlock(&tp->mu);
+    rc = SAGA_ENOMEM;
+    goto fail;
+  }
+  s->thread_started = 1;
+  tp->subs[tp->nsubs++] = s;
+  return SAGA_OK;
+
+fail:
+  natsSubscription_Destroy(s->sub);
+  nt_free(&tp->alloc, s->channel);
+  nt_free(&tp->alloc, s->subject);
+  nt_free(&tp->alloc, s->consumer);
+  nt_free(&tp->alloc, s);
+  return rc;
+}
+
+static int tp_send(saga_transport *t, const char *channel, const void *data, size_t len,
+                   uint64_t token) {
+  nats_tp *tp = (nats_tp *)t;
+  if (channel == NULL || (data == NULL && len > 0)) return SAGA_EINVAL;
+  if (tp->state != NT_OPEN) return tp->state == NT_NEW ? SAGA_ESTATE : SAGA_ECLOSED;
+  char subject[NT_SUBJECT_MAX + NT_NAME_MAX + 2];
+  if (make_subject(tp, channel, subject, sizeof subject) != SAGA_OK) return SAGA_EINVAL;
+  int64_t max = natsConnection_GetMaxPayload(tp->nc);
+  if (len > INT_MAX || (max > 0 && (int64_t)len > max)) return SAGA_ETOOBIG;
+  char reply[160];
+  snprintf(reply, sizeof reply, "%s.%" PRIu64, tp->inbox, token);
+  natsStatus s =
+      natsConnection_PublishRequest(tp->nc, subject, reply, len > 0 ? data : NULL, (int)len);
+  if (s == NATS_OK) {
+    tp->buffer_full_logged = 0;
+    return SAGA_OK;
+  }
+  if (s == NATS_INSUFFICIENT_BUFFER) {
+    /* Disconnected long enough to fill the reconnect buffer: the message is not sent, and
+     * the outbox will resend it. Said once per outage, not once per message. */
+    if (!tp->buffer_full_logged)
+      nt_log(tp, SAGA_LOG_WARN, "NATS reconnect buffer full: messages wait in the outbox");
+    tp->buffer_full_logged = 1;
+    saga_transport_sent(t, token, SAGA_ETRANSPORT);
+    return SAGA_OK;
+  }
+  nt_log(tp, SAGA_LOG_DEBUG, "publish to '%s' failed: %s", subject, natsStatus_GetText(s));
+  return s == NATS_MAX_PAYLOAD ? SAGA_ETOOBIG : SAGA_ETRANSPORT;
+}
+
+static void tp_ack(saga_transport *t, uint64_t tag) {
+  nats_tp *tp = (nats_tp *)t;
+  if (tp->state != NT_OPEN) return;
+  uint32_t si = (uint32_t)(tag & ((1u << NT_SLOT_BITS) - 1));
+  uint32_t sub = (uint32_t)((tag >> NT_SLOT_BITS) & ((1u << NT_SUB_BITS) - 1));
+  uint32_t gen = (uint32_t)(tag >> (NT_SLOT_BITS + NT_SUB_BITS));
+  if (sub >= tp->nsubs || si >= NT_MAX_INFLIGHT) return;
+  nt_sub *s = tp->subs[sub];
+  /* Unknown, stale or repeated tags find no live slot of their generation. */
+  if (s->slots[si].msg == NULL || s->slots[si].gen != gen) return;
+  release_slot(tp, s, si, 1);
+}
+
+static void tp_close(saga_transport *t) {
+  nats_tp *tp = (nats_tp *)t;
+  if (tp->state != NT_OPEN) {
+    if (tp->state == NT_NEW || tp->state == NT_FAILED) {
+      tp->state = NT_CLOSED;
+      if (!tp->destroyed) saga_transport_closed(t);
+    }
+    return;
+  }
+  tp->state = NT_CLOSING;
+  uv_mutex_lock(&tp->mu);
+  tp->stopping = 1;
+  uv_cond_broadcast(&tp->cv);
+  uv_mutex_unlock(&tp->mu);
+  /* Wakes the threads blocked in libnats; the closed callback follows on libnats's thread. */
+  natsConnection_Close(tp->nc);
+  /* In case everything already ended before (no event would come to look). */
+  uv_async_send(&tp->async);
+}
+
+static void tp_destroy(saga_transport *t) {
+  nats_tp *tp = (nats_tp *)t;
+  switch (tp->state) {
+  case NT_OPEN:
+    /* Destroyed without close: finish closing on the loop, then free, reporting nothing. */
+    tp->destroyed = 1;
+    tp_close(t);
+    return;
+  case NT_CLOSING:
+  case NT_FINISHING:
+    tp->destroyed = 1;
+    return;
+  default:
+    free_tp(tp);
+  }
+}
+
+static const saga_transport_methods nats_methods = {
+    .version = SAGA_TRANSPORT_VERSION,
+    .name = "nats",
+    .open = tp_open,
+    .subscribe = tp_subscribe,
+    .send = tp_send,
+    .ack = tp_ack,
+    .close = tp_close,
+    .destroy = tp_destroy,
+};
+
+/* ---- construction ----------------------------------------------------------------------- */
+
+void saga_nats_config_init(saga_nats_config *cfg) {
+  if (cfg == NULL) return;
+  memset(cfg, 0, sizeof *cfg);
+  cfg->struct_version = SAGA_NATS_CONFIG_VERSION;
+  cfg->url = "nats://127.0.0.1:4222";
+  cfg->stream = "SAGA";
+  cfg->prefix = "saga";
+  cfg->ack_wait_ms = 30000;
+  cfg->max_deliveries = 10;
+  cfg->reconnect_wait_ms = 250;
+}
+
+int saga_nats_transport_new(saga_transport **out, const saga_nats_config *cfg) {
+  static const saga_allocator libc = {libc_malloc, libc_realloc, libc_free, NULL};
+  if (out == NULL) return SAGA_EINVAL;
+  saga_nats_config defaults;
+  if (cfg == NULL) {
+    saga_nats_config_init(&defaults);
+    cfg = &defaults;
+  }
+  if (cfg->struct_version != SAGA_NATS_CONFIG_VERSION) return SAGA_EVERSION;
+  const saga_allocator *a = cfg->alloc != NULL ? cfg->alloc : &libc;
+  if (a->malloc == NULL || a->realloc == NULL || a->free == NULL) return SAGA_EINVAL;
+  const char *url = cfg->url != NULL ? cfg->url : "nats://127.0.0.1:4222";
+  const char *stream = cfg->stream != NULL ? cfg->stream : "SAGA";
+  const char *prefix = cfg->prefix != NULL ? cfg->prefix : "saga";
+  if (*url == '\0' || !stream_name_ok(stream) || !subject_ok(prefix, NT_NAME_MAX))
+    return SAGA_EINVAL;
+  nats_tp *tp = nt_calloc(a, sizeof *tp);
+  if (tp == NULL) return SAGA_ENOMEM;
+  tp->alloc = *a;
+  tp->base.methods = &nats_methods;
+  tp->url = nt_strdup(a, url);
+  tp->stream = nt_strdup(a, stream);
+  tp->prefix = nt_strdup(a, prefix);
+  tp->ack_wait_ms = cfg->ack_wait_ms ? cfg->ack_wait_ms : 30000;
+  tp->max_deliveries = cfg->max_deliveries ? cfg->max_deliveries : 10;
+  tp->reconnect_wait_ms = cfg->reconnect_wait_ms ? cfg->reconnect_wait_ms : 250;
+  if (tp->url == NULL || tp->stream == NULL || tp->prefix == NULL) {
+    free_tp(tp);
+    return SAGA_ENOMEM;
+  }
+  tp->state = NT_NEW;
+  *out = &tp->base;
+  return SAGA_OK;
+}
