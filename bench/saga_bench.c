@@ -43,6 +43,8 @@ typedef struct bench {
   size_t nlat;
   uint64_t rng;
   char dir[512];
+  saga_mem_hub *hub;
+  int closed;
 } bench;
 
 static uint64_t key_of(const char *id) {
@@ -145,7 +147,6 @@ static void start_one(bench *b) {
 
 static saga_node *open_node(bench *b, const char *name, int port_self, int port_other) {
   saga_transport *t = NULL;
-  static saga_mem_hub *hub;
   int rc;
   if (b->tcp) {
     char self[32], other[32];
@@ -160,8 +161,9 @@ static saga_node *open_node(bench *b, const char *name, int port_self, int port_
     c.nroutes = 2;
     rc = saga_tcp_transport_new(&t, &c);
   } else {
-    if (hub == NULL && saga_mem_hub_new(&hub, b->loop, NULL, NULL, NULL) != SAGA_OK) exit(1);
-    rc = saga_mem_transport_new(&t, hub);
+    if (b->hub == NULL && saga_mem_hub_new(&b->hub, b->loop, NULL, NULL, NULL) != SAGA_OK)
+      exit(1);
+    rc = saga_mem_transport_new(&t, b->hub);
   }
   if (rc != SAGA_OK) exit(1);
   char path[600], err[256];
@@ -242,7 +244,7 @@ static double ceiling(const char *dir, int sync, uint64_t commits, uint64_t rows
   return secs;
 }
 
-static void closed(void *arg) { (void)arg; }
+static void closed(void *arg) { ((bench *)arg)->closed++; }
 
 int main(int argc, char **argv) {
   bench b;
@@ -374,9 +376,15 @@ int main(int argc, char **argv) {
       fclose(f);
     }
   }
-  saga_node_close(b.orch, closed, NULL);
-  saga_node_close(b.part, closed, NULL);
-  uv_run(b.loop, UV_RUN_NOWAIT);
+  saga_node_close(b.orch, closed, &b);
+  saga_node_close(b.part, closed, &b);
+  while (b.closed < 2 && uv_run(b.loop, UV_RUN_ONCE)) {
+  }
+  if (b.hub != NULL) saga_mem_hub_close(b.hub);
+  uv_run(b.loop, UV_RUN_DEFAULT);
+  uv_loop_close(b.loop);
+  free(b.map);
+  free(b.lat_ms);
   printf("%s\n", summary);
   int ok = b.completed + b.compensated == b.sagas && b.failed == 0;
   if (dir == NULL) {

@@ -160,7 +160,8 @@ long shop_client_send(shop_client *c, const char *method, const char *path,
     body.p = NULL;
     if (out->len > 0) out->json = json_loadb(out->body, out->len, JSON_DECODE_ANY, NULL);
   } else {
-    snprintf(out->err, sizeof out->err, "%s %s: %s", method, url,
+    /* Truncation is fine for a message; the precision keeps the compiler convinced. */
+    snprintf(out->err, sizeof out->err, "%.16s %.128s: %.96s", method, url,
              errbuf[0] ? errbuf : curl_easy_strerror(rc));
   }
   /* The handle keeps pointers to these until the next reset; none is used after it. */
