@@ -188,7 +188,16 @@ int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync
            "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;",
            sync == SAGA_SYNC_OFF ? "OFF" : sync == SAGA_SYNC_NORMAL ? "NORMAL" : "FULL");
   char *msg = NULL;
-  rc = sqlite3_exec(s->db, pragmas, NULL, NULL, &msg);
+  /* Switching to WAL needs a lock that SQLite does not wait for (no busy handler there):
+   * another process opening the same file at this moment makes it fail with SQLITE_BUSY.
+   * Retry for up to the busy timeout. */
+  for (uint32_t waited = 0;; waited += 10) {
+    rc = sqlite3_exec(s->db, pragmas, NULL, NULL, &msg);
+    if ((rc & 0xff) != SQLITE_BUSY || waited >= busy_ms) break;
+    sqlite3_free(msg);
+    msg = NULL;
+    uv_sleep(10);
+  }
   if (rc != SQLITE_OK) {
     saga__errf(err, errlen, "configuring database '%s': %s", path, msg ? msg : "?");
     sqlite3_free(msg);
