@@ -69,7 +69,9 @@ typedef struct saga_transport_methods {
   /**
    * The node committed the delivery `tag` (given by the adapter in
    * saga_transport_deliver()): acknowledge it to the medium. Must not fail; an adapter that
-   * cannot acknowledge now must tolerate the redelivery that follows.
+   * cannot acknowledge now must tolerate the redelivery that follows. An adapter may forget
+   * a delivery once its medium redelivers it (e.g. after an ack wait); a later ack() of the
+   * forgotten tag is then ignored — the redelivery is a duplicate the node tolerates.
    */
   void (*ack)(saga_transport *t, uint64_t tag);
 
