@@ -280,6 +280,7 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
       steps[i].compensation = w->o.kinds[i] == SAGA_STEP_COMPENSATABLE ? "undo" : NULL;
       steps[i].timeout_ms = w->o.timeout_ms[i];
       steps[i].retry = w->o.retry[i];
+      steps[i].compensation_retry = w->o.comp_retry[i];
     }
     saga_definition def = {SAGA_DEFINITION_VERSION, "test", w->o.version, steps,
                            (size_t)w->o.nsteps, w->o.deadline_ms};

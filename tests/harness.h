@@ -59,6 +59,7 @@ typedef struct th_world_opts {
   saga_step_kind kinds[TH_MAX_STEPS];/* default compensatable */
   uint32_t timeout_ms[TH_MAX_STEPS]; /* default 0 */
   saga_retry retry[TH_MAX_STEPS];
+  saga_retry comp_retry[TH_MAX_STEPS];
   uint32_t deadline_ms;
   unsigned skip_mask;                /* steps whose channel the participant node does not serve */
   saga_mem_faults faults;

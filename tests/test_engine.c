@@ -39,6 +39,58 @@ static void test_success(void **state) {
   th_world_free(&w);
 }
 
+/* The counters behind /metrics: sagas by state and the step-latency histogram. */
+static void test_metrics(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  run_one(&w);
+  w.action_mode[1] = 'r';
+  assert_int_equal(th_world_start(&w, 2, NULL), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 2), 0);
+  int64_t counts[6];
+  assert_int_equal(saga_node_count_by_state(w.orch, counts), SAGA_OK);
+  assert_int_equal(counts[SAGA_COMPLETED], 1);
+  assert_int_equal(counts[SAGA_COMPENSATED], 1);
+  assert_int_equal(counts[SAGA_RUNNING] + counts[SAGA_COMPENSATING] + counts[SAGA_FAILED], 0);
+  assert_int_equal(saga_node_count_by_state(NULL, counts), SAGA_EINVAL);
+  /* 3 replies of the first saga, then action 0, action 1 (refused), compensation 0. */
+  saga_node_stats st;
+  saga_node_stats_get(w.orch, &st);
+  assert_int_equal(st.step_latency_count, 6);
+  uint64_t sum = 0;
+  for (int b = 0; b < SAGA_LATENCY_BUCKETS; b++) sum += st.step_latency[b];
+  assert_int_equal(sum, 6);
+  /* The manual clock does not move while the loop runs: every latency is 0 ms. */
+  assert_int_equal(st.step_latency[0], 6);
+  assert_int_equal(st.step_latency_sum_ms, 0);
+  assert_int_equal(saga_latency_bound_ms(0), 1);
+  assert_int_equal(saga_latency_bound_ms(SAGA_LATENCY_BUCKETS - 2), 10000);
+  assert_int_equal(saga_latency_bound_ms(SAGA_LATENCY_BUCKETS - 1), UINT32_MAX);
+  assert_int_equal(saga_latency_bound_ms(-1), UINT32_MAX);
+  th_world_free(&w);
+}
+
+/* A reply that arrives after the clock moved lands in the bucket of its latency. */
+static void test_metrics_latency(void **state) {
+  th_world w;
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.nsteps = 1;
+  o.skip_mask = 1; /* nobody serves step 0 until the late node opens */
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  th_world_settle(&w, 0);
+  assert_int_equal(saga_clock_advance(w.clock, 30), SAGA_OK);
+  assert_int_equal(th_world_open_late(&w), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  saga_node_stats st;
+  saga_node_stats_get(w.orch, &st);
+  assert_int_equal(st.step_latency_count, 1);
+  assert_true(st.step_latency_sum_ms >= 30);
+  assert_int_equal(st.step_latency[5], 1); /* (25, 50] */
+  th_world_free(&w);
+}
+
 /* Failure at step k: steps k-1 .. 0 are compensated in that order; step k never applied. */
 static void test_failure_each_step(void **state) {
   for (int k = 0; k < 3; k++) {
@@ -330,6 +382,86 @@ static void test_compensation_failed_and_retry(void **state) {
   th_world_free(&w);
 }
 
+static int comp0_refused_20(void *arg) {
+  return th_count_events(arg, SAGA_EV_STEP_FAILED, 0) >= 20;
+}
+
+/* A compensation policy that never gives up: a compensation refused 20 times (the participant
+ * "down") is retried until it succeeds, and the saga ends COMPENSATED, never FAILED. */
+static void test_compensation_retry_forever(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.comp_retry[0] = (saga_retry){.max_attempts = SAGA_RETRY_FOREVER, .backoff_ms = 10,
+                                 .cap_ms = 1000};
+  th_world w;
+  open_world(&w, &o);
+  w.action_mode[2] = 'r';
+  w.comp_mode[0] = 'r';
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, comp0_refused_20, &w, 3600000), 0);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATING);
+  w.comp_mode[0] = 'o';
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
+  assert_int_equal(th_count_events(&w, SAGA_EV_SAGA_FAILED, -2), 0);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
+/* A finite compensation policy is used as given (5 attempts, not the action's 1 or 3). */
+static void test_compensation_retry_finite(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.comp_retry[1] = (saga_retry){.max_attempts = 5, .backoff_ms = 10};
+  th_world w;
+  open_world(&w, &o);
+  w.action_mode[2] = 'r';
+  w.comp_mode[1] = 'r';
+  run_one(&w);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_FAILED);
+  assert_int_equal(th_count_events(&w, SAGA_EV_COMPENSATION_SENT, 1), 5);
+  assert_int_equal(th_count_events(&w, SAGA_EV_STEP_RETRY, 1), 4);
+  /* Step 0 kept the default: never reached, the saga stopped at step 1. */
+  assert_int_equal(th_count_events(&w, SAGA_EV_COMPENSATION_SENT, 0), 0);
+  th_world_free(&w);
+}
+
+/* The run-time builder (for bindings) gives the same table, and checks its arguments. */
+static void test_builder(void **state) {
+  saga_def_builder *b = NULL;
+  assert_int_equal(saga_def_builder_new(&b, "", 1, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_def_builder_new(&b, "trip", 0, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_def_builder_new(&b, "trip", 2, NULL), SAGA_OK);
+  assert_int_equal(saga_def_builder_add_step(b, "HOTEL", "hotel", "book", "cancel",
+                                             SAGA_STEP_COMPENSATABLE), 0);
+  assert_int_equal(saga_def_builder_add_step(b, "PAY", "pay", "charge", NULL, SAGA_STEP_PIVOT),
+                   1);
+  assert_int_equal(saga_def_builder_set_retry(b, 0, 4, 50, 2, 1000, 0.5, 1), SAGA_OK);
+  assert_int_equal(saga_def_builder_set_retry(b, 2, 4, 50, 2, 1000, 0.5, 1), SAGA_EINVAL);
+  assert_int_equal(saga_def_builder_set_retry(b, 0, 4, 50, 2, 1000, 1.5, 1), SAGA_EINVAL);
+  assert_int_equal(saga_def_builder_set_compensation_retry(b, 0, SAGA_RETRY_FOREVER, 10, 3, 500,
+                                                           0.2), SAGA_OK);
+  assert_int_equal(saga_def_builder_set_compensation_retry(b, -1, 1, 0, 0, 0, 0), SAGA_EINVAL);
+  assert_int_equal(saga_def_builder_set_compensation_retry(b, 0, 1, 0, -1, 0, 0), SAGA_EINVAL);
+  assert_int_equal(saga_def_builder_set_timeout(b, 1, 250), SAGA_OK);
+  const saga_definition *d = saga_def_builder_definition(b);
+  assert_non_null(d);
+  assert_int_equal(d->nsteps, 2);
+  assert_int_equal(d->version, 2);
+  assert_int_equal(d->steps[0].retry.max_attempts, 4);
+  assert_int_equal(d->steps[0].compensation_retry.max_attempts, SAGA_RETRY_FOREVER);
+  assert_int_equal(d->steps[0].compensation_retry.cap_ms, 500);
+  assert_int_equal(d->steps[1].timeout_ms, 250);
+  char err[128];
+  assert_int_equal(saga_definition_validate(d, err, sizeof err), SAGA_OK);
+  saga_def_builder_free(b);
+  saga_step bad = {.name = "X", .channel = "c", .action = "a"};
+  bad.compensation_retry.jitter = 2;
+  saga_definition bd = {.name = "bad", .version = 1, .steps = &bad, .nsteps = 1};
+  assert_int_equal(saga_definition_validate(&bd, err, sizeof err), SAGA_EDEFINITION);
+  assert_non_null(strstr(err, "compensation retry"));
+}
+
 /* Every message duplicated: handlers still run once per step, stale replies are ignored. */
 static void test_duplicates(void **state) {
   th_world_opts o;
@@ -404,6 +536,8 @@ static void test_api_errors(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_success),
+      cmocka_unit_test(test_metrics),
+      cmocka_unit_test(test_metrics_latency),
       cmocka_unit_test(test_failure_each_step),
       cmocka_unit_test(test_handler_error),
       cmocka_unit_test(test_transient_handler_error),
@@ -417,6 +551,9 @@ int main(void) {
       cmocka_unit_test(test_cancel),
       cmocka_unit_test(test_deadline),
       cmocka_unit_test(test_compensation_failed_and_retry),
+      cmocka_unit_test(test_compensation_retry_forever),
+      cmocka_unit_test(test_compensation_retry_finite),
+      cmocka_unit_test(test_builder),
       cmocka_unit_test(test_duplicates),
       cmocka_unit_test(test_version_pinning),
       cmocka_unit_test(test_api_errors),

@@ -55,7 +55,16 @@ typedef struct saga_step {
   saga_handler local_action;       /**< run on this node instead of a channel */
   saga_handler local_compensation; /**< its compensation, or NULL */
   void *local_arg;                 /**< passed to the local handlers */
+  /** Retry policy of the compensation. All zero (the default) = the action's policy with at
+   * least 3 attempts. Compensations should be retried for as long as a participant can be
+   * down: max_attempts = SAGA_RETRY_FOREVER never gives up (the saga never becomes FAILED
+   * through this step); otherwise, once the attempts are spent, the saga is FAILED and waits
+   * for an operator (saga_retry_failed). retry_before_compensate is ignored here. */
+  saga_retry compensation_retry;
 } saga_step;
+
+/** max_attempts that never gives up (for compensation_retry and retriable steps). */
+#define SAGA_RETRY_FOREVER UINT32_MAX
 
 #define SAGA_DEFINITION_VERSION 1
 
@@ -102,6 +111,12 @@ SAGA_EXTERN int saga_def_builder_set_retry(saga_def_builder *b, int index, uint3
                                            uint32_t backoff_ms, double multiplier,
                                            uint32_t cap_ms, double jitter,
                                            int retry_before_compensate);
+/** Sets the compensation's retry policy of step `index` (see saga_step.compensation_retry).
+ * SAGA_EINVAL for a bad index or values. */
+SAGA_EXTERN int saga_def_builder_set_compensation_retry(saga_def_builder *b, int index,
+                                                        uint32_t max_attempts,
+                                                        uint32_t backoff_ms, double multiplier,
+                                                        uint32_t cap_ms, double jitter);
 /** Sets the timeout of step `index`. */
 SAGA_EXTERN int saga_def_builder_set_timeout(saga_def_builder *b, int index, uint32_t timeout_ms);
 /** Sets the whole-saga deadline. */

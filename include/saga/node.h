@@ -283,6 +283,9 @@ SAGA_EXTERN void saga_info_free(saga_info *info);
 SAGA_EXTERN int saga_node_post(saga_node *node, void (*fn)(saga_node *node, void *arg),
                                void *arg);
 
+/** Buckets of the step-latency histogram (see saga_node_stats.step_latency). */
+#define SAGA_LATENCY_BUCKETS 14
+
 /** Counters of a node. */
 typedef struct saga_node_stats {
   uint64_t transactions;   /**< group commits */
@@ -291,7 +294,26 @@ typedef struct saga_node_stats {
   uint64_t sent, resent, acked_out; /**< outbox rows published / resent / confirmed */
   uint64_t delivered, duplicates, dead_letters;
   uint64_t handler_runs;
+  /** Orchestrator step latency: from the commit that sent a step's command (action,
+   * compensation or resolve) to the processing of its reply, in ms of the node's clock.
+   * step_latency[b] counts replies with latency <= saga_latency_bound_ms(b) and above the
+   * previous bound (not cumulative); the last bucket counts everything above the largest
+   * bound. Counted when the reply is processed (a transaction that then fails to commit
+   * still counted it). */
+  uint64_t step_latency[SAGA_LATENCY_BUCKETS];
+  uint64_t step_latency_count, step_latency_sum_ms;
 } saga_node_stats;
+
+/** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last
+ * bucket and for b out of range. */
+SAGA_EXTERN uint32_t saga_latency_bound_ms(int b);
+
+/**
+ * Counts the sagas this node orchestrates by state (reads the database): counts[s] for each
+ * saga_state s (index 0 unused and set to 0). Returns SAGA_OK, or SAGA_EINVAL / a store
+ * error. Cost grows with the number of sagas kept (an index scan); fine for a scrape.
+ */
+SAGA_EXTERN int saga_node_count_by_state(saga_node *node, int64_t counts[6]);
 
 /** Copies the node's counters. */
 SAGA_EXTERN void saga_node_stats_get(const saga_node *node, saga_node_stats *out);

@@ -70,6 +70,13 @@ int saga_definition_validate(const saga_definition *def, char *err, size_t errle
       saga__errf(err, errlen, "step '%s': retry jitter must be 0..1 and multiplier >= 0", nm);
       return SAGA_EDEFINITION;
     }
+    const saga_retry *cr = &s->compensation_retry;
+    if (cr->jitter < 0 || cr->jitter > 1 || cr->multiplier < 0 || isnan(cr->multiplier) ||
+        isnan(cr->jitter)) {
+      saga__errf(err, errlen,
+                 "step '%s': compensation retry jitter must be 0..1 and multiplier >= 0", nm);
+      return SAGA_EDEFINITION;
+    }
     switch (s->kind) {
     case SAGA_STEP_COMPENSATABLE:
       if (seen_pivot || seen_retriable) {
@@ -147,6 +154,13 @@ int saga__def_copy(saga__def *out, const saga_definition *def, const saga_alloca
     d->compensation = dup_opt(a, s->compensation, &oom);
     d->kind = s->kind;
     d->retry = s->retry;
+    d->comp_retry = s->compensation_retry;
+    d->comp_retry.retry_before_compensate = 0;
+    if (d->comp_retry.max_attempts == 0 && d->comp_retry.backoff_ms == 0 &&
+        d->comp_retry.multiplier == 0 && d->comp_retry.cap_ms == 0 && d->comp_retry.jitter == 0) {
+      d->comp_retry = s->retry; /* the default: the action's policy, at least 3 attempts */
+      if (saga__retry_max(&d->comp_retry) < 3) d->comp_retry.max_attempts = 3;
+    }
     d->timeout_ms = s->timeout_ms;
     d->local_action = s->local_action;
     d->local_compensation = s->local_compensation;
@@ -301,6 +315,22 @@ int saga_def_builder_set_retry(saga_def_builder *b, int index, uint32_t max_atte
   r->cap_ms = cap_ms;
   r->jitter = jitter;
   r->retry_before_compensate = retry_before_compensate;
+  return SAGA_OK;
+}
+
+int saga_def_builder_set_compensation_retry(saga_def_builder *b, int index,
+                                            uint32_t max_attempts, uint32_t backoff_ms,
+                                            double multiplier, uint32_t cap_ms, double jitter) {
+  if (b == NULL || index < 0 || (size_t)index >= b->def.nsteps || !(jitter >= 0) || jitter > 1 ||
+      !(multiplier >= 0))
+    return SAGA_EINVAL;
+  saga_retry *r = &b->steps[index].compensation_retry;
+  r->max_attempts = max_attempts;
+  r->backoff_ms = backoff_ms;
+  r->multiplier = multiplier;
+  r->cap_ms = cap_ms;
+  r->jitter = jitter;
+  r->retry_before_compensate = 0;
   return SAGA_OK;
 }
 

@@ -224,7 +224,8 @@ static int begin_comp(saga_node *n, saga__inst *i, int from) {
 static double rand01(saga_node *n) { return (double)(saga__node_rand(n) >> 11) / 9007199254740992.0; }
 
 static int schedule_retry(saga_node *n, saga__inst *i) {
-  const saga_retry *r = &i->def->steps[i->step].retry;
+  const saga__step *s = &i->def->steps[i->step];
+  const saga_retry *r = i->phase == SAGA_PHASE_COMPENSATION ? &s->comp_retry : &s->retry;
   uint64_t delay = saga__retry_delay(r, round_attempt(i), rand01(n));
   i->wait = WAIT_BACKOFF;
   i->step_deadline = saga__node_now(n) + delay;
@@ -233,10 +234,7 @@ static int schedule_retry(saga_node *n, saga__inst *i) {
   return ev(n, i, SAGA_EV_STEP_RETRY, why);
 }
 
-static uint32_t comp_max(const saga__step *s) {
-  uint32_t m = saga__retry_max(&s->retry);
-  return m < 3 ? 3 : m;
-}
+static uint32_t comp_max(const saga__step *s) { return saga__retry_max(&s->comp_retry); }
 
 /* Merges the reply's data into the saga data. */
 static int merge_reply(saga_node *n, saga__inst *i, const saga_envelope *r) {
@@ -497,6 +495,8 @@ int saga__engine_reply(saga_node *n, const saga_envelope *r) {
     rc = ev(n, i, SAGA_EV_STALE_REPLY, why);
     return rc == SAGA_OK ? inst_save(n, i) : rc;
   }
+  uint64_t now = saga__node_now(n);
+  saga__node_latency(n, now > i->updated_ms ? now - i->updated_ms : 0);
   return step(n, i, r->status == 0 ? E_OK : E_FAIL, r);
 }
 

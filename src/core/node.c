@@ -54,6 +54,34 @@ void saga_node_stats_get(const saga_node *n, saga_node_stats *out) {
   if (n != NULL && out != NULL) *out = n->stats;
 }
 
+static const uint32_t latency_bounds[SAGA_LATENCY_BUCKETS - 1] = {
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000};
+
+uint32_t saga_latency_bound_ms(int b) {
+  return b >= 0 && b < SAGA_LATENCY_BUCKETS - 1 ? latency_bounds[b] : UINT32_MAX;
+}
+
+void saga__node_latency(saga_node *n, uint64_t ms) {
+  int b = 0;
+  while (b < SAGA_LATENCY_BUCKETS - 1 && ms > latency_bounds[b]) b++;
+  n->stats.step_latency[b]++;
+  n->stats.step_latency_count++;
+  n->stats.step_latency_sum_ms += ms;
+}
+
+int saga_node_count_by_state(saga_node *n, int64_t counts[6]) {
+  if (n == NULL || counts == NULL || n->store.db == NULL) return SAGA_EINVAL;
+  for (int i = 0; i < 6; i++) counts[i] = 0;
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_BY_STATE);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    int s = sqlite3_column_int(st, 0);
+    if (s >= 1 && s <= 5) counts[s] = sqlite3_column_int64(st, 1);
+  }
+  sqlite3_reset(st);
+  return rc == SQLITE_DONE ? SAGA_OK : saga__store_err(rc);
+}
+
 const saga__def *saga__node_find_def(saga_node *n, const char *name, uint32_t version) {
   const saga__def *best = NULL;
   for (size_t i = 0; i < n->ndefs; i++) {

@@ -36,6 +36,7 @@ typedef enum saga__stmt_id {
   ST_INST_PARKED,
   ST_INST_UNPARK,
   ST_INST_INFLIGHT,
+  ST_INST_BY_STATE,
   ST_HIST_INSERT,
   ST_OUTBOX_INSERT,
   ST_OUTBOX_DELETE,
@@ -72,6 +73,7 @@ typedef struct saga__step {
   char *name, *channel, *action, *compensation;
   saga_step_kind kind;
   saga_retry retry;
+  saga_retry comp_retry; /* resolved: the compensation's own policy or the default */
   uint32_t timeout_ms;
   saga_handler local_action, local_compensation;
   void *local_arg;
@@ -257,6 +259,8 @@ struct saga_node {
   } while (0)
 
 /* node.c */
+/* Records one step latency (ms) in the node's histogram. */
+void saga__node_latency(saga_node *n, uint64_t ms);
 void saga__node_log(saga_node *n, saga_log_level lvl, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 int saga__node_fail(saga_node *n, int code, const char *fmt, ...)

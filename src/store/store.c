@@ -43,6 +43,7 @@ static const char *const stmt_sql[ST__COUNT] = {
         " ELSE min(step_deadline_ms, saga_deadline_ms) END WHERE id = ?1",
     [ST_INST_INFLIGHT] = "SELECT id, def_name, def_version, parked FROM saga_instance"
                          " WHERE state IN (1, 2)",
+    [ST_INST_BY_STATE] = "SELECT state, count(*) FROM saga_instance GROUP BY state",
     [ST_HIST_INSERT] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
                        " detail) VALUES(?1,?2,?3,?4,?5,?6,?7)",
     [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms)"
