@@ -1,31 +1,62 @@
 /*
  * saga_bench — durable step throughput of libsaga, against the raw SQLite ceiling measured
- * in the same run.
+ * in the same run; recovery of in-flight sagas; memory per in-flight saga; history scaling.
  *
  *   saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]
- *              [--transport mem|tcp] [--fail RATIO] [--json FILE] [--dir DIR]
+ *              [--transport mem|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
+ *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
  *
- * An orchestrator node and a participant node (each its own SQLite file) run N sagas of S
- * steps, keeping K in flight; a fraction RATIO of them is refused at the last step and
- * compensated. The same run then measures the ceiling: plain SQLite, with the same
- * durability, doing the same number of commits and row writes per step as the engine did
- * (counted from the engine's own databases). The last line is a key=value summary.
+ * Throughput run (the default): an orchestrator node and a participant node (each its own
+ * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
+ * refused at the last step and compensated. The same run then measures the ceiling: plain
+ * SQLite, with the same durability, doing the same number of commits and row writes per step
+ * as the engine did (counted from the engine's own databases). --preload N first fills both
+ * databases with N completed sagas (rows cloned from one real saga, in one transaction), so
+ * that the run shows whether history slows the engine down.
+ *
+ * Recovery run (--recovery N, or --paused with --inflight K as N): phase A starts N sagas on
+ * an orchestrator whose transport takes every message and never confirms it (a participant
+ * that is not there), so each saga is committed, RUNNING, with its step-1 command in the
+ * outbox; the RSS growth over a baseline taken after opening gives the memory per in-flight
+ * saga. The orchestrator is closed. Phase B, timed: reopen it on the real transport, register,
+ * start (recovery_open_ms), until every pending command was handed to the transport again
+ * (recovery_resume_ms); then the participant is opened and the time until all N sagas
+ * finished is recovery_finish_ms.
+ *
+ * --transport nats: without --nats-url the bench starts its own nats-server (JetStream, temp
+ * folder, free loopback port) and stops it at the end.
+ *
+ * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
 #include <sqlite3.h>
 
 #include "saga.h"
+#include "saga/sys/transport.h"
 #include "saga/transport_tcp.h"
+#ifdef SAGA_BENCH_NATS
+#include "saga/transport_nats.h"
+#endif
 
-/* Saga id -> start time, open addressing keyed by the first 16 hex digits of the id. */
+enum { T_MEM, T_TCP, T_NATS };
+static const char *const transport_names[] = {"mem", "tcp", "nats"};
+
+/* Saga id -> start time, open addressing keyed by a 64-bit hash of the id. */
 typedef struct slot {
   uint64_t key, start_ns;
 } slot;
@@ -33,25 +64,36 @@ typedef struct slot {
 typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
-  int sagas, steps, inflight, sync, tcp;
+  int sagas, steps, inflight, sync, transport;
   double fail;
   int started, finished, completed, compensated, failed;
   slot *map;
   size_t mask;
-  uint64_t *pending_start; /* start time of each saga_start until its callback */
   double *lat_ms;
   size_t nlat;
   uint64_t rng;
   char dir[512];
   saga_mem_hub *hub;
   int closed;
+  int port_orch, port_part;
+  /* NATS */
+  const char *nats_url;
+  char nats_url_buf[64], nats_stream[32], nats_prefix[32];
+  /* history */
+  long preload;
+  int warming;         /* the template saga of --preload is running */
+  char template_id[64];
+  /* recovery */
+  int recovery, paused, pending_starts, acked_starts;
+  uint32_t resend_ms;
 } bench;
 
+static pid_t nats_pid; /* a nats-server the bench started, killed at exit */
+
 static uint64_t key_of(const char *id) {
-  uint64_t k = 0;
-  for (int i = 0; i < 16 && id[i]; i++)
-    k = (k << 4) | (uint64_t)(id[i] <= '9' ? id[i] - '0' : id[i] - 'a' + 10);
-  return k ? k : 1;
+  uint64_t h = 1469598103934665603ull;
+  for (const char *p = id; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ull;
+  return h ? h : 1;
 }
 
 static void map_put(bench *b, uint64_t key, uint64_t v) {
@@ -88,6 +130,115 @@ static uint64_t rnd(bench *b) {
   return b->rng;
 }
 
+static void die(const char *what, const char *detail) {
+  fprintf(stderr, "saga_bench: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+  exit(1);
+}
+
+/* ---- a transport that takes every message and never confirms or delivers anything ------ */
+
+/* It stands for a participant that is not there (recovery phase A): the orchestrator's
+ * outbox keeps every command, and nothing is held in memory outside the engine. */
+typedef struct sink {
+  saga_transport base;
+  uint64_t sent;
+} sink;
+
+static int sink_open(saga_transport *t, uv_loop_t *loop) { return SAGA_OK; }
+static int sink_subscribe(saga_transport *t, const char *channel) { return SAGA_OK; }
+static int sink_send(saga_transport *t, const char *channel, const void *data, size_t len,
+                     uint64_t token) {
+  ((sink *)t)->sent++;
+  return SAGA_OK;
+}
+static void sink_ack(saga_transport *t, uint64_t tag) {}
+static void sink_close(saga_transport *t) { saga_transport_closed(t); }
+static void sink_destroy(saga_transport *t) { free(t); }
+
+static const saga_transport_methods sink_methods = {
+    SAGA_TRANSPORT_VERSION, "sink", sink_open, sink_subscribe, sink_send,
+    sink_ack,               sink_close, sink_destroy};
+
+static saga_transport *sink_new(void) {
+  sink *s = calloc(1, sizeof *s);
+  if (s == NULL) die("out of memory", NULL);
+  s->base.methods = &sink_methods;
+  return &s->base;
+}
+
+/* ---- servers and ports -------------------------------------------------------------------- */
+
+static int free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  int port = -1;
+  if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+      getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+    port = ntohs(a.sin_port);
+  if (fd >= 0) close(fd);
+  return port;
+}
+
+static int wait_port(int port, int timeout_ms) {
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons((uint16_t)port);
+  for (int waited = 0;; waited += 10) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    if (fd >= 0) close(fd);
+    if (ok) return 0;
+    if (waited >= timeout_ms) return -1;
+    struct timespec ts = {0, 10 * 1000000};
+    nanosleep(&ts, NULL); /* waiting for a child server to listen, bounded above */
+  }
+}
+
+static void stop_nats(void) {
+  if (nats_pid > 0) {
+    kill(nats_pid, SIGTERM);
+    waitpid(nats_pid, NULL, 0);
+    nats_pid = 0;
+  }
+}
+
+/* Starts nats-server with JetStream on a free loopback port, its store under dir. */
+static void start_nats(bench *b) {
+  char port[16], store[600];
+  int p = free_port();
+  if (p <= 0) die("no free port for nats-server", NULL);
+  snprintf(port, sizeof port, "%d", p);
+  snprintf(store, sizeof store, "%s/nats", b->dir);
+  mkdir(store, 0700);
+  nats_pid = fork();
+  if (nats_pid < 0) die("fork", NULL);
+  if (nats_pid == 0) {
+    setpgid(0, 0);
+    int devnull = open("/dev/null", O_WRONLY);
+    if (devnull >= 0) {
+      dup2(devnull, 1);
+      dup2(devnull, 2);
+    }
+    execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", store,
+           (char *)NULL);
+    execl("/usr/sbin/nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd",
+          store, (char *)NULL);
+    _exit(127);
+  }
+  atexit(stop_nats);
+  if (wait_port(p, 15000) != 0) die("nats-server did not start (is it installed?)", NULL);
+  snprintf(b->nats_url_buf, sizeof b->nats_url_buf, "nats://127.0.0.1:%d", p);
+  b->nats_url = b->nats_url_buf;
+}
+
+/* ---- participants and events -------------------------------------------------------------- */
+
 static int b_do(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
   int64_t fail = -1;
   saga_data_get_i64(saga_msg_data(m), "fail", &fail);
@@ -104,11 +255,18 @@ static void on_started(saga_node *n, int status, const char *id, int existed, vo
   uint64_t *t0 = arg;
   bench *b;
   memcpy(&b, t0 + 1, sizeof b);
-  if (status != SAGA_OK) {
-    fprintf(stderr, "start failed: %s\n", saga_strerror(status));
-    exit(1);
+  if (status != SAGA_OK) die("start failed", saga_strerror(status));
+  if (b->recovery) {
+    /* Phase A: keep a bounded window of starts queued, and stop once all are durable. */
+    b->pending_starts--;
+    b->acked_starts++;
+    if (b->started < b->sagas) start_one(b);
+    if (b->acked_starts == b->sagas) uv_stop(b->loop);
+  } else if (b->warming) {
+    snprintf(b->template_id, sizeof b->template_id, "%s", id);
+  } else {
+    map_put(b, key_of(id), t0[0]);
   }
-  map_put(b, key_of(id), t0[0]);
   free(t0);
 }
 
@@ -117,13 +275,19 @@ static void on_event(saga_node *n, const saga_event *ev, void *arg) {
   if (ev->type != SAGA_EV_COMPLETED && ev->type != SAGA_EV_SAGA_COMPENSATED &&
       ev->type != SAGA_EV_SAGA_FAILED)
     return;
+  if (b->warming) {
+    b->warming = ev->type == SAGA_EV_COMPLETED ? 2 : 3;
+    uv_stop(b->loop);
+    return;
+  }
   uint64_t t0;
-  if (map_take(b, key_of(ev->saga_id), &t0)) b->lat_ms[b->nlat++] = (uv_hrtime() - t0) / 1e6;
+  if (!b->recovery && map_take(b, key_of(ev->saga_id), &t0))
+    b->lat_ms[b->nlat++] = (uv_hrtime() - t0) / 1e6;
   b->finished++;
   b->completed += ev->type == SAGA_EV_COMPLETED;
   b->compensated += ev->type == SAGA_EV_SAGA_COMPENSATED;
   b->failed += ev->type == SAGA_EV_SAGA_FAILED;
-  if (b->started < b->sagas) start_one(b);
+  if (!b->recovery && b->started < b->sagas) start_one(b);
   if (b->finished == b->sagas) uv_stop(b->loop);
 }
 
@@ -138,21 +302,20 @@ static void start_one(bench *b) {
   memcpy(t0 + 1, &b, sizeof b);
   int rc = saga_start(b->orch, "bench", d, NULL, on_started, t0);
   saga_data_free(d);
-  if (rc != SAGA_OK) {
-    fprintf(stderr, "saga_start: %s\n", saga_node_errmsg(b->orch));
-    exit(1);
-  }
-  b->started++;
+  if (rc != SAGA_OK) die("saga_start", saga_node_errmsg(b->orch));
+  if (!b->warming) b->started++;
+  b->pending_starts++;
 }
 
-static saga_node *open_node(bench *b, const char *name, int port_self, int port_other) {
+/* ---- nodes -------------------------------------------------------------------------------- */
+
+static saga_transport *make_transport(bench *b, int orch) {
   saga_transport *t = NULL;
-  int rc;
-  if (b->tcp) {
+  int rc = SAGA_EINVAL;
+  if (b->transport == T_TCP) {
     char self[32], other[32];
-    snprintf(self, sizeof self, "127.0.0.1:%d", port_self);
-    snprintf(other, sizeof other, "127.0.0.1:%d", port_other);
-    int orch = strcmp(name, "orch") == 0;
+    snprintf(self, sizeof self, "127.0.0.1:%d", orch ? b->port_orch : b->port_part);
+    snprintf(other, sizeof other, "127.0.0.1:%d", orch ? b->port_part : b->port_orch);
     saga_tcp_route routes[] = {{"orch", orch ? self : other}, {"bench", orch ? other : self}};
     saga_tcp_config c;
     saga_tcp_config_init(&c);
@@ -160,12 +323,25 @@ static saga_node *open_node(bench *b, const char *name, int port_self, int port_
     c.routes = routes;
     c.nroutes = 2;
     rc = saga_tcp_transport_new(&t, &c);
+  } else if (b->transport == T_NATS) {
+#ifdef SAGA_BENCH_NATS
+    saga_nats_config c;
+    saga_nats_config_init(&c);
+    c.url = b->nats_url;
+    c.stream = b->nats_stream;
+    c.prefix = b->nats_prefix;
+    rc = saga_nats_transport_new(&t, &c);
+#endif
   } else {
     if (b->hub == NULL && saga_mem_hub_new(&b->hub, b->loop, NULL, NULL, NULL) != SAGA_OK)
-      exit(1);
+      die("saga_mem_hub_new", NULL);
     rc = saga_mem_transport_new(&t, b->hub);
   }
-  if (rc != SAGA_OK) exit(1);
+  if (rc != SAGA_OK) die("creating the transport", saga_strerror(rc));
+  return t;
+}
+
+static saga_node *open_node(bench *b, const char *name, saga_transport *t, uint32_t resend_ms) {
   char path[600], err[256];
   snprintf(path, sizeof path, "%s/%s.db", b->dir, name);
   saga_node_config cfg;
@@ -176,13 +352,45 @@ static saga_node *open_node(bench *b, const char *name, int port_self, int port_
   cfg.synchronous = (saga_sync)b->sync;
   cfg.on_event = strcmp(name, "orch") == 0 ? on_event : NULL;
   cfg.event_arg = b;
+  if (resend_ms) cfg.resend_ms = resend_ms;
   saga_node *n = NULL;
-  if (saga_node_open(&n, b->loop, &cfg, err, sizeof err) != SAGA_OK) {
-    fprintf(stderr, "%s: %s\n", name, err);
-    exit(1);
-  }
+  if (saga_node_open(&n, b->loop, &cfg, err, sizeof err) != SAGA_OK) die(name, err);
   return n;
 }
+
+static void setup_orch(bench *b, saga_node *n) {
+  saga_step steps[32];
+  memset(steps, 0, sizeof steps);
+  for (int i = 0; i < b->steps; i++) {
+    steps[i].name = "STEP";
+    steps[i].channel = "bench";
+    steps[i].action = "b.do";
+    steps[i].compensation = "b.undo";
+  }
+  saga_definition def = {SAGA_DEFINITION_VERSION, "bench", 1, steps, (size_t)b->steps, 0};
+  if (saga_node_register(n, &def) != SAGA_OK) die("register", saga_node_errmsg(n));
+  if (saga_node_start(n) < 0) die("start orchestrator", saga_node_errmsg(n));
+}
+
+static void setup_part(bench *b, saga_node *n) {
+  if (saga_node_handle(n, "bench", "b.do", b_do, NULL) != SAGA_OK ||
+      saga_node_handle(n, "bench", "b.undo", b_undo, NULL) != SAGA_OK)
+    die("handle", saga_node_errmsg(n));
+  if (saga_node_start(n) < 0) die("start participant", saga_node_errmsg(n));
+}
+
+static void closed(void *arg) { ((bench *)arg)->closed++; }
+
+/* Closes the nodes given (NULL skipped) and runs the loop until they are released. */
+static void close_nodes(bench *b, saga_node *x, saga_node *y) {
+  int want = b->closed + (x != NULL) + (y != NULL);
+  if (x != NULL) saga_node_close(x, closed, b);
+  if (y != NULL) saga_node_close(y, closed, b);
+  while (b->closed < want && uv_run(b->loop, UV_RUN_ONCE)) {
+  }
+}
+
+/* ---- measurements ------------------------------------------------------------------------- */
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -206,11 +414,24 @@ static int64_t db_bytes(saga_node *n) {
   return v;
 }
 
+/* Resident set size now, in bytes, from /proc/self/status (0 when unavailable). */
+static int64_t rss_bytes(void) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  int64_t kib = 0;
+  if (f == NULL) return 0;
+  while (fgets(line, sizeof line, f) != NULL)
+    if (sscanf(line, "VmRSS: %lld kB", (long long *)&kib) == 1) break;
+  fclose(f);
+  return kib * 1024;
+}
+
 /* The raw ceiling: the same number of commits, each with the same number of row writes of a
  * similar size, on plain SQLite with the same durability. Returns seconds. */
 static double ceiling(const char *dir, int sync, uint64_t commits, uint64_t rows) {
   char path[600];
   snprintf(path, sizeof path, "%s/ceiling.db", dir);
+  unlink(path);
   sqlite3 *db = NULL;
   sqlite3_open(path, &db);
   char pragmas[128];
@@ -244,119 +465,135 @@ static double ceiling(const char *dir, int sync, uint64_t commits, uint64_t rows
   return secs;
 }
 
-static void closed(void *arg) { ((bench *)arg)->closed++; }
+/* ---- history preload ---------------------------------------------------------------------- */
 
-int main(int argc, char **argv) {
-  bench b;
-  memset(&b, 0, sizeof b);
-  b.sagas = 10000;
-  b.steps = 3;
-  b.inflight = 100;
-  b.sync = SAGA_SYNC_FULL;
-  b.rng = 88172645463325252ull;
-  const char *json = NULL, *dir = NULL;
-  static const struct option opts[] = {
-      {"sagas", 1, 0, 'n'}, {"steps", 1, 0, 's'}, {"inflight", 1, 0, 'k'},
-      {"sync", 1, 0, 'y'},  {"transport", 1, 0, 't'}, {"fail", 1, 0, 'f'},
-      {"json", 1, 0, 'j'},  {"dir", 1, 0, 'd'},  {0, 0, 0, 0}};
-  int o;
-  while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-    switch (o) {
-    case 'n': b.sagas = atoi(optarg); break;
-    case 's': b.steps = atoi(optarg); break;
-    case 'k': b.inflight = atoi(optarg); break;
-    case 'y':
-      b.sync = strcmp(optarg, "off") == 0 ? SAGA_SYNC_OFF
-               : strcmp(optarg, "normal") == 0 ? SAGA_SYNC_NORMAL : SAGA_SYNC_FULL;
-      break;
-    case 't': b.tcp = strcmp(optarg, "tcp") == 0; break;
-    case 'f': b.fail = atof(optarg); break;
-    case 'j': json = optarg; break;
-    case 'd': dir = optarg; break;
-    default:
-      fprintf(stderr, "usage: saga_bench [--sagas N] [--steps S] [--inflight K] "
-                      "[--sync full|normal|off] [--transport mem|tcp] [--fail R] [--json F] "
-                      "[--dir D]\n");
-      return 2;
+static void exec_or_die(sqlite3 *db, const char *sql) {
+  char *err = NULL;
+  if (sqlite3_exec(db, sql, NULL, NULL, &err) != SQLITE_OK) {
+    fprintf(stderr, "saga_bench: preload: %s\n  in: %.300s\n", err ? err : "?", sql);
+    exit(1);
+  }
+}
+
+/*
+ * Clones every row the completed template saga left in the database at path (the nodes are
+ * closed) n times, with new saga ids, in one transaction. Tables and columns are read from
+ * the schema, so this follows schema changes: a table is cloned when it has a `saga_id`
+ * column (or is saga_instance, keyed by `id`); `msg_id` columns get the new id in place of the
+ * template's; `idem_key` becomes NULL; `*_ms` times are shifted as the id's time is; integer
+ * primary keys are left to SQLite. The new ids
+ * have the engine's shape (12 hex digits of milliseconds, then 20 more), with times before the
+ * template's, so the history sits where old sagas sit in every id-ordered index.
+ * Returns the number of rows written.
+ */
+static int64_t preload_db(const char *path, const char *tmpl, long n) {
+  sqlite3 *db = NULL;
+  if (sqlite3_open(path, &db) != SQLITE_OK) die("preload: open", path);
+  exec_or_die(db, "PRAGMA journal_mode=DELETE; PRAGMA synchronous=OFF; "
+                  "PRAGMA cache_size=-1048576; PRAGMA temp_store=MEMORY");
+  exec_or_die(db, "BEGIN");
+  /* Ids, in order. The template's first 12 digits are its start time in ms. */
+  char ms[13];
+  memcpy(ms, tmpl, 12);
+  ms[12] = '\0';
+  unsigned long long t_ms = strtoull(ms, NULL, 16);
+  unsigned long long base = t_ms > (unsigned long long)n / 8 + 86400000ull
+                                ? t_ms - (unsigned long long)n / 8 - 86400000ull
+                                : 0;
+  char sql[4096];
+  snprintf(sql, sizeof sql,
+           "CREATE TEMP TABLE ids(i INTEGER PRIMARY KEY, id TEXT NOT NULL);"
+           "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i < %ld) "
+           "INSERT INTO ids SELECT i, printf('%%012x%%016x%%04x', %llu + i / 8, i, i %% 65536) "
+           "FROM c",
+           n - 1, base);
+  exec_or_die(db, sql);
+  sqlite3_stmt *tables = NULL;
+  sqlite3_prepare_v2(db,
+                     "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE "
+                     "'sqlite_%' AND name NOT IN ('saga_outbox', 'saga_dead_letter') ORDER BY name",
+                     -1, &tables, NULL);
+  char names[32][64];
+  int ntables = 0;
+  while (sqlite3_step(tables) == SQLITE_ROW && ntables < 32)
+    snprintf(names[ntables++], sizeof names[0], "%s", sqlite3_column_text(tables, 0));
+  sqlite3_finalize(tables);
+  int64_t rows = 0;
+  for (int t = 0; t < ntables; t++) {
+    sqlite3_str *cols = sqlite3_str_new(db), *exprs = sqlite3_str_new(db);
+    char key[64] = "", order[64] = "";
+    sqlite3_stmt *info = NULL;
+    char *q = sqlite3_mprintf("SELECT name, type, pk FROM pragma_table_info(%Q)", names[t]);
+    sqlite3_prepare_v2(db, q, -1, &info, NULL);
+    sqlite3_free(q);
+    int ncols = 0;
+    while (sqlite3_step(info) == SQLITE_ROW) {
+      const char *c = (const char *)sqlite3_column_text(info, 0);
+      const char *type = (const char *)sqlite3_column_text(info, 1);
+      int pk = sqlite3_column_int(info, 2);
+      if (pk == 1 && strcasecmp(type, "INTEGER") == 0) continue; /* rowid alias */
+      const char *sep = ncols++ ? ", " : "";
+      sqlite3_str_appendf(cols, "%s\"%w\"", sep, c);
+      if (strcmp(c, "saga_id") == 0 ||
+          (strcmp(names[t], "saga_instance") == 0 && strcmp(c, "id") == 0)) {
+        snprintf(key, sizeof key, "%s", c);
+        sqlite3_str_appendf(exprs, "%sids.id", sep);
+      } else if (strcmp(c, "msg_id") == 0) {
+        sqlite3_str_appendf(exprs, "%sreplace(t.msg_id, %Q, ids.id)", sep, tmpl);
+      } else if (strcmp(c, "idem_key") == 0) {
+        sqlite3_str_appendf(exprs, "%sNULL", sep);
+      } else if (strlen(c) > 3 && strcmp(c + strlen(c) - 3, "_ms") == 0) {
+        /* Times move with the id: the history is as old as its ids say (a day and more). */
+        sqlite3_str_appendf(exprs, "%st.\"%w\" - %lld + (%llu + ids.i / 8)", sep, c,
+                            (long long)t_ms, base);
+      } else {
+        sqlite3_str_appendf(exprs, "%st.\"%w\"", sep, c);
+      }
+      if (strcmp(c, "seq") == 0 || strcmp(c, "step") == 0 || strcmp(c, "msg_id") == 0)
+        snprintf(order, sizeof order, ", t.%s", c);
     }
+    sqlite3_finalize(info);
+    char *cs = sqlite3_str_finish(cols), *es = sqlite3_str_finish(exprs);
+    if (key[0] != '\0' && cs != NULL && es != NULL) {
+      char *ins = sqlite3_mprintf("INSERT INTO \"%w\"(%s) SELECT %s FROM ids, (SELECT * FROM "
+                                  "\"%w\" WHERE \"%w\" = %Q) AS t ORDER BY ids.i%s",
+                                  names[t], cs, es, names[t], key, tmpl, order);
+      exec_or_die(db, ins);
+      sqlite3_free(ins);
+      rows += sqlite3_changes(db);
+    }
+    sqlite3_free(cs);
+    sqlite3_free(es);
   }
-  if (b.sagas < 1 || b.steps < 1 || b.steps > 32 || b.inflight < 1) return 2;
-  if (b.inflight > b.sagas) b.inflight = b.sagas;
-  if (dir != NULL) snprintf(b.dir, sizeof b.dir, "%s", dir);
-  else {
-    snprintf(b.dir, sizeof b.dir, "%s/saga_bench.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (mkdtemp(b.dir) == NULL) return 1;
-  }
-  size_t cap = 16;
-  while (cap < (size_t)b.inflight * 4) cap *= 2;
-  b.map = calloc(cap, sizeof *b.map);
-  b.mask = cap - 1;
-  b.lat_ms = calloc((size_t)b.sagas, sizeof *b.lat_ms);
-  b.loop = uv_default_loop();
-  int p1 = 20000 + (int)(getpid() % 20000), p2 = p1 + 1;
-  b.orch = open_node(&b, "orch", p1, p2);
-  b.part = open_node(&b, "part", p2, p1);
-  saga_step steps[32];
-  memset(steps, 0, sizeof steps);
-  for (int i = 0; i < b.steps; i++) {
-    steps[i].name = "STEP";
-    steps[i].channel = "bench";
-    steps[i].action = "b.do";
-    steps[i].compensation = "b.undo";
-  }
-  saga_definition def = {SAGA_DEFINITION_VERSION, "bench", 1, steps, (size_t)b.steps, 0};
-  if (saga_node_register(b.orch, &def) != SAGA_OK ||
-      saga_node_handle(b.part, "bench", "b.do", b_do, NULL) != SAGA_OK ||
-      saga_node_handle(b.part, "bench", "b.undo", b_undo, NULL) != SAGA_OK ||
-      saga_node_start(b.orch) < 0 || saga_node_start(b.part) < 0) {
-    fprintf(stderr, "setup failed\n");
-    return 1;
-  }
-  int changes0 = sqlite3_total_changes(saga_node_db(b.orch)) +
-                 sqlite3_total_changes(saga_node_db(b.part));
+  exec_or_die(db, "COMMIT");
+  exec_or_die(db, "PRAGMA journal_mode=WAL");
+  sqlite3_close(db);
+  return rows;
+}
+
+/* Runs one saga through the engine as the template of --preload, then closes the nodes
+ * and clones it into both databases. */
+static void preload(bench *b) {
+  b->warming = 1;
+  start_one(b);
+  uv_run(b->loop, UV_RUN_DEFAULT);
+  if (b->warming != 2 || b->template_id[0] == '\0') die("preload: template saga failed", NULL);
+  b->warming = 0;
+  close_nodes(b, b->orch, b->part);
+  b->orch = b->part = NULL;
+  char path[600];
   uint64_t t0 = uv_hrtime();
-  for (int i = 0; i < b.inflight; i++) start_one(&b);
-  uv_run(b.loop, UV_RUN_DEFAULT);
-  double secs = (double)(uv_hrtime() - t0) / 1e9;
+  snprintf(path, sizeof path, "%s/orch.db", b->dir);
+  int64_t rows = preload_db(path, b->template_id, b->preload);
+  snprintf(path, sizeof path, "%s/part.db", b->dir);
+  rows += preload_db(path, b->template_id, b->preload);
+  fprintf(stderr, "preloaded %ld completed sagas (%lld rows) in %.1f s\n", b->preload,
+          (long long)rows, (double)(uv_hrtime() - t0) / 1e9);
+}
 
-  saga_node_stats so, sp;
-  saga_node_stats_get(b.orch, &so);
-  saga_node_stats_get(b.part, &sp);
-  uint64_t commits = so.transactions + sp.transactions;
-  uint64_t rows = (uint64_t)(sqlite3_total_changes(saga_node_db(b.orch)) +
-                             sqlite3_total_changes(saga_node_db(b.part)) - changes0);
-  /* A compensated saga runs its steps up to the refused one and back. */
-  double steps_done = (double)b.completed * b.steps +
-                      (double)b.compensated * (2.0 * b.steps - 1);
-  double sps = steps_done / secs;
-  int64_t bytes = db_bytes(b.orch) + db_bytes(b.part);
-  struct rusage ru;
-  getrusage(RUSAGE_SELF, &ru);
-  double ceil_secs = ceiling(b.dir, b.sync, commits, rows);
-  double ceil_sps = steps_done / ceil_secs;
-  qsort(b.lat_ms, b.nlat, sizeof *b.lat_ms, cmp_double);
-  double p50 = pct(b.lat_ms, b.nlat, 0.50), p99 = pct(b.lat_ms, b.nlat, 0.99),
-         p999 = pct(b.lat_ms, b.nlat, 0.999);
-  const char *sync_name = b.sync == SAGA_SYNC_FULL ? "full" : b.sync == SAGA_SYNC_NORMAL ? "normal" : "off";
+/* ---- output ------------------------------------------------------------------------------- */
 
-  printf("sagas %d (completed %d, compensated %d, failed %d), %d steps each, %d in flight, "
-         "sync=%s, transport=%s\n",
-         b.sagas, b.completed, b.compensated, b.failed, b.steps, b.inflight, sync_name,
-         b.tcp ? "tcp" : "mem");
-  printf("engine:  %.0f sagas/s, %.0f steps/s, %llu commits, %llu row writes\n",
-         b.sagas / secs, sps, (unsigned long long)commits, (unsigned long long)rows);
-  printf("ceiling: %.0f steps/s (same commits and row writes on plain SQLite)\n", ceil_sps);
-  printf("latency: p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms\n", p50, p99, p999);
-  printf("memory:  peak RSS %ld KiB; database %.0f bytes per saga\n", ru.ru_maxrss,
-         (double)bytes / b.sagas);
-  char summary[600];
-  snprintf(summary, sizeof summary,
-           "sagas=%d steps=%d inflight=%d sync=%s transport=%s sagas_per_s=%.0f steps_per_s=%.0f "
-           "ceiling_steps_per_s=%.0f ratio=%.3f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
-           "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d",
-           b.sagas, b.steps, b.inflight, sync_name, b.tcp ? "tcp" : "mem", b.sagas / secs, sps,
-           ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b.sagas,
-           b.completed, b.compensated, b.failed);
+static void emit(const char *summary, const char *json) {
   if (json != NULL) {
     FILE *f = fopen(json, "w");
     if (f != NULL) {
@@ -368,7 +605,8 @@ int main(int argc, char **argv) {
         *eq = '\0';
         char *end;
         strtod(eq + 1, &end);
-        fprintf(f, *end ? "%s\"%s\": \"%s\"" : "%s\"%s\": %s", first ? "" : ", ", kv, eq + 1);
+        fprintf(f, *end || eq[1] == '\0' ? "%s\"%s\": \"%s\"" : "%s\"%s\": %s",
+                first ? "" : ", ", kv, eq + 1);
         first = 0;
       }
       fprintf(f, "}\n");
@@ -376,15 +614,250 @@ int main(int argc, char **argv) {
       fclose(f);
     }
   }
-  saga_node_close(b.orch, closed, &b);
-  saga_node_close(b.part, closed, &b);
-  while (b.closed < 2 && uv_run(b.loop, UV_RUN_ONCE)) {
+}
+
+static const char *sync_name(int sync) {
+  return sync == SAGA_SYNC_FULL ? "full" : sync == SAGA_SYNC_NORMAL ? "normal" : "off";
+}
+
+/* ---- the recovery run --------------------------------------------------------------------- */
+
+static double ms_since(uint64_t t0) { return (double)(uv_hrtime() - t0) / 1e6; }
+
+static void run_recovery(bench *b, char *summary, size_t len) {
+  /* Phase A: N sagas in flight, their commands in the outbox, nobody answering. The resend
+   * interval is set long so that phase A does not spend its time resending. */
+  b->orch = open_node(b, "orch", sink_new(), 3600 * 1000);
+  setup_orch(b, b->orch);
+  uv_run(b->loop, UV_RUN_NOWAIT);
+  int64_t rss0 = rss_bytes(), sql0 = sqlite3_memory_used();
+  uint64_t ta = uv_hrtime();
+  /* A bounded window of queued starts, refilled from their callbacks. */
+  int window = b->sagas < 1024 ? b->sagas : 1024;
+  for (int i = 0; i < window; i++) start_one(b);
+  uv_run(b->loop, UV_RUN_DEFAULT);
+  double phase_a_s = (double)(uv_hrtime() - ta) / 1e9;
+  int64_t rss1 = rss_bytes(), sql1 = sqlite3_memory_used();
+  int64_t outbox = saga_node_outbox_depth(b->orch);
+  saga_node_stats sa;
+  saga_node_stats_get(b->orch, &sa);
+  close_nodes(b, b->orch, NULL);
+  b->orch = NULL;
+  double per = (double)(rss1 - rss0) / b->sagas, per_sql = (double)(sql1 - sql0) / b->sagas;
+  printf("phase A: %d sagas in flight in %.2f s; outbox %lld rows; RSS +%.0f bytes per saga "
+         "(SQLite heap +%.0f)\n",
+         b->sagas, phase_a_s, (long long)outbox, per, per_sql);
+
+  /* Phase B: reopen on the real transport; the participant is not there yet. */
+  uint64_t t0 = uv_hrtime();
+  b->orch = open_node(b, "orch", make_transport(b, 1), b->resend_ms);
+  setup_orch(b, b->orch);
+  double open_ms = ms_since(t0);
+  saga_node_stats s;
+  for (;;) {
+    saga_node_stats_get(b->orch, &s);
+    if (s.sent + s.resent >= (uint64_t)b->sagas) break;
+    if (uv_run(b->loop, UV_RUN_ONCE) == 0) break;
   }
+  double resume_ms = ms_since(t0);
+  uint64_t t1 = uv_hrtime();
+  b->part = open_node(b, "part", make_transport(b, 0), b->resend_ms);
+  setup_part(b, b->part);
+  if (b->finished < b->sagas) uv_run(b->loop, UV_RUN_DEFAULT);
+  double finish_ms = ms_since(t1);
+  saga_node_stats_get(b->orch, &s);
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  printf("recovery of %d in-flight sagas, sync=%s, transport=%s\n", b->sagas, sync_name(b->sync),
+         transport_names[b->transport]);
+  printf("reopen:  open+register+start %.1f ms; every pending command handed to the transport "
+         "%.1f ms\n",
+         open_ms, resume_ms);
+  printf("finish:  all sagas ended %.1f ms after the participant opened (%.0f steps/s); %llu "
+         "commands resent\n",
+         finish_ms, (double)b->sagas * b->steps / (finish_ms / 1e3),
+         (unsigned long long)s.resent);
+  snprintf(summary, len,
+           "mode=recovery sagas=%d steps=%d inflight=%d sync=%s transport=%s "
+           "recovery_open_ms=%.1f recovery_resume_ms=%.1f recovery_finish_ms=%.1f "
+           "recovery_outbox=%lld recovery_resent=%llu bytes_per_inflight=%.0f "
+           "sqlite_bytes_per_inflight=%.0f phase_a_s=%.2f peak_rss_kib=%ld completed=%d "
+           "compensated=%d failed=%d",
+           b->sagas, b->steps, b->sagas, sync_name(b->sync), transport_names[b->transport],
+           open_ms, resume_ms, finish_ms, (long long)outbox, (unsigned long long)s.resent, per,
+           per_sql, phase_a_s, ru.ru_maxrss, b->completed, b->compensated, b->failed);
+  (void)sa;
+}
+
+/* ---- the throughput run ------------------------------------------------------------------- */
+
+static void run_throughput(bench *b, char *summary, size_t len) {
+  b->orch = open_node(b, "orch", make_transport(b, 1), b->resend_ms);
+  b->part = open_node(b, "part", make_transport(b, 0), b->resend_ms);
+  setup_orch(b, b->orch);
+  setup_part(b, b->part);
+  if (b->preload > 0) {
+    preload(b);
+    b->orch = open_node(b, "orch", make_transport(b, 1), b->resend_ms);
+    b->part = open_node(b, "part", make_transport(b, 0), b->resend_ms);
+    setup_orch(b, b->orch);
+    setup_part(b, b->part);
+  }
+  int64_t bytes0 = db_bytes(b->orch) + db_bytes(b->part);
+  int changes0 = sqlite3_total_changes(saga_node_db(b->orch)) +
+                 sqlite3_total_changes(saga_node_db(b->part));
+  saga_node_stats so0, sp0;
+  saga_node_stats_get(b->orch, &so0);
+  saga_node_stats_get(b->part, &sp0);
+  uint64_t t0 = uv_hrtime();
+  for (int i = 0; i < b->inflight; i++) start_one(b);
+  uv_run(b->loop, UV_RUN_DEFAULT);
+  double secs = (double)(uv_hrtime() - t0) / 1e9;
+
+  saga_node_stats so, sp;
+  saga_node_stats_get(b->orch, &so);
+  saga_node_stats_get(b->part, &sp);
+  uint64_t commits = so.transactions + sp.transactions - so0.transactions - sp0.transactions;
+  uint64_t rows = (uint64_t)(sqlite3_total_changes(saga_node_db(b->orch)) +
+                             sqlite3_total_changes(saga_node_db(b->part)) - changes0);
+  /* A compensated saga runs its steps up to the refused one and back. */
+  double steps_done = (double)b->completed * b->steps +
+                      (double)b->compensated * (2.0 * b->steps - 1);
+  double sps = steps_done / secs;
+  int64_t bytes = db_bytes(b->orch) + db_bytes(b->part) - bytes0;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  double ceil_secs = ceiling(b->dir, b->sync, commits, rows);
+  double ceil_sps = steps_done / ceil_secs;
+  qsort(b->lat_ms, b->nlat, sizeof *b->lat_ms, cmp_double);
+  double p50 = pct(b->lat_ms, b->nlat, 0.50), p99 = pct(b->lat_ms, b->nlat, 0.99),
+         p999 = pct(b->lat_ms, b->nlat, 0.999);
+  const char *tn = transport_names[b->transport];
+
+  printf("sagas %d (completed %d, compensated %d, failed %d), %d steps each, %d in flight, "
+         "sync=%s, transport=%s, %ld completed sagas preloaded\n",
+         b->sagas, b->completed, b->compensated, b->failed, b->steps, b->inflight,
+         sync_name(b->sync), tn, b->preload);
+  printf("engine:  %.0f sagas/s, %.0f steps/s, %llu commits, %llu row writes\n",
+         b->sagas / secs, sps, (unsigned long long)commits, (unsigned long long)rows);
+  printf("ceiling: %.0f steps/s (same commits and row writes on plain SQLite)\n", ceil_sps);
+  printf("latency: p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms\n", p50, p99, p999);
+  printf("memory:  peak RSS %ld KiB; database %.0f bytes per saga\n", ru.ru_maxrss,
+         (double)bytes / b->sagas);
+  snprintf(summary, len,
+           "sagas=%d steps=%d inflight=%d sync=%s transport=%s sagas_per_s=%.0f steps_per_s=%.0f "
+           "ceiling_steps_per_s=%.0f ratio=%.3f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
+           "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
+           "mode=run preloaded=%ld commits=%llu row_writes=%llu",
+           b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
+           ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
+           b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
+           (unsigned long long)rows);
+}
+
+static void usage(void) {
+  fprintf(stderr,
+          "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
+          "                  [--transport mem|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
+          "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n");
+}
+
+int main(int argc, char **argv) {
+  bench b;
+  memset(&b, 0, sizeof b);
+  b.sagas = 10000;
+  b.steps = 3;
+  b.inflight = 100;
+  b.sync = SAGA_SYNC_FULL;
+  b.rng = 88172645463325252ull;
+  const char *json = NULL, *dir = NULL;
+  static const struct option opts[] = {
+      {"sagas", 1, 0, 'n'},     {"steps", 1, 0, 's'},    {"inflight", 1, 0, 'k'},
+      {"sync", 1, 0, 'y'},      {"transport", 1, 0, 't'}, {"fail", 1, 0, 'f'},
+      {"json", 1, 0, 'j'},      {"dir", 1, 0, 'd'},      {"nats-url", 1, 0, 'u'},
+      {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
+      {"resend-ms", 1, 0, 'R'}, {0, 0, 0, 0}};
+  int o;
+  while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    switch (o) {
+    case 'n': b.sagas = atoi(optarg); break;
+    case 's': b.steps = atoi(optarg); break;
+    case 'k': b.inflight = atoi(optarg); break;
+    case 'y':
+      if (strcmp(optarg, "off") == 0) b.sync = SAGA_SYNC_OFF;
+      else if (strcmp(optarg, "normal") == 0) b.sync = SAGA_SYNC_NORMAL;
+      else if (strcmp(optarg, "full") == 0) b.sync = SAGA_SYNC_FULL;
+      else return usage(), 2;
+      break;
+    case 't':
+      if (strcmp(optarg, "mem") == 0) b.transport = T_MEM;
+      else if (strcmp(optarg, "tcp") == 0) b.transport = T_TCP;
+      else if (strcmp(optarg, "nats") == 0) b.transport = T_NATS;
+      else return usage(), 2;
+      break;
+    case 'f': b.fail = atof(optarg); break;
+    case 'j': json = optarg; break;
+    case 'd': dir = optarg; break;
+    case 'u': b.nats_url = optarg; break;
+    case 'p': b.preload = atol(optarg); break;
+    case 'r': b.recovery = atoi(optarg); break;
+    case 'P': b.paused = 1; break;
+    case 'R': b.resend_ms = (uint32_t)atol(optarg); break;
+    default: usage(); return 2;
+    }
+  }
+  if (b.paused && b.recovery == 0) b.recovery = b.inflight;
+  if (b.recovery > 0) b.sagas = b.inflight = b.recovery;
+  if (b.sagas < 1 || b.steps < 1 || b.steps > 32 || b.inflight < 1 || b.preload < 0 ||
+      b.recovery < 0)
+    return usage(), 2;
+  if (b.transport == T_NATS) {
+#ifndef SAGA_BENCH_NATS
+    fprintf(stderr, "saga_bench: built without the NATS transport (libnats not found)\n");
+    return 2;
+#endif
+  }
+  if (b.inflight > b.sagas) b.inflight = b.sagas;
+  if (dir != NULL) {
+    snprintf(b.dir, sizeof b.dir, "%s", dir);
+    mkdir(b.dir, 0700);
+  } else {
+    snprintf(b.dir, sizeof b.dir, "%s/saga_bench.XXXXXX",
+             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (mkdtemp(b.dir) == NULL) return 1;
+  }
+  size_t cap = 16;
+  while (cap < (size_t)b.inflight * 4) cap *= 2;
+  b.map = calloc(cap, sizeof *b.map);
+  b.mask = cap - 1;
+  b.lat_ms = calloc((size_t)b.sagas, sizeof *b.lat_ms);
+  b.loop = uv_default_loop();
+  if (b.transport == T_TCP) {
+    b.port_orch = free_port();
+    b.port_part = free_port();
+    while (b.port_part == b.port_orch) b.port_part = free_port();
+  }
+  if (b.transport == T_NATS) {
+    if (b.nats_url == NULL) start_nats(&b);
+    /* A stream of its own, so that runs against a shared server never meet. */
+    snprintf(b.nats_stream, sizeof b.nats_stream, "BENCH_%d_%u", (int)getpid(),
+             (unsigned)(uv_hrtime() % 1000000));
+    snprintf(b.nats_prefix, sizeof b.nats_prefix, "bench%d_%u", (int)getpid(),
+             (unsigned)(uv_hrtime() % 1000000));
+  }
+
+  char summary[1024];
+  if (b.recovery > 0) run_recovery(&b, summary, sizeof summary);
+  else run_throughput(&b, summary, sizeof summary);
+  emit(summary, json);
+
+  close_nodes(&b, b.orch, b.part);
   if (b.hub != NULL) saga_mem_hub_close(b.hub);
   uv_run(b.loop, UV_RUN_DEFAULT);
   uv_loop_close(b.loop);
   free(b.map);
   free(b.lat_ms);
+  stop_nats();
   printf("%s\n", summary);
   int ok = b.completed + b.compensated == b.sagas && b.failed == 0;
   if (dir == NULL) {
