@@ -89,10 +89,64 @@ static void test_newer_schema_refused(void **state) {
   th_rmdir(dir);
 }
 
+static int64_t q_int(sqlite3 *db, const char *sql) {
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  int64_t v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* A database at schema version 1 (the first release's) is brought to the latest version on
+ * open, keeping its rows, and the node then uses it. */
+static void test_migrate_from_v1(void **state) {
+  FILE *f = fopen(SAGA_SCHEMA_FILE, "rb");
+  assert_non_null(f);
+  static char sql[1 << 16];
+  size_t len = fread(sql, 1, sizeof sql - 1, f);
+  fclose(f);
+  sql[len] = '\0';
+  char *m2 = strstr(sql, "-- migration 2");
+  assert_non_null(m2);
+  *m2 = '\0'; /* keep migration 1 only */
+  char *dir = th_tmpdir();
+  char *path = th_path(dir, "v1.db");
+  sqlite3 *db = NULL;
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+  assert_int_equal(
+      sqlite3_exec(db,
+                   "PRAGMA user_version = 1;"
+                   "INSERT INTO saga_instance(id, def_name, def_version, state, phase, step,"
+                   " attempt, wait, data, created_ms, updated_ms) VALUES"
+                   " ('a', 'd', 1, 3, 0, 2, 1, 0, x'80', 1, 2),"
+                   " ('b', 'd', 1, 4, 1, 0, 1, 0, x'80', 1, 2),"
+                   " ('c', 'd', 1, 5, 1, 0, 1, 0, x'80', 1, 2);",
+                   NULL, NULL, NULL),
+      SQLITE_OK);
+  sqlite3_close(db);
+  assert_int_equal(open_once(path), 0);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_true(q_int(db, "PRAGMA user_version") >= 2);
+  assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
+  assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND"
+                             " name = 'saga_instance_done'"), 1);
+  /* The purge's query uses the partial index, and sees finished sagas only. */
+  assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance INDEXED BY saga_instance_done"
+                             " WHERE state IN (3, 4) AND updated_ms < 10"), 2);
+  sqlite3_close(db);
+  /* Opening again applies nothing twice. */
+  assert_int_equal(open_once(path), 0);
+  free(path);
+  th_rmdir(dir);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_concurrent_first_open),
       cmocka_unit_test(test_newer_schema_refused),
+      cmocka_unit_test(test_migrate_from_v1),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

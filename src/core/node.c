@@ -418,7 +418,26 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
   return rc;
 }
 
+/* A confirmed outbox row: one DELETE, atomic by itself, so no savepoint around it. */
+static void process_sent(saga_node *n, saga__work *w, int *broken) {
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_DELETE);
+  sqlite3_bind_int64(st, 1, (sqlite3_int64)w->tag);
+  int rc = saga__store_exec(&n->store, ST_OUTBOX_DELETE);
+  if (rc != SAGA_OK) {
+    rc = saga__node_db_fail(n, rc, "deleting confirmed outbox row");
+    /* A failed statement leaves the transaction usable unless SQLite rolled it back. */
+    if (sqlite3_get_autocommit(n->store.db)) *broken = 1;
+  } else if (sqlite3_changes(n->store.db) > 0) {
+    n->stats.acked_out++;
+  }
+  w->status = rc;
+}
+
 static int process_item(saga_node *n, saga__queue *q, saga__work *w, int *broken) {
+  if (w->type == W_SENT) {
+    process_sent(n, w, broken);
+    return w->status;
+  }
   int rc = saga__store_exec(&n->store, ST_SP_ITEM);
   if (rc != SAGA_OK) {
     *broken = 1;
@@ -451,14 +470,8 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int *broken
     w->ack = rc == SAGA_OK;
     break;
   }
-  case W_SENT: {
-    sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_DELETE);
-    sqlite3_bind_int64(st, 1, (sqlite3_int64)w->tag);
-    rc = saga__store_exec(&n->store, ST_OUTBOX_DELETE);
-    if (rc != SAGA_OK) rc = saga__node_db_fail(n, rc, "deleting confirmed outbox row");
-    else if (sqlite3_changes(n->store.db) > 0) n->stats.acked_out++;
+  case W_SENT: /* process_sent() */
     break;
-  }
   }
   w->status = rc;
   int rc2;

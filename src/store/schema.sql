@@ -82,3 +82,12 @@ CREATE TABLE saga_dead_letter (
   reason  TEXT NOT NULL,
   body    BLOB NOT NULL
 );
+
+-- migration 2
+-- Indexes that cost less per step, and one for retention. The state index no longer holds
+-- updated_ms (which changes on every save, so every save moved the entry); finished sagas
+-- (COMPLETED, COMPENSATED) get a partial index by age for the purge, which running sagas
+-- never touch. The participant step record gets an age index for the purge too.
+DROP INDEX saga_instance_state;
+CREATE INDEX saga_instance_state ON saga_instance(state);
+CREATE INDEX saga_instance_done ON saga_instance(updated_ms) WHERE state IN (3, 4);

@@ -186,7 +186,8 @@ int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync
   sqlite3_busy_timeout(s->db, (int)busy_ms);
   char pragmas[160];
   snprintf(pragmas, sizeof pragmas,
-           "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;",
+           "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;"
+           " PRAGMA cache_size=-16384;",
            sync == SAGA_SYNC_OFF ? "OFF" : sync == SAGA_SYNC_NORMAL ? "NORMAL" : "FULL");
   char *msg = NULL;
   /* Switching to WAL needs a lock that SQLite does not wait for (no busy handler there):
