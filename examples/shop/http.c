@@ -31,6 +31,7 @@ struct shop_http {
   int port;
   shop_req *live;   /* requests not yet completed (to answer or close at stop) */
   int stopping;
+  uint64_t answered[SHOP_HTTP_CODES]; /* answers by status code - 100 (for /metrics) */
 };
 
 struct shop_sse {
@@ -88,6 +89,7 @@ static void set_response(shop_req *r, unsigned status, struct MHD_Response *resp
   }
   r->resp = resp;
   r->status = status;
+  if (status >= 100 && status < 100 + SHOP_HTTP_CODES) r->h->answered[status - 100]++;
   if (r->suspended) {
     r->suspended = 0;
     MHD_resume_connection(r->conn);
@@ -401,6 +403,11 @@ int shop_http_start(shop_http **out, uv_loop_t *loop, const char *bind_addr, int
 }
 
 int shop_http_port(const shop_http *h) { return h->port; }
+
+uint64_t shop_http_answered(const shop_http *h, int status) {
+  return h != NULL && status >= 100 && status < 100 + SHOP_HTTP_CODES ? h->answered[status - 100]
+                                                                        : 0;
+}
 
 static void closed_free(uv_handle_t *hd) {
   shop_http *h = hd->data;

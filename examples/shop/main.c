@@ -1,45 +1,306 @@
 /*
- * The shop's process. Embedded (the default): every service on one loop over the in-memory
- * transport, SQLite files in --data, the whole API on one port. Distributed: --service NAME
- * runs one service as its own process over TCP (--tcp-* options) or NATS (--nats URL).
+ * The shop's process (docs/shop.md, "Running it").
  *
- *   shop [--data DIR] [--port N] [--secret S] [--payment-limit N]
+ * Embedded (the default): every service on one loop over the in-memory transport, SQLite
+ * files in --data, the whole API on one port.
  *
- * Prints "listening on PORT" once it serves, and stops on SIGINT/SIGTERM.
+ *   shop [--data DIR] [--port N] [--bind ADDR] [--secret S] [--payment-limit N]
+ *
+ * Distributed: --service NAME runs one service as its own process, with its own database in
+ * --data and its own HTTP port, its node talking to the others over TCP or NATS JetStream:
+ *
+ *   shop --service account ...                      (no saga node: no transport options)
+ *   shop --service NAME --transport tcp --tcp-listen HOST:PORT
+ *        --tcp-route CHANNEL=HOST:PORT [--tcp-route ...] ...
+ *   shop --service NAME --transport nats [--nats URL] [--nats-ack-wait MS] ...
+ *   shop --service purchase --product-url http://HOST:PORT ...   (the product check)
+ *
+ * Over TCP every node listens on --tcp-listen, and --tcp-route says where each channel it
+ * sends to is served (the channels are the node names product, order, payment, orchestrator,
+ * purchase, and purchase.events, served by the purchase node; a route for "purchase" also
+ * routes "purchase.events" unless that has its own). The same route list may be given to
+ * every service (scripts/shop_cluster.sh does); the routes a service needs are checked.
+ *
+ * Prints "listening on PORT" once it serves, and stops cleanly on SIGINT/SIGTERM.
+ * `shop --free-ports N` prints N distinct TCP ports of 127.0.0.1 that were free (for scripts).
  */
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <saga/transport_tcp.h>
+#ifdef SHOP_HAVE_NATS
+#include <saga/transport_nats.h>
+#endif
 
 #include "shop.h"
 
+/* The node services, in the order of the embedded process. */
 static const char *const node_names[] = {"product", "order", "payment", "orchestrator",
                                          "purchase"};
-enum { N_NODES = 5 };
+enum { N_NODES = 5, MAX_ROUTES = 32 };
+
+/* What each node sends to (TCP routes it needs): participants reply to the orchestrator;
+ * the orchestrator commands the participants, replies to the purchase node and publishes
+ * events; the purchase node commands the orchestrator. */
+static const char *const needs[N_NODES][6] = {
+    {SHOP_CH_ORCHESTRATOR, NULL},
+    {SHOP_CH_ORCHESTRATOR, NULL},
+    {SHOP_CH_ORCHESTRATOR, NULL},
+    {SHOP_CH_PRODUCT, SHOP_CH_ORDER, SHOP_CH_PAYMENT, "purchase", SHOP_EVENTS, NULL},
+    {SHOP_CH_ORCHESTRATOR, NULL},
+};
+
+typedef struct options {
+  const char *service;   /* NULL: embedded */
+  const char *transport; /* "tcp" or "nats" */
+  const char *tcp_listen;
+  saga_tcp_route routes[MAX_ROUTES];
+  char *route_buf[MAX_ROUTES]; /* "channel\0address" copies */
+  size_t nroutes;
+  const char *nats_url;
+  long nats_ack_wait_ms;
+  const char *bind;
+  int port;
+} options;
 
 typedef struct app {
   uv_loop_t *loop;
   shop_ctx ctx;
+  options o;
   saga_mem_hub *hub;
   saga_node *nodes[N_NODES];
+  int node_index[N_NODES]; /* nodes[k] runs node_names[node_index[k]] */
+  int nnodes;
   uv_signal_t sigint, sigterm;
   int closing, closed;
   char product_db[512];
 } app;
 
+static const char usage[] =
+    "usage: shop [--data DIR] [--port N] [--bind ADDR] [--secret S] [--payment-limit N]\n"
+    "            [--service NAME [--transport tcp|nats] [--tcp-listen HOST:PORT]\n"
+    "             [--tcp-route CHANNEL=HOST:PORT]... [--nats URL] [--nats-ack-wait MS]\n"
+    "             [--product-url URL]]\n"
+    "       shop --free-ports N\n"
+    "  without --service: every service in this process (embedded, in-memory transport)\n"
+    "  --service: account, product, order, payment, orchestrator or purchase, alone;\n"
+    "    every service but account needs --transport (tcp: --tcp-listen and the routes of the\n"
+    "    channels it sends to; nats: --nats URL, default nats://127.0.0.1:4222);\n"
+    "    purchase needs --product-url (the product service's base URL, to check products)\n";
+
+static int bad(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int bad(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(stderr, "shop: ");
+  vfprintf(stderr, fmt, ap);
+  fprintf(stderr, "\n%s", usage);
+  va_end(ap);
+  return 2;
+}
+
+/* A whole decimal in [lo, hi]; 0 or -1. */
+static int parse_long(const char *s, long lo, long hi, long *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi) return -1;
+  *out = v;
+  return 0;
+}
+
+static int service_index(const char *name) {
+  for (int i = 0; i < N_NODES; i++)
+    if (strcmp(node_names[i], name) == 0) return i;
+  return -1;
+}
+
+static const char *route_of(const options *o, const char *channel) {
+  for (size_t i = 0; i < o->nroutes; i++)
+    if (strcmp(o->routes[i].channel, channel) == 0) return o->routes[i].address;
+  return NULL;
+}
+
+/* Prints n distinct free ports of 127.0.0.1 (all bound at once, so they differ). */
+static int free_ports(long n) {
+  int fds[64];
+  int rc = 0;
+  for (long i = 0; i < n; i++) fds[i] = -1;
+  for (long i = 0; i < n && rc == 0; i++) {
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+    if (fds[i] < 0 || bind(fds[i], (struct sockaddr *)&a, sizeof a) != 0 ||
+        getsockname(fds[i], (struct sockaddr *)&a, &len) != 0) {
+      perror("shop: --free-ports");
+      rc = 1;
+    } else {
+      printf("%d\n", ntohs(a.sin_port));
+    }
+  }
+  for (long i = 0; i < n; i++)
+    if (fds[i] >= 0) close(fds[i]);
+  return rc;
+}
+
+/* Parses argv into a and o. 0, or the exit status (usage printed). */
+static int parse_args(app *a, int argc, char **argv) {
+  options *o = &a->o;
+  int transport_opts = 0;
+  const char *transport_flag = NULL;
+  for (int i = 1; i < argc; i++) {
+    const char *f = argv[i];
+    if (strcmp(f, "--help") == 0 || strcmp(f, "-h") == 0) {
+      printf("%s", usage);
+      return -1;
+    }
+    if (strncmp(f, "--", 2) != 0) return bad("unexpected argument '%s'", f);
+    if (i + 1 >= argc) return bad("%s needs a value", f);
+    const char *v = argv[++i];
+    long n;
+    if (strcmp(f, "--data") == 0) {
+      if (v[0] == '\0') return bad("%s: empty folder name", f);
+      a->ctx.data_dir = v;
+    } else if (strcmp(f, "--port") == 0) {
+      if (parse_long(v, 0, 65535, &n) != 0) return bad("--port: '%s' is not a port (0..65535)", v);
+      o->port = (int)n;
+    } else if (strcmp(f, "--bind") == 0) {
+      struct sockaddr_in sa;
+      if (uv_ip4_addr(v, 0, &sa) != 0) return bad("--bind: '%s' is not an IPv4 address", v);
+      o->bind = v;
+    } else if (strcmp(f, "--secret") == 0) {
+      if (v[0] == '\0') return bad("%s: the secret must not be empty", f);
+      a->ctx.jwt_secret = v;
+    } else if (strcmp(f, "--payment-limit") == 0) {
+      if (parse_long(v, 0, (long)(INT64_MAX / 2), &n) != 0)
+        return bad("--payment-limit: '%s' is not a non-negative integer", v);
+      a->ctx.payment_limit = n;
+    } else if (strcmp(f, "--free-ports") == 0) {
+      if (parse_long(v, 1, 64, &n) != 0) return bad("--free-ports: '%s' is not 1..64", v);
+      return free_ports(n) == 0 ? -1 : 1;
+    } else if (strcmp(f, "--service") == 0) {
+      if (strcmp(v, "account") != 0 && service_index(v) < 0)
+        return bad("--service: unknown service '%s' (account, product, order, payment, "
+                   "orchestrator, purchase)",
+                   v);
+      o->service = v;
+    } else if (strcmp(f, "--transport") == 0) {
+      if (strcmp(v, "tcp") != 0 && strcmp(v, "nats") != 0)
+        return bad("--transport: '%s' is not tcp or nats", v);
+      o->transport = v;
+    } else if (strcmp(f, "--tcp-listen") == 0) {
+      transport_flag = f, transport_opts |= 1;
+      o->tcp_listen = v;
+    } else if (strcmp(f, "--tcp-route") == 0) {
+      transport_flag = f, transport_opts |= 1;
+      const char *eq = strchr(v, '=');
+      if (eq == NULL || eq == v || eq[1] == '\0')
+        return bad("--tcp-route: '%s' is not CHANNEL=HOST:PORT", v);
+      if (o->nroutes == MAX_ROUTES) return bad("--tcp-route: more than %d routes", MAX_ROUTES);
+      char *copy = strdup(v);
+      if (copy == NULL) return 1;
+      copy[eq - v] = '\0';
+      if (route_of(o, copy) != NULL) {
+        free(copy);
+        return bad("--tcp-route: channel of '%s' routed twice", v);
+      }
+      o->route_buf[o->nroutes] = copy;
+      o->routes[o->nroutes].channel = copy;
+      o->routes[o->nroutes].address = copy + (eq - v) + 1;
+      o->nroutes++;
+    } else if (strcmp(f, "--nats") == 0) {
+      transport_flag = f, transport_opts |= 2;
+      o->nats_url = v;
+    } else if (strcmp(f, "--nats-ack-wait") == 0) {
+      transport_flag = f, transport_opts |= 2;
+      if (parse_long(v, 100, 3600000, &n) != 0)
+        return bad("--nats-ack-wait: '%s' is not 100..3600000 (ms)", v);
+      o->nats_ack_wait_ms = n;
+    } else if (strcmp(f, "--product-url") == 0) {
+      if ((strncmp(v, "http://", 7) != 0 && strncmp(v, "https://", 8) != 0) || strlen(v) > 512)
+        return bad("--product-url: '%s' is not an http:// or https:// URL", v);
+      a->ctx.product_url = v;
+    } else {
+      return bad("unknown option '%s'", f);
+    }
+  }
+
+  /* Consistency. */
+  if (o->service == NULL) {
+    if (o->transport != NULL || transport_opts != 0)
+      return bad("%s only applies with --service (embedded mode uses the in-memory transport)",
+                 o->transport != NULL ? "--transport" : transport_flag);
+    if (a->ctx.product_url != NULL)
+      return bad("%s only applies with --service purchase", "--product-url");
+    return 0;
+  }
+  if (a->ctx.product_url != NULL && strcmp(o->service, "purchase") != 0)
+    return bad("%s only applies with --service purchase", "--product-url");
+  if (strcmp(o->service, "account") == 0) {
+    if (o->transport != NULL || transport_opts != 0)
+      return bad("the account service has no saga node: %s does not apply",
+                 o->transport != NULL ? "--transport" : transport_flag);
+    return 0;
+  }
+  if (o->transport == NULL) return bad("--service %s needs --transport tcp or nats", o->service);
+  if (strcmp(o->transport, "tcp") == 0) {
+    if (transport_opts & 2) return bad("%s is a NATS option (--transport tcp given)", transport_flag);
+    if (o->tcp_listen == NULL) return bad("--service %s needs --tcp-listen HOST:PORT", o->service);
+    /* "purchase" routes "purchase.events" too unless that has its own route. */
+    const char *pur = route_of(o, "purchase");
+    if (pur != NULL && route_of(o, SHOP_EVENTS) == NULL && o->nroutes < MAX_ROUTES) {
+      o->routes[o->nroutes].channel = SHOP_EVENTS;
+      o->routes[o->nroutes].address = pur;
+      o->nroutes++;
+    }
+    int k = service_index(o->service);
+    for (int j = 0; needs[k][j] != NULL; j++)
+      if (route_of(o, needs[k][j]) == NULL) {
+        fprintf(stderr, "shop: --service %s sends to channel '%s': give --tcp-route %s=HOST:PORT\n%s",
+                o->service, needs[k][j], needs[k][j], usage);
+        return 2;
+      }
+  } else {
+#ifndef SHOP_HAVE_NATS
+    return bad("--transport %s: this shop was built without the NATS transport (libnats-dev)",
+               "nats");
+#endif
+    if (transport_opts & 1) return bad("%s is a TCP option (--transport nats given)", transport_flag);
+  }
+  if (strcmp(o->service, "purchase") == 0 && a->ctx.product_url == NULL)
+    return bad("--service purchase needs --product-url URL (%s, to check that products exist)",
+               "the product service's base URL");
+  return 0;
+}
+
+/* ---- nodes ------------------------------------------------------------------------------ */
+
 static void log_cb(void *arg, saga_log_level lvl, const char *msg) {
   if (lvl >= SAGA_LOG_WARN) fprintf(stderr, "[%s] %s\n", (const char *)arg, msg);
 }
 
+static void all_closed(app *a) {
+  if (a->hub) saga_mem_hub_close(a->hub);
+  uv_close((uv_handle_t *)&a->sigint, NULL);
+  uv_close((uv_handle_t *)&a->sigterm, NULL);
+}
+
 static void node_closed(void *arg) {
   app *a = arg;
-  if (++a->closed == N_NODES) {
-    saga_mem_hub_close(a->hub);
-    uv_close((uv_handle_t *)&a->sigint, NULL);
-    uv_close((uv_handle_t *)&a->sigterm, NULL);
-  }
+  if (++a->closed == a->nnodes) all_closed(a);
 }
 
 static void stop(uv_signal_t *s, int signum) {
@@ -47,12 +308,47 @@ static void stop(uv_signal_t *s, int signum) {
   if (a->closing++) return;
   shop_http_stop(a->ctx.http);
   shop_services_close(&a->ctx);
-  for (int i = 0; i < N_NODES; i++) saga_node_close(a->nodes[i], node_closed, a);
+  shop_metrics_close(&a->ctx);
+  if (a->nnodes == 0) all_closed(a);
+  for (int i = 0; i < a->nnodes; i++) saga_node_close(a->nodes[i], node_closed, a);
+}
+
+static int make_transport(app *a, saga_transport **t) {
+  const options *o = &a->o;
+  int rc;
+  if (o->service == NULL) return saga_mem_transport_new(t, a->hub);
+  if (strcmp(o->transport, "tcp") == 0) {
+    saga_tcp_config tc;
+    saga_tcp_config_init(&tc);
+    tc.listen = o->tcp_listen;
+    tc.routes = o->routes;
+    tc.nroutes = o->nroutes;
+    /* Loopback peers come back within a second of a restart: do not wait 5 s for them. */
+    tc.reconnect_max_ms = 1000;
+    rc = saga_tcp_transport_new(t, &tc);
+    if (rc != SAGA_OK)
+      fprintf(stderr, "shop: TCP transport: %s (check --tcp-listen and --tcp-route addresses)\n",
+              saga_strerror(rc));
+    return rc;
+  }
+#ifdef SHOP_HAVE_NATS
+  saga_nats_config nc;
+  saga_nats_config_init(&nc);
+  if (o->nats_url) nc.url = o->nats_url;
+  /* Redelivery of a command whose receiver died before acknowledging it: every shop process
+   * must use the same value (it is part of each consumer's configuration). */
+  nc.ack_wait_ms = o->nats_ack_wait_ms > 0 ? (uint32_t)o->nats_ack_wait_ms : 5000;
+  rc = saga_nats_transport_new(t, &nc);
+  if (rc != SAGA_OK) fprintf(stderr, "shop: NATS transport: %s\n", saga_strerror(rc));
+  return rc;
+#else
+  return SAGA_EINVAL;
+#endif
 }
 
 static int open_node(app *a, int i) {
   saga_transport *t = NULL;
-  int rc = saga_mem_transport_new(&t, a->hub);
+  int rc = make_transport(a, &t);
   if (rc != SAGA_OK) return rc;
   char path[512], err[256];
   snprintf(path, sizeof path, "%s/%s.db", a->ctx.data_dir, node_names[i]);
@@ -65,52 +361,75 @@ static int open_node(app *a, int i) {
   cfg.log = log_cb;
   cfg.log_arg = (void *)node_names[i];
   if (strcmp(node_names[i], "orchestrator") == 0) cfg.event_channel = SHOP_EVENTS;
-  rc = saga_node_open(&a->nodes[i], a->loop, &cfg, err, sizeof err);
-  if (rc != SAGA_OK) fprintf(stderr, "%s: %s\n", node_names[i], err);
-  return rc;
+  int k = a->nnodes;
+  rc = saga_node_open(&a->nodes[k], a->loop, &cfg, err, sizeof err);
+  if (rc != SAGA_OK) {
+    fprintf(stderr, "%s: %s\n", node_names[i], err);
+    return rc;
+  }
+  a->node_index[k] = i;
+  a->nnodes++;
+  return shop_metrics_add_node(&a->ctx, node_names[i], a->nodes[k]) == 0 ? SAGA_OK : SAGA_ENOMEM;
+}
+
+static int init_service(app *a, int i, saga_node *node) {
+  shop_ctx *c = &a->ctx;
+  switch (i) {
+  case 0: return shop_product_init(c, node);
+  case 1: return shop_order_init(c, node);
+  case 2: return shop_payment_init(c, node);
+  case 3: return shop_orchestrator_init(c, node);
+  default: return shop_purchase_init(c, node);
+  }
 }
 
 int main(int argc, char **argv) {
-  app a;
-  memset(&a, 0, sizeof a);
+  static app a; /* static: zeroed, and alive for the whole process */
   a.loop = uv_default_loop();
   a.ctx.loop = a.loop;
   a.ctx.data_dir = "shop-data";
   a.ctx.jwt_secret = getenv("SHOP_JWT_SECRET") ? getenv("SHOP_JWT_SECRET")
                                                 : "change-me-shop-demo-secret-32bytes!";
   a.ctx.payment_limit = 100000;
-  int port = 8080;
-  for (int i = 1; i < argc; i++) {
-    if (strcmp(argv[i], "--data") == 0 && i + 1 < argc) a.ctx.data_dir = argv[++i];
-    else if (strcmp(argv[i], "--port") == 0 && i + 1 < argc) port = atoi(argv[++i]);
-    else if (strcmp(argv[i], "--secret") == 0 && i + 1 < argc) a.ctx.jwt_secret = argv[++i];
-    else if (strcmp(argv[i], "--payment-limit") == 0 && i + 1 < argc)
-      a.ctx.payment_limit = atoll(argv[++i]);
-    else {
-      fprintf(stderr, "usage: shop [--data DIR] [--port N] [--secret S] [--payment-limit N]\n");
-      return 2;
-    }
+  a.o.port = 8080;
+  int rc = parse_args(&a, argc, argv);
+  if (rc != 0) {
+    for (size_t i = 0; i < a.o.nroutes; i++) free(a.o.route_buf[i]);
+    return rc < 0 ? 0 : rc;
   }
   signal(SIGPIPE, SIG_IGN);
-  mkdir(a.ctx.data_dir, 0755);
-  if (saga_mem_hub_new(&a.hub, a.loop, NULL, NULL, NULL) != SAGA_OK) return 1;
-  for (int i = 0; i < N_NODES; i++)
-    if (open_node(&a, i) != SAGA_OK) return 1;
-  a.ctx.product_db = a.product_db;
-  if (shop_http_start(&a.ctx.http, a.loop, "127.0.0.1", port) != 0) {
-    fprintf(stderr, "cannot listen on port %d\n", port);
+  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return 1; /* before any thread */
+  if (mkdir(a.ctx.data_dir, 0755) != 0 && errno != EEXIST) {
+    fprintf(stderr, "shop: --data %s: %s\n", a.ctx.data_dir, strerror(errno));
     return 1;
   }
-  if (shop_account_init(&a.ctx) != 0 || shop_product_init(&a.ctx, a.nodes[0]) != 0 ||
-      shop_order_init(&a.ctx, a.nodes[1]) != 0 || shop_payment_init(&a.ctx, a.nodes[2]) != 0 ||
-      shop_orchestrator_init(&a.ctx, a.nodes[3]) != 0 ||
-      shop_purchase_init(&a.ctx, a.nodes[4]) != 0) {
+  a.ctx.service = a.o.service ? a.o.service : "shop";
+  if (shop_http_start(&a.ctx.http, a.loop, a.o.bind, a.o.port) != 0) {
+    fprintf(stderr, "cannot listen on port %d\n", a.o.port);
+    return 1;
+  }
+  if (shop_metrics_init(&a.ctx) != 0) return 1;
+
+  int only = a.o.service ? service_index(a.o.service) : -1; /* -1: account or embedded */
+  int account = a.o.service == NULL || strcmp(a.o.service, "account") == 0;
+  if (a.o.service == NULL && saga_mem_hub_new(&a.hub, a.loop, NULL, NULL, NULL) != SAGA_OK)
+    return 1;
+  for (int i = 0; i < N_NODES; i++)
+    if ((a.o.service == NULL || i == only) && open_node(&a, i) != SAGA_OK) return 1;
+  if (a.o.service == NULL) a.ctx.product_db = a.product_db;
+  if (account && shop_account_init(&a.ctx) != 0) {
     fprintf(stderr, "service setup failed\n");
     return 1;
   }
-  for (int i = 0; i < N_NODES; i++) {
-    if (saga_node_start(a.nodes[i]) < 0) {
-      fprintf(stderr, "%s: %s\n", node_names[i], saga_node_errmsg(a.nodes[i]));
+  for (int k = 0; k < a.nnodes; k++) {
+    if (init_service(&a, a.node_index[k], a.nodes[k]) != 0) {
+      fprintf(stderr, "service setup failed\n");
+      return 1;
+    }
+  }
+  for (int k = 0; k < a.nnodes; k++) {
+    if (saga_node_start(a.nodes[k]) < 0) {
+      fprintf(stderr, "%s: %s\n", node_names[a.node_index[k]], saga_node_errmsg(a.nodes[k]));
       return 1;
     }
   }
@@ -122,5 +441,7 @@ int main(int argc, char **argv) {
   printf("listening on %d\n", shop_http_port(a.ctx.http));
   fflush(stdout);
   uv_run(a.loop, UV_RUN_DEFAULT);
+  for (size_t i = 0; i < a.o.nroutes; i++) free(a.o.route_buf[i]);
+  curl_global_cleanup();
   return 0;
 }

@@ -18,26 +18,42 @@
 #include "shop.h"
 
 /*
- * Retry policy of every step, also used for its compensation:
- *  - timeout 5 s per attempt: the participants answer in milliseconds; 5 s means one is down
- *    or partitioned;
- *  - 3 attempts, 50 ms backoff doubling up to 1 s, 20 % jitter: a timed-out action is sent
- *    again (a participant that already applied it answers with its recorded reply), then,
- *    still without an answer, compensated (the participant tombstones an action it never
- *    saw, so a late copy cannot apply afterwards);
+ * Retry policies. Participants run in processes of their own (distributed mode) that may be
+ * killed and restarted, or down for a long time. The transports (TCP, NATS JetStream) keep
+ * resending an unconfirmed command until the participant's node took it, so a command is
+ * delivered once its participant is back; the timeouts below only decide how long a purchase
+ * waits for a participant that does not answer.
+ *
+ * Actions:
+ *  - timeout 10 s per attempt: the participants answer in milliseconds; 10 s means one is
+ *    down or partitioned (a restart takes well under a second);
+ *  - 6 attempts, 100 ms backoff doubling up to 2 s, 20 % jitter: a timed-out action is sent
+ *    again (a participant that already applied it answers with its recorded reply). So a
+ *    participant may be down for about a minute before the purchase gives up on it; then the
+ *    step is compensated as if it had failed (its outcome is unknown: the participant
+ *    tombstones an action it never saw, so a late copy cannot apply afterwards);
  *  - retry_before_compensate 0: a business refusal (not enough inventory, payment refused)
- *    is definitive, so the saga compensates at once rather than asking again.
- * A compensation gets the same policy (at least 3 attempts); after that the saga is FAILED
- * (the customer's stream shows STATUS_ROLLBACK_FAIL) and needs an operator
- * (saga_retry_failed()). So a participant down for longer than about 3 x 5 s while its
- * step is being compensated leaves the purchase FAILED rather than compensated.
+ *    is definitive, so the saga compensates at once rather than asking again;
+ *  - the pivot (CREATE_PAYMENT) is never guessed: once its attempts timed out the engine asks
+ *    the payment participant whether the charge applied (saga.resolve), for as long as it
+ *    takes.
+ * Compensations never give up (SAGA_RETRY_FOREVER): a release or an order deletion is retried,
+ * with backoff up to 5 s between attempts of 10 s, until its participant is back and confirms
+ * it. A purchase therefore never ends FAILED because a participant was down; it ends
+ * COMPENSATED once the participant returns (STATUS_ROLLBACK_FAIL stays possible only for a
+ * compensation its participant refuses, which the shop's participants never do).
  */
 #define STEP_RETRY                                                                                 \
   {                                                                                                \
-    .max_attempts = 3, .backoff_ms = 50, .multiplier = 2.0, .cap_ms = 1000, .jitter = 0.2,         \
+    .max_attempts = 6, .backoff_ms = 100, .multiplier = 2.0, .cap_ms = 2000, .jitter = 0.2,        \
     .retry_before_compensate = 0                                                                   \
   }
-#define STEP_TIMEOUT_MS 5000
+#define COMPENSATION_RETRY                                                                         \
+  {                                                                                                \
+    .max_attempts = SAGA_RETRY_FOREVER, .backoff_ms = 100, .multiplier = 2.0, .cap_ms = 5000,      \
+    .jitter = 0.2                                                                                  \
+  }
+#define STEP_TIMEOUT_MS 10000
 
 static const saga_step purchase_steps[] = {
     /* 0: reserve every item's amount, all or nothing; compensation releases exactly what
@@ -48,6 +64,7 @@ static const saga_step purchase_steps[] = {
      .compensation = "product.release",
      .kind = SAGA_STEP_COMPENSATABLE,
      .retry = STEP_RETRY,
+     .compensation_retry = COMPENSATION_RETRY,
      .timeout_ms = STEP_TIMEOUT_MS},
     /* 1: create the order; compensation deletes it. */
     {.name = "CREATE_ORDER",
@@ -56,6 +73,7 @@ static const saga_step purchase_steps[] = {
      .compensation = "order.delete",
      .kind = SAGA_STEP_COMPENSATABLE,
      .retry = STEP_RETRY,
+     .compensation_retry = COMPENSATION_RETRY,
      .timeout_ms = STEP_TIMEOUT_MS},
     /* 2: charge the payment: the pivot, the go/no-go step. SHOP.md lists "refund" as its
      * compensation, but a pivot is never compensated: it is the last step, so once it

@@ -16,7 +16,7 @@
  *    orchestrator publishes every transition of its sagas to SHOP_EVENTS (at least once, in
  *    order per saga); this node subscribes to them and maps them to the streamed statuses.
  *
- *  - GET /healthz and GET /metrics (Prometheus text) for this node.
+ *  - its own counters on GET /metrics (metrics.c serves /metrics and /healthz).
  *
  * Choices, documented here (SHOP.md leaves them open):
  *  - purchase ids: generated ids are random integers in 1..2^53-1 (exact in JavaScript too),
@@ -46,6 +46,7 @@
  *    stream are dropped, and a stream does not replay what happened before it opened.
  *  - timestamp is the transition's time in milliseconds since the epoch.
  */
+#include <curl/curl.h>
 #include <inttypes.h>
 #include <sqlite3.h>
 #include <stdarg.h>
@@ -135,7 +136,8 @@ typedef struct purchase_svc {
   seen_saga *lru_head, *lru_tail;
   size_t nseen;
   /* counters for /metrics */
-  uint64_t req_created, req_existing, req_bad, req_not_found, req_conflict, req_error;
+  uint64_t req_created, req_existing, req_bad, req_not_found, req_conflict, req_error,
+      req_unavailable;
   uint64_t ev_received, ev_duplicate, ev_streamed, streams_opened;
   uv_timer_t heartbeat;
   int heartbeat_open;
@@ -322,9 +324,7 @@ static int parse_purchase(json_t *body, const char *idem_header, pending *p, int
 /*
  * Embedded mode: the product service's SQLite file, through a read-only connection of our
  * own (opened once; WAL readers never wait for the writer). Returns 0 (all exist), 404 with
- * msg, or 500. Distributed mode (c->product_db NULL): no check; an unknown product makes
- * the product participant refuse the reservation, and the stream shows
- * UPDATE_PRODUCT_INVENTORY STATUS_FAILED.
+ * msg, or 500. Distributed mode: check_remote() below asks the product service instead.
  */
 static int check_products(purchase_svc *s, int64_t (*ids)[2], size_t n, char *msg, size_t msglen) {
   if (s->c->product_db == NULL) return 0;
@@ -378,6 +378,14 @@ static void pending_unlink(purchase_svc *s, pending *p) {
   s->npending--;
 }
 
+static void pending_link(purchase_svc *s, pending *p) {
+  p->prev = NULL;
+  p->next = s->pending;
+  if (s->pending) s->pending->prev = p;
+  s->pending = p;
+  s->npending++;
+}
+
 static void started(saga_node *node, int status, const char *saga_id, int existed, void *arg);
 
 /* Starts (or finds, by the purchase id) the request saga for p. 0, or answers and returns -1
@@ -399,10 +407,7 @@ static int start_request(purchase_svc *s, pending *p) {
     pending_free(p);
     return -1;
   }
-  p->next = s->pending;
-  if (s->pending) s->pending->prev = p;
-  s->pending = p;
-  s->npending++;
+  pending_link(s, p);
   return 0;
 }
 
@@ -465,6 +470,130 @@ static void started(saga_node *node, int status, const char *saga_id, int existe
   pending_free(p);
 }
 
+static void refuse(purchase_svc *s, shop_req *r, int code, const char *msg) {
+  if (code == 400)
+    s->req_bad++;
+  else if (code == 404)
+    s->req_not_found++;
+  else if (code == 503)
+    s->req_unavailable++;
+  else
+    s->req_error++;
+  shop_reply_error(r, code, msg);
+}
+
+/*
+ * Distributed mode: the products are checked against the product service's HTTP API
+ * (GET <product_url>/api/product/{id}: 200 exists, 404 unknown), with a libcurl easy handle
+ * on libuv's thread pool, so the loop never waits on the network. The POST stays parked (its
+ * pending record is linked, so a shutdown meanwhile is noticed) until the check is done. The
+ * product service down or answering anything else gives 503 {"msg"}: the purchase is not
+ * accepted, and the client may retry it (with its purchase_id, safely).
+ */
+#define CHECK_CONNECT_MS 2000
+#define CHECK_TOTAL_MS 5000
+
+typedef struct remote_check {
+  uv_work_t work;
+  purchase_svc *s;
+  pending *p;
+  int64_t (*ids)[2];
+  size_t n;
+  char *base; /* product_url, copied for the worker thread */
+  int code;   /* 0, or the HTTP status to answer */
+  char msg[300];
+} remote_check;
+
+static size_t discard_body(char *ptr, size_t size, size_t nmemb, void *arg) {
+  (void)ptr, (void)arg;
+  return size * nmemb;
+}
+
+/* On a thread of the pool: touches only k. */
+static void check_work(uv_work_t *w) {
+  remote_check *k = w->data;
+  CURL *h = curl_easy_init();
+  if (h == NULL) {
+    k->code = 500;
+    snprintf(k->msg, sizeof k->msg, "out of memory");
+    return;
+  }
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)CHECK_CONNECT_MS);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)CHECK_TOTAL_MS);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, discard_body);
+  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+  for (size_t i = 0; i < k->n && k->code == 0; i++) {
+    char url[1024];
+    snprintf(url, sizeof url, "%s/api/product/%" PRId64, k->base, k->ids[i][0]);
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    CURLcode rc = curl_easy_perform(h);
+    long status = 0;
+    if (rc == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    if (rc != CURLE_OK) {
+      k->code = 503;
+      snprintf(k->msg, sizeof k->msg, "product service unavailable: %s", curl_easy_strerror(rc));
+    } else if (status == 404) {
+      k->code = 404;
+      snprintf(k->msg, sizeof k->msg, "product %" PRId64 " not found", k->ids[i][0]);
+    } else if (status != 200) {
+      k->code = 503;
+      snprintf(k->msg, sizeof k->msg, "product service unavailable: it answered %ld", status);
+    }
+  }
+  curl_easy_cleanup(h);
+}
+
+/* Back on the loop. */
+static void check_done(uv_work_t *w, int status) {
+  remote_check *k = w->data;
+  purchase_svc *s = k->s;
+  pending *p = k->p;
+  pending_unlink(s, p);
+  if (p->r == NULL || s->closed) { /* the HTTP side is gone (shutdown) */
+    pending_free(p);
+    maybe_free(s);
+  } else if (status != 0 || k->code != 0) {
+    refuse(s, p->r, status != 0 ? 503 : k->code, status != 0 ? "product check cancelled" : k->msg);
+    pending_free(p);
+  } else {
+    start_request(s, p); /* answers on failure */
+  }
+  free(k->ids);
+  free(k->base);
+  free(k);
+}
+
+/* Takes ids. Answers itself on failure. */
+static void check_remote(purchase_svc *s, pending *p, int64_t (*ids)[2], size_t n) {
+  remote_check *k = calloc(1, sizeof *k);
+  char *base = strdup(s->c->product_url);
+  if (k == NULL || base == NULL) {
+    free(k);
+    free(base);
+    free(ids);
+    refuse(s, p->r, 500, "out of memory");
+    pending_free(p);
+    return;
+  }
+  k->s = s;
+  k->p = p;
+  k->ids = ids;
+  k->n = n;
+  k->base = base;
+  k->work.data = k;
+  pending_link(s, p);
+  int rc = uv_queue_work(s->c->loop, &k->work, check_work, check_done);
+  if (rc != 0) {
+    pending_unlink(s, p);
+    refuse(s, p->r, 500, uv_strerror(rc));
+    pending_free(p);
+    free(k->ids);
+    free(k->base);
+    free(k);
+  }
+}
+
 static void post_purchase(shop_req *r, void *arg) {
   purchase_svc *s = arg;
   int64_t customer;
@@ -484,16 +613,14 @@ static void post_purchase(shop_req *r, void *arg) {
   size_t n = 0;
   int code = parse_purchase(shop_req_json(r), shop_req_header(r, "Idempotency-Key"), p, ids, &n,
                             msg, sizeof msg);
+  if (code == 0 && s->c->product_db == NULL && s->c->product_url != NULL) {
+    check_remote(s, p, ids, n); /* takes ids; answers or starts the request when done */
+    return;
+  }
   if (code == 0) code = check_products(s, ids, n, msg, sizeof msg);
   free(ids);
   if (code != 0) {
-    if (code == 400)
-      s->req_bad++;
-    else if (code == 404)
-      s->req_not_found++;
-    else
-      s->req_error++;
-    shop_reply_error(r, code, msg);
+    refuse(s, r, code, msg);
     pending_free(p);
     return;
   }
@@ -721,109 +848,30 @@ static void on_event(saga_node *node, const saga_event *ev, void *arg) {
   for (int i = 0; i < n; i++) stream_status(s, ev, customer, purchase_id, out[i]);
 }
 
-/* ---- health and metrics --------------------------------------------------------------- */
+/* ---- metrics (appended to the common ones of metrics.c) -------------------------------- */
 
-static void get_healthz(shop_req *r, void *arg) {
-  (void)arg;
-  shop_reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
-}
-
-typedef struct text_buf {
-  char *p;
-  size_t len, cap;
-  int oom;
-} text_buf;
-
-static void tb_printf(text_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void tb_printf(text_buf *b, const char *fmt, ...) {
-  if (b->oom) return;
-  for (;;) {
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-      b->oom = 1;
-      return;
-    }
-    if (b->p != NULL && b->len + (size_t)n < b->cap) {
-      b->len += (size_t)n;
-      return;
-    }
-    size_t cap = b->cap ? b->cap * 2 : 4096;
-    while (cap < b->len + (size_t)n + 1) cap *= 2;
-    char *q = realloc(b->p, cap);
-    if (q == NULL) {
-      b->oom = 1;
-      return;
-    }
-    b->p = q;
-    b->cap = cap;
-  }
-}
-
-static void metric(text_buf *b, const char *name, const char *type, const char *help,
-                   const char *labels, uint64_t v) {
-  tb_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s%s %" PRIu64 "\n", name, help, name, type, name,
-            labels, v);
-}
-
-static void get_metrics(shop_req *r, void *arg) {
+static void purchase_metrics(shop_text *b, void *arg) {
   purchase_svc *s = arg;
-  saga_node_stats st;
-  saga_node_stats_get(s->node, &st);
-  int64_t depth = saga_node_outbox_depth(s->node);
-  const char *nl = "{node=\"purchase\"}";
-  text_buf b = {0};
-  metric(&b, "libsaga_transactions_total", "counter", "Group commits of the node.", nl,
-         st.transactions);
-  metric(&b, "libsaga_work_items_total", "counter", "Work items processed in them.", nl,
-         st.work_items);
-  metric(&b, "libsaga_commit_failures_total", "counter", "Transactions that failed to commit.", nl,
-         st.commit_failures);
-  metric(&b, "libsaga_outbox_sent_total", "counter", "Outbox rows published.", nl, st.sent);
-  metric(&b, "libsaga_outbox_resent_total", "counter", "Outbox rows published again.", nl,
-         st.resent);
-  metric(&b, "libsaga_outbox_acked_total", "counter", "Outbox rows confirmed by the transport.", nl,
-         st.acked_out);
-  metric(&b, "libsaga_delivered_total", "counter", "Messages delivered to the node.", nl,
-         st.delivered);
-  metric(&b, "libsaga_duplicates_total", "counter", "Duplicate messages answered from the inbox.",
-         nl, st.duplicates);
-  metric(&b, "libsaga_dead_letters_total", "counter", "Messages dead-lettered.", nl,
-         st.dead_letters);
-  metric(&b, "libsaga_handler_runs_total", "counter", "Participant handler runs.", nl,
-         st.handler_runs);
-  if (depth >= 0)
-    metric(&b, "libsaga_outbox_depth", "gauge", "Outbox rows not yet confirmed.", nl,
-           (uint64_t)depth);
-  tb_printf(&b, "# HELP shop_purchase_requests_total POST /api/purchase by outcome.\n"
-                "# TYPE shop_purchase_requests_total counter\n");
-  tb_printf(&b, "shop_purchase_requests_total{result=\"created\"} %" PRIu64 "\n", s->req_created);
-  tb_printf(&b, "shop_purchase_requests_total{result=\"existing\"} %" PRIu64 "\n", s->req_existing);
-  tb_printf(&b, "shop_purchase_requests_total{result=\"bad_request\"} %" PRIu64 "\n", s->req_bad);
-  tb_printf(&b, "shop_purchase_requests_total{result=\"not_found\"} %" PRIu64 "\n",
-            s->req_not_found);
-  tb_printf(&b, "shop_purchase_requests_total{result=\"conflict\"} %" PRIu64 "\n", s->req_conflict);
-  tb_printf(&b, "shop_purchase_requests_total{result=\"error\"} %" PRIu64 "\n", s->req_error);
-  metric(&b, "shop_purchase_pending_starts", "gauge", "Purchases waiting for their commit.", "",
-         s->npending);
-  metric(&b, "shop_purchase_streams", "gauge", "Open result streams.", "", s->nsubs);
-  metric(&b, "shop_purchase_streams_opened_total", "counter", "Result streams opened.", "",
-         s->streams_opened);
-  metric(&b, "shop_purchase_events_received_total", "counter",
-         "Purchase saga events received from the orchestrator.", "", s->ev_received);
-  metric(&b, "shop_purchase_events_duplicate_total", "counter", "Redelivered events dropped.", "",
-         s->ev_duplicate);
-  metric(&b, "shop_purchase_events_streamed_total", "counter",
-         "Statuses written to result streams.", "", s->ev_streamed);
-  if (b.oom) {
-    free(b.p);
-    shop_reply_error(r, 500, "out of memory");
-    return;
-  }
-  shop_reply_text(r, 200, "text/plain; version=0.0.4", b.p ? b.p : "");
-  free(b.p);
+  shop_text_printf(b, "# HELP shop_purchase_requests_total POST /api/purchase by outcome.\n"
+                      "# TYPE shop_purchase_requests_total counter\n");
+  static const char *const names[] = {"created",  "existing", "bad_request", "not_found",
+                                      "conflict", "error",    "unavailable"};
+  const uint64_t v[] = {s->req_created,  s->req_existing, s->req_bad,        s->req_not_found,
+                        s->req_conflict, s->req_error,    s->req_unavailable};
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
+    shop_text_printf(b, "shop_purchase_requests_total{result=\"%s\"} %" PRIu64 "\n", names[i],
+                     v[i]);
+  shop_text_metric(b, "shop_purchase_pending_starts", "gauge",
+                   "Purchases waiting for their product check or commit.", "", s->npending);
+  shop_text_metric(b, "shop_purchase_streams", "gauge", "Open result streams.", "", s->nsubs);
+  shop_text_metric(b, "shop_purchase_streams_opened_total", "counter", "Result streams opened.",
+                   "", s->streams_opened);
+  shop_text_metric(b, "shop_purchase_events_received_total", "counter",
+                   "Purchase saga events received from the orchestrator.", "", s->ev_received);
+  shop_text_metric(b, "shop_purchase_events_duplicate_total", "counter",
+                   "Redelivered events dropped.", "", s->ev_duplicate);
+  shop_text_metric(b, "shop_purchase_events_streamed_total", "counter",
+                   "Statuses written to result streams.", "", s->ev_streamed);
 }
 
 /* ---- setup and shutdown --------------------------------------------------------------- */
@@ -862,8 +910,7 @@ int shop_purchase_init(shop_ctx *c, saga_node *node) {
   }
   if (shop_http_route(c->http, "POST", "/api/purchase", post_purchase, s) != 0 ||
       shop_http_route(c->http, "GET", "/api/purchase/result", get_results, s) != 0 ||
-      shop_http_route(c->http, "GET", "/healthz", get_healthz, s) != 0 ||
-      shop_http_route(c->http, "GET", "/metrics", get_metrics, s) != 0) {
+      shop_metrics_add(c, purchase_metrics, s) != 0) {
     free(s);
     return -1;
   }

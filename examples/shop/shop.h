@@ -30,6 +30,9 @@ typedef void (*shop_handler)(shop_req *r, void *arg);
 /* Serves HTTP on 127.0.0.1:port (0 = any free port; see shop_http_port) from loop. */
 int shop_http_start(shop_http **out, uv_loop_t *loop, const char *bind_addr, int port);
 int shop_http_port(const shop_http *h);
+/* How many answers with this status code (100..599) were given so far (for /metrics). */
+#define SHOP_HTTP_CODES 500
+uint64_t shop_http_answered(const shop_http *h, int status);
 /* Stops serving; open SSE streams are closed (their on_close runs). Frees h. */
 void shop_http_stop(shop_http *h);
 
@@ -67,6 +70,8 @@ int shop_sse_send(shop_sse *s, const char *event, const char *data);
 
 /* ---- the process context ---------------------------------------------------------------- */
 
+typedef struct shop_metrics shop_metrics;
+
 typedef struct shop_ctx {
   uv_loop_t *loop;
   shop_http *http;
@@ -77,6 +82,8 @@ typedef struct shop_ctx {
    * products exist (distributed: NULL, and product_url is used). */
   const char *product_db;
   const char *product_url;   /* distributed: base URL of the product service */
+  const char *service;       /* "shop" (embedded) or the one service this process runs */
+  shop_metrics *metrics;     /* /healthz and /metrics (metrics.c) */
 } shop_ctx;
 
 /* Services: each registers its routes on c->http and, for nodes, its handlers and
@@ -91,6 +98,33 @@ int shop_purchase_init(shop_ctx *c, saga_node *node);
 void shop_services_close(shop_ctx *c);
 void shop_account_close(void);          /* account.c: its database and statements */
 void shop_purchase_close(shop_ctx *c);  /* purchase.c: streams, pending starts, lookups */
+
+/* ---- health and metrics (metrics.c): one implementation for every service ---------------- */
+
+/* A growing text buffer. oom is set (and nothing more written) when memory ran out. */
+typedef struct shop_text {
+  char *p;
+  size_t len, cap;
+  int oom;
+} shop_text;
+
+void shop_text_printf(shop_text *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* One metric with its HELP and TYPE lines: "<name><labels> <v>" (labels "" or "{k=\"v\"}"). */
+void shop_text_metric(shop_text *b, const char *name, const char *type, const char *help,
+                      const char *labels, uint64_t v);
+
+/* A service's own metrics, appended to /metrics after the common ones. */
+typedef void (*shop_metrics_fn)(shop_text *b, void *arg);
+
+/* Routes GET /healthz and GET /metrics on c->http (c->service names the process in them).
+ * 0 or -1. Every process calls it once, before the services' init. */
+int shop_metrics_init(shop_ctx *c);
+/* Adds a node to both (its name is the "node" label); borrowed until shop_metrics_close. */
+int shop_metrics_add_node(shop_ctx *c, const char *name, saga_node *node);
+/* Adds a service's own writer (called on the loop at each scrape). */
+int shop_metrics_add(shop_ctx *c, shop_metrics_fn fn, void *arg);
+/* Frees what shop_metrics_init made (after shop_http_stop). */
+void shop_metrics_close(shop_ctx *c);
 
 /* ---- auth (auth.c): JWT HS256 with libjwt, argon2id with libsodium --------------------- */
 
