@@ -1,0 +1,569 @@
+/*
+ * End-to-end test of the distributed shop (docs/shop.md, "Distributed"): six service
+ * processes, each with its own database and HTTP port, their nodes over the TCP transport
+ * (argument "tcp") or NATS JetStream ("nats"), behind nginx. The test starts the whole set
+ * with scripts/shop_cluster.sh (SHOP_BIN = this build's shop, a temporary run folder, and for
+ * NATS a nats-server it starts on a free port), so the script users run is the one tested.
+ *
+ * The test process makes itself a child subreaper: the services the script starts become its
+ * children when the script exits, so it can SIGKILL one, reap it, and have the script start
+ * it again on the same database and ports; at the end everything is stopped and reaped, also
+ * when a test failed.
+ *
+ * Tests, all through nginx's one base URL:
+ *  - the shared API tests of e2e.c (signup and login, products, purchase validation with the
+ *    unknown-product 404 that the purchase service checks over HTTP, the three outcomes with
+ *    their exact streamed sequences, owner-only access);
+ *  - health and metrics of every service;
+ *  - the product service down: POST /api/purchase answers 503 {"msg"}, then works again;
+ *  - the kill cycle: a stream of purchases (succeeding, failing on inventory, refused at
+ *    payment) with at most WINDOW in flight, during which product, order, payment and the
+ *    orchestrator in turn are killed with SIGKILL and restarted; every purchase must end
+ *    completed or compensated with its exact sequence, inventory must have decreased by
+ *    exactly what the completed purchases bought, each completed purchase must have its one
+ *    order and payment with the right amount, and the compensated ones none.
+ * Waits are on streamed events and on polled state (each with a deadline), never on sleeps.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <sodium.h>
+
+#include "e2e.h"
+
+#if !defined(SHOP_BIN) || !defined(SHOP_CLUSTER_SCRIPT)
+#error "SHOP_BIN and SHOP_CLUSTER_SCRIPT must be defined"
+#endif
+
+#define N_PURCHASES 60
+#define WINDOW 8          /* purchases in flight at most */
+#define END_WAIT_MS 120000 /* safety net for the whole stream to end */
+
+static const char *transport = "tcp";
+static char run_dir[256];
+
+/* ---- the cluster -------------------------------------------------------------------------- */
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+  (void)st, (void)flag, (void)ftw;
+  return remove(path);
+}
+
+static void pause_ms(long ms) { /* a retry's backoff or a polling interval, never a wait */
+  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+/* Runs the cluster script with args (NULL-terminated); returns its exit status or -1. */
+static int script(const char *a1, const char *a2, const char *a3, const char *a4,
+                  const char *a5) {
+  const char *path = getenv("SHOP_CLUSTER_SCRIPT") ? getenv("SHOP_CLUSTER_SCRIPT")
+                                                   : SHOP_CLUSTER_SCRIPT;
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    execlp("bash", "bash", path, a1, a2, a3, a4, a5, (char *)NULL);
+    _exit(127);
+  }
+  int st;
+  while (waitpid(pid, &st, 0) < 0)
+    if (errno != EINTR) return -1;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static char *slurp(const char *path) {
+  FILE *f = fopen(path, "r");
+  if (f == NULL) return NULL;
+  char buf[512];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' ')) buf[--n] = '\0';
+  return strdup(buf);
+}
+
+static pid_t pid_of(const char *name) {
+  char path[400];
+  snprintf(path, sizeof path, "%s/pids/%s.pid", run_dir, name);
+  char *s = slurp(path);
+  pid_t pid = s ? (pid_t)atol(s) : 0;
+  free(s);
+  return pid;
+}
+
+/* Reaps every child that has ended (the services are our children: we are a subreaper). */
+static void reap(void) {
+  while (waitpid(-1, NULL, WNOHANG) > 0) {
+  }
+}
+
+static const char *const all_procs[] = {"account", "product", "order",        "payment",
+                                        "orchestrator", "purchase", "nginx", "nats"};
+
+static void cluster_stop(void) {
+  if (run_dir[0] == '\0') return;
+  script("stop", NULL, NULL, NULL, NULL);
+  /* Whatever did not stop (or the script could not be run): SIGKILL. */
+  for (size_t i = 0; i < sizeof all_procs / sizeof all_procs[0]; i++) {
+    pid_t pid = pid_of(all_procs[i]);
+    if (pid > 0 && kill(pid, SIGKILL) == 0) waitpid(pid, NULL, 0);
+  }
+  reap();
+}
+
+static int group_setup(void **state) {
+  (void)state;
+  if (sodium_init() < 0 || shop_client_global_init() != 0) return -1;
+  signal(SIGPIPE, SIG_IGN);
+  if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) {
+    perror("prctl(PR_SET_CHILD_SUBREAPER)");
+    return -1;
+  }
+  snprintf(run_dir, sizeof run_dir, "/tmp/shop-cluster-XXXXXX");
+  if (mkdtemp(run_dir) == NULL) return -1;
+  chmod(run_dir, 0755); /* nginx's workers may run as another user when we are root */
+  setenv("SHOP_CLUSTER_RUN", run_dir, 1);
+  if (getenv("SHOP_BIN") == NULL) setenv("SHOP_BIN", SHOP_BIN, 1);
+  setenv("SHOP_JWT_SECRET", SECRET, 1);
+  long long t0 = shop_now_ms();
+  char limit[32];
+  snprintf(limit, sizeof limit, "%d", PAYMENT_LIMIT);
+  if (script("start", "--transport", transport, "--payment-limit", limit) != 0) {
+    fprintf(stderr, "shop_cluster.sh start failed\n");
+    cluster_stop();
+    return -1;
+  }
+  char path[400];
+  snprintf(path, sizeof path, "%s/url", run_dir);
+  char *url = slurp(path);
+  if (url == NULL) {
+    cluster_stop();
+    return -1;
+  }
+  snprintf(e2e_url, sizeof e2e_url, "%s", url);
+  free(url);
+  printf("# cluster (%s) up in %lld ms at %s, run folder %s\n", transport, shop_now_ms() - t0,
+         e2e_url, run_dir);
+  return 0;
+}
+
+static int group_teardown(void **state) {
+  (void)state;
+  cluster_stop();
+  if (run_dir[0]) nftw(run_dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+  shop_client_global_cleanup();
+  return 0;
+}
+
+/* SIGKILLs a service, reaps it, and has the script start it again on the same database and
+ * ports (it returns once the service's /healthz answers). */
+static void kill_restart(const char *name) {
+  pid_t pid = pid_of(name);
+  assert_true(pid > 0);
+  assert_int_equal(kill(pid, SIGKILL), 0);
+  assert_int_equal(waitpid(pid, NULL, 0), pid);
+  long long t0 = shop_now_ms();
+  if (script("restart", name, NULL, NULL, NULL) != 0) {
+    print_error("restarting %s failed\n", name);
+    fail();
+  }
+  printf("# %s killed (SIGKILL) and restarted in %lld ms\n", name, shop_now_ms() - t0);
+}
+
+/* ---- health and metrics ------------------------------------------------------------------- */
+
+static void test_health_metrics(void **state) {
+  (void)state;
+  shop_client *c = client(NULL);
+  static const char *const names[] = {"account", "product", "order",
+                                      "payment", "orchestrator", "purchase"};
+  for (size_t i = 0; i < 6; i++) {
+    char path[64];
+    snprintf(path, sizeof path, "/healthz/%s", names[i]);
+    json_t *h = CALL(c, 200, "GET", path, NULL);
+    assert_string_equal(json_string_value(json_object_get(h, "status")), "ok");
+    assert_string_equal(json_string_value(json_object_get(h, "service")), names[i]);
+    json_t *nodes = json_object_get(h, "nodes");
+    assert_int_equal(json_object_size(nodes), strcmp(names[i], "account") == 0 ? 0 : 1);
+    json_decref(h);
+    snprintf(path, sizeof path, "/metrics/%s", names[i]);
+    e2e_check_metrics(c, path, names[i], strcmp(names[i], "account") == 0 ? NULL : names[i]);
+  }
+  shop_client_free(c);
+}
+
+/* ---- the product service down --------------------------------------------------------------- */
+
+static void test_product_down(void **state) {
+  (void)state;
+  customer a;
+  customer_new(&a);
+  json_t *p = product_new(a.c, "Downtime", 10, 10);
+  pid_t pid = pid_of("product");
+  assert_int_equal(kill(pid, SIGKILL), 0);
+  assert_int_equal(waitpid(pid, NULL, 0), pid);
+  /* The purchase service cannot check the product: 503 {"msg"}, nothing accepted. */
+  json_t *items = json_array();
+  json_array_append_new(items, item(p, 1));
+  json_t *body = purchase_body(items, "US");
+  json_object_set_new(body, "purchase_id", json_string("down-1"));
+  ERR(a.c, 503, "POST", "/api/purchase", json_incref(body));
+  /* And nginx answers for the product service itself. */
+  char path[64];
+  snprintf(path, sizeof path, "/api/product/%s", sid(p));
+  ERR(a.c, 503, "GET", path, NULL);
+  assert_int_equal(script("restart", "product", NULL, NULL, NULL), 0);
+  stream s;
+  stream_open(&s, a.access);
+  json_t *r = CALL(a.c, 201, "POST", "/api/purchase", body); /* the retry, same id */
+  json_t *id = json_object_get(r, "purchase_id");
+  assert_int_equal(shop_track_outcome(stream_wait(&s, id, WAIT_MS)), SHOP_SUCCEEDED);
+  assert_int_equal(inventory_of(a.c, p), 9);
+  stream_close(&s);
+  json_decref(r);
+  json_decref(p);
+  customer_free(&a);
+}
+
+/* ---- the kill cycle ----------------------------------------------------------------------- */
+
+enum { K_OK, K_TWO_OK, K_NO_STOCK, K_REFUSED, K_SCARCE, N_KINDS };
+
+typedef struct purchase {
+  char id[64];
+  int kind;
+  json_t *items; /* [{product_id, amount}] */
+  long long total;
+  shop_outcome outcome;
+} purchase;
+
+typedef struct products {
+  json_t *ok, *small, *scarce; /* ids */
+  long long price_ok, price_small, price_scarce;
+  long long stock_ok, stock_small, stock_scarce;
+} products;
+
+typedef struct run {
+  customer *cu;
+  products *pr;
+  purchase p[N_PURCHASES];
+  stream s;
+  int submitted;          /* read by the killer thread (atomically) */
+  int ended;              /* likewise */
+  int failed;             /* the buyer gave up: message in why */
+  char why[512];
+  long long retries;      /* POSTs answered 503 (product down) and sent again */
+} run;
+
+static void add_item(purchase *p, const json_t *product, long long amount, long long price) {
+  json_array_append_new(p->items, json_pack("{s:O, s:I}", "product_id", (json_t *)product,
+                                            "amount", (json_int_t)amount));
+  p->total += amount * price;
+}
+
+static void plan(run *r, const char *tag) {
+  products *pr = r->pr;
+  for (int i = 0; i < N_PURCHASES; i++) {
+    purchase *p = &r->p[i];
+    snprintf(p->id, sizeof p->id, "kc-%s-%d", tag, i);
+    p->kind = i % N_KINDS;
+    p->items = json_array();
+    switch (p->kind) {
+    case K_OK: /* succeeds */
+      add_item(p, pr->ok, 1 + i % 3, pr->price_ok);
+      break;
+    case K_TWO_OK: /* two products, one of them scarce: succeeds or fails on inventory */
+      add_item(p, pr->ok, 2, pr->price_ok);
+      add_item(p, pr->scarce, 1, pr->price_scarce);
+      break;
+    case K_NO_STOCK: /* one item more than there is: all or nothing fails at step 0 */
+      add_item(p, pr->ok, 1, pr->price_ok);
+      add_item(p, pr->small, pr->stock_small + 1, pr->price_small);
+      break;
+    case K_REFUSED: /* above the payment limit: reserved, ordered, refused, compensated */
+      add_item(p, pr->ok, PAYMENT_LIMIT / pr->price_ok + 1, pr->price_ok);
+      break;
+    default: /* competes for the scarce product: succeeds or fails on inventory */
+      add_item(p, pr->scarce, 2, pr->price_scarce);
+      break;
+    }
+  }
+}
+
+/* POSTs purchase i until it is accepted (503: a service is down; 0: no answer). */
+static int submit(run *r, shop_client *c, int i, long long deadline) {
+  purchase *p = &r->p[i];
+  json_t *body = purchase_body(json_incref(p->items), "US");
+  json_object_set_new(body, "purchase_id", json_string(p->id));
+  for (;;) {
+    json_t *out = NULL;
+    long st = shop_call(c, "POST", "/api/purchase", body, &out);
+    json_decref(out);
+    if (st == 201) break;
+    if ((st != 503 && st != 0) || shop_now_ms() > deadline) {
+      snprintf(r->why, sizeof r->why, "POST purchase %s: %ld", p->id, st);
+      json_decref(body);
+      return -1;
+    }
+    r->retries++;
+    pause_ms(50); /* the retry's backoff */
+  }
+  json_decref(body);
+  return 0;
+}
+
+static int count_ended(run *r) {
+  int n = 0;
+  for (int i = 0; i < r->submitted; i++) {
+    if (r->p[i].outcome == SHOP_PENDING)
+      r->p[i].outcome = shop_track_outcome(stream_track(&r->s, r->p[i].id));
+    if (r->p[i].outcome != SHOP_PENDING) n++;
+  }
+  return n;
+}
+
+/* The buyer: keeps at most WINDOW purchases in flight until all are submitted and ended. */
+static void *buyer(void *arg) {
+  run *r = arg;
+  shop_client *c = NULL;
+  if (shop_client_new(&c, e2e_url) != 0) {
+    r->failed = 1;
+    return NULL;
+  }
+  shop_client_set_token(c, r->cu->access);
+  long long deadline = shop_now_ms() + END_WAIT_MS;
+  while (r->ended < N_PURCHASES) {
+    if (shop_now_ms() > deadline) {
+      snprintf(r->why, sizeof r->why, "%d of %d purchases ended within %d ms", r->ended,
+               N_PURCHASES, END_WAIT_MS);
+      __atomic_store_n(&r->failed, 1, __ATOMIC_SEQ_CST);
+      break;
+    }
+    if (r->submitted < N_PURCHASES && r->submitted - r->ended < WINDOW) {
+      if (submit(r, c, r->submitted, deadline) != 0) {
+        __atomic_store_n(&r->failed, 1, __ATOMIC_SEQ_CST);
+        break;
+      }
+      __atomic_add_fetch(&r->submitted, 1, __ATOMIC_SEQ_CST);
+      continue;
+    }
+    stream_pump(&r->s, 200); /* waits for the next streamed status */
+    __atomic_store_n(&r->ended, count_ended(r), __ATOMIC_SEQ_CST);
+  }
+  shop_client_free(c);
+  return NULL;
+}
+
+/* Polls the orchestrator's sagas by state until none is running or compensating. */
+static void wait_orchestrator_idle(shop_client *c, int64_t *completed, int64_t *compensated,
+                                   int64_t *failed) {
+  long long deadline = shop_now_ms() + END_WAIT_MS;
+  for (;;) {
+    int64_t n[6];
+    e2e_sagas_by_state(c, "/metrics/orchestrator", "orchestrator", n);
+    if (n[1] == 0 && n[2] == 0) {
+      *completed = n[3], *compensated = n[4], *failed = n[5];
+      return;
+    }
+    if (shop_now_ms() > deadline) {
+      print_error("orchestrator: %" PRId64 " running, %" PRId64 " compensating after %d ms\n",
+                  n[1], n[2], END_WAIT_MS);
+      fail();
+    }
+    pause_ms(100); /* polling interval */
+  }
+}
+
+static void test_kill_cycle(void **state) {
+  (void)state;
+  customer a;
+  customer_new(&a);
+  shop_client *c = a.c;
+  products pr = {.price_ok = 100, .price_small = 7, .price_scarce = 30,
+                 .stock_ok = 100000, .stock_small = 3, .stock_scarce = 30};
+  pr.ok = product_new(c, "Kc-plenty", (int)pr.price_ok, (int)pr.stock_ok);
+  pr.small = product_new(c, "Kc-small", (int)pr.price_small, (int)pr.stock_small);
+  pr.scarce = product_new(c, "Kc-scarce", (int)pr.price_scarce, (int)pr.stock_scarce);
+  json_t *sentinel = product_new(c, "Kc-sentinel", 1, 1000);
+  int64_t before[6];
+  e2e_sagas_by_state(c, "/metrics/orchestrator", "orchestrator", before);
+
+  static run r; /* large: not on the stack */
+  memset(&r, 0, sizeof r);
+  r.cu = &a;
+  r.pr = &pr;
+  char tag[32];
+  snprintf(tag, sizeof tag, "%ld-%lld", (long)getpid(), shop_now_ms());
+  plan(&r, tag);
+  stream_open(&r.s, a.access);
+
+  long long t0 = shop_now_ms();
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, buyer, &r), 0);
+  static const char *const victims[] = {"product", "order", "payment", "orchestrator"};
+  for (int k = 0; k < 4; k++) {
+    /* Kill when the stream has reached its next fifth (polled; the buyer may have failed). */
+    int at = (k + 1) * N_PURCHASES / 5;
+    long long deadline = shop_now_ms() + END_WAIT_MS;
+    while (__atomic_load_n(&r.submitted, __ATOMIC_SEQ_CST) < at &&
+           !__atomic_load_n(&r.failed, __ATOMIC_SEQ_CST) &&
+           shop_now_ms() < deadline)
+      pause_ms(5); /* polling interval */
+    if (__atomic_load_n(&r.failed, __ATOMIC_SEQ_CST)) break;
+    printf("# at purchase %d of %d (%d in flight):\n", at, N_PURCHASES,
+           __atomic_load_n(&r.submitted, __ATOMIC_SEQ_CST) - __atomic_load_n(&r.ended, __ATOMIC_SEQ_CST));
+    kill_restart(victims[k]);
+  }
+  pthread_join(th, NULL);
+  if (r.failed) {
+    print_error("kill cycle: %s\n", r.why);
+    fail();
+  }
+  printf("# %d purchases ended in %lld ms (POSTs retried after 503: %lld)\n", N_PURCHASES,
+         shop_now_ms() - t0, r.retries);
+
+  /* Every purchase ended completed or compensated, with its exact sequence (a sentinel
+   * purchase first, so that nothing more is on its way). */
+  stream_sync(&r.s, c, sentinel);
+  int ok = 0, no_stock = 0, refused = 0;
+  long long sold_ok = 0, sold_scarce = 0, paid = 0;
+  for (int i = 0; i < N_PURCHASES; i++) {
+    purchase *p = &r.p[i];
+    shop_track *t = stream_track(&r.s, p->id);
+    json_t *id = json_string(p->id);
+    shop_outcome o = shop_track_outcome(t);
+    if (o == SHOP_SUCCEEDED && (p->kind == K_NO_STOCK || p->kind == K_REFUSED)) {
+      print_error("purchase %s (kind %d) succeeded: %s\n", p->id, p->kind, dump(t->events));
+      fail();
+    }
+    if (o != SHOP_SUCCEEDED && p->kind == K_OK) {
+      print_error("purchase %s did not succeed: %s\n", p->id, dump(t->events));
+      fail();
+    }
+    if (o == SHOP_SUCCEEDED) {
+      assert_sequence(&r.s, id, SEQ_SUCCESS);
+      ok++;
+      paid += p->total;
+      for (size_t k = 0; k < json_array_size(p->items); k++) {
+        json_t *it = json_array_get(p->items, k);
+        long long n = json_integer_value(json_object_get(it, "amount"));
+        if (json_equal(json_object_get(it, "product_id"), pr.ok)) sold_ok += n;
+        if (json_equal(json_object_get(it, "product_id"), pr.scarce)) sold_scarce += n;
+      }
+      /* Its one order, with what was bought, and its one payment. */
+      char path[128];
+      snprintf(path, sizeof path, "/api/order/%s", p->id);
+      json_t *order = CALL(c, 200, "GET", path, NULL);
+      json_t *got = json_object_get(order, "purchased_items");
+      assert_int_equal(json_array_size(got), json_array_size(p->items));
+      for (size_t k = 0; k < json_array_size(got); k++) {
+        json_t *g = json_array_get(got, k), *w = NULL;
+        for (size_t m = 0; m < json_array_size(p->items); m++)
+          if (json_equal(json_object_get(json_array_get(p->items, m), "product_id"),
+                         json_object_get(g, "product_id")))
+            w = json_array_get(p->items, m);
+        assert_non_null(w);
+        assert_true(json_equal(json_object_get(g, "amount"), json_object_get(w, "amount")));
+      }
+      json_decref(order);
+      expect_payment(c, id, "US", p->total);
+    } else {
+      if (p->kind == K_REFUSED) {
+        assert_sequence(&r.s, id, SEQ_REFUSED);
+        refused++;
+      } else {
+        assert_sequence(&r.s, id, SEQ_NO_STOCK);
+        no_stock++;
+      }
+      expect_absent(c, "order", id);
+      expect_absent(c, "payment", id);
+    }
+    json_decref(id);
+  }
+  printf("# outcomes: %d completed, %d failed on inventory, %d refused at payment and "
+         "compensated\n",
+         ok, no_stock, refused);
+  assert_int_equal(no_stock + refused + ok, N_PURCHASES);
+  assert_true(no_stock > N_PURCHASES / N_KINDS); /* every K_NO_STOCK, and some scarce ones */
+  assert_int_equal(refused, N_PURCHASES / N_KINDS);
+
+  /* Inventory decreased by exactly what the completed purchases bought. */
+  assert_int_equal(inventory_of(c, pr.ok), pr.stock_ok - sold_ok);
+  assert_int_equal(inventory_of(c, pr.scarce), pr.stock_scarce - sold_scarce);
+  assert_int_equal(inventory_of(c, pr.small), pr.stock_small);
+  printf("# inventory: plenty %lld (sold %lld), scarce %lld (sold %lld), small %lld; paid %lld\n",
+         pr.stock_ok - sold_ok, sold_ok, pr.stock_scarce - sold_scarce, sold_scarce,
+         pr.stock_small, paid);
+
+  /* The orchestrator agrees: none left running, compensating or failed, and one saga more
+   * per purchase (plus the sentinel), completed or compensated as streamed. */
+  int64_t completed, compensated, failed_sagas;
+  wait_orchestrator_idle(c, &completed, &compensated, &failed_sagas);
+  assert_int_equal(failed_sagas, before[5]);
+  assert_int_equal(completed - before[3], ok + 1);
+  assert_int_equal(compensated - before[4], no_stock + refused);
+
+  stream_close(&r.s);
+  for (int i = 0; i < N_PURCHASES; i++) json_decref(r.p[i].items);
+  json_decref(pr.ok);
+  json_decref(pr.small);
+  json_decref(pr.scarce);
+  json_decref(sentinel);
+  customer_free(&a);
+}
+
+static int have_program(const char *name) {
+  const char *dirs[] = {"/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"};
+  char path[256];
+  for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+    snprintf(path, sizeof path, "%s/%s", dirs[i], name);
+    if (access(path, X_OK) == 0) return 1;
+  }
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  if (argc > 1) transport = argv[1];
+  if (strcmp(transport, "tcp") != 0 && strcmp(transport, "nats") != 0) {
+    fprintf(stderr, "usage: test_cluster [tcp|nats]\n");
+    return 2;
+  }
+  const char *need[] = {"nginx", "curl", strcmp(transport, "nats") == 0 ? "nats-server" : "bash"};
+  for (int i = 0; i < 3; i++) {
+    if (!have_program(need[i])) {
+      printf("# %s is not installed (scripts/deps.sh installs it): skipped\n", need[i]);
+      return 77;
+    }
+  }
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_health_metrics),
+      cmocka_unit_test(test_signup_login),
+      cmocka_unit_test(test_products),
+      cmocka_unit_test(test_purchase_validation),
+      cmocka_unit_test(test_purchase_outcomes),
+      cmocka_unit_test(test_owner_only),
+      cmocka_unit_test(test_product_down),
+      cmocka_unit_test(test_kill_cycle),
+  };
+  char name[64];
+  snprintf(name, sizeof name, "shop cluster (%s)", transport);
+  return cmocka_run_group_tests_name(name, tests, group_setup, group_teardown);
+}
