@@ -254,6 +254,12 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
   cfg.vfs = w->o.vfs;
   cfg.resend_ms = w->o.resend_ms;
   cfg.on_event = orchestrate ? th_on_event : NULL;
+  if (w->o.retention != NULL) {
+    cfg.retention = *w->o.retention;
+  } else {
+    cfg.retention.finished_ms = 0;
+    cfg.retention.inbox_ms = 0;
+  }
   cfg.test_hook = w->o.hook;
   cfg.test_hook_arg = w->o.hook_arg;
   cfg.event_arg = w;

@@ -69,6 +69,7 @@ typedef struct th_world_opts {
   uint32_t version;                  /* definition version, default 1 */
   int no_register;                   /* open without registering the definition */
   const char *dir;                   /* use this existing folder (kept by th_world_free) */
+  const saga_retention *retention;   /* both nodes; NULL = no purging (the default here) */
   void (*hook)(void *arg, const char *point); /* test hook of both nodes */
   void *hook_arg;
 } th_world_opts;

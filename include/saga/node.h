@@ -102,7 +102,29 @@ typedef enum saga_sync {
   SAGA_SYNC_FULL = 2 /**< default: every commit is durable */
 } saga_sync;
 
-#define SAGA_NODE_CONFIG_VERSION 1
+/**
+ * Retention of finished work: nothing grows without bound. A node purges in small batches,
+ * each its own short transaction, so the loop never stalls; a pass that filled a batch
+ * continues on the next loop turn. FAILED sagas and dead letters are never purged (they wait
+ * for an operator). See docs/operating.md for the trade-offs.
+ */
+typedef struct saga_retention {
+  /** COMPLETED and COMPENSATED sagas, with their history, are deleted once they finished
+   * this long ago. Default 7 days; 0 = never by age. */
+  uint64_t finished_ms;
+  /** Keep at most this many COMPLETED/COMPENSATED sagas (the oldest go first). Default 0 =
+   * no limit. Each pass skips over this many index entries: cheap up to millions. */
+  uint64_t max_finished;
+  /** Participant inbox records and step records are deleted once this old. Default 30 days;
+   * 0 = never. It must exceed the longest a saga can run plus the transport's redelivery
+   * horizon: a command arriving after its records were deleted runs its handler again, and a
+   * compensation arriving after them would find no record of its action and not undo it. */
+  uint64_t inbox_ms;
+  uint32_t batch;       /**< rows of each kind per purge transaction; default 1000 */
+  uint32_t interval_ms; /**< between purge passes; default 60000 */
+} saga_retention;
+
+#define SAGA_NODE_CONFIG_VERSION 2
 
 /** Node configuration. Initialise with saga_node_config_init(), then set fields. */
 typedef struct saga_node_config {
@@ -144,6 +166,9 @@ typedef struct saga_node_config {
    * order per saga). Other nodes receive them with saga_node_subscribe_events().
    */
   const char *event_channel;
+  /* ---- struct_version 2 ---- */
+  saga_retention retention; /**< defaults from saga_node_config_init() (version 1 configs:
+                                 the defaults) */
 } saga_node_config;
 
 /** Fills cfg with defaults (struct_version set, everything optional at its default). */
@@ -302,6 +327,9 @@ typedef struct saga_node_stats {
    * still counted it). */
   uint64_t step_latency[SAGA_LATENCY_BUCKETS];
   uint64_t step_latency_count, step_latency_sum_ms;
+  /** Rows deleted by retention: finished sagas, inbox records, participant step records. */
+  uint64_t purged_sagas, purged_inbox, purged_steps;
+  uint64_t purge_passes;   /**< purge transactions committed */
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

@@ -793,6 +793,10 @@ void saga_node_config_init(saga_node_config *cfg) {
   cfg->busy_timeout_ms = 5000;
   cfg->max_deliveries = 10;
   saga_limits_init(&cfg->limits);
+  cfg->retention.finished_ms = UINT64_C(7) * 24 * 3600 * 1000;
+  cfg->retention.inbox_ms = UINT64_C(30) * 24 * 3600 * 1000;
+  cfg->retention.batch = 1000;
+  cfg->retention.interval_ms = 60000;
 }
 
 static void async_cb(uv_async_t *h);
@@ -846,7 +850,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
     return SAGA_EINVAL;
   }
   saga_transport *t = cfg->transport;
-  if (cfg->struct_version != SAGA_NODE_CONFIG_VERSION) {
+  if (cfg->struct_version < 1 || cfg->struct_version > SAGA_NODE_CONFIG_VERSION) {
     saga__errf(err, errlen, "config struct_version %d is unknown (call saga_node_config_init)",
                cfg->struct_version);
     saga_transport_free(t);
@@ -916,6 +920,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__timer_init(&n->deadline_timer, n->clock, deadline_timer_cb, n);
   saga__timer_init(&n->resend_timer, n->clock, resend_timer_cb, n);
   saga__timer_init(&n->retry_timer, n->clock, retry_timer_cb, n);
+  saga__retention_init(n, cfg);
   rc = saga__store_open(&n->store, cfg->db_path, cfg->vfs, cfg->synchronous,
                         cfg->busy_timeout_ms, err, errlen);
   if (rc != SAGA_OK) goto fail;
@@ -1069,6 +1074,7 @@ int saga_node_start(saga_node *n) {
   dispatch_events(n);
   relay_fresh(n);
   arm_deadline(n);
+  saga__retention_start(n);
   return missing;
 }
 
@@ -1187,6 +1193,7 @@ static void fail_queue(saga_node *n, saga__queue *q) {
 
 static void free_node(saga_node *n) {
   const saga_allocator *a = n->alloc;
+  saga__retention_free(n);
   saga__store_close(&n->store);
   if (n->own_clock && n->clock != NULL) saga__clock_close(n->clock);
   for (size_t i = 0; i < n->ndefs; i++) saga__def_free(&n->defs[i], a);
@@ -1238,6 +1245,7 @@ static void start_close(saga_node *n) {
   saga__timer_stop(&n->deadline_timer);
   saga__timer_stop(&n->resend_timer);
   saga__timer_stop(&n->retry_timer);
+  saga__retention_stop(n);
   fail_queue(n, &n->queues[0]);
   fail_queue(n, &n->queues[1]);
   n->nevents = 0;

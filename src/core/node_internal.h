@@ -48,6 +48,14 @@ typedef enum saga__stmt_id {
   ST_PSTEP_GET,
   ST_PSTEP_PUT,
   ST_DEAD_INSERT,
+  ST_PURGE_AGED,
+  ST_PURGE_EXCESS,
+  ST_PURGE_HISTORY,
+  ST_PURGE_INSTANCE,
+  ST_PURGE_INBOX,
+  ST_PURGE_PSTEP_EDGE,
+  ST_PURGE_PSTEP_RANGE,
+  ST_PURGE_PSTEP_TAIL,
   ST__COUNT
 } saga__stmt_id;
 
@@ -250,6 +258,11 @@ struct saga_node {
   } transient[256];
   void (*test_hook)(void *, const char *);
   void *test_hook_arg;
+  saga_retention retention;
+  saga__timer purge_timer;
+  saga__buf purge_ids;        /* ids of the sagas a pass deletes (NUL-separated) */
+  saga__buf pstep_cursor;     /* step-record sweep: last saga_id passed ("" = from the start) */
+  int64_t pstep_cursor_step;
 };
 
 /* Calls the test hook, if any, at a named point. */
@@ -257,6 +270,12 @@ struct saga_node {
   do { \
     if ((n)->test_hook != NULL) (n)->test_hook((n)->test_hook_arg, (point)); \
   } while (0)
+
+/* retention.c */
+void saga__retention_init(saga_node *n, const saga_node_config *cfg);
+void saga__retention_start(saga_node *n); /* arms the purge timer */
+void saga__retention_stop(saga_node *n);
+void saga__retention_free(saga_node *n);
 
 /* node.c */
 /* Records one step latency (ms) in the node's histogram. */

@@ -44,6 +44,20 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_INST_INFLIGHT] = "SELECT id, def_name, def_version, parked FROM saga_instance"
                          " WHERE state IN (1, 2)",
     [ST_INST_BY_STATE] = "SELECT state, count(*) FROM saga_instance GROUP BY state",
+    [ST_PURGE_AGED] = "SELECT id FROM saga_instance WHERE state IN (3, 4) AND updated_ms < ?1"
+                      " ORDER BY updated_ms LIMIT ?2",
+    [ST_PURGE_EXCESS] = "SELECT id FROM saga_instance WHERE state IN (3, 4)"
+                        " ORDER BY updated_ms DESC LIMIT ?2 OFFSET ?1",
+    [ST_PURGE_HISTORY] = "DELETE FROM saga_history WHERE saga_id = ?1",
+    [ST_PURGE_INSTANCE] = "DELETE FROM saga_instance WHERE id = ?1 AND state IN (3, 4)",
+    [ST_PURGE_INBOX] = "DELETE FROM saga_inbox WHERE msg_id IN (SELECT msg_id FROM saga_inbox"
+                       " WHERE received_ms < ?1 ORDER BY received_ms LIMIT ?2)",
+    [ST_PURGE_PSTEP_EDGE] = "SELECT saga_id, step FROM saga_pstep WHERE (saga_id, step) > (?1, ?2)"
+                            " ORDER BY saga_id, step LIMIT 1 OFFSET ?3",
+    [ST_PURGE_PSTEP_RANGE] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (?1, ?2) AND"
+                             " (saga_id, step) <= (?3, ?4) AND updated_ms < ?5",
+    [ST_PURGE_PSTEP_TAIL] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (?1, ?2) AND"
+                            " updated_ms < ?3",
     [ST_HIST_INSERT] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
                        " detail) VALUES(?1,?2,?3,?4,?5,?6,?7)",
     [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms)"
@@ -186,8 +200,7 @@ int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync
   sqlite3_busy_timeout(s->db, (int)busy_ms);
   char pragmas[160];
   snprintf(pragmas, sizeof pragmas,
-           "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;"
-           " PRAGMA cache_size=-16384;",
+           "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;",
            sync == SAGA_SYNC_OFF ? "OFF" : sync == SAGA_SYNC_NORMAL ? "NORMAL" : "FULL");
   char *msg = NULL;
   /* Switching to WAL needs a lock that SQLite does not wait for (no busy handler there):
