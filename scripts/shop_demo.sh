@@ -5,19 +5,34 @@
 # that succeeds, one that fails on inventory, one refused at payment and compensated) and
 # stops the shop.
 #
-# usage: scripts/shop_demo.sh [--stay]
-#   --stay  keep the shop running after the demo and print curl commands to try; Ctrl-C stops it
+# usage: scripts/shop_demo.sh [--stay] [--distributed [--transport tcp|nats]]
+#   --stay         keep the shop running after the demo and print curl commands to try; Ctrl-C
+#                  stops it
+#   --distributed  run the demo against the distributed shop instead: six processes behind
+#                  nginx, started with scripts/shop_cluster.sh (TCP by default, or NATS
+#                  JetStream) in a temporary run folder, and stopped afterwards
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="$root/build/demo"
 limit=5000
 
 stay=0
-case "${1:-}" in
-  "") ;;
-  --stay) stay=1 ;;
-  *) echo "usage: $0 [--stay]" >&2; exit 2 ;;
-esac
+distributed=0
+transport=tcp
+usage() { echo "usage: $0 [--stay] [--distributed [--transport tcp|nats]]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stay) stay=1; shift ;;
+    --distributed) distributed=1; shift ;;
+    --transport)
+      if [ $# -lt 2 ] || { [ "$2" != tcp ] && [ "$2" != nats ]; }; then usage; fi
+      transport=$2; shift 2 ;;
+    *) usage ;;
+  esac
+done
+if [ $distributed = 0 ] && [ "$transport" != tcp ]; then
+  echo "$0: --transport applies with --distributed" >&2; exit 2
+fi
 
 bash "$root/scripts/deps.sh"
 
@@ -52,10 +67,14 @@ fi
 
 tmp=$(mktemp -d)
 pid=
+cluster=0
 cleanup() {
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+  fi
+  if [ $cluster = 1 ]; then
+    SHOP_CLUSTER_RUN="$tmp/cluster" bash "$root/scripts/shop_cluster.sh" stop >/dev/null || true
   fi
   rm -rf "$tmp"
 }
@@ -63,30 +82,41 @@ trap cleanup EXIT
 trap 'echo; exit 130' INT
 trap 'exit 143' TERM
 
-# Port 0: the shop takes a free port and prints "listening on PORT".
-"$bin/shop" --data "$tmp/data" --port 0 --payment-limit "$limit" >"$tmp/out" 2>"$tmp/log" &
-pid=$!
-port=
-for _ in $(seq 300); do
-  port=$(sed -n 's/^listening on \([0-9][0-9]*\)$/\1/p' "$tmp/out" 2>/dev/null || true)
-  [ -n "$port" ] && break
-  if ! kill -0 "$pid" 2>/dev/null; then break; fi
-  sleep 0.1
-done
-if [ -z "$port" ]; then
-  echo "shop: the server did not start; its log:" >&2
-  cat "$tmp/log" >&2
-  exit 1
+if [ $distributed = 1 ]; then
+  # Six processes behind nginx, in a run folder of their own (databases, logs, nginx prefix).
+  cluster=1
+  chmod 755 "$tmp"
+  SHOP_BIN="$bin/shop" SHOP_CLUSTER_RUN="$tmp/cluster" \
+    bash "$root/scripts/shop_cluster.sh" start --transport "$transport" --payment-limit "$limit"
+  url=$(cat "$tmp/cluster/url")
+  echo "shop: distributed over $transport behind nginx at $url (payment limit $limit)"
+  echo
+else
+  # Port 0: the shop takes a free port and prints "listening on PORT".
+  "$bin/shop" --data "$tmp/data" --port 0 --payment-limit "$limit" >"$tmp/out" 2>"$tmp/log" &
+  pid=$!
+  port=
+  for _ in $(seq 300); do
+    port=$(sed -n 's/^listening on \([0-9][0-9]*\)$/\1/p' "$tmp/out" 2>/dev/null || true)
+    [ -n "$port" ] && break
+    if ! kill -0 "$pid" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  if [ -z "$port" ]; then
+    echo "shop: the server did not start; its log:" >&2
+    cat "$tmp/log" >&2
+    exit 1
+  fi
+  url="http://127.0.0.1:$port"
+  echo "shop: serving $url (data in $tmp/data, payment limit $limit)"
+  echo
 fi
-url="http://127.0.0.1:$port"
-echo "shop: serving $url (data in $tmp/data, payment limit $limit)"
-echo
 
 email=demo@shop.example
 password=demo-password-1
 if ! "$bin/shop_demo" --url "$url" --payment-limit "$limit" --email "$email" --password "$password"; then
   echo "shop: the demo failed; the server's log:" >&2
-  cat "$tmp/log" >&2
+  if [ $distributed = 1 ]; then tail -n 20 "$tmp"/cluster/logs/*.log >&2; else cat "$tmp/log" >&2; fi
   exit 1
 fi
 
@@ -115,8 +145,16 @@ The shop stays up at $url until Ctrl-C. Try:
   curl -s -H "Authorization: Bearer \$TOKEN" \$URL/api/payment/PURCHASE_ID
 
 Access tokens expire after a few minutes: log in again, or POST {"refresh_token": ...} to
-\$URL/api/account/auth/refresh. The server's log is $tmp/log.
+\$URL/api/account/auth/refresh.
 EOF
+if [ $distributed = 1 ]; then
+  echo "Each service's log is in $tmp/cluster/logs, its metrics at \$URL/metrics/SERVICE."
+  echo "Ctrl-C stops the cluster."
+  # Wait for Ctrl-C (or for nginx to stop).
+  while kill -0 "$(cat "$tmp/cluster/pids/nginx.pid")" 2>/dev/null; do sleep 1; done
+  exit 0
+fi
+echo "The server's log is $tmp/log."
 # Wait for Ctrl-C (or for the server to stop on its own).
 wait "$pid" || true
 pid=
