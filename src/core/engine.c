@@ -93,6 +93,8 @@ static int inst_load(saga_node *n, const char *id, saga__inst *i) {
   i->step_deadline = col_u64(st, 15);
   i->saga_deadline = col_u64(st, 16);
   i->parked = sqlite3_column_int(st, 17);
+  i->saved_state = i->state;
+  i->saved_parked = i->parked;
   sqlite3_reset(st);
   if (rc != SAGA_OK) return saga__node_fail(n, SAGA_ENOMEM, "out of memory loading saga");
   i->def = saga__node_find_def(n, i->def_name, i->def_version);
@@ -116,9 +118,14 @@ static uint64_t next_deadline(const saga__inst *i) {
 
 static int inst_save(saga_node *n, saga__inst *i) {
   i->updated_ms = saga__node_now(n);
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_UPDATE);
+  /* Most saves keep state and parked: then the statement leaves those columns (and so the
+   * state index) alone. */
+  saga__stmt_id sid = i->state == i->saved_state && i->parked == i->saved_parked
+                          ? ST_INST_UPDATE_STEP
+                          : ST_INST_UPDATE;
+  sqlite3_stmt *st = saga__store_stmt(&n->store, sid);
   sqlite3_bind_text(st, 1, i->id, -1, SQLITE_STATIC);
-  sqlite3_bind_int(st, 2, i->state);
+  if (sid == ST_INST_UPDATE) sqlite3_bind_int(st, 2, i->state);
   sqlite3_bind_int(st, 3, i->phase);
   sqlite3_bind_int(st, 4, i->step);
   sqlite3_bind_int64(st, 5, i->attempt);
@@ -132,9 +139,12 @@ static int inst_save(saga_node *n, saga__inst *i) {
   bind_opt(st, 12, i->step_deadline);
   bind_opt(st, 13, i->saga_deadline);
   bind_opt(st, 14, i->parked ? 0 : next_deadline(i));
-  sqlite3_bind_int(st, 15, i->parked);
-  int rc = saga__store_exec(&n->store, ST_INST_UPDATE);
-  return rc == SAGA_OK ? SAGA_OK : saga__node_db_fail(n, rc, "saving saga");
+  if (sid == ST_INST_UPDATE) sqlite3_bind_int(st, 15, i->parked);
+  int rc = saga__store_exec(&n->store, sid);
+  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "saving saga");
+  i->saved_state = i->state;
+  i->saved_parked = i->parked;
+  return SAGA_OK;
 }
 
 static int ev(saga_node *n, saga__inst *i, saga_event_type t, const char *detail) {
@@ -472,6 +482,8 @@ int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const 
   rc = saga__store_exec(&n->store, ST_INST_INSERT);
   if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "inserting saga");
   i->exists = 1;
+  i->saved_state = i->state;
+  i->saved_parked = 0;
   rc = ev(n, i, SAGA_EV_STARTED, "");
   if (rc == SAGA_OK) rc = send_command(n, i);
   if (rc == SAGA_OK) rc = inst_save(n, i);

@@ -30,6 +30,7 @@ typedef enum saga__stmt_id {
   ST_INST_GET,
   ST_INST_BY_KEY,
   ST_INST_UPDATE,
+  ST_INST_UPDATE_STEP,
   ST_INST_DUE,
   ST_INST_MIN_DEADLINE,
   ST_INST_PARK,
@@ -169,6 +170,7 @@ typedef struct saga__inst {
   char def_name[160];
   uint32_t def_version;
   int state, phase, step, wait, flags, parked;
+  int saved_state, saved_parked; /* as in the database (choose the cheaper UPDATE) */
   uint32_t attempt;
   int64_t hseq;
   saga__buf data; /* encoded data map */

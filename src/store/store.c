@@ -30,6 +30,10 @@ static const char *const stmt_sql[ST__COUNT] = {
         "UPDATE saga_instance SET state=?2, phase=?3, step=?4, attempt=?5, wait=?6, flags=?7,"
         " hseq=?8, data=?9, error=?10, updated_ms=?11, step_deadline_ms=?12,"
         " saga_deadline_ms=?13, deadline_ms=?14, parked=?15 WHERE id = ?1",
+    [ST_INST_UPDATE_STEP] =
+        "UPDATE saga_instance SET phase=?3, step=?4, attempt=?5, wait=?6, flags=?7,"
+        " hseq=?8, data=?9, error=?10, updated_ms=?11, step_deadline_ms=?12,"
+        " saga_deadline_ms=?13, deadline_ms=?14 WHERE id = ?1",
     [ST_INST_DUE] = "SELECT id FROM saga_instance WHERE deadline_ms <= ?1"
                     " ORDER BY deadline_ms LIMIT ?2",
     [ST_INST_MIN_DEADLINE] = "SELECT min(deadline_ms) FROM saga_instance"
