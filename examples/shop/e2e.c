@@ -42,8 +42,8 @@ shop_client *client(const char *token) {
 }
 
 /* Sends body (taken, may be NULL) and checks the status; returns the answer (owned). */
-json_t *call_expect(shop_client *c, long want, const char *method, const char *path,
-                           json_t *body, const char *why) {
+json_t *call_expect(shop_client *c, long want, const char *method, const char *path, json_t *body,
+                    const char *why) {
   json_t *out = NULL;
   long st = shop_call(c, method, path, body, &out);
   json_decref(body);
@@ -57,8 +57,8 @@ json_t *call_expect(shop_client *c, long want, const char *method, const char *p
 }
 
 /* Checks an error answer: status want and a {"msg": "..."} body. */
-void error_expect(shop_client *c, long want, const char *method, const char *path,
-                         json_t *body, const char *why) {
+void error_expect(shop_client *c, long want, const char *method, const char *path, json_t *body,
+                  const char *why) {
   json_t *out = call_expect(c, want, method, path, body, why);
   if (!json_is_string(json_object_get(out, "msg"))) {
     print_error("%s %s (%s): %ld without {\"msg\": ...}: %s\n", method, path, why, want, dump(out));
@@ -70,7 +70,7 @@ void error_expect(shop_client *c, long want, const char *method, const char *pat
 
 /* A raw request; returns the status, *out the answer (owned, may be NULL). */
 long raw(shop_client *c, const char *method, const char *path, const char *body, size_t len,
-                const char *authorization, json_t **out) {
+         const char *authorization, json_t **out) {
   shop_send_opts o;
   memset(&o, 0, sizeof o);
   o.body = body;
@@ -98,7 +98,6 @@ void expect_one_of(long got, long a, long b, const char *what) {
 }
 
 /* ---- customers and products ------------------------------------------------------------------ */
-
 
 static unsigned long next_tag(void) {
   static unsigned long n;
@@ -203,7 +202,6 @@ json_t *buy1(shop_client *c, const json_t *product, json_int_t amount) {
 
 /* ---- the result stream ------------------------------------------------------------------------
  */
-
 
 void stream_open(stream *s, const char *token) {
   memset(s, 0, sizeof *s);
@@ -1256,7 +1254,6 @@ void test_concurrent_purchases(void **state) {
   customer_free(&a);
 }
 
-
 /* ---- metrics ------------------------------------------------------------------------------- */
 
 static char *get_text(shop_client *c, const char *path) {
@@ -1302,8 +1299,7 @@ void e2e_check_metrics(shop_client *c, const char *path, const char *service, co
     static const char *const states[] = {"RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
                                          "FAILED"};
     for (int i = 0; i < 5; i++) {
-      snprintf(series, sizeof series, "libsaga_sagas{node=\"%s\",state=\"%s\"}", node,
-               states[i]);
+      snprintf(series, sizeof series, "libsaga_sagas{node=\"%s\",state=\"%s\"}", node, states[i]);
       expect_sample(text, path, series);
     }
     snprintf(series, sizeof series, "libsaga_outbox_depth{node=\"%s\"}", node);
@@ -1341,8 +1337,8 @@ void e2e_check_metrics(shop_client *c, const char *path, const char *service, co
 
 void e2e_sagas_by_state(shop_client *c, const char *path, const char *node, int64_t n[6]) {
   char *text = get_text(c, path);
-  static const char *const states[] = {"", "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
-                                       "FAILED"};
+  static const char *const states[] = {"",          "RUNNING",     "COMPENSATING",
+                                       "COMPLETED", "COMPENSATED", "FAILED"};
   n[0] = 0;
   for (int i = 1; i < 6; i++) {
     char series[160];

@@ -29,14 +29,14 @@ struct shop_http {
   route *routes;
   size_t nroutes;
   int port;
-  shop_req *live;   /* requests not yet completed (to answer or close at stop) */
+  shop_req *live; /* requests not yet completed (to answer or close at stop) */
   int stopping;
   uint64_t answered[SHOP_HTTP_CODES]; /* answers by status code - 100 (for /metrics) */
 };
 
 struct shop_sse {
   shop_http *h;
-  shop_req *r;      /* NULL once the request completed */
+  shop_req *r; /* NULL once the request completed */
   struct MHD_Connection *conn;
   char *buf;
   size_t len, cap;
@@ -73,8 +73,7 @@ static void kick(shop_http *h) {
 static void run_mhd(shop_http *h) {
   MHD_run(h->d);
   MHD_UNSIGNED_LONG_LONG ms;
-  if (MHD_get_timeout(h->d, &ms) == MHD_YES)
-    uv_timer_start(&h->timer, timer_cb, ms, 0);
+  if (MHD_get_timeout(h->d, &ms) == MHD_YES) uv_timer_start(&h->timer, timer_cb, ms, 0);
 }
 
 static void timer_cb(uv_timer_t *t) { run_mhd((shop_http *)t->data); }
@@ -166,8 +165,8 @@ shop_sse *shop_reply_sse(shop_req *r, void (*on_close)(shop_sse *, void *), void
   s->conn = r->conn;
   s->on_close = on_close;
   s->arg = arg;
-  struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_read,
-                                                                s, sse_free);
+  struct MHD_Response *resp =
+      MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_read, s, sse_free);
   if (resp == NULL) {
     free(s);
     shop_reply_error(r, 500, "out of memory");
@@ -298,8 +297,8 @@ static void dispatch(shop_http *h, shop_req *r) {
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload, size_t *upload_size, void **con_cls) {
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls) {
   shop_http *h = cls;
   shop_req *r = *con_cls;
   if (r == NULL) {
@@ -350,8 +349,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   shop_req *r = *con_cls;
   if (r == NULL) return;
   if (r->sse != NULL) r->sse->r = NULL;
-  if (r->prev) r->prev->next = r->next;
-  else h->live = r->next;
+  if (r->prev)
+    r->prev->next = r->next;
+  else
+    h->live = r->next;
   if (r->next) r->next->prev = r->prev;
   if (r->resp) MHD_destroy_response(r->resp);
   json_decref(r->json);
@@ -406,7 +407,7 @@ int shop_http_port(const shop_http *h) { return h->port; }
 
 uint64_t shop_http_answered(const shop_http *h, int status) {
   return h != NULL && status >= 100 && status < 100 + SHOP_HTTP_CODES ? h->answered[status - 100]
-                                                                        : 0;
+                                                                      : 0;
 }
 
 static void closed_free(uv_handle_t *hd) {

@@ -45,8 +45,7 @@
 #include "shop.h"
 
 /* The node services, in the order of the embedded process. */
-static const char *const node_names[] = {"product", "order", "payment", "orchestrator",
-                                         "purchase"};
+static const char *const node_names[] = {"product", "order", "payment", "orchestrator", "purchase"};
 enum { N_NODES = 5, MAX_ROUTES = 32 };
 
 /* What each node sends to (TCP routes it needs): participants reply to the orchestrator;
@@ -257,7 +256,8 @@ static int parse_args(app *a, int argc, char **argv) {
   }
   if (o->transport == NULL) return bad("--service %s needs --transport tcp or nats", o->service);
   if (strcmp(o->transport, "tcp") == 0) {
-    if (transport_opts & 2) return bad("%s is a NATS option (--transport tcp given)", transport_flag);
+    if (transport_opts & 2)
+      return bad("%s is a NATS option (--transport tcp given)", transport_flag);
     if (o->tcp_listen == NULL) return bad("--service %s needs --tcp-listen HOST:PORT", o->service);
     /* "purchase" routes "purchase.events" too unless that has its own route. */
     const char *pur = route_of(o, "purchase");
@@ -269,7 +269,8 @@ static int parse_args(app *a, int argc, char **argv) {
     int k = service_index(o->service);
     for (int j = 0; needs[k][j] != NULL; j++)
       if (route_of(o, needs[k][j]) == NULL) {
-        fprintf(stderr, "shop: --service %s sends to channel '%s': give --tcp-route %s=HOST:PORT\n%s",
+        fprintf(stderr,
+                "shop: --service %s sends to channel '%s': give --tcp-route %s=HOST:PORT\n%s",
                 o->service, needs[k][j], needs[k][j], usage);
         return 2;
       }
@@ -278,7 +279,8 @@ static int parse_args(app *a, int argc, char **argv) {
     return bad("--transport %s: this shop was built without the NATS transport (libnats-dev)",
                "nats");
 #endif
-    if (transport_opts & 1) return bad("%s is a TCP option (--transport nats given)", transport_flag);
+    if (transport_opts & 1)
+      return bad("%s is a TCP option (--transport nats given)", transport_flag);
   }
   if (strcmp(o->service, "purchase") == 0 && a->ctx.product_url == NULL)
     return bad("--service purchase needs --product-url URL (%s, to check that products exist)",
@@ -375,11 +377,16 @@ static int open_node(app *a, int i) {
 static int init_service(app *a, int i, saga_node *node) {
   shop_ctx *c = &a->ctx;
   switch (i) {
-  case 0: return shop_product_init(c, node);
-  case 1: return shop_order_init(c, node);
-  case 2: return shop_payment_init(c, node);
-  case 3: return shop_orchestrator_init(c, node);
-  default: return shop_purchase_init(c, node);
+  case 0:
+    return shop_product_init(c, node);
+  case 1:
+    return shop_order_init(c, node);
+  case 2:
+    return shop_payment_init(c, node);
+  case 3:
+    return shop_orchestrator_init(c, node);
+  default:
+    return shop_purchase_init(c, node);
   }
 }
 
@@ -388,8 +395,8 @@ int main(int argc, char **argv) {
   a.loop = uv_default_loop();
   a.ctx.loop = a.loop;
   a.ctx.data_dir = "shop-data";
-  a.ctx.jwt_secret = getenv("SHOP_JWT_SECRET") ? getenv("SHOP_JWT_SECRET")
-                                                : "change-me-shop-demo-secret-32bytes!";
+  a.ctx.jwt_secret =
+      getenv("SHOP_JWT_SECRET") ? getenv("SHOP_JWT_SECRET") : "change-me-shop-demo-secret-32bytes!";
   a.ctx.payment_limit = 100000;
   a.o.port = 8080;
   int rc = parse_args(&a, argc, argv);

@@ -128,8 +128,8 @@ static void write_nodes(shop_metrics *m, shop_text *b) {
   head(b, "libsaga_sagas", "gauge", "Sagas this node orchestrates, by state.");
   for (int i = 0; i < m->nnodes; i++)
     for (int s = SAGA_RUNNING; states_ok[i] && s <= SAGA_FAILED; s++)
-      shop_text_printf(b, "libsaga_sagas{node=\"%s\",state=\"%s\"} %" PRId64 "\n",
-                       m->nodes[i].name, saga_state_name(s), states[i][s]);
+      shop_text_printf(b, "libsaga_sagas{node=\"%s\",state=\"%s\"} %" PRId64 "\n", m->nodes[i].name,
+                       saga_state_name(s), states[i][s]);
 
   head(b, "libsaga_step_latency_ms", "histogram",
        "Orchestrator step latency: command sent (committed) to its reply processed, in ms.");
@@ -139,14 +139,14 @@ static void write_nodes(shop_metrics *m, shop_text *b) {
       cum += st[i].step_latency[k];
       uint32_t bound = saga_latency_bound_ms(k);
       if (bound == UINT32_MAX) continue; /* the last bucket is +Inf, written below */
-      shop_text_printf(b, "libsaga_step_latency_ms_bucket{node=\"%s\",le=\"%" PRIu32 "\"} %" PRIu64
-                          "\n",
-                       m->nodes[i].name, bound, cum);
+      shop_text_printf(
+          b, "libsaga_step_latency_ms_bucket{node=\"%s\",le=\"%" PRIu32 "\"} %" PRIu64 "\n",
+          m->nodes[i].name, bound, cum);
     }
     shop_text_printf(b, "libsaga_step_latency_ms_bucket{node=\"%s\",le=\"+Inf\"} %" PRIu64 "\n",
                      m->nodes[i].name, st[i].step_latency_count);
-    shop_text_printf(b, "libsaga_step_latency_ms_sum{node=\"%s\"} %" PRIu64 "\n",
-                     m->nodes[i].name, st[i].step_latency_sum_ms);
+    shop_text_printf(b, "libsaga_step_latency_ms_sum{node=\"%s\"} %" PRIu64 "\n", m->nodes[i].name,
+                     st[i].step_latency_sum_ms);
     shop_text_printf(b, "libsaga_step_latency_ms_count{node=\"%s\"} %" PRIu64 "\n",
                      m->nodes[i].name, st[i].step_latency_count);
   }
@@ -199,9 +199,9 @@ static void get_healthz(shop_req *r, void *arg) {
   int ok = 1;
   for (int i = 0; i < m->nnodes; i++) {
     int64_t depth = saga_node_outbox_depth(m->nodes[i].node);
-    json_t *n = depth >= 0 ? json_pack("{s:b,s:I}", "open", 1, "outbox_depth", (json_int_t)depth)
-                           : json_pack("{s:b,s:s}", "open", 1, "error",
-                                       saga_node_errmsg(m->nodes[i].node));
+    json_t *n =
+        depth >= 0 ? json_pack("{s:b,s:I}", "open", 1, "outbox_depth", (json_int_t)depth)
+                   : json_pack("{s:b,s:s}", "open", 1, "error", saga_node_errmsg(m->nodes[i].node));
     if (depth < 0) ok = 0;
     json_object_set_new(nodes, m->nodes[i].name, n);
   }

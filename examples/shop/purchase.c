@@ -864,8 +864,8 @@ static void purchase_metrics(shop_text *b, void *arg) {
   shop_text_metric(b, "shop_purchase_pending_starts", "gauge",
                    "Purchases waiting for their product check or commit.", "", s->npending);
   shop_text_metric(b, "shop_purchase_streams", "gauge", "Open result streams.", "", s->nsubs);
-  shop_text_metric(b, "shop_purchase_streams_opened_total", "counter", "Result streams opened.",
-                   "", s->streams_opened);
+  shop_text_metric(b, "shop_purchase_streams_opened_total", "counter", "Result streams opened.", "",
+                   s->streams_opened);
   shop_text_metric(b, "shop_purchase_events_received_total", "counter",
                    "Purchase saga events received from the orchestrator.", "", s->ev_received);
   shop_text_metric(b, "shop_purchase_events_duplicate_total", "counter",

@@ -54,7 +54,7 @@
 #endif
 
 #define N_PURCHASES 60
-#define WINDOW 8          /* purchases in flight at most */
+#define WINDOW 8           /* purchases in flight at most */
 #define END_WAIT_MS 120000 /* safety net for the whole stream to end */
 
 static const char *transport = "tcp";
@@ -73,10 +73,9 @@ static void pause_ms(long ms) { /* a retry's backoff or a polling interval, neve
 }
 
 /* Runs the cluster script with args (NULL-terminated); returns its exit status or -1. */
-static int script(const char *a1, const char *a2, const char *a3, const char *a4,
-                  const char *a5) {
-  const char *path = getenv("SHOP_CLUSTER_SCRIPT") ? getenv("SHOP_CLUSTER_SCRIPT")
-                                                   : SHOP_CLUSTER_SCRIPT;
+static int script(const char *a1, const char *a2, const char *a3, const char *a4, const char *a5) {
+  const char *path =
+      getenv("SHOP_CLUSTER_SCRIPT") ? getenv("SHOP_CLUSTER_SCRIPT") : SHOP_CLUSTER_SCRIPT;
   fflush(stdout);
   pid_t pid = fork();
   if (pid < 0) return -1;
@@ -116,7 +115,7 @@ static void reap(void) {
   }
 }
 
-static const char *const all_procs[] = {"account", "product", "order",        "payment",
+static const char *const all_procs[] = {"account",      "product",  "order", "payment",
                                         "orchestrator", "purchase", "nginx", "nats"};
 
 static void cluster_stop(void) {
@@ -194,7 +193,7 @@ static void kill_restart(const char *name) {
 static void test_health_metrics(void **state) {
   (void)state;
   shop_client *c = client(NULL);
-  static const char *const names[] = {"account", "product", "order",
+  static const char *const names[] = {"account", "product",      "order",
                                       "payment", "orchestrator", "purchase"};
   for (size_t i = 0; i < 6; i++) {
     char path[64];
@@ -267,16 +266,16 @@ typedef struct run {
   products *pr;
   purchase p[N_PURCHASES];
   stream s;
-  int submitted;          /* read by the killer thread (atomically) */
-  int ended;              /* likewise */
-  int failed;             /* the buyer gave up: message in why */
+  int submitted; /* read by the killer thread (atomically) */
+  int ended;     /* likewise */
+  int failed;    /* the buyer gave up: message in why */
   char why[512];
-  long long retries;      /* POSTs answered 503 (product down) and sent again */
+  long long retries; /* POSTs answered 503 (product down) and sent again */
 } run;
 
 static void add_item(purchase *p, const json_t *product, long long amount, long long price) {
-  json_array_append_new(p->items, json_pack("{s:O, s:I}", "product_id", (json_t *)product,
-                                            "amount", (json_int_t)amount));
+  json_array_append_new(p->items, json_pack("{s:O, s:I}", "product_id", (json_t *)product, "amount",
+                                            (json_int_t)amount));
   p->total += amount * price;
 }
 
@@ -385,8 +384,8 @@ static void wait_orchestrator_idle(shop_client *c, int64_t *completed, int64_t *
       return;
     }
     if (shop_now_ms() > deadline) {
-      print_error("orchestrator: %" PRId64 " running, %" PRId64 " compensating after %d ms\n",
-                  n[1], n[2], END_WAIT_MS);
+      print_error("orchestrator: %" PRId64 " running, %" PRId64 " compensating after %d ms\n", n[1],
+                  n[2], END_WAIT_MS);
       fail();
     }
     pause_ms(100); /* polling interval */
@@ -398,8 +397,12 @@ static void test_kill_cycle(void **state) {
   customer a;
   customer_new(&a);
   shop_client *c = a.c;
-  products pr = {.price_ok = 100, .price_small = 7, .price_scarce = 30,
-                 .stock_ok = 100000, .stock_small = 3, .stock_scarce = 30};
+  products pr = {.price_ok = 100,
+                 .price_small = 7,
+                 .price_scarce = 30,
+                 .stock_ok = 100000,
+                 .stock_small = 3,
+                 .stock_scarce = 30};
   pr.ok = product_new(c, "Kc-plenty", (int)pr.price_ok, (int)pr.stock_ok);
   pr.small = product_new(c, "Kc-small", (int)pr.price_small, (int)pr.stock_small);
   pr.scarce = product_new(c, "Kc-scarce", (int)pr.price_scarce, (int)pr.stock_scarce);
@@ -425,12 +428,12 @@ static void test_kill_cycle(void **state) {
     int at = (k + 1) * N_PURCHASES / 5;
     long long deadline = shop_now_ms() + END_WAIT_MS;
     while (__atomic_load_n(&r.submitted, __ATOMIC_SEQ_CST) < at &&
-           !__atomic_load_n(&r.failed, __ATOMIC_SEQ_CST) &&
-           shop_now_ms() < deadline)
+           !__atomic_load_n(&r.failed, __ATOMIC_SEQ_CST) && shop_now_ms() < deadline)
       pause_ms(5); /* polling interval */
     if (__atomic_load_n(&r.failed, __ATOMIC_SEQ_CST)) break;
     printf("# at purchase %d of %d (%d in flight):\n", at, N_PURCHASES,
-           __atomic_load_n(&r.submitted, __ATOMIC_SEQ_CST) - __atomic_load_n(&r.ended, __ATOMIC_SEQ_CST));
+           __atomic_load_n(&r.submitted, __ATOMIC_SEQ_CST) -
+               __atomic_load_n(&r.ended, __ATOMIC_SEQ_CST));
     kill_restart(victims[k]);
   }
   pthread_join(th, NULL);
@@ -511,8 +514,8 @@ static void test_kill_cycle(void **state) {
   assert_int_equal(inventory_of(c, pr.scarce), pr.stock_scarce - sold_scarce);
   assert_int_equal(inventory_of(c, pr.small), pr.stock_small);
   printf("# inventory: plenty %lld (sold %lld), scarce %lld (sold %lld), small %lld; paid %lld\n",
-         pr.stock_ok - sold_ok, sold_ok, pr.stock_scarce - sold_scarce, sold_scarce,
-         pr.stock_small, paid);
+         pr.stock_ok - sold_ok, sold_ok, pr.stock_scarce - sold_scarce, sold_scarce, pr.stock_small,
+         paid);
 
   /* The orchestrator agrees: none left running, compensating or failed, and one saga more
    * per purchase (plus the sentinel), completed or compensated as streamed. */
@@ -538,7 +541,7 @@ static void test_kill_cycle(void **state) {
  * where a leak at exit is reported there). */
 static void test_clean_stop(void **state) {
   (void)state;
-  static const char *const names[] = {"account", "product", "order",
+  static const char *const names[] = {"account", "product",      "order",
                                       "payment", "orchestrator", "purchase"};
   pid_t pids[6];
   for (int i = 0; i < 6; i++) pids[i] = pid_of(names[i]);
@@ -559,8 +562,7 @@ static void test_clean_stop(void **state) {
     char line[1024];
     int reported = 0;
     while (f != NULL && fgets(line, sizeof line, f) != NULL) {
-      if (strstr(line, "Sanitizer") != NULL || strstr(line, "runtime error:") != NULL)
-        reported = 1;
+      if (strstr(line, "Sanitizer") != NULL || strstr(line, "runtime error:") != NULL) reported = 1;
       if (reported) print_error("%s: %s", names[i], line);
     }
     if (f != NULL) fclose(f);
@@ -593,14 +595,10 @@ int main(int argc, char **argv) {
     }
   }
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_health_metrics),
-      cmocka_unit_test(test_signup_login),
-      cmocka_unit_test(test_products),
-      cmocka_unit_test(test_purchase_validation),
-      cmocka_unit_test(test_purchase_outcomes),
-      cmocka_unit_test(test_owner_only),
-      cmocka_unit_test(test_product_down),
-      cmocka_unit_test(test_kill_cycle),
+      cmocka_unit_test(test_health_metrics),    cmocka_unit_test(test_signup_login),
+      cmocka_unit_test(test_products),          cmocka_unit_test(test_purchase_validation),
+      cmocka_unit_test(test_purchase_outcomes), cmocka_unit_test(test_owner_only),
+      cmocka_unit_test(test_product_down),      cmocka_unit_test(test_kill_cycle),
       cmocka_unit_test(test_clean_stop),
   };
   char name[64];

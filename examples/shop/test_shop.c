@@ -39,7 +39,6 @@
 #error "SHOP_BIN must name the shop binary"
 #endif
 
-
 static struct {
   pid_t pid;
   char dir[256];
