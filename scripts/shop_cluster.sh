@@ -25,7 +25,7 @@ run=${SHOP_CLUSTER_RUN:-$root/build/cluster-run}
 services=(account product order payment orchestrator purchase)
 
 usage() {
-  sed -n '6,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '6,8p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
