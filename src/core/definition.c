@@ -302,35 +302,31 @@ int saga_def_builder_add_local_step(saga_def_builder *b, const char *name, saga_
   return add(b, &s);
 }
 
+/* The step's action (comp = 0) or compensation (comp = 1) policy, after checking. */
+static saga_retry *policy(saga_def_builder *b, int index, int comp, double multiplier,
+                          double jitter) {
+  if (b == NULL || index < 0 || (size_t)index >= b->def.nsteps || !(jitter >= 0) || jitter > 1 ||
+      !(multiplier >= 0))
+    return NULL;
+  return comp ? &b->steps[index].compensation_retry : &b->steps[index].retry;
+}
+
 int saga_def_builder_set_retry(saga_def_builder *b, int index, uint32_t max_attempts,
                                uint32_t backoff_ms, double multiplier, uint32_t cap_ms,
                                double jitter, int retry_before_compensate) {
-  if (b == NULL || index < 0 || (size_t)index >= b->def.nsteps || !(jitter >= 0) || jitter > 1 ||
-      !(multiplier >= 0))
-    return SAGA_EINVAL;
-  saga_retry *r = &b->steps[index].retry;
-  r->max_attempts = max_attempts;
-  r->backoff_ms = backoff_ms;
-  r->multiplier = multiplier;
-  r->cap_ms = cap_ms;
-  r->jitter = jitter;
-  r->retry_before_compensate = retry_before_compensate;
+  saga_retry *r = policy(b, index, 0, multiplier, jitter);
+  if (r == NULL) return SAGA_EINVAL;
+  *r = (saga_retry){max_attempts, backoff_ms, multiplier, cap_ms, jitter,
+                    retry_before_compensate};
   return SAGA_OK;
 }
 
 int saga_def_builder_set_compensation_retry(saga_def_builder *b, int index,
                                             uint32_t max_attempts, uint32_t backoff_ms,
                                             double multiplier, uint32_t cap_ms, double jitter) {
-  if (b == NULL || index < 0 || (size_t)index >= b->def.nsteps || !(jitter >= 0) || jitter > 1 ||
-      !(multiplier >= 0))
-    return SAGA_EINVAL;
-  saga_retry *r = &b->steps[index].compensation_retry;
-  r->max_attempts = max_attempts;
-  r->backoff_ms = backoff_ms;
-  r->multiplier = multiplier;
-  r->cap_ms = cap_ms;
-  r->jitter = jitter;
-  r->retry_before_compensate = 0;
+  saga_retry *r = policy(b, index, 1, multiplier, jitter);
+  if (r == NULL) return SAGA_EINVAL;
+  *r = (saga_retry){max_attempts, backoff_ms, multiplier, cap_ms, jitter, 0};
   return SAGA_OK;
 }
 
