@@ -7,7 +7,7 @@
 #   bash bench/matrix.sh [--quick] [--no-nats] [--build DIR]
 #   bash bench/matrix.sh --render     # only re-render charts and tables from docs/perf/results.txt
 #
-#   full run (about 15 minutes on 2 cores): sync full|normal x transport mem|tcp|nats x
+#   full run (about 10 minutes on 2 cores): sync full|normal x transport mem|tcp|nats x
 #     in flight 1, 10, 100, 1000, 10000 x steps per saga 1, 3, 10; recovery of 100,000
 #     in-flight sagas (engine defaults, and with a 30 s resend interval); 10,000 sagas held in
 #     flight (memory); 0 vs 1,000,000 completed sagas preloaded (history scaling).
