@@ -47,6 +47,7 @@
 #include <sqlite3.h>
 
 #include "saga.h"
+#include "servers.h"
 #include "saga/sys/transport.h"
 #include "saga/transport_tcp.h"
 #ifdef SAGA_BENCH_NATS
@@ -88,7 +89,6 @@ typedef struct bench {
   uint32_t resend_ms;
 } bench;
 
-static pid_t nats_pid; /* a nats-server the bench started, killed at exit */
 
 static uint64_t key_of(const char *id) {
   uint64_t h = 1469598103934665603ull;
@@ -168,72 +168,18 @@ static saga_transport *sink_new(void) {
 
 /* ---- servers and ports -------------------------------------------------------------------- */
 
-static int free_port(void) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  int port = -1;
-  if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-      getsockname(fd, (struct sockaddr *)&a, &len) == 0)
-    port = ntohs(a.sin_port);
-  if (fd >= 0) close(fd);
-  return port;
-}
-
-static int wait_port(int port, int timeout_ms) {
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons((uint16_t)port);
-  for (int waited = 0;; waited += 10) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    if (fd >= 0) close(fd);
-    if (ok) return 0;
-    if (waited >= timeout_ms) return -1;
-    struct timespec ts = {0, 10 * 1000000};
-    nanosleep(&ts, NULL); /* waiting for a child server to listen, bounded above */
-  }
-}
+static th_server nats_srv; /* a nats-server the bench started, stopped at exit */
 
 static void stop_nats(void) {
-  if (nats_pid > 0) {
-    kill(nats_pid, SIGTERM);
-    waitpid(nats_pid, NULL, 0);
-    nats_pid = 0;
-  }
+  if (nats_srv.pid > 0) th_server_free(&nats_srv);
 }
 
-/* Starts nats-server with JetStream on a free loopback port, its store under dir. */
+/* Starts nats-server with JetStream on a free loopback port (tests/servers.c). */
 static void start_nats(bench *b) {
-  char port[16], store[600];
-  int p = free_port();
-  if (p <= 0) die("no free port for nats-server", NULL);
-  snprintf(port, sizeof port, "%d", p);
-  snprintf(store, sizeof store, "%s/nats", b->dir);
-  mkdir(store, 0700);
-  nats_pid = fork();
-  if (nats_pid < 0) die("fork", NULL);
-  if (nats_pid == 0) {
-    setpgid(0, 0);
-    int devnull = open("/dev/null", O_WRONLY);
-    if (devnull >= 0) {
-      dup2(devnull, 1);
-      dup2(devnull, 2);
-    }
-    execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", store,
-           (char *)NULL);
-    execl("/usr/sbin/nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd",
-          store, (char *)NULL);
-    _exit(127);
-  }
+  if (th_server_start(&nats_srv, "nats") != 0)
+    die("nats-server did not start (is it installed?)", NULL);
   atexit(stop_nats);
-  if (wait_port(p, 15000) != 0) die("nats-server did not start (is it installed?)", NULL);
-  snprintf(b->nats_url_buf, sizeof b->nats_url_buf, "nats://127.0.0.1:%d", p);
+  snprintf(b->nats_url_buf, sizeof b->nats_url_buf, "nats://127.0.0.1:%d", nats_srv.port);
   b->nats_url = b->nats_url_buf;
 }
 
@@ -851,9 +797,9 @@ int main(int argc, char **argv) {
   b.lat_ms = calloc((size_t)b.sagas, sizeof *b.lat_ms);
   b.loop = uv_default_loop();
   if (b.transport == T_TCP) {
-    b.port_orch = free_port();
-    b.port_part = free_port();
-    while (b.port_part == b.port_orch) b.port_part = free_port();
+    b.port_orch = th_free_port();
+    b.port_part = th_free_port();
+    while (b.port_part == b.port_orch) b.port_part = th_free_port();
   }
   if (b.transport == T_NATS) {
     if (b.nats_url == NULL) start_nats(&b);

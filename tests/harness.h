@@ -10,14 +10,7 @@
 #include <uv.h>
 
 #include "saga.h"
-
-/* Makes a fresh temporary folder (under $TMPDIR or /tmp) and returns its path (static
- * storage per call site is not needed: the string is heap-allocated; free() it). */
-char *th_tmpdir(void);
-/* Removes a folder made by th_tmpdir() and everything in it, and frees the path. */
-void th_rmdir(char *path);
-/* path = dir + "/" + name, heap-allocated. */
-char *th_path(const char *dir, const char *name);
+#include "servers.h" /* th_tmpdir, th_rmdir, th_path, servers */
 
 /* A counting allocator that can fail the N-th allocation (fail_at = 0: never). */
 typedef struct th_alloc {

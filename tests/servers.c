@@ -1,6 +1,7 @@
 #include "servers.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -14,7 +15,53 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "harness.h"
+
+char *th_tmpdir(void) {
+  const char *base = getenv("TMPDIR");
+  if (base == NULL || *base == '\0') base = "/tmp";
+  size_t n = strlen(base) + 32;
+  char *p = malloc(n);
+  if (p == NULL) abort();
+  snprintf(p, n, "%s/sagatest.XXXXXX", base);
+  if (mkdtemp(p) == NULL) {
+    perror("mkdtemp");
+    abort();
+  }
+  return p;
+}
+
+static void rm_tree(const char *path) {
+  DIR *d = opendir(path);
+  if (d != NULL) {
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+      if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+      char *sub = th_path(path, e->d_name);
+      struct stat st;
+      if (lstat(sub, &st) == 0 && S_ISDIR(st.st_mode))
+        rm_tree(sub);
+      else
+        unlink(sub);
+      free(sub);
+    }
+    closedir(d);
+  }
+  rmdir(path);
+}
+
+void th_rmdir(char *path) {
+  if (path == NULL) return;
+  rm_tree(path);
+  free(path);
+}
+
+char *th_path(const char *dir, const char *name) {
+  size_t n = strlen(dir) + strlen(name) + 2;
+  char *p = malloc(n);
+  if (p == NULL) abort();
+  snprintf(p, n, "%s/%s", dir, name);
+  return p;
+}
 
 int th_free_port(void) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);

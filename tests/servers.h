@@ -1,9 +1,18 @@
-/* Real servers for integration tests: nats-server (JetStream) and redis-server, started on
- * 127.0.0.1 with a free port and a temporary folder, killed and restarted on demand. */
+/* Real servers for integration tests and the benchmark: nats-server (JetStream) and
+ * redis-server, started on 127.0.0.1 with a free port and a temporary folder, killed and
+ * restarted on demand; temporary folders. No cmocka here (the benchmark links this file). */
 #ifndef SAGA_TEST_SERVERS_H
 #define SAGA_TEST_SERVERS_H
 
 #include <sys/types.h>
+
+/* Makes a fresh temporary folder (under $TMPDIR or /tmp) and returns its path
+ * (heap-allocated; free() it, or th_rmdir() it). */
+char *th_tmpdir(void);
+/* Removes a folder made by th_tmpdir() and everything in it, and frees the path. */
+void th_rmdir(char *path);
+/* path = dir + "/" + name, heap-allocated. */
+char *th_path(const char *dir, const char *name);
 
 typedef struct th_server {
   char kind[8];  /* "nats" or "redis" */
