@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sqlite3.h>
+
 #include "harness.h"
 
 static void done_cb(saga_node *n, int status, void *arg) { *(int *)arg = status; }
@@ -512,6 +514,55 @@ static void test_version_pinning(void **state) {
   th_world_free(&w);
 }
 
+/* Group commit without a savepoint per item: an item that fails after writing makes the
+ * node roll the transaction back and run it again with a savepoint per item. Here the
+ * participant's first run of step 1 leaves a trigger that makes its reply's outbox insert
+ * fail, after the handler's effect, the step record and the inbox row were written. The
+ * replay (which also undoes the trigger) must apply the step exactly once and go on. */
+typedef struct replay_hook {
+  th_world *w;
+  int armed, fired;
+} replay_hook;
+
+static void replay_hook_fn(void *arg, const char *point) {
+  replay_hook *h = arg;
+  if (strcmp(point, "participant.after_handler") != 0 || h->w->part == NULL) return;
+  if (!h->armed || h->fired || h->w->handler_calls != 2) return;
+  h->fired = 1;
+  char *err = NULL;
+  int rc = sqlite3_exec(saga_node_db(h->w->part),
+                        "CREATE TEMP TRIGGER fail_reply BEFORE INSERT ON saga_outbox"
+                        " BEGIN SELECT RAISE(ABORT, 'injected'); END",
+                        NULL, NULL, &err);
+  if (rc != SQLITE_OK) printf("trigger: %s\n", err ? err : "?");
+  sqlite3_free(err);
+}
+
+static void test_item_failure_replayed(void **state) {
+  th_world w;
+  th_world_opts o;
+  replay_hook h = {&w, 0, 0};
+  th_world_defaults(&o);
+  o.hook = replay_hook_fn;
+  o.hook_arg = &h;
+  open_world(&w, &o);
+  h.armed = 1;
+  run_one(&w);
+  assert_int_equal(h.fired, 1);
+  assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPLETED);
+  for (int s = 0; s < 3; s++) assert_int_equal(th_fx_count(&w, w.last_id, s, "do"), 1);
+  /* Step 1's handler ran twice: once in the rolled-back try, once in the replay. */
+  assert_int_equal(w.handler_calls, 4);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st);
+  assert_int_equal(st.replayed_tx, 1);
+  assert_int_equal(st.handler_runs, 3); /* counters are those of the committed try */
+  saga_node_stats_get(w.orch, &st);
+  assert_int_equal(st.replayed_tx, 0);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
 static void test_api_errors(void **state) {
   th_world w;
   open_world(&w, NULL);
@@ -556,6 +607,7 @@ int main(void) {
       cmocka_unit_test(test_builder),
       cmocka_unit_test(test_duplicates),
       cmocka_unit_test(test_version_pinning),
+      cmocka_unit_test(test_item_failure_replayed),
       cmocka_unit_test(test_api_errors),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

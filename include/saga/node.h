@@ -330,6 +330,9 @@ typedef struct saga_node_stats {
   /** Rows deleted by retention: finished sagas, inbox records, participant step records. */
   uint64_t purged_sagas, purged_inbox, purged_steps;
   uint64_t purge_passes;   /**< purge transactions committed */
+  /** Transactions run a second time with a savepoint per item, because an item failed after
+   * writing (a store error, out of memory): the first try has no per-item savepoints. */
+  uint64_t replayed_tx;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

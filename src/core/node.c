@@ -418,30 +418,66 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
   return rc;
 }
 
-/* A confirmed outbox row: one DELETE, atomic by itself, so no savepoint around it. */
-static void process_sent(saga_node *n, saga__work *w, int *broken) {
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_DELETE);
-  sqlite3_bind_int64(st, 1, (sqlite3_int64)w->tag);
-  int rc = saga__store_exec(&n->store, ST_OUTBOX_DELETE);
-  if (rc != SAGA_OK) {
-    rc = saga__node_db_fail(n, rc, "deleting confirmed outbox row");
-    /* A failed statement leaves the transaction usable unless SQLite rolled it back. */
-    if (sqlite3_get_autocommit(n->store.db)) *broken = 1;
-  } else if (sqlite3_changes(n->store.db) > 0) {
-    n->stats.acked_out++;
-  }
-  w->status = rc;
+/* Deletes the outbox rows confirmed in this transaction (the W_SENT items of [from, to)):
+ * sorted, with one DELETE per run of consecutive ids. Each DELETE is atomic by itself, so no
+ * savepoint: a failed one leaves its rows to be resent (receivers deduplicate), unless SQLite
+ * rolled the whole transaction back. */
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
 }
 
-static int process_item(saga_node *n, saga__queue *q, saga__work *w, int *broken) {
-  if (w->type == W_SENT) {
-    process_sent(n, w, broken);
-    return w->status;
+static void delete_sent(saga_node *n, saga__queue *q, size_t from, size_t to, int *broken) {
+  saga__buf *ids = &n->sent_ids;
+  saga__buf_reset(ids);
+  for (size_t i = from; i < to; i++) {
+    saga__work *w = &q->items[i];
+    if (w->type != W_SENT) continue;
+    w->status = SAGA_OK;
+    /* Out of memory: the rows stay and are resent later. */
+    if (saga__buf_append(ids, &w->tag, sizeof w->tag) != SAGA_OK) break;
   }
-  int rc = saga__store_exec(&n->store, ST_SP_ITEM);
-  if (rc != SAGA_OK) {
-    *broken = 1;
-    return w->status = saga__node_db_fail(n, rc, "opening savepoint");
+  size_t count = ids->len / sizeof(uint64_t);
+  if (count == 0) return;
+  uint64_t *v = (uint64_t *)(void *)ids->data;
+  if (count > 1) qsort(v, count, sizeof *v, cmp_u64);
+  for (size_t k = 0; k < count;) {
+    size_t e = k;
+    while (e + 1 < count && v[e + 1] <= v[e] + 1) e++;
+    sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_DELETE);
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)v[k]);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)v[e]);
+    int rc = saga__store_exec(&n->store, ST_OUTBOX_DELETE);
+    if (rc != SAGA_OK) {
+      saga__node_db_fail(n, rc, "deleting confirmed outbox rows");
+      saga__node_log(n, SAGA_LOG_WARN, "%s (they will be resent)", n->errmsg);
+      if (sqlite3_get_autocommit(n->store.db)) {
+        *broken = 1;
+        return;
+      }
+    } else {
+      n->stats.acked_out += (uint64_t)sqlite3_changes(n->store.db);
+    }
+    k = e + 1;
+  }
+}
+
+/* Runs one item. Careful mode wraps it in a savepoint, so that a failure rolls back only this
+ * item. Fast mode (the first try of every transaction) has no item savepoint: an item that
+ * fails after writing sets *replay, and the caller rolls the transaction back and runs it
+ * again in careful mode. A failure before any write (counting writes a handler made and
+ * rolled back) needs no replay. */
+static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful, int *broken,
+                        int *replay) {
+  int rc;
+  sqlite3_int64 changes_before = sqlite3_total_changes64(n->store.db);
+  n->undone_changes = 0;
+  if (careful) {
+    rc = saga__store_exec(&n->store, ST_SP_ITEM);
+    if (rc != SAGA_OK) {
+      *broken = 1;
+      return w->status = saga__node_db_fail(n, rc, "opening savepoint");
+    }
   }
   size_t events_before = n->nevents, text_before = n->event_text.len;
   switch (w->type) {
@@ -470,15 +506,27 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int *broken
     w->ack = rc == SAGA_OK;
     break;
   }
-  case W_SENT: /* process_sent() */
+  default: /* W_SENT: delete_sent() */
+    rc = SAGA_OK;
     break;
   }
   w->status = rc;
-  int rc2;
   if (rc < 0) {
     w->ack = 0;
     n->nevents = events_before;
     n->event_text.len = text_before;
+  }
+  if (!careful) {
+    if (sqlite3_get_autocommit(n->store.db)) {
+      *broken = 1;
+    } else if (rc < 0 &&
+               sqlite3_total_changes64(n->store.db) - changes_before != n->undone_changes) {
+      *replay = 1;
+    }
+    return rc;
+  }
+  int rc2;
+  if (rc < 0) {
     rc2 = saga__store_exec(&n->store, ST_SP_ITEM_ROLLBACK);
     if (rc2 == SAGA_OK) rc2 = saga__store_exec(&n->store, ST_SP_ITEM_RELEASE);
   } else {
@@ -534,22 +582,26 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
   }
 }
 
-static int run_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with_timers,
-                  int *more_due) {
+/* One try of a transaction over items [from, to). Returns with the transaction committed
+ * (SAGA_OK) or rolled back; *replay asks for a careful retry (see process_item). */
+static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with_timers,
+                  int *more_due, int careful, int *replay) {
   int broken = 0, rc = saga__store_exec(&n->store, ST_BEGIN);
   if (rc != SAGA_OK) {
     saga__node_db_fail(n, rc, "beginning transaction");
     return rc;
   }
-  for (size_t i = from; i < to && !broken; i++) process_item(n, q, &q->items[i], &broken);
-  if (with_timers && !broken) {
+  for (size_t i = from; i < to && !broken && !*replay; i++)
+    if (q->items[i].type != W_SENT) process_item(n, q, &q->items[i], careful, &broken, replay);
+  if (!broken && !*replay) delete_sent(n, q, from, to, &broken);
+  if (with_timers && !broken && !*replay) {
     size_t processed = 0;
     int trc = saga__engine_due(n, saga__node_now(n), n->batch_max, &processed);
     if (trc < 0 || sqlite3_get_autocommit(n->store.db)) broken = 1;
     *more_due = trc == SAGA_OK && processed >= n->batch_max;
     rc = trc < 0 ? trc : rc;
   }
-  if (!broken) {
+  if (!broken && !*replay) {
     SAGA__HOOK(n, "tx.before_commit");
     rc = saga__store_exec(&n->store, ST_COMMIT);
     if (rc == SAGA_OK) {
@@ -564,6 +616,30 @@ static int run_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with
   }
   if (!sqlite3_get_autocommit(n->store.db)) saga__store_exec(&n->store, ST_ROLLBACK);
   return rc;
+}
+
+/* Runs items [from, to) in one transaction: first fast, then, if an item failed half-way,
+ * again with a savepoint per item, from the state the transaction started with. */
+static int run_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with_timers,
+                  int *more_due) {
+  saga_node_stats stats = n->stats;
+  size_t nevents = n->nevents, text = n->event_text.len, remote = n->remote_events.len;
+  int replay = 0;
+  int rc = try_tx(n, q, from, to, with_timers, more_due, 0, &replay);
+  if (!replay) return rc;
+  n->stats = stats;
+  n->nevents = nevents;
+  n->event_text.len = text;
+  n->remote_events.len = remote;
+  for (size_t i = from; i < to; i++) {
+    q->items[i].status = SAGA_OK;
+    q->items[i].ack = 0;
+    q->items[i].existed = 0;
+  }
+  *more_due = 0;
+  n->stats.replayed_tx++;
+  replay = 0;
+  return try_tx(n, q, from, to, with_timers, more_due, 1, &replay);
 }
 
 static void retry_timer_cb(saga__timer *t) {
@@ -894,6 +970,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__buf_init(&n->event_text, n->alloc);
   saga__buf_init(&n->scratch, n->alloc);
   saga__buf_init(&n->scratch2, n->alloc);
+  saga__buf_init(&n->sent_ids, n->alloc);
   saga__buf_init(&n->reply_buf, n->alloc);
   saga__buf_init(&n->input_buf, n->alloc);
   saga__inst_init(&n->inst, n->alloc);
@@ -1211,6 +1288,7 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->event_text);
   saga__buf_free(&n->scratch);
   saga__buf_free(&n->scratch2);
+  saga__buf_free(&n->sent_ids);
   saga__buf_free(&n->reply_buf);
   saga__buf_free(&n->input_buf);
   saga__buf_free(&n->remote_events);

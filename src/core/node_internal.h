@@ -242,6 +242,8 @@ struct saga_node {
 
   saga__inst inst; /* scratch for the instance being processed */
   saga__buf scratch, scratch2, reply_buf, input_buf;
+  saga__buf sent_ids;         /* confirmed outbox ids of a transaction (uint64_t each) */
+  int64_t undone_changes;     /* rows a handler wrote and rolled back, in the current item */
 
   saga_node_stats stats;
   char errmsg[512];

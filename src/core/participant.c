@@ -161,6 +161,7 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
   saga_tx tx = {n};
   saga_msg msg = {env, data};
   n->stats.handler_runs++;
+  sqlite3_int64 changes_before = sqlite3_total_changes64(n->store.db);
   /* Transitions of sagas the handler starts (saga_tx_start) are rolled back with it. */
   size_t events_before = n->nevents, text_before = n->event_text.len;
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
@@ -174,6 +175,8 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
       rc = saga__node_db_fail(n, rc, "rolling back handler savepoint");
       goto done;
     }
+    /* Undone: the item is still clean if nothing else wrote (see process_item). */
+    n->undone_changes += sqlite3_total_changes64(n->store.db) - changes_before;
   }
   rc = saga__store_exec(&n->store, ST_SP_HANDLER_RELEASE);
   if (rc != SAGA_OK) {

@@ -66,7 +66,7 @@ static const char *const stmt_sql[ST__COUNT] = {
                        " detail) VALUES(?1,?2,?3,?4,?5,?6,?7)",
     [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms)"
                          " VALUES(?1,?2,?3,?4)",
-    [ST_OUTBOX_DELETE] = "DELETE FROM saga_outbox WHERE id = ?1",
+    [ST_OUTBOX_DELETE] = "DELETE FROM saga_outbox WHERE id BETWEEN ?1 AND ?2",
     [ST_OUTBOX_AFTER] = "SELECT id, channel, body FROM saga_outbox WHERE id > ?1"
                         " ORDER BY id LIMIT ?2",
     [ST_OUTBOX_STALE] = "SELECT id, channel, body FROM saga_outbox WHERE id > ?1 AND id <= ?2"
