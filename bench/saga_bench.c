@@ -5,6 +5,7 @@
  *   saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]
  *              [--transport mem|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
+ *              [--no-memstatus]
  *
  * Throughput run (the default): an orchestrator node and a participant node (each its own
  * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
@@ -25,6 +26,9 @@
  *
  * --transport nats: without --nats-url the bench starts its own nats-server (JetStream, temp
  * folder, free loopback port) and stops it at the end.
+ *
+ * --no-memstatus turns off SQLite's allocation statistics (sqlite3_config MEMSTATUS), which
+ * take a process-wide mutex on every allocation; it applies to engine and ceiling alike.
  *
  * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
@@ -65,7 +69,7 @@ typedef struct slot {
 typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
-  int sagas, steps, inflight, sync, transport;
+  int sagas, steps, inflight, sync, transport, no_memstatus;
   double fail;
   int started, finished, completed, compensated, failed;
   slot *map;
@@ -712,18 +716,19 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            "sagas=%d steps=%d inflight=%d sync=%s transport=%s sagas_per_s=%.0f steps_per_s=%.0f "
            "ceiling_steps_per_s=%.0f ratio=%.3f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
-           "mode=run preloaded=%ld commits=%llu row_writes=%llu",
+           "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d",
            b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
            ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
            b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
-           (unsigned long long)rows);
+           (unsigned long long)rows, !b->no_memstatus);
 }
 
 static void usage(void) {
   fprintf(stderr,
           "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
           "                  [--transport mem|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
-          "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n");
+          "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
+          "                  [--no-memstatus]\n");
 }
 
 int main(int argc, char **argv) {
@@ -740,7 +745,7 @@ int main(int argc, char **argv) {
       {"sync", 1, 0, 'y'},      {"transport", 1, 0, 't'}, {"fail", 1, 0, 'f'},
       {"json", 1, 0, 'j'},      {"dir", 1, 0, 'd'},      {"nats-url", 1, 0, 'u'},
       {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
-      {"resend-ms", 1, 0, 'R'}, {0, 0, 0, 0}};
+      {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
@@ -767,8 +772,16 @@ int main(int argc, char **argv) {
     case 'r': b.recovery = atoi(optarg); break;
     case 'P': b.paused = 1; break;
     case 'R': b.resend_ms = (uint32_t)atol(optarg); break;
+    case 'M': b.no_memstatus = 1; break;
     default: usage(); return 2;
     }
+  }
+  /* SQLite's allocation statistics take a global mutex on every malloc; applications that
+   * do not read sqlite3_memory_used() can turn them off. Engine and ceiling run in this one
+   * process, so the ratio is unaffected. */
+  if (b.no_memstatus && sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0) != SQLITE_OK) {
+    fprintf(stderr, "saga_bench: cannot turn off SQLite memstatus\n");
+    return 1;
   }
   if (b.paused && b.recovery == 0) b.recovery = b.inflight;
   if (b.recovery > 0) b.sagas = b.inflight = b.recovery;
