@@ -563,6 +563,35 @@ static void test_item_failure_replayed(void **state) {
   th_world_free(&w);
 }
 
+/* Outbox ids never repeat: not after the outbox emptied, not after a restart. Otherwise a
+ * late confirmation of a deleted row could delete a newer, unsent one. */
+static int64_t outbox_mark(saga_node *n) {
+  sqlite3_stmt *st = NULL;
+  int64_t v = -1;
+  if (sqlite3_prepare_v2(saga_node_db(n), "SELECT value FROM saga_meta WHERE key = 'outbox_id'",
+                         -1, &st, NULL) == SQLITE_OK &&
+      sqlite3_step(st) == SQLITE_ROW)
+    v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return v;
+}
+
+static void test_outbox_ids_not_reused(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  run_one(&w);
+  th_world_settle(&w, 10000);
+  assert_int_equal(saga_node_outbox_depth(w.orch), 0);
+  int64_t before = outbox_mark(w.orch);
+  assert_int_equal(before, 3); /* three commands */
+  assert_int_equal(th_world_reopen(&w), SAGA_OK);
+  assert_int_equal(th_world_start(&w, 2, NULL), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 2), 0);
+  assert_int_equal(outbox_mark(w.orch), before + 3);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
 static void test_api_errors(void **state) {
   th_world w;
   open_world(&w, NULL);
@@ -608,6 +637,7 @@ int main(void) {
       cmocka_unit_test(test_duplicates),
       cmocka_unit_test(test_version_pinning),
       cmocka_unit_test(test_item_failure_replayed),
+      cmocka_unit_test(test_outbox_ids_not_reused),
       cmocka_unit_test(test_api_errors),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -122,7 +122,10 @@ static void test_migrate_from_v1(void **state) {
                    " attempt, wait, data, created_ms, updated_ms) VALUES"
                    " ('a', 'd', 1, 3, 0, 2, 1, 0, x'80', 1, 2),"
                    " ('b', 'd', 1, 4, 1, 0, 1, 0, x'80', 1, 2),"
-                   " ('c', 'd', 1, 5, 1, 0, 1, 0, x'80', 1, 2);",
+                   " ('c', 'd', 1, 5, 1, 0, 1, 0, x'80', 1, 2);"
+                   "INSERT INTO saga_outbox(channel, saga_id, body, created_ms) VALUES"
+                   " ('ch', 'a', x'01', 1), ('ch', 'a', x'02', 1), ('ch', 'a', x'03', 1);"
+                   "DELETE FROM saga_outbox WHERE id = 3;",
                    NULL, NULL, NULL),
       SQLITE_OK);
   sqlite3_close(db);
@@ -130,6 +133,13 @@ static void test_migrate_from_v1(void **state) {
   assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
   assert_true(q_int(db, "PRAGMA user_version") >= 2);
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
+  /* Migration 3: the outbox keeps its rows, loses AUTOINCREMENT, and the id mark carries on
+   * from sqlite_sequence (3, although row 3 was deleted). */
+  assert_int_equal(q_int(db, "PRAGMA user_version"), 3);
+  assert_int_equal(q_int(db, "SELECT count(*) FROM saga_outbox WHERE id IN (1, 2)"), 2);
+  assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE name = 'saga_outbox'"
+                             " AND sql LIKE '%AUTOINCREMENT%'"), 0);
+  assert_int_equal(q_int(db, "SELECT value FROM saga_meta WHERE key = 'outbox_id'"), 3);
   assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND"
                              " name = 'saga_instance_done'"), 1);
   /* The purge's query uses the partial index, and sees finished sagas only. */

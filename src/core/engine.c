@@ -56,9 +56,13 @@ void saga__inst_init(saga__inst *i, const saga_allocator *a) {
 
 void saga__inst_free(saga__inst *i) { saga__buf_free(&i->data); }
 
+/* Copies a text column into dst (truncated to cap - 1 bytes, always NUL-terminated). */
 static void copy_col(char *dst, size_t cap, sqlite3_stmt *st, int col) {
   const char *s = (const char *)sqlite3_column_text(st, col);
-  snprintf(dst, cap, "%s", s ? s : "");
+  size_t len = s != NULL ? (size_t)sqlite3_column_bytes(st, col) : 0;
+  if (len >= cap) len = cap - 1;
+  if (len > 0) memcpy(dst, s, len);
+  dst[len] = '\0';
 }
 
 static uint64_t col_u64(sqlite3_stmt *st, int col) {

@@ -149,22 +149,70 @@ static int publish_event(saga_node *n, saga_event_type type, const saga__inst *i
   return saga__node_outbox(n, n->event_channel, inst->id, n->event_buf.data, n->event_buf.len);
 }
 
+/* History rows are buffered by saga__node_event and written here, before the commit, with
+ * multi-row INSERTs: one statement per 8 rows instead of one per row. */
+static void bind_hist(saga_node *n, sqlite3_stmt *st, int base, const saga__hist_rec *h) {
+  sqlite3_bind_text(st, base + 1, h->saga_id, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, base + 2, h->seq);
+  sqlite3_bind_int64(st, base + 3, (sqlite3_int64)h->at_ms);
+  sqlite3_bind_int(st, base + 4, h->type);
+  sqlite3_bind_int(st, base + 5, h->step);
+  sqlite3_bind_int64(st, base + 6, h->attempt);
+  sqlite3_bind_text(st, base + 7, (const char *)n->hist_text.data + h->detail_off, -1,
+                    SQLITE_STATIC);
+}
+
+static int hist_flush(saga_node *n) {
+  const saga__hist_rec *h = (const saga__hist_rec *)(void *)n->hist.data;
+  size_t count = n->hist.len / sizeof *h, k = 0;
+  int rc = SAGA_OK;
+  while (k < count && rc == SAGA_OK) {
+    size_t rows = count - k >= 8 ? 8 : count - k >= 2 ? 2 : 1;
+    saga__stmt_id id = rows == 8 ? ST_HIST_INSERT8 : rows == 2 ? ST_HIST_INSERT2 : ST_HIST_INSERT;
+    sqlite3_stmt *st = saga__store_stmt(&n->store, id);
+    for (size_t j = 0; j < rows; j++) bind_hist(n, st, (int)(7 * j), &h[k + j]);
+    rc = saga__store_exec(&n->store, id);
+    k += rows;
+  }
+  saga__buf_reset(&n->hist);
+  saga__buf_reset(&n->hist_text);
+  return rc == SAGA_OK ? SAGA_OK : saga__node_db_fail(n, rc, "recording history");
+}
+
+int saga__node_tx_finish(saga_node *n) {
+  int rc = hist_flush(n);
+  if (rc != SAGA_OK || !n->outbox_used) return rc;
+  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_MARK);
+  sqlite3_bind_int64(st, 1, (sqlite3_int64)(n->outbox_next - 1));
+  rc = saga__store_exec(&n->store, ST_OUTBOX_MARK);
+  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "recording the outbox id");
+  n->outbox_used = 0;
+  return SAGA_OK;
+}
+
 int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst, int step,
                      uint32_t attempt, const char *detail) {
   saga__inst *mi = (saga__inst *)inst;
   if (detail == NULL) detail = "";
   uint64_t now = saga__node_now(n);
+  saga__hist_rec h;
+  memset(&h, 0, sizeof h);
+  memcpy(h.saga_id, inst->id, sizeof h.saga_id);
+  h.seq = mi->hseq + 1;
+  h.at_ms = now;
+  h.type = (int)type;
+  h.step = step;
+  h.attempt = attempt;
+  h.detail_off = n->hist_text.len;
+  size_t hist_len = n->hist.len;
+  if (saga__buf_append(&n->hist_text, detail, strlen(detail) + 1) != SAGA_OK ||
+      saga__buf_append(&n->hist, &h, sizeof h) != SAGA_OK) {
+    n->hist.len = hist_len;
+    n->hist_text.len = h.detail_off;
+    return saga__node_fail(n, SAGA_ENOMEM, "out of memory recording history");
+  }
   mi->hseq++;
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_HIST_INSERT);
-  sqlite3_bind_text(st, 1, inst->id, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 2, mi->hseq);
-  sqlite3_bind_int64(st, 3, (sqlite3_int64)now);
-  sqlite3_bind_int(st, 4, (int)type);
-  sqlite3_bind_int(st, 5, step);
-  sqlite3_bind_int64(st, 6, attempt);
-  sqlite3_bind_text(st, 7, detail, -1, SQLITE_STATIC);
-  int rc = saga__store_exec(&n->store, ST_HIST_INSERT);
-  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "recording history");
+  int rc;
   if (n->event_channel != NULL) {
     rc = publish_event(n, type, inst, step, attempt, detail, now);
     if (rc != SAGA_OK) return rc;
@@ -231,9 +279,36 @@ static void dispatch_events(saga_node *n) {
 
 /* ---- outbox and dead letters ------------------------------------------------------------ */
 
+void saga__node_tx_begun(saga_node *n) {
+  n->outbox_next_valid = 0;
+  n->outbox_used = 0;
+}
+
+/* Outbox ids increase and never repeat: the next id is above the largest in the table and
+ * above saga_meta('outbox_id'), read once per transaction under the write lock (processes
+ * sharing the database do not collide); saga__node_tx_finish stores the last id taken. */
+static int next_outbox_id(saga_node *n, uint64_t *id) {
+  if (!n->outbox_next_valid) {
+    sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_MAX);
+    int rc = sqlite3_step(st);
+    uint64_t max = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(st, 0) : 0;
+    sqlite3_reset(st);
+    if (rc != SQLITE_ROW) return saga__node_db_fail(n, saga__store_err(rc), "reading outbox");
+    if (n->outbox_next <= max) n->outbox_next = max + 1;
+    n->outbox_next_valid = 1;
+  }
+  *id = n->outbox_next++;
+  n->outbox_used = 1;
+  return SAGA_OK;
+}
+
 int saga__node_outbox(saga_node *n, const char *channel, const char *saga_id, const void *body,
                       size_t len) {
+  uint64_t id = 0;
+  int idrc = next_outbox_id(n, &id);
+  if (idrc != SAGA_OK) return idrc;
   sqlite3_stmt *st = saga__store_stmt(&n->store, ST_OUTBOX_INSERT);
+  sqlite3_bind_int64(st, 5, (sqlite3_int64)id);
   sqlite3_bind_text(st, 1, channel, -1, SQLITE_STATIC);
   sqlite3_bind_text(st, 2, saga_id, -1, SQLITE_STATIC);
   sqlite3_bind_blob(st, 3, body, (int)len, SQLITE_STATIC);
@@ -480,6 +555,7 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful
     }
   }
   size_t events_before = n->nevents, text_before = n->event_text.len;
+  size_t hist_before = n->hist.len, hist_text_before = n->hist_text.len;
   switch (w->type) {
   case W_DELIVERY:
     rc = process_delivery(n, q, w);
@@ -515,6 +591,8 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful
     w->ack = 0;
     n->nevents = events_before;
     n->event_text.len = text_before;
+    n->hist.len = hist_before;
+    n->hist_text.len = hist_text_before;
   }
   if (!careful) {
     if (sqlite3_get_autocommit(n->store.db)) {
@@ -586,6 +664,9 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
  * (SAGA_OK) or rolled back; *replay asks for a careful retry (see process_item). */
 static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with_timers,
                   int *more_due, int careful, int *replay) {
+  saga__buf_reset(&n->hist);
+  saga__buf_reset(&n->hist_text);
+  saga__node_tx_begun(n);
   int broken = 0, rc = saga__store_exec(&n->store, ST_BEGIN);
   if (rc != SAGA_OK) {
     saga__node_db_fail(n, rc, "beginning transaction");
@@ -600,6 +681,15 @@ static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with
     if (trc < 0 || sqlite3_get_autocommit(n->store.db)) broken = 1;
     *more_due = trc == SAGA_OK && processed >= n->batch_max;
     rc = trc < 0 ? trc : rc;
+  }
+  if (!broken && !*replay) {
+    int hrc = saga__node_tx_finish(n);
+    if (hrc != SAGA_OK) {
+      /* Fast: run again with savepoints (and fail the same way, cleanly); careful: fail. */
+      if (!careful && !sqlite3_get_autocommit(n->store.db)) *replay = 1;
+      else broken = 1;
+      rc = hrc;
+    }
   }
   if (!broken && !*replay) {
     SAGA__HOOK(n, "tx.before_commit");
@@ -971,6 +1061,8 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__buf_init(&n->scratch, n->alloc);
   saga__buf_init(&n->scratch2, n->alloc);
   saga__buf_init(&n->sent_ids, n->alloc);
+  saga__buf_init(&n->hist, n->alloc);
+  saga__buf_init(&n->hist_text, n->alloc);
   saga__buf_init(&n->reply_buf, n->alloc);
   saga__buf_init(&n->input_buf, n->alloc);
   saga__inst_init(&n->inst, n->alloc);
@@ -1134,8 +1226,10 @@ int saga_node_start(saga_node *n) {
 
   /* Recovery: report instances whose definition is missing, re-arm the rest. */
   int missing = 0;
+  saga__node_tx_begun(n);
   rc = saga__store_exec(&n->store, ST_BEGIN);
   if (rc == SAGA_OK) rc = saga__engine_unpark(n, &missing);
+  if (rc == SAGA_OK) rc = saga__node_tx_finish(n);
   if (rc == SAGA_OK) {
     rc = saga__store_exec(&n->store, ST_COMMIT);
     if (rc != SAGA_OK) saga__node_db_fail(n, rc, "committing recovery");
@@ -1289,6 +1383,8 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->scratch);
   saga__buf_free(&n->scratch2);
   saga__buf_free(&n->sent_ids);
+  saga__buf_free(&n->hist);
+  saga__buf_free(&n->hist_text);
   saga__buf_free(&n->reply_buf);
   saga__buf_free(&n->input_buf);
   saga__buf_free(&n->remote_events);

@@ -39,7 +39,11 @@ typedef enum saga__stmt_id {
   ST_INST_INFLIGHT,
   ST_INST_BY_STATE,
   ST_HIST_INSERT,
+  ST_HIST_INSERT2,
+  ST_HIST_INSERT8,
   ST_OUTBOX_INSERT,
+  ST_OUTBOX_MAX,
+  ST_OUTBOX_MARK,
   ST_OUTBOX_DELETE,
   ST_OUTBOX_AFTER,
   ST_OUTBOX_STALE,
@@ -162,6 +166,16 @@ typedef struct saga__event_rec {
   uint64_t at_ms;
 } saga__event_rec;
 
+/* A history row, buffered until the transaction's end (written in multi-row INSERTs). */
+typedef struct saga__hist_rec {
+  char saga_id[40];
+  int64_t seq;
+  uint64_t at_ms;
+  int type, step;
+  uint32_t attempt;
+  size_t detail_off; /* in node->hist_text, NUL-terminated */
+} saga__hist_rec;
+
 /* ---- a loaded saga instance ------------------------------------------------------------- */
 
 typedef struct saga__inst {
@@ -232,6 +246,9 @@ struct saga_node {
   saga__timer retry_timer;    /* flush again after a failed commit */
   int timers_due;
   uint64_t relay_hwm; /* highest outbox id handed to the transport */
+  uint64_t outbox_next;  /* next outbox id (see saga__node_outbox) */
+  int outbox_next_valid; /* outbox_next read from the database in this transaction */
+  int outbox_used;       /* ids taken in this transaction (saga_meta to update) */
 
   saga__queue queues[2];
   int cur; /* queue receiving new work */
@@ -244,6 +261,7 @@ struct saga_node {
   saga__buf scratch, scratch2, reply_buf, input_buf;
   saga__buf sent_ids;         /* confirmed outbox ids of a transaction (uint64_t each) */
   int64_t undone_changes;     /* rows a handler wrote and rolled back, in the current item */
+  saga__buf hist, hist_text;  /* history rows of the transaction (saga__hist_rec each) */
 
   saga_node_stats stats;
   char errmsg[512];
@@ -294,12 +312,17 @@ uint64_t saga__node_rand(saga_node *n);
 const saga__def *saga__node_find_def(saga_node *n, const char *name, uint32_t version);
 const saga__handler *saga__node_find_handler(saga_node *n, const char *channel,
                                              const char *command);
-/* Buffers an event (delivered after commit). */
+/* Before every commit: writes the buffered history rows (the buffer is emptied either way)
+ * and the outbox id mark. */
+int saga__node_tx_finish(saga_node *n);
+/* Buffers an event (delivered after commit) and its history row (see saga__node_tx_finish). */
 int saga__node_event(saga_node *n, saga_event_type type, const saga__inst *inst, int step,
                      uint32_t attempt, const char *detail);
-/* Inserts an outbox row. */
+/* Inserts an outbox row. Call saga__node_tx_begun after every BEGIN. */
 int saga__node_outbox(saga_node *n, const char *channel, const char *saga_id, const void *body,
                       size_t len);
+/* Resets what the node caches of the database per transaction (the next outbox id). */
+void saga__node_tx_begun(saga_node *n);
 int saga__node_dead_letter(saga_node *n, const char *channel, const char *msg_id,
                            const char *reason, const void *body, size_t len);
 

@@ -164,12 +164,15 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
   sqlite3_int64 changes_before = sqlite3_total_changes64(n->store.db);
   /* Transitions of sagas the handler starts (saga_tx_start) are rolled back with it. */
   size_t events_before = n->nevents, text_before = n->event_text.len;
+  size_t hist_before = n->hist.len, hist_text_before = n->hist_text.len;
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
   SAGA__HOOK(n, "participant.after_handler");
   int ok = hrc == SAGA_OK && !reply.failed;
   if (!ok) {
     n->nevents = events_before;
     n->event_text.len = text_before;
+    n->hist.len = hist_before;
+    n->hist_text.len = hist_text_before;
     rc = saga__store_exec(&n->store, ST_SP_HANDLER_ROLLBACK);
     if (rc != SAGA_OK) {
       rc = saga__node_db_fail(n, rc, "rolling back handler savepoint");

@@ -143,6 +143,7 @@ static int purge_pass(saga_node *n, int *more) {
   uint64_t now = saga__node_now(n);
   uint64_t sagas = 0, inbox = 0, steps = 0;
   *more = 0;
+  saga__node_tx_begun(n);
   int rc = saga__store_exec(&n->store, ST_BEGIN);
   if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "starting a purge");
   saga__buf_reset(&n->purge_ids);

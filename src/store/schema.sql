@@ -91,3 +91,27 @@ CREATE TABLE saga_dead_letter (
 DROP INDEX saga_instance_state;
 CREATE INDEX saga_instance_state ON saga_instance(state);
 CREATE INDEX saga_instance_done ON saga_instance(updated_ms) WHERE state IN (3, 4);
+
+-- migration 3
+-- The outbox without AUTOINCREMENT, whose sqlite_sequence row cost a read and a write per
+-- message. The node assigns ids itself (see saga__node_outbox) above the largest id ever
+-- used, kept in saga_meta('outbox_id') and written once per transaction: ids never repeat,
+-- also after the newest rows were deleted and between processes sharing the database, so a
+-- late confirmation of a deleted row never names a newer one.
+CREATE TABLE saga_meta (
+  key   TEXT PRIMARY KEY,
+  value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO saga_meta(key, value) VALUES ('outbox_id', coalesce(
+  (SELECT seq FROM sqlite_sequence WHERE name = 'saga_outbox'), 0));
+CREATE TABLE saga_outbox_v3 (
+  id         INTEGER PRIMARY KEY,
+  channel    TEXT NOT NULL,
+  saga_id    TEXT NOT NULL,
+  body       BLOB NOT NULL,
+  created_ms INTEGER NOT NULL
+);
+INSERT INTO saga_outbox_v3(id, channel, saga_id, body, created_ms)
+  SELECT id, channel, saga_id, body, created_ms FROM saga_outbox;
+DROP TABLE saga_outbox;
+ALTER TABLE saga_outbox_v3 RENAME TO saga_outbox;

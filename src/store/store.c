@@ -63,9 +63,18 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_PURGE_PSTEP_TAIL] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (?1, ?2) AND"
                             " updated_ms < ?3",
     [ST_HIST_INSERT] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
-                       " detail) VALUES(?1,?2,?3,?4,?5,?6,?7)",
-    [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms)"
-                         " VALUES(?1,?2,?3,?4)",
+                       " detail) VALUES(?,?,?,?,?,?,?)",
+    [ST_HIST_INSERT2] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
+                        " detail) VALUES(?,?,?,?,?,?,?),(?,?,?,?,?,?,?)",
+    [ST_HIST_INSERT8] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
+                        " detail) VALUES(?,?,?,?,?,?,?),(?,?,?,?,?,?,?),(?,?,?,?,?,?,?),"
+                        "(?,?,?,?,?,?,?),(?,?,?,?,?,?,?),(?,?,?,?,?,?,?),(?,?,?,?,?,?,?),"
+                        "(?,?,?,?,?,?,?)",
+    [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms, id)"
+                         " VALUES(?1,?2,?3,?4,?5)",
+    [ST_OUTBOX_MAX] = "SELECT max(coalesce((SELECT max(id) FROM saga_outbox), 0),"
+                      " (SELECT value FROM saga_meta WHERE key = 'outbox_id'))",
+    [ST_OUTBOX_MARK] = "UPDATE saga_meta SET value = ?1 WHERE key = 'outbox_id' AND value < ?1",
     [ST_OUTBOX_DELETE] = "DELETE FROM saga_outbox WHERE id BETWEEN ?1 AND ?2",
     [ST_OUTBOX_AFTER] = "SELECT id, channel, body FROM saga_outbox WHERE id > ?1"
                         " ORDER BY id LIMIT ?2",
