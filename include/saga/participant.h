@@ -23,6 +23,12 @@
  *                      the dead-letter table and a failure reply is sent, so the saga never
  *                      hangs on it.
  *
+ * "Never runs again" is about committed work: a handler can be called in a transaction that
+ * is then rolled back (a crash or commit failure, or another item of the same group commit
+ * failing half-way, after which the node runs the group again with a savepoint per item), and
+ * then once more. Its database writes count once; effects outside the database should be
+ * idempotent.
+ *
  * Thread: handlers run on the node's loop thread. Every pointer passed to a handler is
  * borrowed for the call only.
  */
