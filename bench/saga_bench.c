@@ -5,7 +5,7 @@
  *   saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]
  *              [--transport mem|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
- *              [--no-memstatus]
+ *              [--no-memstatus] [--checkpoint inline|background]
  *
  * Throughput run (the default): an orchestrator node and a participant node (each its own
  * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
@@ -29,6 +29,9 @@
  *
  * --no-memstatus turns off SQLite's allocation statistics (sqlite3_config MEMSTATUS), which
  * take a process-wide mutex on every allocation; it applies to engine and ceiling alike.
+ *
+ * --checkpoint background makes both nodes checkpoint their WAL in a worker thread instead of
+ * inside commits (SQLite's own auto-checkpoint, the default; see saga_checkpoint_mode).
  *
  * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
@@ -69,7 +72,7 @@ typedef struct slot {
 typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
-  int sagas, steps, inflight, sync, transport, no_memstatus;
+  int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background;
   double fail;
   int started, finished, completed, compensated, failed;
   slot *map;
@@ -300,6 +303,7 @@ static saga_node *open_node(bench *b, const char *name, saga_transport *t, uint3
   cfg.db_path = path;
   cfg.transport = t;
   cfg.synchronous = (saga_sync)b->sync;
+  cfg.checkpoint = b->ckpt_background ? SAGA_CHECKPOINT_BACKGROUND : SAGA_CHECKPOINT_INLINE;
   cfg.on_event = strcmp(name, "orch") == 0 ? on_event : NULL;
   cfg.event_arg = b;
   if (resend_ms) cfg.resend_ms = resend_ms;
@@ -686,6 +690,9 @@ static void run_throughput(bench *b, char *summary, size_t len) {
   saga_node_stats_get(b->orch, &so);
   saga_node_stats_get(b->part, &sp);
   uint64_t commits = so.transactions + sp.transactions - so0.transactions - sp0.transactions;
+  uint64_t ckpt_bg = so.checkpoints + sp.checkpoints - so0.checkpoints - sp0.checkpoints;
+  uint64_t ckpt_in = so.checkpoints_inline + sp.checkpoints_inline - so0.checkpoints_inline -
+                     sp0.checkpoints_inline;
   uint64_t rows = (uint64_t)(sqlite3_total_changes(saga_node_db(b->orch)) +
                              sqlite3_total_changes(saga_node_db(b->part)) - changes0);
   /* A compensated saga runs its steps up to the refused one and back. */
@@ -716,11 +723,13 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            "sagas=%d steps=%d inflight=%d sync=%s transport=%s sagas_per_s=%.0f steps_per_s=%.0f "
            "ceiling_steps_per_s=%.0f ratio=%.3f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
-           "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d",
+           "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d "
+           "checkpoints=%llu checkpoints_inline=%llu",
            b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
            ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
            b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
-           (unsigned long long)rows, !b->no_memstatus);
+           (unsigned long long)rows, !b->no_memstatus, (unsigned long long)ckpt_bg,
+           (unsigned long long)ckpt_in);
 }
 
 static void usage(void) {
@@ -728,7 +737,7 @@ static void usage(void) {
           "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
           "                  [--transport mem|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
           "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
-          "                  [--no-memstatus]\n");
+          "                  [--no-memstatus] [--checkpoint inline|background]\n");
 }
 
 int main(int argc, char **argv) {
@@ -745,7 +754,8 @@ int main(int argc, char **argv) {
       {"sync", 1, 0, 'y'},      {"transport", 1, 0, 't'}, {"fail", 1, 0, 'f'},
       {"json", 1, 0, 'j'},      {"dir", 1, 0, 'd'},      {"nats-url", 1, 0, 'u'},
       {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
-      {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'}, {0, 0, 0, 0}};
+      {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'},
+      {"checkpoint", 1, 0, 'C'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
@@ -773,6 +783,11 @@ int main(int argc, char **argv) {
     case 'P': b.paused = 1; break;
     case 'R': b.resend_ms = (uint32_t)atol(optarg); break;
     case 'M': b.no_memstatus = 1; break;
+    case 'C':
+      if (strcmp(optarg, "inline") == 0) b.ckpt_background = 0;
+      else if (strcmp(optarg, "background") == 0) b.ckpt_background = 1;
+      else return usage(), 2;
+      break;
     default: usage(); return 2;
     }
   }

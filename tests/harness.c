@@ -205,6 +205,10 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
   cfg.clock = w->clock;
   cfg.alloc = w->o.alloc;
   cfg.vfs = w->o.vfs;
+  if (w->o.checkpoint_pages != 0) {
+    cfg.checkpoint = SAGA_CHECKPOINT_BACKGROUND;
+    cfg.checkpoint_pages = w->o.checkpoint_pages;
+  }
   cfg.resend_ms = w->o.resend_ms;
   cfg.on_event = orchestrate ? th_on_event : NULL;
   if (w->o.retention != NULL) {

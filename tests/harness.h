@@ -64,6 +64,7 @@ typedef struct th_world_opts {
   const char *dir;                   /* use this existing folder (kept by th_world_free) */
   const saga_retention *retention;   /* both nodes; NULL = no purging (the default here) */
   void (*hook)(void *arg, const char *point); /* test hook of both nodes */
+  uint32_t checkpoint_pages;         /* nonzero: background checkpoints every this many pages */
   void *hook_arg;
 } th_world_opts;
 

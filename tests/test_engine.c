@@ -592,6 +592,26 @@ static void test_outbox_ids_not_reused(void **state) {
   th_world_free(&w);
 }
 
+/* SAGA_CHECKPOINT_BACKGROUND: checkpoints run in a worker thread (and inline at the bound);
+ * the sagas are unaffected, and closing waits for a pass still running. */
+static void test_background_checkpoint(void **state) {
+  th_world w;
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.checkpoint_pages = 8;
+  open_world(&w, &o);
+  for (int i = 0; i < 60; i++) assert_int_equal(th_world_start(&w, i, NULL), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 60), 0);
+  saga_node_stats so, sp;
+  saga_node_stats_get(w.orch, &so);
+  saga_node_stats_get(w.part, &sp);
+  assert_true(so.checkpoints >= 1);
+  assert_true(sp.checkpoints >= 1);
+  assert_int_equal(so.checkpoint_failures + sp.checkpoint_failures, 0);
+  assert_int_equal(th_check_invariants(&w, 1), 0);
+  th_world_free(&w);
+}
+
 static void test_api_errors(void **state) {
   th_world w;
   open_world(&w, NULL);
@@ -610,6 +630,21 @@ static void test_api_errors(void **state) {
   saga_info *info = NULL;
   assert_int_equal(saga_get(w.orch, "missing", &info), SAGA_ENOTFOUND);
   assert_null(info);
+  /* An unknown checkpoint mode is refused with a clear message. */
+  saga_transport *t = NULL;
+  assert_int_equal(saga_mem_transport_new(&t, w.hub), SAGA_OK);
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  char *path = th_path(w.dir, "bad_ckpt.db");
+  cfg.name = "bad";
+  cfg.db_path = path;
+  cfg.transport = t;
+  cfg.checkpoint = (saga_checkpoint_mode)7;
+  saga_node *bad_node = NULL;
+  assert_int_equal(saga_node_open(&bad_node, &w.loop, &cfg, err, sizeof err), SAGA_EINVAL);
+  assert_null(bad_node);
+  assert_non_null(strstr(err, "checkpoint mode 7"));
+  free(path);
   th_world_free(&w);
 }
 
@@ -638,6 +673,7 @@ int main(void) {
       cmocka_unit_test(test_version_pinning),
       cmocka_unit_test(test_item_failure_replayed),
       cmocka_unit_test(test_outbox_ids_not_reused),
+      cmocka_unit_test(test_background_checkpoint),
       cmocka_unit_test(test_api_errors),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

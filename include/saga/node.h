@@ -124,7 +124,23 @@ typedef struct saga_retention {
   uint32_t interval_ms; /**< between purge passes; default 60000 */
 } saga_retention;
 
-#define SAGA_NODE_CONFIG_VERSION 2
+/** How a node checkpoints its WAL (copies it back into the database file so that the WAL can
+ * start over). */
+typedef enum saga_checkpoint_mode {
+  /** Default: SQLite's own auto-checkpoint, inside the commit that makes the WAL cross
+   * checkpoint_pages; that commit waits for the copy and its fsyncs. */
+  SAGA_CHECKPOINT_INLINE = 0,
+  /** In a thread of libuv's pool (the loop's threadpool, shared with the application), on a
+   * database connection of its own, every checkpoint_pages new WAL pages, so commits do not
+   * wait for the copy. A background pass cannot finish while commits keep adding pages, so
+   * once the WAL holds 4 x checkpoint_pages the node checkpoints inline between two
+   * transactions, which bounds the WAL. Measured (docs/performance.md): a few % more
+   * throughput under load, a slightly longer light-load tail (the background fsyncs compete
+   * with the commits'). The VFS, if any, must be usable from another thread. */
+  SAGA_CHECKPOINT_BACKGROUND = 1
+} saga_checkpoint_mode;
+
+#define SAGA_NODE_CONFIG_VERSION 3
 
 /** Node configuration. Initialise with saga_node_config_init(), then set fields. */
 typedef struct saga_node_config {
@@ -169,6 +185,9 @@ typedef struct saga_node_config {
   /* ---- struct_version 2 ---- */
   saga_retention retention; /**< defaults from saga_node_config_init() (version 1 configs:
                                  the defaults) */
+  /* ---- struct_version 3 ---- (older configs: the defaults) */
+  saga_checkpoint_mode checkpoint; /**< default SAGA_CHECKPOINT_INLINE */
+  uint32_t checkpoint_pages;       /**< WAL pages that start a checkpoint; default 1000 */
 } saga_node_config;
 
 /** Fills cfg with defaults (struct_version set, everything optional at its default). */
@@ -333,6 +352,9 @@ typedef struct saga_node_stats {
   /** Transactions run a second time with a savepoint per item, because an item failed after
    * writing (a store error, out of memory): the first try has no per-item savepoints. */
   uint64_t replayed_tx;
+  /** WAL checkpoints: run in the background, run inline because the WAL reached its bound,
+   * and failed (background or inline; logged). */
+  uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

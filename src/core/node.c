@@ -963,6 +963,8 @@ void saga_node_config_init(saga_node_config *cfg) {
   cfg->retention.inbox_ms = UINT64_C(30) * 24 * 3600 * 1000;
   cfg->retention.batch = 1000;
   cfg->retention.interval_ms = 60000;
+  cfg->checkpoint = SAGA_CHECKPOINT_INLINE;
+  cfg->checkpoint_pages = 1000;
 }
 
 static void async_cb(uv_async_t *h);
@@ -1092,6 +1094,8 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__retention_init(n, cfg);
   rc = saga__store_open(&n->store, cfg->db_path, cfg->vfs, cfg->synchronous,
                         cfg->busy_timeout_ms, err, errlen);
+  if (rc != SAGA_OK) goto fail;
+  rc = saga__checkpoint_init(n, cfg, err, errlen);
   if (rc != SAGA_OK) goto fail;
   rc = attach_transport(n, t, err, errlen);
   if (n->transport != NULL) t = NULL; /* owned by the node now */
@@ -1365,6 +1369,7 @@ static void fail_queue(saga_node *n, saga__queue *q) {
 static void free_node(saga_node *n) {
   const saga_allocator *a = n->alloc;
   saga__retention_free(n);
+  saga__checkpoint_free(n);
   saga__store_close(&n->store);
   if (n->own_clock && n->clock != NULL) saga__clock_close(n->clock);
   for (size_t i = 0; i < n->ndefs; i++) saga__def_free(&n->defs[i], a);
@@ -1409,11 +1414,12 @@ static void finish_close(saga_node *n) {
   if (cb != NULL) cb(arg);
 }
 
-static void on_handle_closed(uv_handle_t *h) {
-  saga_node *n = h->data;
+void saga__node_close_step(saga_node *n) {
   n->pending_closes--;
   finish_close(n);
 }
+
+static void on_handle_closed(uv_handle_t *h) { saga__node_close_step((saga_node *)h->data); }
 
 static void start_close(saga_node *n) {
   saga__timer_stop(&n->deadline_timer);
@@ -1424,6 +1430,7 @@ static void start_close(saga_node *n) {
   fail_queue(n, &n->queues[1]);
   n->nevents = 0;
   n->pending_closes = 2;
+  saga__checkpoint_stop(n);
   uv_close((uv_handle_t *)&n->idle, on_handle_closed);
   uv_close((uv_handle_t *)&n->async, on_handle_closed);
   if (n->transport_open && !n->transport_closed) {

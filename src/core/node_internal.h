@@ -262,6 +262,16 @@ struct saga_node {
   saga__buf sent_ids;         /* confirmed outbox ids of a transaction (uint64_t each) */
   int64_t undone_changes;     /* rows a handler wrote and rolled back, in the current item */
   saga__buf hist, hist_text;  /* history rows of the transaction (saga__hist_rec each) */
+  /* checkpoint.c */
+  uint32_t ckpt_pages;
+  uint32_t ckpt_last_pages;   /* WAL size when the last background pass was started */
+  int ckpt_sync;
+  char *ckpt_path, *ckpt_vfs; /* NULL path: SQLite's inline auto-checkpoint */
+  sqlite3 *ckpt_db;           /* the worker's connection, opened on first use */
+  uv_work_t ckpt_req;
+  int ckpt_running, ckpt_close_wait, ckpt_open_failed;
+  int ckpt_rc;                /* SQLite code of the last background pass */
+  char ckpt_err[256];
 
   saga_node_stats stats;
   char errmsg[512];
@@ -293,6 +303,13 @@ struct saga_node {
     if ((n)->test_hook != NULL) (n)->test_hook((n)->test_hook_arg, (point)); \
   } while (0)
 
+/* checkpoint.c */
+/* After the store is open: installs the WAL hook (background) or SQLite's auto-checkpoint. */
+int saga__checkpoint_init(saga_node *n, const saga_node_config *cfg, char *err, size_t errlen);
+/* While closing: makes the close wait for a running background checkpoint. */
+void saga__checkpoint_stop(saga_node *n);
+void saga__checkpoint_free(saga_node *n);
+
 /* retention.c */
 void saga__retention_init(saga_node *n, const saga_node_config *cfg);
 void saga__retention_start(saga_node *n); /* arms the purge timer */
@@ -300,6 +317,8 @@ void saga__retention_stop(saga_node *n);
 void saga__retention_free(saga_node *n);
 
 /* node.c */
+/* One of the things a closing node waits for is done: finishes the close if it was the last. */
+void saga__node_close_step(saga_node *n);
 /* Records one step latency (ms) in the node's histogram. */
 void saga__node_latency(saga_node *n, uint64_t ms);
 void saga__node_log(saga_node *n, saga_log_level lvl, const char *fmt, ...)
