@@ -103,8 +103,8 @@ static void test_purge_by_age(void **state) {
   th_world_free(&w);
 }
 
-/* Step records of sagas that are still running (newer than the cutoff) survive the sweep,
- * whatever their position in key order. */
+/* Inbox and step records newer than the cutoff survive the sweeps, whatever their position
+ * in key order. */
 static void test_sweep_keeps_recent(void **state) {
   saga_retention r = {.inbox_ms = 10000, .batch = 3, .interval_ms = 1000};
   th_world_opts o;
@@ -121,11 +121,17 @@ static void test_sweep_keeps_recent(void **state) {
   assert_int_equal(th_world_run_until_terminal(&w, 10), 0);
   assert_int_equal(q(w.part, "SELECT count(*) FROM saga_pstep"), 30);
   /* At +12 s the first five are past the cutoff, the last five are not. */
+  assert_int_equal(q(w.part, "SELECT count(*) FROM saga_inbox"), 30);
   assert_int_equal(saga_clock_advance(w.clock, 4000), SAGA_OK);
   run_until(&w, w.part, "SELECT count(*) FROM saga_pstep", 15);
+  run_until(&w, w.part, "SELECT count(*) FROM saga_inbox", 15);
   /* Several full sweeps later, still 15: the recent ones are never deleted early. */
   th_world_settle(&w, 5000);
   assert_int_equal(q(w.part, "SELECT count(*) FROM saga_pstep"), 15);
+  assert_int_equal(q(w.part, "SELECT count(*) FROM saga_inbox"), 15);
+  assert_int_equal(q(w.part, "SELECT count(*) FROM saga_inbox WHERE received_ms < "
+                             "(SELECT min(received_ms) + 8000 FROM saga_inbox)"),
+                   15);
   assert_int_equal(q(w.part, "SELECT count(*) FROM saga_pstep WHERE updated_ms < "
                              "(SELECT min(updated_ms) + 8000 FROM saga_pstep)"),
                    15);

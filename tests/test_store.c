@@ -135,11 +135,14 @@ static void test_migrate_from_v1(void **state) {
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   /* Migration 3: the outbox keeps its rows, loses AUTOINCREMENT, and the id mark carries on
    * from sqlite_sequence (3, although row 3 was deleted). */
-  assert_int_equal(q_int(db, "PRAGMA user_version"), 3);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), 4);
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_outbox WHERE id IN (1, 2)"), 2);
   assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE name = 'saga_outbox'"
                              " AND sql LIKE '%AUTOINCREMENT%'"), 0);
   assert_int_equal(q_int(db, "SELECT value FROM saga_meta WHERE key = 'outbox_id'"), 3);
+  /* Migration 4: no age index on the inbox (retention sweeps it in key order). */
+  assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE name ="
+                             " 'saga_inbox_received'"), 0);
   assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND"
                              " name = 'saga_instance_done'"), 1);
   /* The purge's query uses the partial index, and sees finished sagas only. */

@@ -57,7 +57,9 @@ typedef enum saga__stmt_id {
   ST_PURGE_EXCESS,
   ST_PURGE_HISTORY,
   ST_PURGE_INSTANCE,
-  ST_PURGE_INBOX,
+  ST_PURGE_INBOX_EDGE,
+  ST_PURGE_INBOX_RANGE,
+  ST_PURGE_INBOX_TAIL,
   ST_PURGE_PSTEP_EDGE,
   ST_PURGE_PSTEP_RANGE,
   ST_PURGE_PSTEP_TAIL,
@@ -195,6 +197,14 @@ typedef struct saga__inst {
   int exists;
 } saga__inst;
 
+/* ---- retention ------------------------------------------------------------------------- */
+
+/* A cursor walking a table in key order: the last key passed ("" and -1 = from the start). */
+typedef struct saga__sweep {
+  saga__buf key;
+  int64_t key_step;
+} saga__sweep;
+
 /* ---- the node --------------------------------------------------------------------------- */
 
 typedef struct saga__post {
@@ -293,8 +303,7 @@ struct saga_node {
   saga_retention retention;
   saga__timer purge_timer;
   saga__buf purge_ids;        /* ids of the sagas a pass deletes (NUL-separated) */
-  saga__buf pstep_cursor;     /* step-record sweep: last saga_id passed ("" = from the start) */
-  int64_t pstep_cursor_step;
+  saga__sweep sweeps[2];      /* retention cursors: inbox records, step records */
 };
 
 /* Calls the test hook, if any, at a named point. */

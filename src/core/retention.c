@@ -5,9 +5,10 @@
  * A pass is one short transaction of its own, run from the purge timer between the node's
  * work transactions (never inside one). Each kind deletes at most `batch` rows per pass; a
  * pass that filled a batch re-arms the timer for the next loop turn, otherwise it waits
- * `interval_ms`. Finished sagas are found through the partial index saga_instance_done and
- * inbox records through saga_inbox_received; step records have no age index (it would cost a
- * write on every step), so a cursor sweeps them in key order, `batch` keys per pass.
+ * `interval_ms`. Finished sagas are found through the partial index saga_instance_done.
+ * Inbox and step records have no age index (it would cost an index write on every step), so
+ * a cursor sweeps each table in key order, `batch` keys per pass; a full round takes
+ * (rows / batch) passes, which the age limits (days by default) leave plenty of room for.
  */
 #include <inttypes.h>
 #include <string.h>
@@ -28,8 +29,10 @@ void saga__retention_init(saga_node *n, const saga_node_config *cfg) {
   if (r->batch == 0) r->batch = 1000;
   if (r->interval_ms == 0) r->interval_ms = 60000;
   saga__buf_init(&n->purge_ids, n->alloc);
-  saga__buf_init(&n->pstep_cursor, n->alloc);
-  n->pstep_cursor_step = -1;
+  for (int i = 0; i < 2; i++) {
+    saga__buf_init(&n->sweeps[i].key, n->alloc);
+    n->sweeps[i].key_step = -1;
+  }
   saga__timer_init(&n->purge_timer, n->clock, purge_timer_cb, n);
 }
 
@@ -46,7 +49,7 @@ void saga__retention_stop(saga_node *n) { saga__timer_stop(&n->purge_timer); }
 
 void saga__retention_free(saga_node *n) {
   saga__buf_free(&n->purge_ids);
-  saga__buf_free(&n->pstep_cursor);
+  for (int i = 0; i < 2; i++) saga__buf_free(&n->sweeps[i].key);
 }
 
 /* Collects the ids a SELECT of ST_PURGE_AGED / ST_PURGE_EXCESS returns into purge_ids. */
@@ -83,15 +86,36 @@ static int delete_sagas(saga_node *n, uint64_t *deleted) {
   return SAGA_OK;
 }
 
-/* One sweep chunk of the step records: the next `batch` keys after the cursor. */
-static int sweep_steps(saga_node *n, uint64_t cutoff, uint64_t *deleted, int *more) {
+/* Binds a named parameter if the statement has it (the inbox's keys have no step part). */
+static void bind_text(sqlite3_stmt *st, const char *name, const char *v) {
+  int i = sqlite3_bind_parameter_index(st, name);
+  if (i > 0) sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
+}
+static void bind_i64(sqlite3_stmt *st, const char *name, int64_t v) {
+  int i = sqlite3_bind_parameter_index(st, name);
+  if (i > 0) sqlite3_bind_int64(st, i, v);
+}
+
+typedef struct sweep_sql {
+  saga__stmt_id edge, range, tail;
+} sweep_sql;
+
+static const sweep_sql sweep_inbox = {ST_PURGE_INBOX_EDGE, ST_PURGE_INBOX_RANGE,
+                                      ST_PURGE_INBOX_TAIL};
+static const sweep_sql sweep_steps = {ST_PURGE_PSTEP_EDGE, ST_PURGE_PSTEP_RANGE,
+                                      ST_PURGE_PSTEP_TAIL};
+
+/* One chunk of a sweep: deletes the rows older than cutoff among the next `batch` keys
+ * after the cursor, and moves the cursor (back to the start after the last key). */
+static int sweep(saga_node *n, const sweep_sql *q, saga__sweep *c, uint64_t cutoff,
+                 uint64_t *deleted, int *more) {
   const saga_retention *r = &n->retention;
   static const char empty = '\0';
-  const char *from = n->pstep_cursor.len ? (const char *)n->pstep_cursor.data : &empty;
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_PURGE_PSTEP_EDGE);
-  sqlite3_bind_text(st, 1, from, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 2, n->pstep_cursor_step);
-  sqlite3_bind_int64(st, 3, (sqlite3_int64)r->batch - 1);
+  const char *from = c->key.len ? (const char *)c->key.data : &empty;
+  sqlite3_stmt *st = saga__store_stmt(&n->store, q->edge);
+  bind_text(st, ":from", from);
+  bind_i64(st, ":from_step", c->key_step);
+  bind_i64(st, ":skip", (int64_t)r->batch - 1);
   int rc = sqlite3_step(st);
   if (rc == SQLITE_ROW) {
     /* A full chunk: delete up to its last key, then move the cursor there. */
@@ -105,18 +129,18 @@ static int sweep_steps(saga_node *n, uint64_t cutoff, uint64_t *deleted, int *mo
       return edge == NULL ? SAGA_ESTORE : SAGA_ENOMEM;
     }
     sqlite3_reset(st);
-    sqlite3_stmt *del = saga__store_stmt(&n->store, ST_PURGE_PSTEP_RANGE);
-    sqlite3_bind_text(del, 1, from, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(del, 2, n->pstep_cursor_step);
-    sqlite3_bind_text(del, 3, (const char *)key.data, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(del, 4, edge_step);
-    sqlite3_bind_int64(del, 5, (sqlite3_int64)cutoff);
-    rc = saga__store_exec(&n->store, ST_PURGE_PSTEP_RANGE);
+    sqlite3_stmt *del = saga__store_stmt(&n->store, q->range);
+    bind_text(del, ":from", from);
+    bind_i64(del, ":from_step", c->key_step);
+    bind_text(del, ":to", (const char *)key.data);
+    bind_i64(del, ":to_step", edge_step);
+    bind_i64(del, ":cutoff", (int64_t)cutoff);
+    rc = saga__store_exec(&n->store, q->range);
     if (rc == SAGA_OK) {
       *deleted += (uint64_t)sqlite3_changes(n->store.db);
-      saga__buf_reset(&n->pstep_cursor);
-      rc = saga__buf_append(&n->pstep_cursor, key.data, key.len);
-      n->pstep_cursor_step = edge_step;
+      saga__buf_reset(&c->key);
+      rc = saga__buf_append(&c->key, key.data, key.len);
+      c->key_step = edge_step;
       *more = 1;
     }
     saga__buf_free(&key);
@@ -125,15 +149,15 @@ static int sweep_steps(saga_node *n, uint64_t cutoff, uint64_t *deleted, int *mo
   sqlite3_reset(st);
   if (rc != SQLITE_DONE) return saga__store_err(rc);
   /* Fewer than a chunk left: delete to the end and start over next time. */
-  sqlite3_stmt *del = saga__store_stmt(&n->store, ST_PURGE_PSTEP_TAIL);
-  sqlite3_bind_text(del, 1, from, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(del, 2, n->pstep_cursor_step);
-  sqlite3_bind_int64(del, 3, (sqlite3_int64)cutoff);
-  rc = saga__store_exec(&n->store, ST_PURGE_PSTEP_TAIL);
+  sqlite3_stmt *del = saga__store_stmt(&n->store, q->tail);
+  bind_text(del, ":from", from);
+  bind_i64(del, ":from_step", c->key_step);
+  bind_i64(del, ":cutoff", (int64_t)cutoff);
+  rc = saga__store_exec(&n->store, q->tail);
   if (rc != SAGA_OK) return rc;
   *deleted += (uint64_t)sqlite3_changes(n->store.db);
-  saga__buf_reset(&n->pstep_cursor);
-  n->pstep_cursor_step = -1;
+  saga__buf_reset(&c->key);
+  c->key_step = -1;
   return SAGA_OK;
 }
 
@@ -165,15 +189,8 @@ static int purge_pass(saga_node *n, int *more) {
   if (listed >= r->batch) *more = 1;
   if (rc == SAGA_OK && r->inbox_ms != 0 && now > r->inbox_ms) {
     uint64_t cutoff = now - r->inbox_ms;
-    sqlite3_stmt *st = saga__store_stmt(&n->store, ST_PURGE_INBOX);
-    sqlite3_bind_int64(st, 1, (sqlite3_int64)cutoff);
-    sqlite3_bind_int64(st, 2, r->batch);
-    rc = saga__store_exec(&n->store, ST_PURGE_INBOX);
-    if (rc == SAGA_OK) {
-      inbox = (uint64_t)sqlite3_changes(n->store.db);
-      if (inbox >= r->batch) *more = 1;
-      rc = sweep_steps(n, cutoff, &steps, more);
-    }
+    rc = sweep(n, &sweep_inbox, &n->sweeps[0], cutoff, &inbox, more);
+    if (rc == SAGA_OK) rc = sweep(n, &sweep_steps, &n->sweeps[1], cutoff, &steps, more);
   }
   SAGA__HOOK(n, "purge.before_commit");
   if (rc == SAGA_OK) rc = saga__store_exec(&n->store, ST_COMMIT);

@@ -115,3 +115,8 @@ INSERT INTO saga_outbox_v3(id, channel, saga_id, body, created_ms)
   SELECT id, channel, saga_id, body, created_ms FROM saga_outbox;
 DROP TABLE saga_outbox;
 ALTER TABLE saga_outbox_v3 RENAME TO saga_outbox;
+
+-- migration 4
+-- Inbox records lose their age index (an index write on every command handled); retention
+-- sweeps the inbox in key order instead, as it does the participant step records.
+DROP INDEX saga_inbox_received;

@@ -54,14 +54,19 @@ static const char *const stmt_sql[ST__COUNT] = {
                         " ORDER BY updated_ms DESC LIMIT ?2 OFFSET ?1",
     [ST_PURGE_HISTORY] = "DELETE FROM saga_history WHERE saga_id = ?1",
     [ST_PURGE_INSTANCE] = "DELETE FROM saga_instance WHERE id = ?1 AND state IN (3, 4)",
-    [ST_PURGE_INBOX] = "DELETE FROM saga_inbox WHERE msg_id IN (SELECT msg_id FROM saga_inbox"
-                       " WHERE received_ms < ?1 ORDER BY received_ms LIMIT ?2)",
-    [ST_PURGE_PSTEP_EDGE] = "SELECT saga_id, step FROM saga_pstep WHERE (saga_id, step) > (?1, ?2)"
-                            " ORDER BY saga_id, step LIMIT 1 OFFSET ?3",
-    [ST_PURGE_PSTEP_RANGE] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (?1, ?2) AND"
-                             " (saga_id, step) <= (?3, ?4) AND updated_ms < ?5",
-    [ST_PURGE_PSTEP_TAIL] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (?1, ?2) AND"
-                            " updated_ms < ?3",
+    /* Sweeps (retention.c): a cursor walks each table in key order, `skip` + 1 keys per
+     * pass; named parameters, so that one function drives both. */
+    [ST_PURGE_INBOX_EDGE] = "SELECT msg_id, 0 FROM saga_inbox WHERE msg_id > :from"
+                            " ORDER BY msg_id LIMIT 1 OFFSET :skip",
+    [ST_PURGE_INBOX_RANGE] = "DELETE FROM saga_inbox WHERE msg_id > :from AND msg_id <= :to"
+                             " AND received_ms < :cutoff",
+    [ST_PURGE_INBOX_TAIL] = "DELETE FROM saga_inbox WHERE msg_id > :from AND received_ms < :cutoff",
+    [ST_PURGE_PSTEP_EDGE] = "SELECT saga_id, step FROM saga_pstep WHERE (saga_id, step) >"
+                            " (:from, :from_step) ORDER BY saga_id, step LIMIT 1 OFFSET :skip",
+    [ST_PURGE_PSTEP_RANGE] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (:from, :from_step)"
+                             " AND (saga_id, step) <= (:to, :to_step) AND updated_ms < :cutoff",
+    [ST_PURGE_PSTEP_TAIL] = "DELETE FROM saga_pstep WHERE (saga_id, step) > (:from, :from_step)"
+                            " AND updated_ms < :cutoff",
     [ST_HIST_INSERT] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
                        " detail) VALUES(?,?,?,?,?,?,?)",
     [ST_HIST_INSERT2] = "INSERT INTO saga_history(saga_id, seq, at_ms, event, step, attempt,"
