@@ -69,7 +69,9 @@ typedef enum saga_event_type {
   SAGA_EV_COMPLETED = 12,
   SAGA_EV_SAGA_COMPENSATED = 13,
   SAGA_EV_SAGA_FAILED = 14,
-  SAGA_EV_STALE_REPLY = 15,     /**< a duplicate or late reply was ignored */
+  SAGA_EV_STALE_REPLY = 15,     /**< a duplicate or late reply was ignored (a saga that
+                                     already COMPLETED or COMPENSATED records none: see
+                                     saga_node_stats.stale_replies) */
   SAGA_EV_DEFINITION_MISSING = 16 /**< an instance's definition version is not registered */
 } saga_event_type;
 
@@ -355,6 +357,9 @@ typedef struct saga_node_stats {
   /** WAL checkpoints: run in the background, run inline because the WAL reached its bound,
    * and failed (background or inline; logged). */
   uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
+  /** Replies that matched no awaited step (duplicates, late or stale attempts), all of
+   * them, including those for finished sagas, which record no history. */
+  uint64_t stale_replies;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

@@ -509,6 +509,14 @@ int saga__engine_reply(saga_node *n, const saga_envelope *r) {
   int waiting = m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT;
   if (!waiting || r->phase != (saga_phase)i->phase || r->step != (uint32_t)i->step ||
       r->attempt != i->attempt) {
+    n->stats.stale_replies++;
+    if (i->state == SAGA_COMPLETED || i->state == SAGA_COMPENSATED) {
+      /* A finished saga records nothing more: a storm of duplicates must not grow its
+       * history (or cost a write each). Counted and logged only. */
+      saga__node_log(n, SAGA_LOG_DEBUG, "reply '%s' for finished saga '%s' ignored", r->msg_id,
+                     r->saga_id);
+      return SAGA_OK;
+    }
     char why[160];
     snprintf(why, sizeof why, "reply for step %" PRIu32 " phase %d attempt %" PRIu32 " ignored",
              r->step, (int)r->phase, r->attempt);
