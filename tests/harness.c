@@ -210,6 +210,7 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
     cfg.checkpoint_pages = w->o.checkpoint_pages;
   }
   cfg.resend_ms = w->o.resend_ms;
+  if (w->o.batch_max != 0) cfg.batch_max = w->o.batch_max;
   cfg.on_event = orchestrate ? th_on_event : NULL;
   if (w->o.retention != NULL) {
     cfg.retention = *w->o.retention;

@@ -65,6 +65,7 @@ typedef struct th_world_opts {
   const saga_retention *retention;   /* both nodes; NULL = no purging (the default here) */
   void (*hook)(void *arg, const char *point); /* test hook of both nodes */
   uint32_t checkpoint_pages;         /* nonzero: background checkpoints every this many pages */
+  uint32_t batch_max;                /* both nodes; 0 = the library's default */
   void *hook_arg;
 } th_world_opts;
 

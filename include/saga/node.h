@@ -160,7 +160,8 @@ typedef struct saga_node_config {
   void *random_arg;
   saga_event_cb on_event;     /**< NULL = none */
   void *event_arg;
-  uint32_t resend_ms;         /**< outbox rows unconfirmed this long are sent again;
+  uint32_t resend_ms;         /**< outbox rows unconfirmed this long are sent again, at
+                                   most batch_max per resend_ms, oldest first, in turn;
                                    default 1000 */
   uint32_t batch_max;         /**< most work items in one transaction; default 1024 */
   saga_limits limits;         /**< decoding limits; defaults from saga_limits_init() */

@@ -809,12 +809,12 @@ static void publish(saga_node *n, uint64_t id, const char *channel, const void *
                    channel, saga_strerror(rc));
 }
 
-/* Publishes rows in (lo, hi] created at or before `older` (all when older is UINT64_MAX).
- * Returns the number published. */
+/* Publishes rows in (lo, hi] created at or before `older` (all when older is UINT64_MAX),
+ * at most `max` of them. Returns the number published; *last is the last id published. */
 static size_t publish_range(saga_node *n, uint64_t lo, uint64_t hi, uint64_t older,
-                            int advance_hwm) {
+                            int advance_hwm, size_t max, uint64_t *last) {
   size_t count = 0;
-  for (;;) {
+  while (count < max) {
     sqlite3_stmt *st;
     if (advance_hwm) {
       st = saga__store_stmt(&n->store, ST_OUTBOX_AFTER);
@@ -825,7 +825,7 @@ static size_t publish_range(saga_node *n, uint64_t lo, uint64_t hi, uint64_t old
       sqlite3_bind_int64(st, 1, (sqlite3_int64)lo);
       sqlite3_bind_int64(st, 2, (sqlite3_int64)hi);
       sqlite3_bind_int64(st, 3, (sqlite3_int64)older);
-      sqlite3_bind_int64(st, 4, 256);
+      sqlite3_bind_int64(st, 4, (sqlite3_int64)(max - count < 256 ? max - count : 256));
     }
     size_t page = 0;
     int rc;
@@ -836,6 +836,7 @@ static size_t publish_range(saga_node *n, uint64_t lo, uint64_t hi, uint64_t old
       size_t len = (size_t)sqlite3_column_bytes(st, 2);
       publish(n, id, channel ? channel : "", body, len);
       lo = id;
+      if (last != NULL) *last = id;
       if (advance_hwm) n->relay_hwm = id;
       page++;
     }
@@ -853,7 +854,7 @@ static size_t publish_range(saga_node *n, uint64_t lo, uint64_t hi, uint64_t old
 
 static void relay_fresh(saga_node *n) {
   if (n->closing) return;
-  size_t sent = publish_range(n, n->relay_hwm, 0, UINT64_MAX, 1);
+  size_t sent = publish_range(n, n->relay_hwm, 0, UINT64_MAX, 1, SIZE_MAX, NULL);
   n->stats.sent += sent;
   if (sent > 0 && !n->resend_timer.armed)
     saga__timer_arm(&n->resend_timer, saga__node_now(n) + n->resend_ms);
@@ -864,7 +865,14 @@ static void resend_timer_cb(saga__timer *t) {
   if (n->closing) return;
   uint64_t now = saga__node_now(n);
   uint64_t older = now >= n->resend_ms ? now - n->resend_ms : 0;
-  n->stats.resent += publish_range(n, 0, n->relay_hwm, older, 0);
+  /* At most batch_max rows per tick, oldest first, resuming where the last tick stopped and
+   * starting over after the newest: a large unconfirmed backlog is far more likely a slow
+   * receiver than lost messages, and resending all of it every tick only queues copies
+   * behind the originals. A handful of lost messages is still resent on the next tick. */
+  uint64_t last = 0;
+  size_t sent = publish_range(n, n->resend_cursor, n->relay_hwm, older, 0, n->batch_max, &last);
+  n->stats.resent += sent;
+  n->resend_cursor = sent < n->batch_max ? 0 : last;
   /* Keep resending while anything is unconfirmed; stop when the outbox is empty. */
   if (saga_node_outbox_depth(n) > 0) saga__timer_arm(&n->resend_timer, now + n->resend_ms);
 }

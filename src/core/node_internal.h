@@ -256,6 +256,7 @@ struct saga_node {
   saga__timer retry_timer;    /* flush again after a failed commit */
   int timers_due;
   uint64_t relay_hwm; /* highest outbox id handed to the transport */
+  uint64_t resend_cursor; /* resends resume after this id (0 = from the oldest) */
   uint64_t outbox_next;  /* next outbox id (see saga__node_outbox) */
   int outbox_next_valid; /* outbox_next read from the database in this transaction */
   int outbox_used;       /* ids taken in this transaction (saga_meta to update) */
