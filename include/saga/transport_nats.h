@@ -19,7 +19,10 @@
  * message is redelivered after ack_wait_ms. A message delivered to the node max_deliveries
  * times without being acknowledged is, at its next delivery, handed to the node's dead-letter
  * table with the reason (and then acknowledged), so it neither blocks the channel nor loops.
- * The connection reconnects forever, every reconnect_wait_ms.
+ * The connection reconnects forever, every reconnect_wait_ms. A consumer the server leaves
+ * stuck — messages waiting, none delivered though asked for, as nats-server before 2.10.25 can
+ * after a crash — is deleted and created again (logged): its unacknowledged messages are then
+ * delivered again, none is lost.
  *
  * Channel names must be valid subject tokens ('.'-separated, no spaces, '*' or '>'): others
  * are refused with SAGA_EINVAL. open() and subscribe() wait for the server (connect up to 2 s,

@@ -36,6 +36,18 @@
  * is ever dropped silently, and a poison message costs one delivery per ack_wait, in
  * parallel with the rest of the channel (up to NT_MAX_INFLIGHT unacknowledged messages).
  *
+ * Stuck consumers. A JetStream server can leave a consumer that has messages for its
+ * subscribers but delivers none: nats-server before 2.10.25, killed right after it removed
+ * acknowledged messages from the stream but before it wrote the consumer's state (some 10 ms
+ * later), restarts with those messages still pending in the consumer; it retries them forever
+ * and, while an older message stays in the stream, starves everything behind them, messages
+ * it confirmed included. So each fetch thread, once its polls come back empty, looks at its
+ * consumer every NT_STALL_MS: one that has messages waiting (or unacknowledged ones due for
+ * redelivery) and delivered nothing meanwhile, while we were asking, is deleted and created
+ * again, as is a consumer that disappeared. The new consumer starts from the stream's
+ * content, which a work-queue stream reduces to what nobody acknowledged: those messages are
+ * delivered again (duplicates the node tolerates), nothing is skipped.
+ *
  * Outages. The connection reconnects forever. A publish made while disconnected goes to
  * libnats's reconnect buffer and is sent after the reconnect; it is confirmed only if
  * JetStream then stores it. When that buffer is full the publish is reported failed at once.
@@ -62,9 +74,10 @@
 #define NT_FETCH_BATCH 64     /* most messages one immediate fetch asks for */
 #define NT_FETCH_WAIT_MS 1000 /* one long poll; also how often idle threads look at `stopping` */
 #define NT_API_WAIT_MS 5000   /* JetStream management requests at open/subscribe */
+#define NT_STALL_MS 3000      /* how long a consumer with work may deliver nothing while polled */
 #define NT_ACK_RING 1024u     /* publish acks waiting for the loop */
 #define NT_LOG_RING 16u       /* log lines from other threads waiting for the loop */
-#define NT_LOG_LEN 256
+#define NT_LOG_LEN 384
 #define NT_NAME_MAX 200     /* longest stream name or subject prefix accepted */
 #define NT_SUBJECT_MAX 512  /* longest subject "<prefix>.<channel>" */
 #define NT_CONSUMER_KEEP 48 /* characters of the channel kept in a consumer name */
@@ -88,6 +101,19 @@ typedef struct nt_slot {
   uint32_t next; /* free list */
 } nt_slot;
 
+/* What the fetch thread saw of its consumer at its last looks (see watch_consumer). Times
+ * are in ms of uv_hrtime(); 0 means not seen. */
+typedef struct nt_watch {
+  uint64_t looked;      /* the last look */
+  uint64_t last_new;    /* stream sequence of the last first delivery */
+  uint64_t new_since;   /* messages waiting and last_new unchanged since then */
+  uint64_t last_any;    /* consumer sequence of the last delivery of any kind */
+  uint64_t last_floor;  /* ack floor (consumer sequence) */
+  int64_t last_unacked; /* deliveries awaiting acknowledgement */
+  uint64_t any_since;   /* some unacknowledged and the three above unchanged since then */
+  int empty;            /* nothing waiting, nothing unacknowledged at the last look */
+} nt_watch;
+
 typedef struct nt_sub {
   nats_tp *tp;
   uint32_t index;
@@ -101,6 +127,8 @@ typedef struct nt_sub {
   natsMsg *ring[NT_MAX_INFLIGHT];
   uint32_t ring_head, ring_count;
   uint32_t inflight; /* in the ring or in a slot */
+  /* Fetch thread only. */
+  nt_watch watch;
   /* Loop thread only. */
   nt_slot slots[NT_MAX_INFLIGHT];
   uint32_t free_head;
@@ -142,7 +170,8 @@ struct nats_tp {
   int async_ready; /* uv_async_send allowed */
   int stopping;
   int connected;
-  int nc_closed; /* libnats called the closed callback */
+  uint64_t reconnects; /* counts reconnects: a fetch thread starts watching afresh */
+  int nc_closed;       /* libnats called the closed callback */
   int threads_live;
   nt_ack acks[NT_ACK_RING];
   uint32_t ack_head, ack_count;
@@ -320,6 +349,7 @@ static void on_reconnected(natsConnection *nc, void *closure) {
   (void)nc;
   uv_mutex_lock(&tp->mu);
   tp->connected = 1;
+  tp->reconnects++;
   uv_cond_broadcast(&tp->cv);
   post_log_locked(tp, SAGA_LOG_INFO, "reconnected to NATS");
   uv_mutex_unlock(&tp->mu);
@@ -363,16 +393,19 @@ static void thread_done(nats_tp *tp) {
   uv_mutex_unlock(&tp->mu);
 }
 
+static void watch_consumer(nt_sub *s);
+
 /*
  * Pulls a channel's messages into its ring while connected and below NT_MAX_INFLIGHT.
  * While idle it long-polls for one message (so a lone message is handed over at once); after
  * a fetch that returned something it asks for a batch without waiting, until the consumer
- * has nothing more.
+ * has nothing more. A long poll that came back empty is the moment to look at the consumer.
  */
 static void fetch_main(void *arg) {
   nt_sub *s = arg;
   nats_tp *tp = s->tp;
   int more = 0;
+  uint64_t reconnects = 0;
   natsStatus failing = NATS_OK;
   for (;;) {
     uv_mutex_lock(&tp->mu);
@@ -383,6 +416,11 @@ static void fetch_main(void *arg) {
       break;
     }
     uint32_t room = NT_MAX_INFLIGHT - s->inflight;
+    if (tp->reconnects != reconnects) {
+      /* The server may have restarted: what was seen of the consumer says nothing now. */
+      reconnects = tp->reconnects;
+      memset(&s->watch, 0, sizeof s->watch);
+    }
     uv_mutex_unlock(&tp->mu);
 
     natsMsgList list;
@@ -413,13 +451,18 @@ static void fetch_main(void *arg) {
       uv_mutex_unlock(&tp->mu);
       natsMsgList_Destroy(&list);
       failing = NATS_OK;
+      s->watch.empty = 0;
       more = 1;
       continue;
     }
     natsMsgList_Destroy(&list);
+    int long_poll = !more;
     more = 0;
     /* Nothing available (404), or the long poll expired: ask again. */
-    if (st == NATS_OK || st == NATS_TIMEOUT || st == NATS_NOT_FOUND) continue;
+    if (st == NATS_OK || st == NATS_TIMEOUT || st == NATS_NOT_FOUND) {
+      if (long_poll) watch_consumer(s);
+      continue;
+    }
     uv_mutex_lock(&tp->mu);
     if (tp->stopping || st == NATS_CONNECTION_CLOSED || st == NATS_INVALID_SUBSCRIPTION) {
       if (!tp->stopping)
@@ -430,7 +473,7 @@ static void fetch_main(void *arg) {
     }
     if (st != failing)
       post_log_locked(tp, SAGA_LOG_WARN, "fetching from consumer '%s' failed: %s; retrying",
-                      s->consumer, natsStatus_GetText(st));
+                      s->consumer, nats_err(st));
     failing = st;
     backoff_locked(tp, tp->reconnect_wait_ms);
     uv_mutex_unlock(&tp->mu);
@@ -817,21 +860,27 @@ static int consumer_differs(const nats_tp *tp, const jsConsumerConfig *c, const 
   return bad;
 }
 
+/* The configuration of a channel's consumer; name and subject are borrowed. */
+static void consumer_config(const nats_tp *tp, const char *name, const char *subject,
+                            jsConsumerConfig *cfg) {
+  jsConsumerConfig_Init(cfg);
+  cfg->Durable = name;
+  cfg->Description = "libsaga channel";
+  cfg->DeliverPolicy = js_DeliverAll;
+  cfg->AckPolicy = js_AckExplicit;
+  cfg->AckWait = (int64_t)tp->ack_wait_ms * 1000000;
+  cfg->MaxDeliver = -1; /* the adapter dead-letters; the server never gives up */
+  cfg->FilterSubject = subject;
+  cfg->ReplayPolicy = js_ReplayInstant;
+}
+
 static int ensure_consumer(nats_tp *tp, const char *name, const char *subject) {
   jsConsumerInfo *ci = NULL;
   jsErrCode jerr = 0;
   natsStatus s = js_GetConsumerInfo(&ci, tp->js, tp->stream, name, NULL, &jerr);
   if (s == NATS_NOT_FOUND) {
     jsConsumerConfig cfg;
-    jsConsumerConfig_Init(&cfg);
-    cfg.Durable = name;
-    cfg.Description = "libsaga channel";
-    cfg.DeliverPolicy = js_DeliverAll;
-    cfg.AckPolicy = js_AckExplicit;
-    cfg.AckWait = (int64_t)tp->ack_wait_ms * 1000000;
-    cfg.MaxDeliver = -1; /* the adapter dead-letters; the server never gives up */
-    cfg.FilterSubject = subject;
-    cfg.ReplayPolicy = js_ReplayInstant;
+    consumer_config(tp, name, subject, &cfg);
     s = js_AddConsumer(&ci, tp->js, tp->stream, &cfg, NULL, &jerr);
     if (s != NATS_OK) {
       nt_log(tp, SAGA_LOG_DEBUG, "creating consumer '%s': %s", name, nats_err(s));
@@ -859,6 +908,114 @@ static int ensure_consumer(nats_tp *tp, const char *name, const char *subject) {
   }
   jsConsumerInfo_Destroy(ci);
   return rc;
+}
+
+/*
+ * From a fetch thread: deletes the channel's consumer (when drop is set) and creates it again.
+ * A replica may do the same meanwhile: a consumer already deleted, or already created again
+ * with our configuration, is success. The outcome is logged with why.
+ */
+static void recreate_consumer(nt_sub *s, int drop, const char *why) {
+  nats_tp *tp = s->tp;
+  jsErrCode jerr = 0;
+  natsStatus st = NATS_OK;
+  const char *step = "deleting";
+  if (drop) {
+    st = js_DeleteConsumer(tp->js, tp->stream, s->consumer, NULL, &jerr);
+    if (st == NATS_NOT_FOUND) st = NATS_OK;
+  }
+  if (st == NATS_OK) {
+    step = "creating";
+    jsConsumerConfig cfg;
+    consumer_config(tp, s->consumer, s->subject, &cfg);
+    jsConsumerInfo *ci = NULL;
+    st = js_AddConsumer(&ci, tp->js, tp->stream, &cfg, NULL, &jerr);
+    jsConsumerInfo_Destroy(ci);
+    ci = NULL;
+    if (st != NATS_OK &&
+        js_GetConsumerInfo(&ci, tp->js, tp->stream, s->consumer, NULL, NULL) == NATS_OK)
+      st = NATS_OK;
+    jsConsumerInfo_Destroy(ci);
+  }
+  uv_mutex_lock(&tp->mu);
+  if (st == NATS_OK)
+    post_log_locked(tp, SAGA_LOG_WARN,
+                    "consumer '%s' %s: %s; what it had not seen acknowledged comes again",
+                    s->consumer, why,
+                    drop ? "recreated it (a JetStream defect, as in nats-server < 2.10.25 after "
+                           "a crash)"
+                         : "created it");
+  else
+    post_log_locked(tp, SAGA_LOG_ERROR, "consumer '%s' %s; %s it failed: %s (trying again)",
+                    s->consumer, why, step, nats_err(st));
+  uv_mutex_unlock(&tp->mu);
+}
+
+/*
+ * From a fetch thread whose long poll came back empty: looks at the consumer now and then
+ * (every NT_STALL_MS / 2, or every 10 * NT_STALL_MS while it has nothing at all) and repairs
+ * it when it is stuck. We were asking the whole time, so a consumer that has messages waiting
+ * yet makes no first delivery for NT_STALL_MS, or has deliveries unacknowledged yet neither
+ * delivers, redelivers nor sees an ack for ack_wait + NT_STALL_MS, is not merely slow: a
+ * healthy one hands a waiting message to a waiting pull at once and redelivers an
+ * unacknowledged one after ack_wait. (Waiting messages held back because the consumer
+ * reached its MaxAckPending fall under the second rule only.) Such a consumer is recreated;
+ * so is one that no longer exists, which polls cannot tell from an empty one.
+ */
+static void watch_consumer(nt_sub *s) {
+  nats_tp *tp = s->tp;
+  nt_watch *w = &s->watch;
+  uint64_t now = uv_hrtime() / 1000000;
+  uint64_t every = w->empty ? 10 * NT_STALL_MS : NT_STALL_MS / 2;
+  if (w->looked != 0 && now - w->looked < every) return;
+  w->looked = now;
+  jsConsumerInfo *ci = NULL;
+  jsErrCode jerr = 0;
+  natsStatus st = js_GetConsumerInfo(&ci, tp->js, tp->stream, s->consumer, NULL, &jerr);
+  if (st == NATS_NOT_FOUND) {
+    jsConsumerInfo_Destroy(ci);
+    recreate_consumer(s, 0, "no longer exists");
+    memset(w, 0, sizeof *w);
+    return;
+  }
+  if (st != NATS_OK || ci == NULL) { /* no answer now (disconnected, say): look again later */
+    jsConsumerInfo_Destroy(ci);
+    return;
+  }
+  uint64_t waiting = ci->NumPending, first = ci->Delivered.Stream, any = ci->Delivered.Consumer;
+  uint64_t floor = ci->AckFloor.Consumer;
+  int64_t unacked = ci->NumAckPending;
+  int64_t max_unacked = ci->Config != NULL ? ci->Config->MaxAckPending : 0;
+  jsConsumerInfo_Destroy(ci);
+
+  w->empty = waiting == 0 && unacked <= 0;
+  if (waiting == 0 || first != w->last_new) w->new_since = 0;
+  if (waiting > 0 && w->new_since == 0) w->new_since = now;
+  w->last_new = first;
+  if (unacked <= 0 || any != w->last_any || floor != w->last_floor || unacked != w->last_unacked)
+    w->any_since = 0;
+  if (unacked > 0 && w->any_since == 0) w->any_since = now;
+  w->last_any = any;
+  w->last_floor = floor;
+  w->last_unacked = unacked;
+
+  char why[160];
+  if (w->new_since != 0 && now - w->new_since >= NT_STALL_MS &&
+      (max_unacked <= 0 || unacked < max_unacked)) {
+    snprintf(why, sizeof why,
+             "is stuck: %" PRIu64 " messages waiting, none delivered in %" PRIu64
+             " ms though asked for",
+             waiting, now - w->new_since);
+  } else if (w->any_since != 0 && now - w->any_since >= (uint64_t)tp->ack_wait_ms + NT_STALL_MS) {
+    snprintf(why, sizeof why,
+             "is stuck: %" PRId64 " deliveries unacknowledged, none redelivered or acknowledged "
+             "in %" PRIu64 " ms",
+             unacked, now - w->any_since);
+  } else {
+    return;
+  }
+  recreate_consumer(s, 1, why);
+  memset(w, 0, sizeof *w);
 }
 
 /* ---- the adapter methods ---------------------------------------------------------------- */
