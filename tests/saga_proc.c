@@ -1,10 +1,12 @@
 /*
  * A node in its own process, for the multi-process integration tests (test_multiproc_*).
  *
- *   saga_proc orch --db F --sagas N [transport options]
+ *   saga_proc orch --db F --sagas N [--rate R] [transport options]
  *       orchestrates the 3-step "order" saga: starts sagas 0..N-1 (idempotency keys "s-<i>",
  *       so a restarted orchestrator starts none twice; saga i refuses at step i % 5 when
- *       i % 5 < 3), exits 0 once all N are COMPLETED or COMPENSATED.
+ *       i % 5 < 3), exits 0 once all N are COMPLETED or COMPENSATED. --rate R starts R
+ *       sagas every 10 ms instead of all at once (a restarted orchestrator resumes near
+ *       where it stopped), so that the tests' kills land while sagas are in flight.
  *   saga_proc part --db F --serve CH[,CH...] [transport options]
  *       serves the commands of the given channels ("inv", "ord", "pay"): each action and
  *       compensation inserts a row into fx(saga_id, step, kind); runs until killed.
@@ -34,7 +36,7 @@
 #include "saga/transport_redis.h"
 #endif
 
-static int nsagas, finished;
+static int nsagas, finished, rate, next_saga;
 static saga_node *node;
 
 static int fx(saga_tx *tx, const saga_msg *m, const char *kind) {
@@ -96,8 +98,44 @@ static void started(saga_node *n, int status, const char *id, int existed, void 
   if (status != SAGA_OK) fprintf(stderr, "start %ld failed: %s\n", (long)(intptr_t)arg, saga_strerror(status));
 }
 
+/* Starts sagas next_saga .. next_saga + count - 1 (at most up to nsagas). */
+static int start_some(int count) {
+  for (; count > 0 && next_saga < nsagas; count--, next_saga++) {
+    saga_data *d = NULL;
+    saga_data_new(&d, NULL);
+    saga_data_set_i64(d, "i", next_saga);
+    char key[32];
+    snprintf(key, sizeof key, "s-%d", next_saga);
+    int rc = saga_start(node, "order", d, key, started, (void *)(intptr_t)next_saga);
+    saga_data_free(d);
+    if (rc != SAGA_OK) {
+      fprintf(stderr, "start: %s\n", saga_node_errmsg(node));
+      return rc;
+    }
+  }
+  return SAGA_OK;
+}
+
+static void pace(uv_timer_t *h) {
+  if (start_some(rate) != SAGA_OK) exit(1);
+  if (next_saga >= nsagas) uv_timer_stop(h);
+}
+
+/* Sagas are started in order, so those already in the database are (nearly) a prefix: a
+ * restarted orchestrator resumes a little before the count (their keys make it harmless). */
+static int existing_sagas(void) {
+  sqlite3_stmt *st = NULL;
+  int count = 0;
+  if (sqlite3_prepare_v2(saga_node_db(node), "SELECT count(*) FROM saga_instance", -1, &st,
+                         NULL) == SQLITE_OK &&
+      sqlite3_step(st) == SQLITE_ROW)
+    count = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  return count;
+}
+
 static int usage(void) {
-  fprintf(stderr, "usage: saga_proc orch|part --db F [--sagas N] [--serve CH,..] "
+  fprintf(stderr, "usage: saga_proc orch|part --db F [--sagas N] [--rate R] [--serve CH,..] "
                   "(--tcp LISTEN --route CH=ADDR.. | --nats URL | --redis HOST:PORT)\n");
   return 2;
 }
@@ -112,6 +150,7 @@ int main(int argc, char **argv) {
   for (int i = 2; i + 1 < argc; i += 2) {
     if (strcmp(argv[i], "--db") == 0) db = argv[i + 1];
     else if (strcmp(argv[i], "--sagas") == 0) nsagas = atoi(argv[i + 1]);
+    else if (strcmp(argv[i], "--rate") == 0) rate = atoi(argv[i + 1]);
     else if (strcmp(argv[i], "--serve") == 0) serve = argv[i + 1];
     else if (strcmp(argv[i], "--tcp") == 0) tcp_listen = argv[i + 1];
     else if (strcmp(argv[i], "--nats") == 0) nats_url = argv[i + 1];
@@ -217,20 +256,15 @@ int main(int argc, char **argv) {
     fprintf(stderr, "setup: %s\n", saga_node_errmsg(node));
     return 1;
   }
-  uv_timer_t timer;
+  uv_timer_t timer, pacer;
   if (orch) {
-    for (int i = 0; i < nsagas; i++) {
-      saga_data *d = NULL;
-      saga_data_new(&d, NULL);
-      saga_data_set_i64(d, "i", i);
-      char key[32];
-      snprintf(key, sizeof key, "s-%d", i);
-      rc = saga_start(node, "order", d, key, started, (void *)(intptr_t)i);
-      saga_data_free(d);
-      if (rc != SAGA_OK) {
-        fprintf(stderr, "start: %s\n", saga_node_errmsg(node));
-        return 1;
-      }
+    if (rate <= 0) {
+      if (start_some(nsagas) != SAGA_OK) return 1;
+    } else {
+      next_saga = existing_sagas() - 4 * rate;
+      if (next_saga < 0) next_saga = 0;
+      uv_timer_init(loop, &pacer);
+      uv_timer_start(&pacer, pace, 0, 10);
     }
     uv_timer_init(loop, &timer);
     uv_timer_start(&timer, check_done, 100, 100);

@@ -34,6 +34,8 @@ static void test_multiproc_tcp(void **state) {
   mp_arg(&orch, ao);
   mp_arg(&orch, "--sagas");
   mp_arg(&orch, "1000");
+  mp_arg(&orch, "--rate"); /* 1000 sagas started over 2 s: the kills land mid-run */
+  mp_arg(&orch, "5");
   add_common(&p1, "part", p1_db, routes);
   mp_arg(&p1, "--tcp");
   mp_arg(&p1, a1);
@@ -48,16 +50,19 @@ static void test_multiproc_tcp(void **state) {
   mp_spawn(&p2);
   mp_spawn(&orch);
 
-  int n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 4, 300000);
+  int n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 4, 300000), late = 0;
   printf("kill -9 the ord/pay peer at %d terminal sagas, restart it\n", n);
+  late |= n >= MP_SAGAS; /* every kill must land while sagas are in flight */
   mp_kill9(&p2);
   mp_spawn(&p2);
   n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 2, 300000);
   printf("kill -9 the orchestrator at %d terminal sagas, restart it\n", n);
+  late |= n >= MP_SAGAS;
   mp_kill9(&orch);
   mp_spawn(&orch);
   n = mp_wait_terminal(orch_db, &orch, 3 * MP_SAGAS / 4, 300000);
   printf("kill -9 the inv peer at %d terminal sagas, restart it\n", n);
+  late |= n >= MP_SAGAS;
   mp_kill9(&p1);
   mp_spawn(&p1);
   n = mp_wait_terminal(orch_db, &orch, MP_SAGAS, 600000);
@@ -69,6 +74,7 @@ static void test_multiproc_tcp(void **state) {
   mp_free(&p1);
   mp_free(&p2);
   assert_int_equal(mp_verify(orch_db, parts, 2, MP_SAGAS), 0);
+  assert_int_equal(late, 0);
   free(orch_db);
   free(p1_db);
   free(p2_db);
