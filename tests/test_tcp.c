@@ -300,6 +300,115 @@ static void test_poison_over_tcp(void **state) {
   th_rmdir(dir);
 }
 
+/* ---- two transports on two loops in two threads ------------------------------------------ */
+
+/* One node per thread is the threading model: transports on different loops read at the same
+ * time and must share nothing. Each side sends N frames whose bytes derive from their token,
+ * the other checks every byte (a read buffer shared between threads corrupted frames here). */
+#define TT_N 20000
+#define TT_LEN 1500
+
+typedef struct tt_side {
+  uv_loop_t loop;
+  saga_transport *t;
+  saga__transport_host host;
+  int received, corrupt, confirmed, closed;
+  char log[1024];
+  int port, peer_port;
+} tt_side;
+
+static void tt_fill(uint8_t *b, uint64_t token) {
+  memcpy(b, &token, sizeof token);
+  for (size_t i = sizeof token; i < TT_LEN; i++) b[i] = (uint8_t)(token * 31 + i * 7);
+}
+
+static int tt_deliver(void *ctx, const char *ch, const void *d, size_t n, uint64_t tag) {
+  tt_side *x = ctx;
+  uint8_t expect[TT_LEN];
+  uint64_t token = 0;
+  if (n == TT_LEN) memcpy(&token, d, sizeof token);
+  tt_fill(expect, token);
+  if (n != TT_LEN || memcmp(d, expect, TT_LEN) != 0) x->corrupt++;
+  x->received++;
+  x->t->methods->ack(x->t, tag);
+  return SAGA_OK;
+}
+static void tt_sent(void *ctx, uint64_t token, int status) {
+  if (status == SAGA_OK) ((tt_side *)ctx)->confirmed++;
+}
+static void tt_closed(void *ctx) { ((tt_side *)ctx)->closed = 1; }
+static void tt_log(void *ctx, saga_log_level l, const char *msg) {
+  tt_side *x = ctx;
+  size_t used = strlen(x->log);
+  if (l >= SAGA_LOG_WARN) snprintf(x->log + used, sizeof x->log - used, "%s\n", msg);
+}
+
+static void tt_open(tt_side *x) {
+  assert_int_equal(uv_loop_init(&x->loop), 0);
+  char listen[32], peer[32];
+  snprintf(listen, sizeof listen, "127.0.0.1:%d", x->port);
+  snprintf(peer, sizeof peer, "127.0.0.1:%d", x->peer_port);
+  saga_tcp_route routes[] = {{"ch", peer}};
+  saga_tcp_config cfg;
+  saga_tcp_config_init(&cfg);
+  cfg.listen = listen;
+  cfg.routes = routes;
+  cfg.nroutes = 1;
+  cfg.reconnect_min_ms = 10;
+  cfg.reconnect_max_ms = 50;
+  assert_int_equal(saga_tcp_transport_new(&x->t, &cfg), SAGA_OK);
+  x->host = (saga__transport_host){.deliver = tt_deliver, .sent = tt_sent, .closed = tt_closed,
+                                   .log = tt_log, .ctx = x};
+  x->t->saga__host = &x->host;
+  assert_int_equal(x->t->methods->open(x->t, &x->loop), SAGA_OK);
+  assert_int_equal(x->t->methods->subscribe(x->t, "ch"), SAGA_OK);
+}
+
+static int tt_done(void *arg) {
+  tt_side *x = arg;
+  return x->received >= TT_N && x->confirmed >= TT_N;
+}
+static int tt_is_closed(void *arg) { return ((tt_side *)arg)->closed; }
+
+/* Runs one side on the calling thread: sends, then runs its loop until done, then closes. */
+static void tt_run(void *arg) {
+  tt_side *x = arg;
+  uint8_t *b = malloc(TT_LEN);
+  for (uint64_t k = 1; k <= TT_N; k++) {
+    tt_fill(b, k);
+    if (x->t->methods->send(x->t, "ch", b, TT_LEN, k) != SAGA_OK) x->corrupt += 1000000;
+  }
+  free(b);
+  th_run_real(&x->loop, tt_done, x, 60000);
+  x->t->methods->close(x->t);
+  th_run_real(&x->loop, tt_is_closed, x, 5000);
+  x->t->methods->destroy(x->t);
+  th_drain(&x->loop);
+  uv_loop_close(&x->loop);
+}
+
+static void test_two_threads(void **state) {
+  static tt_side a, b;
+  memset(&a, 0, sizeof a);
+  memset(&b, 0, sizeof b);
+  a.port = b.peer_port = th_free_port();
+  b.port = a.peer_port = th_free_port();
+  tt_open(&a);
+  tt_open(&b);
+  uv_thread_t tid;
+  assert_int_equal(uv_thread_create(&tid, tt_run, &b), 0);
+  tt_run(&a);
+  uv_thread_join(&tid);
+  printf("a: %d received, %d corrupt, %d confirmed; b: %d received, %d corrupt, %d confirmed\n",
+         a.received, a.corrupt, a.confirmed, b.received, b.corrupt, b.confirmed);
+  if (a.log[0] || b.log[0]) printf("a log:\n%sb log:\n%s", a.log, b.log);
+  assert_int_equal(a.corrupt + b.corrupt, 0);
+  assert_true(a.received >= TT_N && b.received >= TT_N);
+  assert_true(a.confirmed >= TT_N && b.confirmed >= TT_N);
+  assert_null(strstr(a.log, "dropping inbound"));
+  assert_null(strstr(b.log, "dropping inbound"));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_malformed_and_oversized),
@@ -307,6 +416,7 @@ int main(void) {
       cmocka_unit_test(test_reconnect_and_bound),
       cmocka_unit_test(test_bad_config),
       cmocka_unit_test(test_poison_over_tcp),
+      cmocka_unit_test(test_two_threads),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -330,7 +330,9 @@ static const char *drain_frames(tcp_tr *t, char *buf, size_t *len, frame_fn fn, 
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  static char slab[65536]; /* single-threaded loop: read callbacks copy out at once */
+  /* One per thread: read callbacks copy out at once, and a loop runs on one thread, but
+   * transports on loops of other threads (one node per thread) read at the same time. */
+  static _Thread_local char slab[65536];
   (void)h;
   (void)suggested;
   *buf = uv_buf_init(slab, sizeof slab);
