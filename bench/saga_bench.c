@@ -5,7 +5,7 @@
  *   saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]
  *              [--transport mem|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
- *              [--no-memstatus] [--checkpoint inline|background]
+ *              [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]
  *
  * Throughput run (the default): an orchestrator node and a participant node (each its own
  * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
@@ -32,6 +32,9 @@
  *
  * --checkpoint background makes both nodes checkpoint their WAL in a worker thread instead of
  * inside commits (SQLite's own auto-checkpoint, the default; see saga_checkpoint_mode).
+ *
+ * --threads 2 (tcp or nats only) runs the participant node on a loop of its own in a second
+ * thread, as a process using both cores would; by default both nodes share one loop.
  *
  * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
@@ -72,7 +75,11 @@ typedef struct slot {
 typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
-  int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background;
+  int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background, threads;
+  /* --threads 2: the participant node on a loop of its own, in its own thread. */
+  uv_loop_t part_loop;
+  uv_thread_t part_tid;
+  uv_sem_t part_sem;
   double fail;
   int started, finished, completed, compensated, failed;
   slot *map;
@@ -294,7 +301,13 @@ static saga_transport *make_transport(bench *b, int orch) {
   return t;
 }
 
-static saga_node *open_node(bench *b, const char *name, saga_transport *t, uint32_t resend_ms) {
+/* SAGA_BENCH_LOG=1: the nodes' warnings and errors on stderr. */
+static void bench_log(void *arg, saga_log_level lvl, const char *msg) {
+  if (lvl >= SAGA_LOG_WARN) fprintf(stderr, "[%s] %s\n", (const char *)arg, msg);
+}
+
+static saga_node *open_node_on(bench *b, uv_loop_t *loop, const char *name, saga_transport *t,
+                               uint32_t resend_ms) {
   char path[600], err[256];
   snprintf(path, sizeof path, "%s/%s.db", b->dir, name);
   saga_node_config cfg;
@@ -306,10 +319,18 @@ static saga_node *open_node(bench *b, const char *name, saga_transport *t, uint3
   cfg.checkpoint = b->ckpt_background ? SAGA_CHECKPOINT_BACKGROUND : SAGA_CHECKPOINT_INLINE;
   cfg.on_event = strcmp(name, "orch") == 0 ? on_event : NULL;
   cfg.event_arg = b;
+  if (getenv("SAGA_BENCH_LOG") != NULL) {
+    cfg.log = bench_log;
+    cfg.log_arg = (void *)name;
+  }
   if (resend_ms) cfg.resend_ms = resend_ms;
   saga_node *n = NULL;
-  if (saga_node_open(&n, b->loop, &cfg, err, sizeof err) != SAGA_OK) die(name, err);
+  if (saga_node_open(&n, loop, &cfg, err, sizeof err) != SAGA_OK) die(name, err);
   return n;
+}
+
+static saga_node *open_node(bench *b, const char *name, saga_transport *t, uint32_t resend_ms) {
+  return open_node_on(b, b->loop, name, t, resend_ms);
 }
 
 static void setup_orch(bench *b, saga_node *n) {
@@ -342,6 +363,69 @@ static void close_nodes(bench *b, saga_node *x, saga_node *y) {
   if (y != NULL) saga_node_close(y, closed, b);
   while (b->closed < want && uv_run(b->loop, UV_RUN_ONCE)) {
   }
+}
+
+/* ---- the participant on a thread of its own (--threads 2) ---------------------------------- */
+
+static void setup_part(bench *b, saga_node *n);
+
+static void part_main(void *arg) {
+  bench *b = arg;
+  if (uv_loop_init(&b->part_loop) != 0) die("uv_loop_init", NULL);
+  b->part = open_node_on(b, &b->part_loop, "part", make_transport(b, 0), b->resend_ms);
+  setup_part(b, b->part);
+  uv_sem_post(&b->part_sem);
+  uv_run(&b->part_loop, UV_RUN_DEFAULT); /* until the node is closed */
+  uv_loop_close(&b->part_loop);
+}
+
+static void part_start_thread(bench *b) {
+  if (uv_sem_init(&b->part_sem, 0) != 0 || uv_thread_create(&b->part_tid, part_main, b) != 0)
+    die("starting the participant thread", NULL);
+  uv_sem_wait(&b->part_sem);
+}
+
+/* What the main thread reads of the participant node, read on the participant's thread. */
+typedef struct part_view {
+  bench *b;
+  saga_node_stats stats;
+  int changes;
+  int64_t bytes;
+} part_view;
+
+static int64_t db_bytes(saga_node *n);
+
+static void part_view_cb(saga_node *n, void *arg) {
+  part_view *v = arg;
+  if (n != NULL) {
+    saga_node_stats_get(n, &v->stats);
+    v->changes = sqlite3_total_changes(saga_node_db(n));
+    v->bytes = db_bytes(n);
+  }
+  uv_sem_post(&v->b->part_sem);
+}
+
+static void part_read(bench *b, part_view *v) {
+  memset(v, 0, sizeof *v);
+  v->b = b;
+  if (b->threads < 2) {
+    part_view_cb(b->part, v);
+    uv_sem_wait(&b->part_sem);
+    return;
+  }
+  if (saga_node_post(b->part, part_view_cb, v) != SAGA_OK) die("saga_node_post", NULL);
+  uv_sem_wait(&b->part_sem);
+}
+
+static void part_close_cb(saga_node *n, void *arg) {
+  if (n != NULL) saga_node_close(n, NULL, NULL);
+}
+
+static void part_stop_thread(bench *b) {
+  if (saga_node_post(b->part, part_close_cb, NULL) != SAGA_OK) die("saga_node_post", NULL);
+  uv_thread_join(&b->part_tid);
+  uv_sem_destroy(&b->part_sem);
+  b->part = NULL;
 }
 
 /* ---- measurements ------------------------------------------------------------------------- */
@@ -664,10 +748,15 @@ static void run_recovery(bench *b, char *summary, size_t len) {
 /* ---- the throughput run ------------------------------------------------------------------- */
 
 static void run_throughput(bench *b, char *summary, size_t len) {
+  /* The participant first: over TCP it must be listening when the orchestrator connects. */
+  if (b->threads >= 2) part_start_thread(b);
   b->orch = open_node(b, "orch", make_transport(b, 1), b->resend_ms);
-  b->part = open_node(b, "part", make_transport(b, 0), b->resend_ms);
+  if (b->threads < 2) {
+    if (uv_sem_init(&b->part_sem, 0) != 0) die("uv_sem_init", NULL);
+    b->part = open_node(b, "part", make_transport(b, 0), b->resend_ms);
+    setup_part(b, b->part);
+  }
   setup_orch(b, b->orch);
-  setup_part(b, b->part);
   if (b->preload > 0) {
     preload(b);
     b->orch = open_node(b, "orch", make_transport(b, 1), b->resend_ms);
@@ -675,31 +764,31 @@ static void run_throughput(bench *b, char *summary, size_t len) {
     setup_orch(b, b->orch);
     setup_part(b, b->part);
   }
-  int64_t bytes0 = db_bytes(b->orch) + db_bytes(b->part);
-  int changes0 = sqlite3_total_changes(saga_node_db(b->orch)) +
-                 sqlite3_total_changes(saga_node_db(b->part));
-  saga_node_stats so0, sp0;
+  part_view pv0, pv;
+  part_read(b, &pv0);
+  int64_t bytes0 = db_bytes(b->orch) + pv0.bytes;
+  int changes0 = sqlite3_total_changes(saga_node_db(b->orch)) + pv0.changes;
+  saga_node_stats so0, sp0 = pv0.stats;
   saga_node_stats_get(b->orch, &so0);
-  saga_node_stats_get(b->part, &sp0);
   uint64_t t0 = uv_hrtime();
   for (int i = 0; i < b->inflight; i++) start_one(b);
   uv_run(b->loop, UV_RUN_DEFAULT);
   double secs = (double)(uv_hrtime() - t0) / 1e9;
 
-  saga_node_stats so, sp;
+  part_read(b, &pv);
+  saga_node_stats so, sp = pv.stats;
   saga_node_stats_get(b->orch, &so);
-  saga_node_stats_get(b->part, &sp);
   uint64_t commits = so.transactions + sp.transactions - so0.transactions - sp0.transactions;
   uint64_t ckpt_bg = so.checkpoints + sp.checkpoints - so0.checkpoints - sp0.checkpoints;
   uint64_t ckpt_in = so.checkpoints_inline + sp.checkpoints_inline - so0.checkpoints_inline -
                      sp0.checkpoints_inline;
-  uint64_t rows = (uint64_t)(sqlite3_total_changes(saga_node_db(b->orch)) +
-                             sqlite3_total_changes(saga_node_db(b->part)) - changes0);
+  uint64_t rows =
+      (uint64_t)(sqlite3_total_changes(saga_node_db(b->orch)) + pv.changes - changes0);
   /* A compensated saga runs its steps up to the refused one and back. */
   double steps_done = (double)b->completed * b->steps +
                       (double)b->compensated * (2.0 * b->steps - 1);
   double sps = steps_done / secs;
-  int64_t bytes = db_bytes(b->orch) + db_bytes(b->part) - bytes0;
+  int64_t bytes = db_bytes(b->orch) + pv.bytes - bytes0;
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   double ceil_secs = ceiling(b->dir, b->sync, commits, rows);
@@ -724,12 +813,12 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            "ceiling_steps_per_s=%.0f ratio=%.3f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
            "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d "
-           "checkpoints=%llu checkpoints_inline=%llu",
+           "checkpoints=%llu checkpoints_inline=%llu threads=%d",
            b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
            ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
            b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
            (unsigned long long)rows, !b->no_memstatus, (unsigned long long)ckpt_bg,
-           (unsigned long long)ckpt_in);
+           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2);
 }
 
 static void usage(void) {
@@ -737,7 +826,7 @@ static void usage(void) {
           "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
           "                  [--transport mem|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
           "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
-          "                  [--no-memstatus] [--checkpoint inline|background]\n");
+          "                  [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]\n");
 }
 
 int main(int argc, char **argv) {
@@ -755,7 +844,7 @@ int main(int argc, char **argv) {
       {"json", 1, 0, 'j'},      {"dir", 1, 0, 'd'},      {"nats-url", 1, 0, 'u'},
       {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
       {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'},
-      {"checkpoint", 1, 0, 'C'}, {0, 0, 0, 0}};
+      {"checkpoint", 1, 0, 'C'}, {"threads", 1, 0, 'T'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
@@ -783,6 +872,7 @@ int main(int argc, char **argv) {
     case 'P': b.paused = 1; break;
     case 'R': b.resend_ms = (uint32_t)atol(optarg); break;
     case 'M': b.no_memstatus = 1; break;
+    case 'T': b.threads = atoi(optarg); break;
     case 'C':
       if (strcmp(optarg, "inline") == 0) b.ckpt_background = 0;
       else if (strcmp(optarg, "background") == 0) b.ckpt_background = 1;
@@ -797,6 +887,12 @@ int main(int argc, char **argv) {
   if (b.no_memstatus && sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0) != SQLITE_OK) {
     fprintf(stderr, "saga_bench: cannot turn off SQLite memstatus\n");
     return 1;
+  }
+  if (b.threads < 0 || b.threads > 2) return usage(), 2;
+  if (b.threads == 2 && (b.transport == T_MEM || b.preload > 0 || b.recovery > 0 || b.paused)) {
+    fprintf(stderr, "saga_bench: --threads 2 needs --transport tcp or nats (the in-memory hub "
+                    "serves one loop) and a plain throughput run\n");
+    return 2;
   }
   if (b.paused && b.recovery == 0) b.recovery = b.inflight;
   if (b.recovery > 0) b.sagas = b.inflight = b.recovery;
@@ -843,6 +939,7 @@ int main(int argc, char **argv) {
   else run_throughput(&b, summary, sizeof summary);
   emit(summary, json);
 
+  if (b.threads >= 2 && b.part != NULL) part_stop_thread(&b);
   close_nodes(&b, b.orch, b.part);
   if (b.hub != NULL) saga_mem_hub_close(b.hub);
   uv_run(b.loop, UV_RUN_DEFAULT);
