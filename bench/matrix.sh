@@ -10,7 +10,8 @@
 #   full run (about 10 minutes on 2 cores): sync full|normal x transport mem|tcp|nats x
 #     in flight 1, 10, 100, 1000, 10000 x steps per saga 1, 3, 10; recovery of 100,000
 #     in-flight sagas (engine defaults, and with a 30 s resend interval); 10,000 sagas held in
-#     flight (memory); 0 vs 1,000,000 completed sagas preloaded (history scaling).
+#     flight (memory); 0 vs 1,000,000 completed sagas preloaded (history scaling); variants
+#     against a baseline (memstatus off, background checkpoints, TCP on two threads).
 #   --quick (about 3 minutes): 3-step sagas at in flight 1, 100, 10000 only, recovery of
 #     20,000, 100,000 preloaded.
 #
@@ -122,6 +123,18 @@ run "held" --paused --inflight "$held" --steps 3 --sync full --transport mem
 run "recovery" --recovery "$recovery" --steps 3 --sync full --transport mem
 run "recovery-resend30s" --recovery "$recovery" --steps 3 --sync full --transport mem \
   --resend-ms 30000
+# Variants, each against its baseline in the same run: SQLite memstatus off, background
+# checkpoints (loaded and light), and the participant on a second thread (TCP).
+run "var-base-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport mem
+run "var-nomemstatus-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport mem \
+  --no-memstatus
+run "var-ckptbg-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport mem \
+  --checkpoint background
+run "var-ckptbg-light" --sagas 3000 --steps 3 --inflight 1 --sync full --transport mem \
+  --checkpoint background
+run "var-tcp1-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport tcp
+run "var-tcp2-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport tcp \
+  --threads 2
 run "history-0" --sagas "$hist_sagas" --steps 3 --inflight 100 --sync full --transport mem
 run "history-$preload" --preload "$preload" --sagas "$hist_sagas" --steps 3 --inflight 100 \
   --sync full --transport mem
@@ -280,6 +293,22 @@ lf=$(line_of light-full) ff=$(line_of fail-full)
   echo "With 20 % of the sagas compensated (\`fail-full\`: 3 steps, 100 in flight, sync=full, mem): $(kv steps_per_s "$ff") steps/s, ratio $(kv ratio "$ff"), p99 $(kv p99_ms "$ff") ms, $(kv compensated "$ff") of $(kv sagas "$ff") compensated."
 } >"$gen/history"
 
+{
+  echo "| run | what differs | steps/s | ceiling steps/s | ratio | p50 ms | p99 ms | p99.9 ms |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  for x in "var-base-k1000|baseline: mem, 3 steps, 1000 in flight, sync=full" \
+    "var-nomemstatus-k1000|SQLite memstatus off (--no-memstatus)" \
+    "var-ckptbg-k1000|background checkpoints (--checkpoint background)" \
+    "light-full|baseline: 1 in flight" \
+    "var-ckptbg-light|1 in flight, background checkpoints" \
+    "var-tcp1-k1000|TCP, both nodes on one loop" \
+    "var-tcp2-k1000|TCP, participant on a second thread (--threads 2)"; do
+    name=${x%%|*} label=${x#*|} l=$(line_of "${x%%|*}")
+    [ -n "$l" ] || continue
+    echo "| \`$name\` | $label | $(kv steps_per_s "$l") | $(kv ceiling_steps_per_s "$l") | $(kv ratio "$l") | $(kv p50_ms "$l") | $(kv p99_ms "$l") | $(kv p999_ms "$l") |"
+  done
+} >"$gen/variants"
+
 # Targets of issue 5 against this run.
 best=$(awk -F, '$1 == "full" && $2 == "mem" { if ($5 + 0 > b + 0) { b = $5; l = $0 } } END { print l }' "$out/matrix.csv")
 IFS=, read -r _ _ bk bs bsps _ bratio _ _ _ <<<"$best"
@@ -303,7 +332,7 @@ if [ ! -f "$doc" ]; then
   echo "matrix: $doc is missing (it holds the markers the tables go between)" >&2
   exit 1
 fi
-for name in machine targets matrix recovery history; do
+for name in machine targets matrix recovery history variants; do
   awk -v name="$name" -v file="$gen/$name" '
     $0 == "<!-- " name ":begin -->" { print; while ((getline l < file) > 0) print l; skip = 1; next }
     $0 == "<!-- " name ":end -->" { skip = 0 }
