@@ -101,6 +101,16 @@ static int mp_wait_terminal(const char *orch_db, mp_proc *orch, int want, int ti
   }
 }
 
+/* Waits until `want` sagas are terminal before a kill and says what is killed. A kill after
+ * every saga finished would test nothing: *late records it, for the test to fail on. */
+__attribute__((unused)) static int mp_kill_point(const char *orch_db, mp_proc *orch, int want,
+                                                 const char *what, int *late) {
+  int n = mp_wait_terminal(orch_db, orch, want, 300000);
+  printf("kill -9 %s at %d terminal sagas\n", what, n);
+  *late |= n >= MP_SAGAS;
+  return n;
+}
+
 /* Effects of one saga step across the participant databases. */
 static int mp_fx(sqlite3 **parts, int nparts, const char *id, int step, const char *kind) {
   int total = 0;
@@ -237,20 +247,18 @@ __attribute__((unused)) static void mp_run_broker(const char *kind) {
   mp_spawn(&r2);
   mp_spawn(&orch);
 
-  int n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 4, 300000), late = 0;
-  printf("kill -9 %s at %d terminal sagas, restart it\n", prog, n);
-  late |= n >= MP_SAGAS; /* every kill must land while sagas are in flight */
+  int late = 0, n = 0;
+  char what[64];
+  snprintf(what, sizeof what, "%s (restarted)", prog);
+  mp_kill_point(orch_db, &orch, MP_SAGAS / 4, what, &late);
   th_server_kill9(&srv);
   int restarted = th_server_restart(&srv) == 0;
   if (restarted) {
-    n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 2, 300000);
-    printf("kill -9 the orchestrator at %d terminal sagas, restart it\n", n);
-    late |= n >= MP_SAGAS;
+    mp_kill_point(orch_db, &orch, MP_SAGAS / 2, "the orchestrator (restarted)", &late);
     mp_kill9(&orch);
     mp_spawn(&orch);
-    n = mp_wait_terminal(orch_db, &orch, 3 * MP_SAGAS / 4, 300000);
-    printf("kill -9 participant replica 2 of 2 at %d terminal sagas, for good\n", n);
-    late |= n >= MP_SAGAS;
+    mp_kill_point(orch_db, &orch, 3 * MP_SAGAS / 4, "participant replica 2 of 2 (for good)",
+                  &late);
     mp_kill9(&r2);
     n = mp_wait_terminal(orch_db, &orch, MP_SAGAS, 600000);
   } else {

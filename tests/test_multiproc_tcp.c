@@ -50,22 +50,17 @@ static void test_multiproc_tcp(void **state) {
   mp_spawn(&p2);
   mp_spawn(&orch);
 
-  int n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 4, 300000), late = 0;
-  printf("kill -9 the ord/pay peer at %d terminal sagas, restart it\n", n);
-  late |= n >= MP_SAGAS; /* every kill must land while sagas are in flight */
+  int late = 0;
+  mp_kill_point(orch_db, &orch, MP_SAGAS / 4, "the ord/pay peer (restarted)", &late);
   mp_kill9(&p2);
   mp_spawn(&p2);
-  n = mp_wait_terminal(orch_db, &orch, MP_SAGAS / 2, 300000);
-  printf("kill -9 the orchestrator at %d terminal sagas, restart it\n", n);
-  late |= n >= MP_SAGAS;
+  mp_kill_point(orch_db, &orch, MP_SAGAS / 2, "the orchestrator (restarted)", &late);
   mp_kill9(&orch);
   mp_spawn(&orch);
-  n = mp_wait_terminal(orch_db, &orch, 3 * MP_SAGAS / 4, 300000);
-  printf("kill -9 the inv peer at %d terminal sagas, restart it\n", n);
-  late |= n >= MP_SAGAS;
+  mp_kill_point(orch_db, &orch, 3 * MP_SAGAS / 4, "the inv peer (restarted)", &late);
   mp_kill9(&p1);
   mp_spawn(&p1);
-  n = mp_wait_terminal(orch_db, &orch, MP_SAGAS, 600000);
+  int n = mp_wait_terminal(orch_db, &orch, MP_SAGAS, 600000);
   mp_proc *all[] = {&orch, &p1, &p2};
   if (n < MP_SAGAS) mp_dump_logs(all, 3);
   assert_int_equal(n, MP_SAGAS);
