@@ -6,6 +6,7 @@
  *              [--transport mem|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
  *              [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]
+ *              [--checkpoint-pages N]
  *
  * Throughput run (the default): an orchestrator node and a participant node (each its own
  * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
@@ -76,6 +77,7 @@ typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
   int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background, threads;
+  uint32_t ckpt_pages;
   /* --threads 2: the participant node on a loop of its own, in its own thread. */
   uv_loop_t part_loop;
   uv_thread_t part_tid;
@@ -317,6 +319,7 @@ static saga_node *open_node_on(bench *b, uv_loop_t *loop, const char *name, saga
   cfg.transport = t;
   cfg.synchronous = (saga_sync)b->sync;
   cfg.checkpoint = b->ckpt_background ? SAGA_CHECKPOINT_BACKGROUND : SAGA_CHECKPOINT_INLINE;
+  if (b->ckpt_pages) cfg.checkpoint_pages = b->ckpt_pages;
   cfg.on_event = strcmp(name, "orch") == 0 ? on_event : NULL;
   cfg.event_arg = b;
   if (getenv("SAGA_BENCH_LOG") != NULL) {
@@ -826,7 +829,8 @@ static void usage(void) {
           "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
           "                  [--transport mem|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
           "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
-          "                  [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]\n");
+          "                  [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]\n"
+          "                  [--checkpoint-pages N]\n");
 }
 
 int main(int argc, char **argv) {
@@ -844,7 +848,8 @@ int main(int argc, char **argv) {
       {"json", 1, 0, 'j'},      {"dir", 1, 0, 'd'},      {"nats-url", 1, 0, 'u'},
       {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
       {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'},
-      {"checkpoint", 1, 0, 'C'}, {"threads", 1, 0, 'T'}, {0, 0, 0, 0}};
+      {"checkpoint", 1, 0, 'C'}, {"threads", 1, 0, 'T'},
+      {"checkpoint-pages", 1, 0, 'K'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
@@ -873,6 +878,7 @@ int main(int argc, char **argv) {
     case 'R': b.resend_ms = (uint32_t)atol(optarg); break;
     case 'M': b.no_memstatus = 1; break;
     case 'T': b.threads = atoi(optarg); break;
+    case 'K': b.ckpt_pages = (uint32_t)atol(optarg); break;
     case 'C':
       if (strcmp(optarg, "inline") == 0) b.ckpt_background = 0;
       else if (strcmp(optarg, "background") == 0) b.ckpt_background = 1;
