@@ -40,6 +40,7 @@
  * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <netinet/in.h>
@@ -824,6 +825,30 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2);
 }
 
+/* Parses a whole decimal number in [lo, hi] or exits with a message naming the option. */
+static long opt_long(const char *opt, const char *arg, long lo, long hi) {
+  char *end = NULL;
+  errno = 0;
+  long v = strtol(arg, &end, 10);
+  if (errno != 0 || end == arg || *end != '\0' || v < lo || v > hi) {
+    fprintf(stderr, "saga_bench: --%s wants a whole number in %ld..%ld, not '%s'\n", opt, lo, hi,
+            arg);
+    exit(2);
+  }
+  return v;
+}
+
+static double opt_ratio(const char *opt, const char *arg) {
+  char *end = NULL;
+  errno = 0;
+  double v = strtod(arg, &end);
+  if (errno != 0 || end == arg || *end != '\0' || !(v >= 0.0 && v <= 1.0)) {
+    fprintf(stderr, "saga_bench: --%s wants a number in 0..1, not '%s'\n", opt, arg);
+    exit(2);
+  }
+  return v;
+}
+
 static void usage(void) {
   fprintf(stderr,
           "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
@@ -853,9 +878,9 @@ int main(int argc, char **argv) {
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
-    case 'n': b.sagas = atoi(optarg); break;
-    case 's': b.steps = atoi(optarg); break;
-    case 'k': b.inflight = atoi(optarg); break;
+    case 'n': b.sagas = (int)opt_long("sagas", optarg, 1, 100000000); break;
+    case 's': b.steps = (int)opt_long("steps", optarg, 1, 32); break;
+    case 'k': b.inflight = (int)opt_long("inflight", optarg, 1, 10000000); break;
     case 'y':
       if (strcmp(optarg, "off") == 0) b.sync = SAGA_SYNC_OFF;
       else if (strcmp(optarg, "normal") == 0) b.sync = SAGA_SYNC_NORMAL;
@@ -868,17 +893,17 @@ int main(int argc, char **argv) {
       else if (strcmp(optarg, "nats") == 0) b.transport = T_NATS;
       else return usage(), 2;
       break;
-    case 'f': b.fail = atof(optarg); break;
+    case 'f': b.fail = opt_ratio("fail", optarg); break;
     case 'j': json = optarg; break;
     case 'd': dir = optarg; break;
     case 'u': b.nats_url = optarg; break;
-    case 'p': b.preload = atol(optarg); break;
-    case 'r': b.recovery = atoi(optarg); break;
+    case 'p': b.preload = opt_long("preload", optarg, 0, 1000000000); break;
+    case 'r': b.recovery = (int)opt_long("recovery", optarg, 1, 100000000); break;
     case 'P': b.paused = 1; break;
-    case 'R': b.resend_ms = (uint32_t)atol(optarg); break;
+    case 'R': b.resend_ms = (uint32_t)opt_long("resend-ms", optarg, 1, 86400000); break;
     case 'M': b.no_memstatus = 1; break;
-    case 'T': b.threads = atoi(optarg); break;
-    case 'K': b.ckpt_pages = (uint32_t)atol(optarg); break;
+    case 'T': b.threads = (int)opt_long("threads", optarg, 1, 2); break;
+    case 'K': b.ckpt_pages = (uint32_t)opt_long("checkpoint-pages", optarg, 1, 100000000); break;
     case 'C':
       if (strcmp(optarg, "inline") == 0) b.ckpt_background = 0;
       else if (strcmp(optarg, "background") == 0) b.ckpt_background = 1;
