@@ -14,6 +14,7 @@
 #include "saga/envelope.h"
 #include "saga/transport.h"
 #include "saga/transport_mem.h"
+#include "saga/transport_inproc.h"
 #include "saga/node.h"
 
 #endif /* SAGA_H */

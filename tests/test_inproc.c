@@ -1,0 +1,220 @@
+/* The in-process transport across threads: it passes the conformance kit (one loop), and
+ * carries real sagas between an orchestrator and a participant on two loops in two threads,
+ * each step's effect exactly once. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "harness.h"
+#include "saga/conformance.h"
+
+static int ip_create(void *ctx, const char *node, saga_transport **out) {
+  return saga_inproc_transport_new(out, (saga_inproc_hub *)ctx);
+}
+
+static void test_inproc_conformance(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  saga_inproc_hub *hub = NULL;
+  assert_int_equal(saga_inproc_hub_new(&hub, NULL), SAGA_OK);
+  char *dir = th_tmpdir();
+  saga_conformance_medium m;
+  memset(&m, 0, sizeof m);
+  m.create = ip_create;
+  m.ctx = hub;
+  m.ordered = 1;
+  m.db_dir = dir;
+  char report[4096];
+  int failed = saga_conformance_run(&loop, &m, report, sizeof report);
+  printf("%s", report);
+  assert_int_equal(failed, 0);
+  assert_non_null(strstr(report, "PASS sagas"));
+  th_drain(&loop);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  th_rmdir(dir);
+}
+
+/* ---- two threads -------------------------------------------------------------------------- */
+
+#define NSAGAS 2000
+#define NSTEPS 3
+
+typedef struct world2 {
+  saga_inproc_hub *hub;
+  char *dir;
+  /* participant thread */
+  uv_loop_t ploop;
+  uv_thread_t ptid;
+  uv_sem_t sem;
+  saga_node *part;
+  /* orchestrator (main thread) */
+  uv_loop_t oloop;
+  saga_node *orch;
+  int terminal, completed, compensated, started;
+} world2;
+
+static int fx_do(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  char sql[160];
+  snprintf(sql, sizeof sql, "INSERT INTO fx VALUES ('%s', %u, 'do')", saga_msg_saga_id(m),
+           saga_msg_step(m));
+  if (sqlite3_exec(saga_tx_db(tx), sql, NULL, NULL, NULL) != SQLITE_OK) return SAGA_EIO;
+  int64_t fail = -1;
+  saga_data_get_i64(saga_msg_data(m), "fail", &fail);
+  if (fail == (int64_t)saga_msg_step(m)) return saga_reply_fail(r, "planned refusal");
+  return SAGA_OK;
+}
+
+static int fx_undo(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  char sql[160];
+  snprintf(sql, sizeof sql, "INSERT INTO fx VALUES ('%s', %u, 'undo')", saga_msg_saga_id(m),
+           saga_msg_step(m));
+  return sqlite3_exec(saga_tx_db(tx), sql, NULL, NULL, NULL) == SQLITE_OK ? SAGA_OK : SAGA_EIO;
+}
+
+static saga_node *open2(world2 *w, uv_loop_t *loop, const char *name) {
+  saga_transport *t = NULL;
+  assert_int_equal(saga_inproc_transport_new(&t, w->hub), SAGA_OK);
+  char *path = th_path(w->dir, name);
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = name;
+  cfg.db_path = path;
+  cfg.transport = t;
+  cfg.synchronous = SAGA_SYNC_NORMAL;
+  saga_node *n = NULL;
+  char err[256];
+  int rc = saga_node_open(&n, loop, &cfg, err, sizeof err);
+  if (rc != SAGA_OK) printf("open %s: %s\n", name, err);
+  assert_int_equal(rc, SAGA_OK);
+  free(path);
+  return n;
+}
+
+static void part_main(void *arg) {
+  world2 *w = arg;
+  uv_loop_init(&w->ploop);
+  w->part = open2(w, &w->ploop, "part");
+  sqlite3_exec(saga_node_db(w->part), "CREATE TABLE fx(saga_id TEXT, step INT, kind TEXT)",
+               NULL, NULL, NULL);
+  assert_int_equal(saga_node_handle(w->part, "svc", "do", fx_do, NULL), SAGA_OK);
+  assert_int_equal(saga_node_handle(w->part, "svc", "undo", fx_undo, NULL), SAGA_OK);
+  assert_true(saga_node_start(w->part) >= 0);
+  uv_sem_post(&w->sem);
+  uv_run(&w->ploop, UV_RUN_DEFAULT); /* until the node is closed */
+  th_drain(&w->ploop);
+  uv_loop_close(&w->ploop);
+}
+
+static void on_event2(saga_node *n, const saga_event *ev, void *arg) {
+  world2 *w = arg;
+  if (ev->type == SAGA_EV_COMPLETED) w->completed++;
+  if (ev->type == SAGA_EV_SAGA_COMPENSATED) w->compensated++;
+  if (ev->type == SAGA_EV_COMPLETED || ev->type == SAGA_EV_SAGA_COMPENSATED ||
+      ev->type == SAGA_EV_SAGA_FAILED)
+    w->terminal++;
+}
+
+static int all_done(void *arg) { return ((world2 *)arg)->terminal >= NSAGAS; }
+
+static void close_part(saga_node *n, void *arg) {
+  if (n != NULL) saga_node_close(n, NULL, NULL);
+}
+
+static void test_two_threads(void **state) {
+  world2 w;
+  memset(&w, 0, sizeof w);
+  assert_int_equal(saga_inproc_hub_new(&w.hub, NULL), SAGA_OK);
+  w.dir = th_tmpdir();
+  assert_int_equal(uv_sem_init(&w.sem, 0), 0);
+  assert_int_equal(uv_thread_create(&w.ptid, part_main, &w), 0);
+  uv_sem_wait(&w.sem);
+
+  uv_loop_init(&w.oloop);
+  saga_transport *t = NULL;
+  assert_int_equal(saga_inproc_transport_new(&t, w.hub), SAGA_OK);
+  char *path = th_path(w.dir, "orch");
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = "orch";
+  cfg.db_path = path;
+  cfg.transport = t;
+  cfg.synchronous = SAGA_SYNC_NORMAL;
+  cfg.on_event = on_event2;
+  cfg.event_arg = &w;
+  char err[256];
+  assert_int_equal(saga_node_open(&w.orch, &w.oloop, &cfg, err, sizeof err), SAGA_OK);
+  free(path);
+  saga_step steps[NSTEPS];
+  memset(steps, 0, sizeof steps);
+  for (int i = 0; i < NSTEPS; i++) {
+    steps[i].name = "S";
+    steps[i].channel = "svc";
+    steps[i].action = "do";
+    steps[i].compensation = "undo";
+  }
+  saga_definition def = {SAGA_DEFINITION_VERSION, "two", 1, steps, NSTEPS, 0};
+  assert_int_equal(saga_node_register(w.orch, &def), SAGA_OK);
+  assert_true(saga_node_start(w.orch) >= 0);
+  for (int i = 0; i < NSAGAS; i++) {
+    saga_data *d = NULL;
+    saga_data_new(&d, NULL);
+    if (i % 4 == 0) saga_data_set_i64(d, "fail", i % 3); /* refused at step 0, 1 or 2 */
+    assert_int_equal(saga_start(w.orch, "two", d, NULL, NULL, NULL), SAGA_OK);
+    saga_data_free(d);
+  }
+  assert_int_equal(th_run_real(&w.oloop, all_done, &w, 120000), 0);
+  printf("%d completed, %d compensated\n", w.completed, w.compensated);
+  assert_int_equal(w.completed, NSAGAS - NSAGAS / 4);
+  assert_int_equal(w.compensated, NSAGAS / 4);
+
+  /* Every effect exactly once: each completed saga did each step once and undid none; a
+   * saga refused at step k did steps 0..k (k refused, rolled back) and undid 0..k-1. */
+  assert_int_equal(saga_node_post(w.part, close_part, NULL), SAGA_OK);
+  uv_thread_join(&w.ptid);
+  saga_node_close(w.orch, NULL, NULL);
+  th_drain(&w.oloop);
+  assert_int_equal(uv_loop_close(&w.oloop), 0);
+  assert_int_equal(saga_inproc_hub_free(w.hub), SAGA_OK);
+
+  sqlite3 *db = NULL;
+  char *ppath = th_path(w.dir, "part");
+  assert_int_equal(sqlite3_open(ppath, &db), SQLITE_OK);
+  free(ppath);
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db,
+                                      "SELECT count(*), count(DISTINCT saga_id || '/' || step"
+                                      " || kind) FROM fx WHERE kind = ?1",
+                                      -1, &st, NULL),
+                   SQLITE_OK);
+  int expect_do = (NSAGAS - NSAGAS / 4) * NSTEPS, expect_undo = 0;
+  for (int i = 0; i < NSAGAS; i += 4) { /* refused at step i % 3: the steps below it */
+    expect_do += i % 3;
+    expect_undo += i % 3;
+  }
+  const char *kinds[] = {"do", "undo"};
+  int expect[] = {expect_do, expect_undo};
+  for (int k = 0; k < 2; k++) {
+    sqlite3_bind_text(st, 1, kinds[k], -1, SQLITE_STATIC);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    int total = sqlite3_column_int(st, 0), distinct = sqlite3_column_int(st, 1);
+    printf("%s: %d rows, %d distinct, want %d\n", kinds[k], total, distinct, expect[k]);
+    assert_int_equal(total, distinct); /* never twice */
+    assert_int_equal(total, expect[k]);
+    sqlite3_reset(st);
+  }
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  th_rmdir(w.dir);
+  uv_sem_destroy(&w.sem);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_inproc_conformance),
+      cmocka_unit_test(test_two_threads),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
