@@ -3,7 +3,7 @@
  * in the same run; recovery of in-flight sagas; memory per in-flight saga; history scaling.
  *
  *   saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]
- *              [--transport mem|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
+ *              [--transport mem|inproc|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
  *              [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]
  *              [--checkpoint-pages N]
@@ -34,8 +34,9 @@
  * --checkpoint background makes both nodes checkpoint their WAL in a worker thread instead of
  * inside commits (SQLite's own auto-checkpoint, the default; see saga_checkpoint_mode).
  *
- * --threads 2 (tcp or nats only) runs the participant node on a loop of its own in a second
- * thread, as a process using both cores would; by default both nodes share one loop.
+ * --transport inproc is the in-process transport across threads (saga_inproc_hub); with
+ * --threads 2 (inproc, tcp or nats) the participant node runs on a loop of its own in a
+ * second thread, as a process using both cores would; by default both nodes share one loop.
  *
  * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
@@ -66,8 +67,8 @@
 #include "saga/transport_nats.h"
 #endif
 
-enum { T_MEM, T_TCP, T_NATS };
-static const char *const transport_names[] = {"mem", "tcp", "nats"};
+enum { T_MEM, T_TCP, T_NATS, T_INPROC };
+static const char *const transport_names[] = {"mem", "tcp", "nats", "inproc"};
 
 /* Saga id -> start time, open addressing keyed by a 64-bit hash of the id. */
 typedef struct slot {
@@ -92,6 +93,7 @@ typedef struct bench {
   uint64_t rng;
   char dir[512];
   saga_mem_hub *hub;
+  saga_inproc_hub *ihub; /* --transport inproc: created before any thread, freed last */
   int closed;
   int port_orch, port_part;
   /* NATS */
@@ -295,6 +297,8 @@ static saga_transport *make_transport(bench *b, int orch) {
     c.prefix = b->nats_prefix;
     rc = saga_nats_transport_new(&t, &c);
 #endif
+  } else if (b->transport == T_INPROC) {
+    rc = saga_inproc_transport_new(&t, b->ihub);
   } else {
     if (b->hub == NULL && saga_mem_hub_new(&b->hub, b->loop, NULL, NULL, NULL) != SAGA_OK)
       die("saga_mem_hub_new", NULL);
@@ -852,7 +856,7 @@ static double opt_ratio(const char *opt, const char *arg) {
 static void usage(void) {
   fprintf(stderr,
           "usage: saga_bench [--sagas N] [--steps S] [--inflight K] [--sync full|normal|off]\n"
-          "                  [--transport mem|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
+          "                  [--transport mem|inproc|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
           "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
           "                  [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]\n"
           "                  [--checkpoint-pages N]\n");
@@ -891,6 +895,7 @@ int main(int argc, char **argv) {
       if (strcmp(optarg, "mem") == 0) b.transport = T_MEM;
       else if (strcmp(optarg, "tcp") == 0) b.transport = T_TCP;
       else if (strcmp(optarg, "nats") == 0) b.transport = T_NATS;
+      else if (strcmp(optarg, "inproc") == 0) b.transport = T_INPROC;
       else return usage(), 2;
       break;
     case 'f': b.fail = opt_ratio("fail", optarg); break;
@@ -921,8 +926,8 @@ int main(int argc, char **argv) {
   }
   if (b.threads < 0 || b.threads > 2) return usage(), 2;
   if (b.threads == 2 && (b.transport == T_MEM || b.preload > 0 || b.recovery > 0 || b.paused)) {
-    fprintf(stderr, "saga_bench: --threads 2 needs --transport tcp or nats (the in-memory hub "
-                    "serves one loop) and a plain throughput run\n");
+    fprintf(stderr, "saga_bench: --threads 2 needs --transport inproc, tcp or nats (the mem "
+                    "hub serves one loop) and a plain throughput run\n");
     return 2;
   }
   if (b.paused && b.recovery == 0) b.recovery = b.inflight;
@@ -930,6 +935,8 @@ int main(int argc, char **argv) {
   if (b.sagas < 1 || b.steps < 1 || b.steps > 32 || b.inflight < 1 || b.preload < 0 ||
       b.recovery < 0)
     return usage(), 2;
+  if (b.transport == T_INPROC && saga_inproc_hub_new(&b.ihub, NULL) != SAGA_OK)
+    die("saga_inproc_hub_new", NULL);
   if (b.transport == T_NATS) {
 #ifndef SAGA_BENCH_NATS
     fprintf(stderr, "saga_bench: built without the NATS transport (libnats not found)\n");
@@ -974,6 +981,7 @@ int main(int argc, char **argv) {
   close_nodes(&b, b.orch, b.part);
   if (b.hub != NULL) saga_mem_hub_close(b.hub);
   uv_run(b.loop, UV_RUN_DEFAULT);
+  if (b.ihub != NULL && saga_inproc_hub_free(b.ihub) != SAGA_OK) die("inproc hub busy", NULL);
   uv_loop_close(b.loop);
   free(b.map);
   free(b.lat_ms);
