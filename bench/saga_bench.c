@@ -38,6 +38,10 @@
  * --threads 2 (inproc, tcp or nats) the participant node runs on a loop of its own in a
  * second thread, as a process using both cores would; by default both nodes share one loop.
  *
+ * With --inflight 1 the run also reports the latency floor: the ceiling's commits summed in
+ * groups of the engine's commits per saga (floor_p50_ms, floor_p99_ms), i.e. what plain
+ * SQLite needs for the same sequence of durable commits one after the other.
+ *
  * The last line is a key=value summary (and --json FILE writes the same keys as JSON).
  */
 #include <arpa/inet.h>
@@ -474,6 +478,9 @@ static int64_t rss_bytes(void) {
 
 /* The raw ceiling: the same number of commits, each with the same number of row writes of a
  * similar size, on plain SQLite with the same durability. Returns seconds. */
+/* Durations of the ceiling's commits, in ms (for the sequential-latency floor). */
+static double *ceil_commit_ms;
+
 static double ceiling(const char *dir, int sync, uint64_t commits, uint64_t rows) {
   char path[600];
   snprintf(path, sizeof path, "%s/ceiling.db", dir);
@@ -490,8 +497,11 @@ static double ceiling(const char *dir, int sync, uint64_t commits, uint64_t rows
   sqlite3_prepare_v2(db, "COMMIT", -1, &commit, NULL);
   static char blob[200];
   uint64_t per = commits ? (rows + commits - 1) / commits : 0, done = 0;
+  free(ceil_commit_ms);
+  ceil_commit_ms = commits ? calloc(commits, sizeof *ceil_commit_ms) : NULL;
   uint64_t t0 = uv_hrtime();
   for (uint64_t c = 0; c < commits; c++) {
+    uint64_t c0 = uv_hrtime();
     sqlite3_step(begin);
     sqlite3_reset(begin);
     for (uint64_t r = 0; r < per && done < rows; r++, done++) {
@@ -502,6 +512,7 @@ static double ceiling(const char *dir, int sync, uint64_t commits, uint64_t rows
     }
     sqlite3_step(commit);
     sqlite3_reset(commit);
+    if (ceil_commit_ms != NULL) ceil_commit_ms[c] = (double)(uv_hrtime() - c0) / 1e6;
   }
   double secs = (double)(uv_hrtime() - t0) / 1e9;
   sqlite3_finalize(ins);
@@ -805,6 +816,23 @@ static void run_throughput(bench *b, char *summary, size_t len) {
   double p50 = pct(b->lat_ms, b->nlat, 0.50), p99 = pct(b->lat_ms, b->nlat, 0.99),
          p999 = pct(b->lat_ms, b->nlat, 0.999);
   const char *tn = transport_names[b->transport];
+  /* With one saga in flight its commits run one after the other: the ceiling's commits,
+   * summed in groups of commits-per-saga, are the latency plain SQLite needs for the same
+   * sequence of durable commits, a floor for the engine's (-1 when not measured). */
+  double floor_p50 = -1, floor_p99 = -1;
+  uint64_t per_saga = b->sagas ? (commits + (uint64_t)b->sagas / 2) / (uint64_t)b->sagas : 0;
+  if (b->inflight == 1 && per_saga > 0 && ceil_commit_ms != NULL && commits / per_saga > 0) {
+    size_t groups = (size_t)(commits / per_saga);
+    double *sum = calloc(groups, sizeof *sum);
+    if (sum != NULL) {
+      for (size_t g = 0; g < groups; g++)
+        for (uint64_t k = 0; k < per_saga; k++) sum[g] += ceil_commit_ms[g * per_saga + k];
+      qsort(sum, groups, sizeof *sum, cmp_double);
+      floor_p50 = pct(sum, groups, 0.50);
+      floor_p99 = pct(sum, groups, 0.99);
+      free(sum);
+    }
+  }
 
   printf("sagas %d (completed %d, compensated %d, failed %d), %d steps each, %d in flight, "
          "sync=%s, transport=%s, %ld completed sagas preloaded\n",
@@ -814,6 +842,10 @@ static void run_throughput(bench *b, char *summary, size_t len) {
          b->sagas / secs, sps, (unsigned long long)commits, (unsigned long long)rows);
   printf("ceiling: %.0f steps/s (same commits and row writes on plain SQLite)\n", ceil_sps);
   printf("latency: p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms\n", p50, p99, p999);
+  if (floor_p99 >= 0)
+    printf("floor:   p50 %.3f ms, p99 %.3f ms for the same %llu sequential commits per saga on "
+           "plain SQLite\n",
+           floor_p50, floor_p99, (unsigned long long)per_saga);
   printf("memory:  peak RSS %ld KiB; database %.0f bytes per saga\n", ru.ru_maxrss,
          (double)bytes / b->sagas);
   snprintf(summary, len,
@@ -821,12 +853,13 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            "ceiling_steps_per_s=%.0f ratio=%.3f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
            "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d "
-           "checkpoints=%llu checkpoints_inline=%llu threads=%d",
+           "checkpoints=%llu checkpoints_inline=%llu threads=%d floor_p50_ms=%.3f "
+           "floor_p99_ms=%.3f",
            b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
            ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
            b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
            (unsigned long long)rows, !b->no_memstatus, (unsigned long long)ckpt_bg,
-           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2);
+           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2, floor_p50, floor_p99);
 }
 
 /* Parses a whole decimal number in [lo, hi] or exits with a message naming the option. */
@@ -985,6 +1018,7 @@ int main(int argc, char **argv) {
   uv_loop_close(b.loop);
   free(b.map);
   free(b.lat_ms);
+  free(ceil_commit_ms);
   stop_nats();
   printf("%s\n", summary);
   int ok = b.completed + b.compensated == b.sagas && b.failed == 0;
