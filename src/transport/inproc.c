@@ -242,6 +242,17 @@ static void async_cb(uv_async_t *h) {
 
 /* ---- the adapter methods ------------------------------------------------------------------ */
 
+/* Under the mutex: the channel an open transport may use, or NULL with *rc set. */
+static ip_chan *usable_chan(ip_tp *tp, const char *channel, int *rc) {
+  if (tp->state != TP_OPEN) {
+    *rc = tp->state == TP_CLOSED ? SAGA_ECLOSED : SAGA_ESTATE;
+    return NULL;
+  }
+  ip_chan *c = chan_get(tp->hub, channel);
+  *rc = c != NULL ? SAGA_OK : SAGA_ENOMEM;
+  return c;
+}
+
 static int tp_open(saga_transport *t, uv_loop_t *loop) {
   ip_tp *tp = (ip_tp *)t;
   if (tp->state != TP_NEW) return SAGA_ESTATE;
@@ -257,14 +268,10 @@ static int tp_subscribe(saga_transport *t, const char *channel) {
   ip_tp *tp = (ip_tp *)t;
   saga_inproc_hub *hub = tp->hub;
   if (channel == NULL) return SAGA_EINVAL;
-  int rc = SAGA_OK;
+  int rc;
   uv_mutex_lock(&hub->mu);
-  ip_chan *c = tp->state == TP_OPEN ? chan_get(hub, channel) : NULL;
-  if (tp->state != TP_OPEN) {
-    rc = tp->state == TP_CLOSED ? SAGA_ECLOSED : SAGA_ESTATE;
-  } else if (c == NULL) {
-    rc = SAGA_ENOMEM;
-  } else {
+  ip_chan *c = usable_chan(tp, channel, &rc);
+  if (c != NULL) {
     size_t i = 0;
     while (i < c->nsubs && c->subs[i] != tp) i++;
     if (i == c->nsubs) {
@@ -305,14 +312,10 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   m->token = token;
   m->len = len;
   if (len > 0) memcpy(m->data, data, len);
-  int rc = SAGA_OK;
+  int rc;
   uv_mutex_lock(&hub->mu);
-  ip_chan *c = tp->state == TP_OPEN ? chan_get(hub, channel) : NULL;
-  if (tp->state != TP_OPEN) {
-    rc = tp->state == TP_CLOSED ? SAGA_ECLOSED : SAGA_ESTATE;
-  } else if (c == NULL) {
-    rc = SAGA_ENOMEM;
-  } else {
+  ip_chan *c = usable_chan(tp, channel, &rc);
+  if (c != NULL) {
     m->chan = c;
     route(hub, c, m);
   }
