@@ -8,6 +8,7 @@
 #include <sqlite3.h>
 
 #include "harness.h"
+#include "internal.h" /* saga__transport_host */
 #include "saga/conformance.h"
 
 static int ip_create(void *ctx, const char *node, saga_transport **out) {
@@ -35,6 +36,47 @@ static void test_inproc_conformance(void **state) {
   assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
   assert_int_equal(uv_loop_close(&loop), 0);
   th_rmdir(dir);
+}
+
+/* Bad arguments and misuse are refused with a code; nothing is lost or leaked. */
+static int closed_count;
+static void count_closed(void *ctx) { closed_count++; }
+
+static void test_inproc_bad_input(void **state) {
+  saga_inproc_hub *hub = NULL;
+  saga_transport *t = NULL;
+  assert_int_equal(saga_inproc_hub_new(NULL, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_inproc_transport_new(&t, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_inproc_hub_free(NULL), SAGA_OK);
+  assert_int_equal(saga_inproc_hub_new(&hub, NULL), SAGA_OK);
+  assert_int_equal(saga_inproc_transport_new(NULL, hub), SAGA_EINVAL);
+  assert_int_equal(saga_inproc_transport_new(&t, hub), SAGA_OK);
+  /* Not opened yet: refused; the hub cannot be freed under a transport. */
+  assert_int_equal(t->methods->subscribe(t, "ch"), SAGA_ESTATE);
+  assert_int_equal(t->methods->send(t, "ch", "x", 1, 1), SAGA_ESTATE);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_EBUSY);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  saga__transport_host host = {.closed = count_closed};
+  t->saga__host = &host;
+  assert_int_equal(t->methods->open(t, &loop), SAGA_OK);
+  assert_int_equal(t->methods->open(t, &loop), SAGA_ESTATE);
+  assert_int_equal(t->methods->subscribe(t, NULL), SAGA_EINVAL);
+  assert_int_equal(t->methods->send(t, NULL, "x", 1, 1), SAGA_EINVAL);
+  assert_int_equal(t->methods->send(t, "ch", NULL, 5, 1), SAGA_EINVAL);
+  /* A message for a channel nobody consumes waits in the hub (freed with it). */
+  assert_int_equal(t->methods->send(t, "nobody", "waiting", 7, 2), SAGA_OK);
+  t->methods->ack(t, 12345); /* an unknown tag is ignored */
+  t->methods->close(t);
+  th_drain(&loop);
+  assert_int_equal(closed_count, 1);
+  t->methods->close(t); /* twice: nothing more */
+  assert_int_equal(closed_count, 1);
+  assert_int_equal(t->methods->send(t, "ch", "x", 1, 3), SAGA_ECLOSED);
+  assert_int_equal(t->methods->subscribe(t, "ch"), SAGA_ECLOSED);
+  t->methods->destroy(t);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
 }
 
 /* ---- two threads -------------------------------------------------------------------------- */
@@ -214,6 +256,7 @@ static void test_two_threads(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_inproc_conformance),
+      cmocka_unit_test(test_inproc_bad_input),
       cmocka_unit_test(test_two_threads),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
