@@ -45,9 +45,10 @@ static void rx_log(void *ctx, saga_log_level l, const char *msg) {
   snprintf(r->log + used, sizeof r->log - used, "%s\n", msg);
 }
 
-static void rx_open(rx *r, uv_loop_t *loop, const char *listen, const char *route_addr,
-                    size_t max_queued) {
-  memset(r, 0, sizeof *r);
+/* A TCP transport listening on `listen`, routing channels "ch" and "other" to route_addr,
+ * reconnecting quickly (every 10 ms up to max_reconnect_ms). */
+static saga_transport *tcp_new(const char *listen, const char *route_addr, size_t max_queued,
+                               uint32_t max_reconnect_ms) {
   saga_tcp_route routes[] = {{"ch", route_addr}, {"other", route_addr}};
   saga_tcp_config cfg;
   saga_tcp_config_init(&cfg);
@@ -55,9 +56,17 @@ static void rx_open(rx *r, uv_loop_t *loop, const char *listen, const char *rout
   cfg.routes = routes;
   cfg.nroutes = 2;
   cfg.reconnect_min_ms = 10;
-  cfg.reconnect_max_ms = 100;
+  cfg.reconnect_max_ms = max_reconnect_ms;
   if (max_queued) cfg.max_queued_bytes = max_queued;
-  assert_int_equal(saga_tcp_transport_new(&r->t, &cfg), SAGA_OK);
+  saga_transport *t = NULL;
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_OK);
+  return t;
+}
+
+static void rx_open(rx *r, uv_loop_t *loop, const char *listen, const char *route_addr,
+                    size_t max_queued) {
+  memset(r, 0, sizeof *r);
+  r->t = tcp_new(listen, route_addr, max_queued, 100);
   r->host = (saga__transport_host){.deliver = rx_deliver, .sent = rx_sent, .closed = rx_closed,
                                    .log = rx_log, .ctx = r};
   r->t->saga__host = &r->host;
@@ -348,15 +357,7 @@ static void tt_open(tt_side *x) {
   char listen[32], peer[32];
   snprintf(listen, sizeof listen, "127.0.0.1:%d", x->port);
   snprintf(peer, sizeof peer, "127.0.0.1:%d", x->peer_port);
-  saga_tcp_route routes[] = {{"ch", peer}};
-  saga_tcp_config cfg;
-  saga_tcp_config_init(&cfg);
-  cfg.listen = listen;
-  cfg.routes = routes;
-  cfg.nroutes = 1;
-  cfg.reconnect_min_ms = 10;
-  cfg.reconnect_max_ms = 50;
-  assert_int_equal(saga_tcp_transport_new(&x->t, &cfg), SAGA_OK);
+  x->t = tcp_new(listen, peer, 0, 50);
   x->host = (saga__transport_host){.deliver = tt_deliver, .sent = tt_sent, .closed = tt_closed,
                                    .log = tt_log, .ctx = x};
   x->t->saga__host = &x->host;
