@@ -29,16 +29,33 @@
 extern "C" {
 #endif
 
-/** One route: messages for `channel` go to `address` ("host:port", IPv4 or [IPv6]). */
+/**
+ * One route: messages for `channel` go to `address` ("host:port", IPv4 or [IPv6]). With TLS,
+ * `identity` (optional) is the name the node at that address must prove: its certificate must
+ * carry it as a DNS subjectAltName (or, without any, as its CN). NULL accepts any certificate
+ * the CA signed; name it in production (docs/security.md).
+ */
 typedef struct saga_tcp_route {
   const char *channel;
   const char *address;
+  const char *identity;
 } saga_tcp_route;
 
-#define SAGA_TCP_CONFIG_VERSION 1
+/**
+ * One access-list entry: the peer proving `identity` may send messages to `channel` of this
+ * node. Commands and replies both arrive on channels a node subscribes to, so one list says
+ * who may send which commands and who may reply. "*" as identity means any peer the CA
+ * signed; "*" as channel means every channel this node serves.
+ */
+typedef struct saga_tcp_allow {
+  const char *identity;
+  const char *channel;
+} saga_tcp_allow;
+
+#define SAGA_TCP_CONFIG_VERSION 2
 
 typedef struct saga_tcp_config {
-  int struct_version;            /**< SAGA_TCP_CONFIG_VERSION */
+  int struct_version;            /**< SAGA_TCP_CONFIG_VERSION (version 1 is refused) */
   const char *listen;            /**< "host:port" to accept on; NULL = send only */
   const saga_tcp_route *routes;  /**< copied */
   size_t nroutes;
@@ -47,16 +64,64 @@ typedef struct saga_tcp_config {
   uint32_t reconnect_min_ms;     /**< first reconnect delay; default 50 */
   uint32_t reconnect_max_ms;     /**< cap; default 5000 */
   const saga_allocator *alloc;   /**< NULL = libc */
+
+  /* ---- security (version 2): docs/security.md ---- */
+  /** Mutual TLS 1.3: the CA file (PEM) that signs every peer, and this node's certificate
+   *  chain and private key (PEM). All three are required unless insecure_plaintext is set. */
+  const char *tls_ca_file;
+  const char *tls_cert_file;
+  const char *tls_key_file;
+  /** Who may send to which of this node's channels (copied). Required with TLS on a node
+   *  that listens: an empty list refuses every message. Ignored in plaintext. */
+  const saga_tcp_allow *allow;
+  size_t nallow;
+  /** 1 = no TLS, no peer identities, no access list: anyone who reaches the port can send
+   *  any command or reply. For loopback tests and demos only; the log says so at open. */
+  int insecure_plaintext;
+  uint32_t max_connections;         /**< inbound connections at once; default 256 */
+  uint32_t max_connections_per_ip;  /**< inbound from one source address; default 32 */
+  uint32_t handshake_timeout_ms;    /**< TLS handshake must finish within; default 5000 */
+  uint32_t idle_timeout_ms;         /**< inbound connection with no frame closed after;
+                                         default 300000 (5 min); a sender reconnects */
+  size_t max_reply_queue_bytes;     /**< ACK/NACK bytes waiting to be written on one inbound
+                                         connection; beyond, the peer is disconnected;
+                                         default 1 MiB */
 } saga_tcp_config;
+
+/** What a TCP transport refused or dropped since it was created (saga_tcp_stats()). */
+typedef struct saga_tcp_stats {
+  uint64_t connections_accepted;   /**< inbound connections taken */
+  uint64_t connections_refused;    /**< over max_connections or max_connections_per_ip */
+  uint64_t handshakes_failed;      /**< TLS handshake failed or timed out (either side) */
+  uint64_t frames_refused;         /**< DATA from a peer the access list does not allow
+                                        (the connection is then closed) */
+  uint64_t frames_malformed;       /**< frames that broke the wire format (connection closed) */
+  uint64_t acks_ignored;           /**< ACK/NACK naming a token not sent and unconfirmed on
+                                        that connection */
+  uint64_t idle_closed;            /**< inbound connections closed by idle_timeout_ms */
+  uint64_t slow_readers_dropped;   /**< inbound connections over max_reply_queue_bytes */
+} saga_tcp_stats;
 
 /** Fills cfg with the defaults. */
 SAGA_EXTERN void saga_tcp_config_init(saga_tcp_config *cfg);
 
 /**
- * Creates a TCP transport (not yet listening: the node opens it). Returns SAGA_OK,
- * SAGA_EINVAL (bad address or route, NULL cfg), SAGA_EVERSION, SAGA_ENOMEM.
+ * Creates a TCP transport (not yet listening: the node opens it). The TLS files are read
+ * here. Returns SAGA_OK, SAGA_EINVAL (bad address or route, NULL cfg, TLS files missing or
+ * unreadable, key not matching the certificate, neither TLS nor insecure_plaintext),
+ * SAGA_EVERSION, SAGA_ENOMEM. When errbuf is not NULL, a failure writes its reason there
+ * (NUL-terminated, at most errlen bytes).
  */
+SAGA_EXTERN int saga_tcp_transport_new2(saga_transport **out, const saga_tcp_config *cfg,
+                                        char *errbuf, size_t errlen);
+
+/** saga_tcp_transport_new2() without the reason. */
 SAGA_EXTERN int saga_tcp_transport_new(saga_transport **out, const saga_tcp_config *cfg);
+
+/** Copies t's counters (t must be a TCP transport). Returns SAGA_OK or SAGA_EINVAL. */
+SAGA_EXTERN int saga_tcp_stats_get(saga_transport *t, saga_tcp_stats *out);
+
+
 
 #ifdef __cplusplus
 }
