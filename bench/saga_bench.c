@@ -285,9 +285,10 @@ static saga_transport *make_transport(bench *b, int orch) {
     char self[32], other[32];
     snprintf(self, sizeof self, "127.0.0.1:%d", orch ? b->port_orch : b->port_part);
     snprintf(other, sizeof other, "127.0.0.1:%d", orch ? b->port_part : b->port_orch);
-    saga_tcp_route routes[] = {{"orch", orch ? self : other}, {"bench", orch ? other : self}};
+    saga_tcp_route routes[] = {{"orch", orch ? self : other, NULL}, {"bench", orch ? other : self, NULL}};
     saga_tcp_config c;
     saga_tcp_config_init(&c);
+    c.insecure_plaintext = 1; /* loopback only */
     c.listen = self;
     c.routes = routes;
     c.nroutes = 2;

@@ -161,6 +161,7 @@ int main(int argc, char **argv) {
       *eq = '\0';
       routes[nroutes].channel = argv[i + 1];
       routes[nroutes].address = eq + 1;
+      routes[nroutes].identity = NULL;
       nroutes++;
     } else return usage();
   }
@@ -170,6 +171,7 @@ int main(int argc, char **argv) {
   if (tcp_listen != NULL) {
     saga_tcp_config c;
     saga_tcp_config_init(&c);
+    c.insecure_plaintext = 1; /* loopback only */
     c.listen = tcp_listen;
     c.routes = routes;
     c.nroutes = nroutes;

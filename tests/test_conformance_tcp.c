@@ -14,9 +14,10 @@ typedef struct medium {
 
 static int tcp_create(void *ctx, const char *node, saga_transport **out) {
   medium *m = ctx;
-  saga_tcp_route routes[] = {{"conf-a", m->a}, {"conf-b", m->b}, {"conf-ch", m->b}};
+  saga_tcp_route routes[] = {{"conf-a", m->a, NULL}, {"conf-b", m->b, NULL}, {"conf-ch", m->b, NULL}};
   saga_tcp_config cfg;
   saga_tcp_config_init(&cfg);
+  cfg.insecure_plaintext = 1; /* loopback only */
   cfg.listen = strcmp(node, "conf-a") == 0 ? m->a : m->b;
   cfg.routes = routes;
   cfg.nroutes = 3;

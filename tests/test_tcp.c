@@ -49,9 +49,10 @@ static void rx_log(void *ctx, saga_log_level l, const char *msg) {
  * reconnecting quickly (every 10 ms up to max_reconnect_ms). */
 static saga_transport *tcp_new(const char *listen, const char *route_addr, size_t max_queued,
                                uint32_t max_reconnect_ms) {
-  saga_tcp_route routes[] = {{"ch", route_addr}, {"other", route_addr}};
+  saga_tcp_route routes[] = {{"ch", route_addr, NULL}, {"other", route_addr, NULL}};
   saga_tcp_config cfg;
   saga_tcp_config_init(&cfg);
+  cfg.insecure_plaintext = 1; /* loopback only */
   cfg.listen = listen;
   cfg.routes = routes;
   cfg.nroutes = 2;
@@ -205,11 +206,12 @@ static void test_bad_config(void **state) {
   saga_transport *t = NULL;
   saga_tcp_config cfg;
   saga_tcp_config_init(&cfg);
+  cfg.insecure_plaintext = 1; /* loopback only */
   cfg.listen = "not an address";
   assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_EINVAL);
   cfg.listen = "127.0.0.1:99999";
   assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_EINVAL);
-  saga_tcp_route r = {"ch", "[::1]:80"};
+  saga_tcp_route r = {"ch", "[::1]:80", NULL};
   cfg.listen = "[::1]:0";
   cfg.routes = &r;
   cfg.nroutes = 1;
@@ -247,6 +249,7 @@ static saga_node *tcp_node(uv_loop_t *loop, const char *name, const char *listen
   saga_transport *t = NULL;
   saga_tcp_config cfg;
   saga_tcp_config_init(&cfg);
+  cfg.insecure_plaintext = 1; /* loopback only */
   cfg.listen = listen;
   cfg.routes = routes;
   cfg.nroutes = 2;
@@ -273,7 +276,7 @@ static void test_poison_over_tcp(void **state) {
   char a[32], b[32];
   snprintf(a, sizeof a, "127.0.0.1:%d", th_free_port());
   snprintf(b, sizeof b, "127.0.0.1:%d", th_free_port());
-  saga_tcp_route routes[] = {{"orch", a}, {"work", b}};
+  saga_tcp_route routes[] = {{"orch", a, NULL}, {"work", b, NULL}};
   char *da = th_path(dir, "a.db"), *db = th_path(dir, "b.db");
   pw w = {0};
   saga_node *orch = tcp_node(&loop, "orch", a, routes, da, &w);

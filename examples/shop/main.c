@@ -219,6 +219,7 @@ static int parse_args(app *a, int argc, char **argv) {
       o->route_buf[o->nroutes] = copy;
       o->routes[o->nroutes].channel = copy;
       o->routes[o->nroutes].address = copy + (eq - v) + 1;
+      o->routes[o->nroutes].identity = NULL;
       o->nroutes++;
     } else if (strcmp(f, "--nats") == 0) {
       transport_flag = f, transport_opts |= 2;
@@ -264,6 +265,7 @@ static int parse_args(app *a, int argc, char **argv) {
     if (pur != NULL && route_of(o, SHOP_EVENTS) == NULL && o->nroutes < MAX_ROUTES) {
       o->routes[o->nroutes].channel = SHOP_EVENTS;
       o->routes[o->nroutes].address = pur;
+      o->routes[o->nroutes].identity = NULL;
       o->nroutes++;
     }
     int k = service_index(o->service);
@@ -322,6 +324,7 @@ static int make_transport(app *a, saga_transport **t) {
   if (strcmp(o->transport, "tcp") == 0) {
     saga_tcp_config tc;
     saga_tcp_config_init(&tc);
+    tc.insecure_plaintext = 1; /* loopback only */
     tc.listen = o->tcp_listen;
     tc.routes = o->routes;
     tc.nroutes = o->nroutes;
