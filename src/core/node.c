@@ -995,6 +995,7 @@ static int attach_transport(saga_node *n, saga_transport *t, char *err, size_t e
   n->tm.ack = m->ack;
   n->tm.close = m->close;
   n->tm.destroy = m->destroy;
+  if (m->version >= 2) n->tm.can_send = m->can_send; /* version 1 has no can_send: NULL */
   if (!n->tm.open || !n->tm.subscribe || !n->tm.send || !n->tm.ack || !n->tm.close ||
       !n->tm.destroy) {
     saga__errf(err, errlen, "transport '%s' lacks a required method", n->tm.name);

@@ -19,7 +19,9 @@
  *
  * Versioning: `version` is the first field of the methods table. The core reads the fields
  * that exist in that version and refuses newer versions it does not know (SAGA_EVERSION).
- * New methods are only ever appended.
+ * New methods are only ever appended. Version 1: open .. destroy; version 2 adds can_send.
+ * Prefer designated initializers (.send = my_send) for the table: a positional one lacks
+ * the appended fields when recompiled against a newer header (-Wmissing-field-initializers).
  *
  * Thread: every method is called on the node's loop thread, and the saga_transport_*
  * functions below must be called on it too (use a uv_async_t to get there from another
@@ -39,7 +41,9 @@ extern "C" {
 struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 
 
-#define SAGA_TRANSPORT_VERSION 1
+/* Version 2 appended can_send(). The core still accepts version-1 tables and reads only
+ * their fields (a version-1 adapter is taken to reach every channel). */
+#define SAGA_TRANSPORT_VERSION 2
 
 typedef struct saga_transport_methods {
   int version;      /**< SAGA_TRANSPORT_VERSION the adapter was written for */
@@ -60,8 +64,19 @@ typedef struct saga_transport_methods {
   /**
    * Sends len bytes to channel. Both are borrowed for the call: copy what you keep.
    * Return SAGA_OK if the message was taken (confirmation follows with
-   * saga_transport_sent()), or a negative code if it could not even be queued (the node
-   * logs it and retries after its resend interval). `token` is opaque; pass it back.
+   * saga_transport_sent()), or a negative code if it could not even be queued. `token` is
+   * opaque; pass it back.
+   *
+   * The code says whether trying again can help:
+   *  - permanent: SAGA_EINVAL (this transport can never deliver to channel: no route, a
+   *    name it cannot carry) and SAGA_ETOOBIG (the message exceeds the medium's limit). The
+   *    node moves the outbox row to its dead-letter table with the reason, once, and does not
+   *    send it again; a command of a saga waiting for it fails (see docs/adapters.md).
+   *  - transient: every other code, e.g. SAGA_EBUSY (queue full), SAGA_ETRANSPORT
+   *    (disconnected), SAGA_ENOMEM, SAGA_ECLOSED, SAGA_ESTATE: the node logs it and sends the
+   *    row again after its resend interval.
+   * Return a permanent code only when the same message to the same channel would fail the
+   * same way every time; when unsure, return a transient one.
    */
   int (*send)(saga_transport *t, const char *channel, const void *data, size_t len,
               uint64_t token);
@@ -84,6 +99,23 @@ typedef struct saga_transport_methods {
 
   /** Frees the adapter's memory. Called after close completed, or for a never-opened one. */
   void (*destroy)(saga_transport *t);
+
+  /* ---- version 2 ---- */
+
+  /**
+   * Optional (NULL = every channel can be reached). Returns 1 if this adapter can route
+   * messages to channel (NUL-terminated, borrowed for the call), 0 if it never can — no
+   * route, or a destination its access policy forbids. Called after open(), on the loop
+   * thread, inside the node's transaction: it must be quick, must not block and must not
+   * call any saga_transport_* function.
+   *
+   * A participant asks it for the reply_to of every command before running the handler:
+   * a command whose reply could never be delivered is dead-lettered and acknowledged, and
+   * the handler does not run. Answer 0 only for channels that send() would refuse with a
+   * permanent code; a channel that may gain a consumer later (a broker subject, an
+   * in-memory channel nobody subscribes to yet) is reachable.
+   */
+  int (*can_send)(saga_transport *t, const char *channel);
 } saga_transport_methods;
 
 /**
