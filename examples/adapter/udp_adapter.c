@@ -189,9 +189,17 @@ static void ex_destroy(saga_transport *base) {
   free(t);
 }
 
+/* Designated initializers: methods appended by later interface versions stay NULL (here
+ * can_send: this adapter can reach every channel). */
 static const saga_transport_methods ex_methods = {
-    SAGA_TRANSPORT_VERSION, "example-udp", ex_open, ex_subscribe, ex_send, ex_ack, ex_close,
-    ex_destroy,
+    .version = SAGA_TRANSPORT_VERSION,
+    .name = "example-udp",
+    .open = ex_open,
+    .subscribe = ex_subscribe,
+    .send = ex_send,
+    .ack = ex_ack,
+    .close = ex_close,
+    .destroy = ex_destroy,
 };
 
 int example_udp_transport_new(saga_transport **out, const char *dir) {
