@@ -179,8 +179,9 @@ static void sink_close(saga_transport *t) { saga_transport_closed(t); }
 static void sink_destroy(saga_transport *t) { free(t); }
 
 static const saga_transport_methods sink_methods = {
-    SAGA_TRANSPORT_VERSION, "sink", sink_open, sink_subscribe, sink_send,
-    sink_ack,               sink_close, sink_destroy};
+    .version = SAGA_TRANSPORT_VERSION, .name = "sink", .open = sink_open,
+    .subscribe = sink_subscribe, .send = sink_send, .ack = sink_ack, .close = sink_close,
+    .destroy = sink_destroy};
 
 static saga_transport *sink_new(void) {
   sink *s = calloc(1, sizeof *s);
