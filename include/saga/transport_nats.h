@@ -28,6 +28,21 @@
  * are refused with SAGA_EINVAL. open() and subscribe() wait for the server (connect up to 2 s,
  * each JetStream request up to 5 s) and fail with SAGA_ETRANSPORT when it cannot be reached;
  * the node's log hook has the detail.
+ *
+ * Security (config version 2; the trust model is in docs/security.md). The adapter
+ * authenticates to the server with a user and password, a token, an NKey, or a .creds file
+ * (JWT + NKey seed), and speaks TLS when any tls_ field is set: the server's certificate must
+ * chain to tls_ca_file and carry the expected name, and tls_cert_file/tls_key_file answer a
+ * server that verifies clients. Server verification is never skipped. Wrong or missing
+ * credentials, or a failed TLS handshake, make open() fail with SAGA_ETRANSPORT and a log line
+ * with libnats's reason; an authorization failure on a later reconnect is logged (once per
+ * change) and the connection keeps retrying. What a node may publish and subscribe to is the
+ * server's business (per-user permissions): the adapter needs publish on "<prefix>.<channel>"
+ * for the channels it sends to and on "$JS.API.>" (or the stream's and its consumers' API
+ * subjects) and "$JS.ACK.<stream>.>", and subscribe on "<inbox_prefix>.>". A publish
+ * acknowledgement is accepted only for a publish this transport made and has not seen
+ * confirmed, named by a random reply subject; any other is ignored and counted
+ * (saga_nats_stats_get()).
  */
 #ifndef SAGA_TRANSPORT_NATS_H
 #define SAGA_TRANSPORT_NATS_H
@@ -39,7 +54,7 @@
 extern "C" {
 #endif
 
-#define SAGA_NATS_CONFIG_VERSION 1
+#define SAGA_NATS_CONFIG_VERSION 2
 
 typedef struct saga_nats_config {
   int struct_version;        /**< SAGA_NATS_CONFIG_VERSION */
@@ -52,7 +67,44 @@ typedef struct saga_nats_config {
   uint32_t max_deliveries;   /**< then dead-lettered; default 10 */
   uint32_t reconnect_wait_ms;/**< default 250; reconnects forever */
   const saga_allocator *alloc; /**< NULL = libc; libnats keeps its own allocations */
+  /* ---- version 2: credentials and TLS. Strings are copied; NULL or "" = not set. At most
+   * one way to authenticate: user (with password), token, nkey (with nkey_seed_file), or
+   * creds_file; several is SAGA_EINVAL. ---- */
+  const char *user;           /**< user name (nats-server authorization users) */
+  const char *password;       /**< its password; needs user */
+  const char *token;          /**< authorization token */
+  const char *nkey;           /**< NKey public key ("U..."); needs nkey_seed_file */
+  const char *nkey_seed_file; /**< file holding the NKey's seed ("SU..."), read at each
+                                   connection; signs the server's nonce */
+  const char *creds_file;     /**< a .creds file (user JWT and NKey seed: operator/JWT mode) */
+  const char *tls_ca_file;    /**< PEM CA certificates the server's certificate must chain to;
+                                   any tls_ field (or tls_required) turns TLS on */
+  const char *tls_cert_file;  /**< PEM client certificate (chain), for a server that verifies
+                                   clients (tls { verify: true }); needs tls_key_file */
+  const char *tls_key_file;   /**< its PEM private key */
+  int tls_required;           /**< nonzero: TLS, even with no tls_ file (then the system's
+                                   default CAs verify the server) */
+  const char *tls_hostname;   /**< name the server's certificate must carry; default: the
+                                   host of the first URL when that is a DNS name. With an IP
+                                   address and no tls_hostname only the chain is verified (a
+                                   warning is logged at open) */
+  const char *inbox_prefix;   /**< prefix of this node's reply subjects (publish acks and
+                                   JetStream replies); default "_INBOX". A prefix per service
+                                   ("_INBOX.payment") lets server permissions keep each
+                                   service's replies to itself */
 } saga_nats_config;
+
+/** What a NATS transport counted since it was created (saga_nats_stats_get()). */
+typedef struct saga_nats_stats {
+  uint64_t acks_confirmed;    /**< publishes JetStream confirmed (reported to the node) */
+  uint64_t acks_negative;     /**< publish acks saying the message was not stored */
+  uint64_t acks_ignored;      /**< messages on the ack inbox naming no publish this transport
+                                   has unconfirmed (forged, duplicate, late or malformed) */
+  uint64_t pending_dropped;   /**< unconfirmed publishes forgotten (table full or too old);
+                                   the outbox resends them */
+  uint64_t permission_errors; /**< the server refused a publish or subscription */
+  uint64_t auth_errors;       /**< authentication or authorization failures at (re)connect */
+} saga_nats_stats;
 
 /** Fills cfg with the defaults listed in saga_nats_config. */
 SAGA_EXTERN void saga_nats_config_init(saga_nats_config *cfg);
@@ -60,10 +112,17 @@ SAGA_EXTERN void saga_nats_config_init(saga_nats_config *cfg);
 /**
  * Creates a NATS transport (not connected yet: the node's open connects). cfg may be NULL
  * for the defaults; its strings are copied. Returns SAGA_OK and sets *out, SAGA_EINVAL
- * (invalid stream name or prefix), SAGA_EVERSION (struct_version), SAGA_ENOMEM.
+ * (invalid stream name, prefix or inbox prefix; two ways to authenticate; a password without
+ * a user, an nkey without its seed file or the reverse, a certificate without its key or the
+ * reverse), SAGA_EVERSION (struct_version other than 1 or 2: a version 1 config is read
+ * without the version 2 fields), SAGA_ENOMEM. The files are read at open.
  * Thread: any; the transport is then used on its node's loop only.
  */
 SAGA_EXTERN int saga_nats_transport_new(saga_transport **out, const saga_nats_config *cfg);
+
+/** Copies t's counters (t must be a NATS transport). Returns SAGA_OK or SAGA_EINVAL.
+ * Thread: t's loop. */
+SAGA_EXTERN int saga_nats_stats_get(saga_transport *t, saga_nats_stats *out);
 
 #ifdef __cplusplus
 }

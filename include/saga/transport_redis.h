@@ -11,6 +11,19 @@
  * and is acknowledged. Subscribers trim their streams of entries every consumer is done with.
  * Needs Redis >= 6.2 (XAUTOCLAIM); for durability run it with appendonly yes and appendfsync
  * always, since a confirmed message exists only in Redis until it is consumed.
+ *
+ * Security (config version 2; the trust model is in docs/security.md). With a password set,
+ * every connection the adapter makes (reconnects included) sends AUTH first: "AUTH username
+ * password" for a Redis 6+ ACL user, "AUTH password" for requirepass. A refused AUTH is logged
+ * at ERROR when it starts (and at INFO when it is accepted again), counted, and retried with
+ * the reconnect backoff like an unreachable broker: open() still succeeds, and nothing is
+ * sent, read or acknowledged until the server accepts the credentials. An XADD is confirmed
+ * only by its own reply, and only when that reply is an entry id.
+ *
+ * NO TLS: hiredis 0.14 cannot encrypt. Credentials and every message cross the network in
+ * clear and can be read or altered on the path. Keep Redis on loopback or a private network
+ * you trust, or put a TLS tunnel in between (stunnel or spiped on both ends, host and port
+ * pointing at the local end), or use the NATS or TCP transport with TLS.
  */
 #ifndef SAGA_TRANSPORT_REDIS_H
 #define SAGA_TRANSPORT_REDIS_H
@@ -22,7 +35,7 @@
 extern "C" {
 #endif
 
-#define SAGA_REDIS_CONFIG_VERSION 1
+#define SAGA_REDIS_CONFIG_VERSION 2
 
 /** Configuration. Initialise with saga_redis_config_init(); a zero field means its default.
  * Strings are copied by saga_redis_transport_new(). */
@@ -44,7 +57,18 @@ typedef struct saga_redis_config {
   uint32_t reconnect_min_ms, reconnect_max_ms; /**< reconnect backoff; default 50, 5000 */
   const saga_allocator *alloc; /**< for the adapter's own memory (hiredis keeps its own);
                                     NULL = libc; copied */
+  /* ---- version 2 ---- */
+  const char *username;      /**< ACL user (Redis 6+); needs password. NULL or "" = the
+                                  default user */
+  const char *password;      /**< sent with AUTH on every connection; NULL or "" = no AUTH.
+                                  Travels in clear (no TLS): see above */
 } saga_redis_config;
+
+/** What a Redis transport counted since it was created (saga_redis_stats_get()). */
+typedef struct saga_redis_stats {
+  uint64_t auth_failures;      /**< connections whose AUTH (or first command) was refused */
+  uint64_t replies_unexpected; /**< XADD replies that were not an entry id (not confirmed) */
+} saga_redis_stats;
 
 /** Fills cfg with the defaults listed in saga_redis_config. Accepts NULL. */
 SAGA_EXTERN void saga_redis_config_init(saga_redis_config *cfg);
@@ -55,10 +79,15 @@ SAGA_EXTERN void saga_redis_config_init(saga_redis_config *cfg);
  * (all defaults). While the broker is unreachable, sends fail with SAGA_ETRANSPORT and the
  * node's outbox sends them again later.
  * Returns SAGA_OK and sets *out; SAGA_EINVAL (out NULL, port out of range, reconnect_min_ms >
- * reconnect_max_ms, empty consumer, incomplete allocator), SAGA_EVERSION (struct_version),
- * SAGA_ENOMEM.
+ * reconnect_max_ms, empty consumer, incomplete allocator, username without password),
+ * SAGA_EVERSION (struct_version other than 1 or 2: a version 1 config is read without the
+ * version 2 fields), SAGA_ENOMEM.
  */
 SAGA_EXTERN int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg);
+
+/** Copies t's counters (t must be a Redis transport). Returns SAGA_OK or SAGA_EINVAL.
+ * Thread: t's loop. */
+SAGA_EXTERN int saga_redis_stats_get(saga_transport *t, saga_redis_stats *out);
 
 #ifdef __cplusplus
 }

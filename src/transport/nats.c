@@ -20,8 +20,10 @@
  *     message while idle, then immediate batches while there is more) into a ring, at most
  *     NT_MAX_INFLIGHT messages fetched and not yet acknowledged per channel: the flow control;
  *   - one thread reads the publish acknowledgements: every message is published with the
- *     reply subject "<inbox>.<token>", so JetStream's ack names the token it confirms and no
- *     table of pending publishes is needed (an unconfirmed publish costs nothing to forget);
+ *     reply subject "<inbox>.<token>.<mac>", mac a keyed hash (SipHash-2-4, a random key of
+ *     the transport's) of the token, so JetStream's ack names the token it confirms; the loop
+ *     confirms it only if the token is in the table of publishes made and not confirmed yet
+ *     (see "Confirmations" below);
  *   - libnats calls the connection callbacks (disconnected, reconnected, closed, errors) on
  *     its own thread.
  * They all hand their results to the loop through state guarded by `mu` and one uv_async_t;
@@ -53,13 +55,29 @@
  * JetStream then stores it. When that buffer is full the publish is reported failed at once.
  * Either way the node's outbox resends what was not confirmed.
  *
+ * Confirmations. Anyone allowed to publish on the ack inbox's subjects could otherwise confirm
+ * a message JetStream never stored, and the node would delete it from its outbox. So an ack
+ * counts only when its mac is right (it names a reply subject this transport made: only those
+ * who see our publishes can know one) and its token is in `pend`, the set of tokens published
+ * and not confirmed yet; it then leaves the set, and a repeated or late ack for it is ignored.
+ * Everything else is ignored and counted (stats.acks_ignored). The set is bounded
+ * (NT_PEND_MAX: a send beyond it fails and the outbox retries) and forgets entries left
+ * unconfirmed for NT_PEND_TTL_MS (the outbox resends those too).
+ *
+ * Credentials and TLS (config version 2) are libnats options set at open; a failure to
+ * authenticate or to complete the TLS handshake makes open() fail with libnats's reason in the
+ * log. Later authorization failures and permission violations are counted and logged once per
+ * change while the connection keeps retrying.
+ *
  * Close. close() stops the threads and closes the connection; once libnats reported the
  * connection closed and our threads ended, everything is released and saga_transport_closed()
  * is called from the uv_async_t's close callback. No callback into the core follows close().
  */
+#include <arpa/inet.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,6 +100,10 @@
 #define NT_SUBJECT_MAX 512  /* longest subject "<prefix>.<channel>" */
 #define NT_CONSUMER_KEEP 48 /* characters of the channel kept in a consumer name */
 #define NT_NO_SLOT UINT32_MAX
+#define NT_PEND_MAX (1u << 17)   /* publishes awaiting their ack, at most */
+#define NT_PEND_TTL_MS 300000    /* an unconfirmed publish is forgotten after (outbox resends) */
+#define NT_PEND_SWEEP_MS 10000   /* how often the set is scanned for those */
+#define NT_MAC_HEX 16            /* hex digits of the mac in a reply subject */
 
 /* A delivery tag: slot (12 bits), channel index (16 bits), slot generation (32 bits). The
  * generation makes a stale or repeated tag harmless; bit 63 stays clear (the core reserves
@@ -139,11 +161,22 @@ typedef struct nt_ack {
   int status;
 } nt_ack;
 
+/* A publish awaiting its ack (open addressing on the token; at == 0: free). */
+typedef struct nt_pend {
+  uint64_t token;
+  uint64_t at; /* loop time of the latest send of it, plus 1 */
+} nt_pend;
+
 struct nats_tp {
   saga_transport base; /* first, as the adapter interface requires */
   saga_allocator alloc;
   char *url, *stream, *prefix;
   uint32_t ack_wait_ms, max_deliveries, reconnect_wait_ms;
+  /* Credentials and TLS (NULL = not set). */
+  char *user, *password, *token, *nkey, *nkey_seed_file, *creds_file;
+  char *tls_ca_file, *tls_cert_file, *tls_key_file, *tls_hostname, *inbox_prefix;
+  int tls;
+  uint64_t mac_key[2]; /* SipHash key of the reply subjects; set at open, then read-only */
 
   /* Loop thread only. */
   int state;
@@ -162,6 +195,10 @@ struct nats_tp {
   int ack_thread_started;
   nt_sub **subs;
   size_t nsubs, subs_cap;
+  nt_pend *pend; /* tokens published, not confirmed yet */
+  size_t pend_cap, pend_count;
+  uint64_t pend_swept;
+  saga_nats_stats stats; /* the fields below the mutex are counted under mu */
 
   /* Shared with libnats's and our threads, under mu. */
   uv_mutex_t mu;
@@ -175,6 +212,11 @@ struct nats_tp {
   int threads_live;
   nt_ack acks[NT_ACK_RING];
   uint32_t ack_head, ack_count;
+  uint64_t acks_malformed;    /* ack thread: subject or mac wrong */
+  uint64_t permission_errors; /* libnats's thread */
+  uint64_t auth_errors;
+  int auth_failing; /* an authorization failure was logged; cleared by a reconnect */
+  char last_perm[160]; /* the last permission violation logged */
   char logs[NT_LOG_RING][NT_LOG_LEN];
   int log_level[NT_LOG_RING];
   uint32_t log_head, log_count, logs_dropped;
@@ -282,6 +324,177 @@ static int make_subject(const nats_tp *tp, const char *channel, char *out, size_
   return n > 0 && (size_t)n < outlen ? SAGA_OK : SAGA_EINVAL;
 }
 
+/* ---- the mac of a reply subject: SipHash-2-4 of the token ------------------------------ */
+
+#define NT_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define NT_SIPROUND                                                                                \
+  do {                                                                                             \
+    v0 += v1;                                                                                      \
+    v1 = NT_ROTL(v1, 13);                                                                          \
+    v1 ^= v0;                                                                                      \
+    v0 = NT_ROTL(v0, 32);                                                                          \
+    v2 += v3;                                                                                      \
+    v3 = NT_ROTL(v3, 16);                                                                          \
+    v3 ^= v2;                                                                                      \
+    v0 += v3;                                                                                      \
+    v3 = NT_ROTL(v3, 21);                                                                          \
+    v3 ^= v0;                                                                                      \
+    v2 += v1;                                                                                      \
+    v1 = NT_ROTL(v1, 17);                                                                          \
+    v1 ^= v2;                                                                                      \
+    v2 = NT_ROTL(v2, 32);                                                                          \
+  } while (0)
+
+/* SipHash-2-4 of one 8-byte message (the token, little-endian). */
+static uint64_t token_mac(const uint64_t key[2], uint64_t m) {
+  uint64_t v0 = key[0] ^ UINT64_C(0x736f6d6570736575), v1 = key[1] ^ UINT64_C(0x646f72616e646f6d);
+  uint64_t v2 = key[0] ^ UINT64_C(0x6c7967656e657261), v3 = key[1] ^ UINT64_C(0x7465646279746573);
+  v3 ^= m;
+  NT_SIPROUND;
+  NT_SIPROUND;
+  v0 ^= m;
+  uint64_t b = UINT64_C(8) << 56;
+  v3 ^= b;
+  NT_SIPROUND;
+  NT_SIPROUND;
+  v0 ^= b;
+  v2 ^= 0xff;
+  NT_SIPROUND;
+  NT_SIPROUND;
+  NT_SIPROUND;
+  NT_SIPROUND;
+  return v0 ^ v1 ^ v2 ^ v3;
+}
+#undef NT_SIPROUND
+#undef NT_ROTL
+
+/*
+ * Parses the last two tokens of an ack's subject, "<inbox>.<token>.<mac>": the token in
+ * decimal (no sign, no leading zero unless it is 0, at most 20 digits, no overflow), the mac
+ * as NT_MAC_HEX lowercase hex digits. Returns 1 with *token set when both are well formed and
+ * the mac is the token's.
+ */
+static int parse_ack_subject(const uint64_t key[2], const char *subj, size_t inbox_len,
+                             uint64_t *token) {
+  if (subj == NULL) return 0;
+  size_t n = strlen(subj);
+  if (n < inbox_len + 3 + NT_MAC_HEX || subj[inbox_len] != '.') return 0;
+  const char *p = subj + inbox_len + 1, *end = subj + n;
+  const char *dot = memchr(p, '.', (size_t)(end - p));
+  if (dot == NULL || dot == p || dot - p > 20 || (dot - p > 1 && p[0] == '0')) return 0;
+  if ((size_t)(end - dot - 1) != NT_MAC_HEX) return 0;
+  uint64_t t = 0;
+  for (const char *q = p; q < dot; q++) {
+    if (*q < '0' || *q > '9') return 0;
+    unsigned d = (unsigned)(*q - '0');
+    if (t > (UINT64_MAX - d) / 10) return 0;
+    t = t * 10 + d;
+  }
+  uint64_t mac = 0;
+  for (const char *q = dot + 1; q < end; q++) {
+    unsigned d;
+    if (*q >= '0' && *q <= '9')
+      d = (unsigned)(*q - '0');
+    else if (*q >= 'a' && *q <= 'f')
+      d = (unsigned)(*q - 'a' + 10);
+    else
+      return 0;
+    mac = (mac << 4) | d;
+  }
+  /* Not secret-dependent timing worth hiding: a wrong mac only says "try another" to a
+   * forger who would need 2^64 tries. */
+  if (mac != token_mac(key, t)) return 0;
+  *token = t;
+  return 1;
+}
+
+/* ---- publishes awaiting their ack (loop thread) ------------------------------------------ */
+
+static size_t pend_slot(const nats_tp *tp, uint64_t token) {
+  uint64_t h = token * UINT64_C(0x9E3779B97F4A7C15);
+  return (size_t)(h >> 20) & (tp->pend_cap - 1);
+}
+
+static nt_pend *pend_find(nats_tp *tp, uint64_t token) {
+  if (tp->pend_cap == 0) return NULL;
+  for (size_t i = pend_slot(tp, token);; i = (i + 1) & (tp->pend_cap - 1)) {
+    nt_pend *p = &tp->pend[i];
+    if (p->at == 0) return NULL;
+    if (p->token == token) return p;
+  }
+}
+
+/* Removes an entry, shifting back the ones after it in its probe run (no tombstones). */
+static void pend_remove(nats_tp *tp, nt_pend *p) {
+  size_t mask = tp->pend_cap - 1;
+  size_t i = (size_t)(p - tp->pend);
+  tp->pend[i].at = 0;
+  tp->pend_count--;
+  for (size_t j = (i + 1) & mask; tp->pend[j].at != 0; j = (j + 1) & mask) {
+    size_t home = pend_slot(tp, tp->pend[j].token);
+    /* j's entry may move to the hole at i when i lies on its probe path home..j. */
+    if (((j - home) & mask) >= ((j - i) & mask)) {
+      tp->pend[i] = tp->pend[j];
+      tp->pend[j].at = 0;
+      i = j;
+    }
+  }
+}
+
+static int pend_grow(nats_tp *tp) {
+  size_t cap = tp->pend_cap ? tp->pend_cap * 2 : 1024;
+  nt_pend *old = tp->pend;
+  size_t old_cap = tp->pend_cap;
+  nt_pend *np = nt_calloc(&tp->alloc, cap * sizeof *np);
+  if (np == NULL) return SAGA_ENOMEM;
+  tp->pend = np;
+  tp->pend_cap = cap;
+  for (size_t i = 0; i < old_cap; i++) {
+    if (old[i].at == 0) continue;
+    size_t j = pend_slot(tp, old[i].token);
+    while (np[j].at != 0) j = (j + 1) & (cap - 1);
+    np[j] = old[i];
+  }
+  nt_free(&tp->alloc, old);
+  return SAGA_OK;
+}
+
+/* Records that token is being published now. *added tells whether it is new. */
+static int pend_add(nats_tp *tp, uint64_t token, int *added) {
+  uint64_t now = uv_now(tp->loop) + 1;
+  nt_pend *p = pend_find(tp, token);
+  *added = 0;
+  if (p != NULL) {
+    p->at = now;
+    return SAGA_OK;
+  }
+  if (tp->pend_count >= NT_PEND_MAX) return SAGA_EFULL;
+  if ((tp->pend_count + 1) * 2 > tp->pend_cap && pend_grow(tp) != SAGA_OK) return SAGA_ENOMEM;
+  size_t i = pend_slot(tp, token);
+  while (tp->pend[i].at != 0) i = (i + 1) & (tp->pend_cap - 1);
+  tp->pend[i].token = token;
+  tp->pend[i].at = now;
+  tp->pend_count++;
+  *added = 1;
+  return SAGA_OK;
+}
+
+/* Forgets publishes unconfirmed for NT_PEND_TTL_MS (their rows are resent, and added again). */
+static void pend_sweep(nats_tp *tp) {
+  uint64_t now = uv_now(tp->loop);
+  if (tp->pend_count == 0 || now - tp->pend_swept < NT_PEND_SWEEP_MS) return;
+  tp->pend_swept = now;
+  for (size_t i = 0; i < tp->pend_cap;) {
+    nt_pend *p = &tp->pend[i];
+    if (p->at != 0 && now + 1 - p->at > NT_PEND_TTL_MS) {
+      pend_remove(tp, p); /* may move a later entry into i: look at i again */
+      tp->stats.pending_dropped++;
+      continue;
+    }
+    i++;
+  }
+}
+
 /* ---- logging --------------------------------------------------------------------------- */
 
 /* Whether the core may be called: from open() until close() (or destroy()). */
@@ -350,6 +563,7 @@ static void on_reconnected(natsConnection *nc, void *closure) {
   uv_mutex_lock(&tp->mu);
   tp->connected = 1;
   tp->reconnects++;
+  tp->auth_failing = 0;
   uv_cond_broadcast(&tp->cv);
   post_log_locked(tp, SAGA_LOG_INFO, "reconnected to NATS");
   uv_mutex_unlock(&tp->mu);
@@ -368,13 +582,44 @@ static void on_closed(natsConnection *nc, void *closure) {
   uv_mutex_unlock(&tp->mu);
 }
 
+/* Whether a server error text is about authentication (as opposed to permissions). */
+static int auth_text(const char *t) {
+  return t != NULL && (strstr(t, "uthorization") != NULL || strstr(t, "uthentication") != NULL ||
+                       strstr(t, "User Authentication Expired") != NULL);
+}
+
+/*
+ * Asynchronous errors: permission violations (a publish or subscription the server refused)
+ * and authorization failures (on a reconnect, say) are counted and logged when they change,
+ * not once per occurrence; anything else is logged.
+ */
 static void on_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure) {
   nats_tp *tp = closure;
-  (void)nc;
   (void)sub;
+  const char *text = NULL;
+  if (nc != NULL) natsConnection_GetLastError(nc, &text);
+  if (text == NULL || *text == '\0') text = natsStatus_GetText(err);
   uv_mutex_lock(&tp->mu);
-  if (!tp->stopping)
-    post_log_locked(tp, SAGA_LOG_WARN, "NATS asynchronous error: %s", natsStatus_GetText(err));
+  if (err == NATS_NOT_PERMITTED && !auth_text(text)) {
+    tp->permission_errors++;
+    if (!tp->stopping && strncmp(tp->last_perm, text, sizeof tp->last_perm - 1) != 0) {
+      snprintf(tp->last_perm, sizeof tp->last_perm, "%s", text);
+      post_log_locked(tp, SAGA_LOG_ERROR,
+                      "NATS server refused: %s (the user's permissions do not allow it; further "
+                      "refusals of this kind are counted, not logged)",
+                      text);
+    }
+  } else if (err == NATS_NOT_PERMITTED || auth_text(text)) {
+    tp->auth_errors++;
+    if (!tp->stopping && !tp->auth_failing)
+      post_log_locked(tp, SAGA_LOG_ERROR,
+                      "NATS authentication failed: %s (check the credentials; retrying every "
+                      "%" PRIu32 " ms)",
+                      text, tp->reconnect_wait_ms);
+    tp->auth_failing = 1;
+  } else if (!tp->stopping) {
+    post_log_locked(tp, SAGA_LOG_WARN, "NATS asynchronous error: %s", text);
+  }
   uv_mutex_unlock(&tp->mu);
 }
 
@@ -490,21 +735,25 @@ static int puback_ok(natsMsg *m) {
   return memmem(d, (size_t)n, "\"seq\"", 5) != NULL && memmem(d, (size_t)n, "\"error\"", 7) == NULL;
 }
 
-/* Reads publish acks: the token is the last token of the reply subject. */
+/* Reads publish acks: "<inbox>.<token>.<mac>"; those whose mac is wrong are dropped here, the
+ * loop checks the rest against the publishes it has pending. */
 static void ack_main(void *arg) {
   nats_tp *tp = arg;
+  size_t inbox_len = strlen(tp->inbox);
   for (;;) {
     natsMsg *m = NULL;
     natsStatus st = natsSubscription_NextMsg(&m, tp->acksub, NT_FETCH_WAIT_MS);
     if (st == NATS_OK) {
-      const char *subj = natsMsg_GetSubject(m);
-      const char *dot = subj != NULL ? strrchr(subj, '.') : NULL;
-      char *end = NULL;
-      uint64_t token = dot != NULL ? strtoull(dot + 1, &end, 10) : 0;
-      int valid = dot != NULL && end != dot + 1 && *end == '\0';
+      uint64_t token = 0;
+      int valid = parse_ack_subject(tp->mac_key, natsMsg_GetSubject(m), inbox_len, &token);
       int status = puback_ok(m) ? SAGA_OK : SAGA_ETRANSPORT;
       natsMsg_Destroy(m);
-      if (!valid) continue;
+      if (!valid) {
+        uv_mutex_lock(&tp->mu);
+        tp->acks_malformed++;
+        uv_mutex_unlock(&tp->mu);
+        continue;
+      }
       uv_mutex_lock(&tp->mu);
       while (!tp->stopping && tp->ack_count == NT_ACK_RING) uv_cond_wait(&tp->cv, &tp->mu);
       if (tp->stopping) {
@@ -623,8 +872,23 @@ static void drain_acks(nats_tp *tp) {
     uv_cond_broadcast(&tp->cv);
     uv_mutex_unlock(&tp->mu);
     total -= n;
-    for (uint32_t i = 0; i < n && tp->state == NT_OPEN; i++)
-      saga_transport_sent(&tp->base, chunk[i].token, chunk[i].status);
+    for (uint32_t i = 0; i < n && tp->state == NT_OPEN; i++) {
+      nt_pend *p = pend_find(tp, chunk[i].token);
+      if (p == NULL) {
+        /* Not published by us, or confirmed already, or forgotten: never a confirmation. */
+        tp->stats.acks_ignored++;
+        continue;
+      }
+      if (chunk[i].status != SAGA_OK) {
+        /* Not stored. It stays pending: a resend's ack may still come. */
+        tp->stats.acks_negative++;
+        saga_transport_sent(&tp->base, chunk[i].token, chunk[i].status);
+        continue;
+      }
+      pend_remove(tp, p);
+      tp->stats.acks_confirmed++;
+      saga_transport_sent(&tp->base, chunk[i].token, SAGA_OK);
+    }
   }
 }
 
@@ -660,6 +924,7 @@ static void drain_logs(nats_tp *tp) {
 static void on_sweep(uv_timer_t *h) {
   nats_tp *tp = h->data;
   if (tp->state != NT_OPEN) return;
+  pend_sweep(tp);
   uint64_t now = uv_now(tp->loop);
   size_t released = 0;
   for (size_t i = 0; i < tp->nsubs; i++) {
@@ -734,10 +999,18 @@ static void free_tp(nats_tp *tp) {
     nt_free(&a, s);
   }
   nt_free(&a, tp->subs);
+  nt_free(&a, tp->pend);
   nt_free(&a, tp->inbox);
   nt_free(&a, tp->url);
   nt_free(&a, tp->stream);
   nt_free(&a, tp->prefix);
+  char *secrets[] = {tp->password, tp->token};
+  for (size_t i = 0; i < sizeof secrets / sizeof secrets[0]; i++)
+    if (secrets[i] != NULL) memset(secrets[i], 0, strlen(secrets[i]));
+  char *strs[] = {tp->user,          tp->password,      tp->token,         tp->nkey,
+                  tp->nkey_seed_file, tp->creds_file,   tp->tls_ca_file,   tp->tls_cert_file,
+                  tp->tls_key_file,  tp->tls_hostname,  tp->inbox_prefix};
+  for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++) nt_free(&a, strs[i]);
   if (tp->sync_ready) {
     uv_cond_destroy(&tp->cv);
     uv_mutex_destroy(&tp->mu);
@@ -1020,6 +1293,85 @@ static void watch_consumer(nt_sub *s) {
 
 /* ---- the adapter methods ---------------------------------------------------------------- */
 
+/* The host of the first server in a URL list ("nats://user:pw@host:port,..."), into out. */
+static void first_host(const char *url, char *out, size_t outlen) {
+  const char *p = strstr(url, "://");
+  p = p != NULL ? p + 3 : url;
+  const char *end = p + strcspn(p, ",");
+  const char *at = memchr(p, '@', (size_t)(end - p));
+  if (at != NULL) p = at + 1;
+  size_t n;
+  if (*p == '[') { /* [IPv6]:port */
+    p++;
+    const char *rb = memchr(p, ']', (size_t)(end - p));
+    n = rb != NULL ? (size_t)(rb - p) : 0;
+  } else {
+    const char *colon = memchr(p, ':', (size_t)(end - p));
+    n = (size_t)((colon != NULL ? colon : end) - p);
+  }
+  if (n >= outlen) n = 0;
+  memcpy(out, p, n);
+  out[n] = '\0';
+}
+
+static int is_ip_literal(const char *host) {
+  unsigned char buf[16];
+  return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+}
+
+/* Credentials and TLS into tp->opts. Logs what failed; returns a libnats status. */
+static natsStatus set_security(nats_tp *tp, const char **what) {
+  natsOptions *o = tp->opts;
+  natsStatus s = NATS_OK;
+  *what = "credentials";
+  if (tp->user != NULL)
+    s = natsOptions_SetUserInfo(o, tp->user, tp->password != NULL ? tp->password : "");
+  else if (tp->token != NULL)
+    s = natsOptions_SetToken(o, tp->token);
+  else if (tp->nkey != NULL) {
+    *what = "nkey_seed_file";
+    s = natsOptions_SetNKeyFromSeed(o, tp->nkey, tp->nkey_seed_file);
+  } else if (tp->creds_file != NULL) {
+    *what = "creds_file";
+    s = natsOptions_SetUserCredentialsFromFiles(o, tp->creds_file, NULL);
+  }
+  if (s != NATS_OK || !tp->tls) return s;
+  *what = "TLS";
+  s = natsOptions_SetSecure(o, true);
+  if (s == NATS_OK && tp->tls_ca_file != NULL) {
+    *what = "tls_ca_file";
+    s = natsOptions_LoadCATrustedCertificates(o, tp->tls_ca_file);
+  }
+  if (s == NATS_OK && tp->tls_cert_file != NULL) {
+    *what = "tls_cert_file/tls_key_file";
+    s = natsOptions_LoadCertificatesChain(o, tp->tls_cert_file, tp->tls_key_file);
+  }
+  char host[256];
+  const char *name = tp->tls_hostname;
+  if (name == NULL) {
+    first_host(tp->url, host, sizeof host);
+    if (host[0] != '\0' && !is_ip_literal(host)) name = host;
+  }
+  if (s == NATS_OK && name != NULL) {
+    *what = "tls_hostname";
+    s = natsOptions_SetExpectedHostname(o, name);
+  }
+  if (s == NATS_OK && name == NULL)
+    nt_log(tp, SAGA_LOG_WARN,
+           "NATS TLS: the server is addressed by IP address and no tls_hostname is set: its "
+           "certificate's chain is verified, not its name");
+  return s;
+}
+
+/* How this transport authenticates, for the log line at open. */
+static const char *auth_mode(const nats_tp *tp) {
+  if (tp->user != NULL) return "user/password";
+  if (tp->token != NULL) return "token";
+  if (tp->nkey != NULL) return "nkey";
+  if (tp->creds_file != NULL) return "creds file";
+  return "no credentials";
+}
+
 static int tp_open(saga_transport *t, uv_loop_t *loop) {
   nats_tp *tp = (nats_tp *)t;
   if (tp->state != NT_NEW) return SAGA_ESTATE;
@@ -1049,16 +1401,41 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
   if (s == NATS_OK) s = natsOptions_SetReconnectedCB(tp->opts, on_reconnected, tp);
   if (s == NATS_OK) s = natsOptions_SetClosedCB(tp->opts, on_closed, tp);
   if (s == NATS_OK) s = natsOptions_SetErrorHandler(tp->opts, on_error, tp);
+  if (s == NATS_OK && tp->inbox_prefix != NULL)
+    s = natsOptions_SetCustomInboxPrefix(tp->opts, tp->inbox_prefix);
   if (s != NATS_OK) {
     nt_log(tp, SAGA_LOG_ERROR, "NATS options for '%s': %s", tp->url, nats_err(s));
     rc = s == NATS_NO_MEMORY ? SAGA_ENOMEM : SAGA_EINVAL;
+    goto fail;
+  }
+  {
+    const char *what = "";
+    s = set_security(tp, &what);
+    if (s != NATS_OK) {
+      nt_log(tp, SAGA_LOG_ERROR, "NATS %s for '%s': %s", what, tp->url, nats_err(s));
+      rc = s == NATS_NO_MEMORY ? SAGA_ENOMEM : SAGA_EINVAL;
+      goto fail;
+    }
+  }
+  if (uv_random(NULL, NULL, tp->mac_key, sizeof tp->mac_key, 0, NULL) != 0) {
+    nt_log(tp, SAGA_LOG_ERROR, "no randomness from the operating system for the reply key");
+    rc = SAGA_EIO;
     goto fail;
   }
   /* Before the connect: a disconnection reported right after it must not be overwritten. */
   tp->connected = 1;
   s = natsConnection_Connect(&tp->nc, tp->opts);
   if (s != NATS_OK) {
-    nt_log(tp, SAGA_LOG_ERROR, "cannot connect to NATS at %s: %s", tp->url, nats_err(s));
+    const char *why = nats_err(s);
+    int auth = s == NATS_NOT_PERMITTED || auth_text(why);
+    if (auth) tp->stats.auth_errors++;
+    nt_log(tp, SAGA_LOG_ERROR, "cannot connect to NATS at %s: %s%s", tp->url, why,
+           auth ? " (authentication refused: check the credentials)"
+           : s == NATS_SSL_ERROR || s == NATS_SECURE_CONNECTION_REQUIRED ||
+                   s == NATS_SECURE_CONNECTION_WANTED
+               ? " (TLS: check tls_ca_file, tls_cert_file/tls_key_file, tls_hostname and the "
+                 "server's tls settings)"
+               : "");
     tp->nc = NULL;
     goto fail;
   }
@@ -1076,14 +1453,21 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
 
   s = natsInbox_Create(&inbox);
   if (s == NATS_OK) {
-    tp->inbox = nt_strdup(&tp->alloc, inbox);
+    /* "_INBOX.<unique>", or "<inbox_prefix>.<unique>". */
+    const char *unique = strchr(inbox, '.');
+    unique = unique != NULL ? unique + 1 : inbox;
+    size_t n = strlen(tp->inbox_prefix != NULL ? tp->inbox_prefix : "_INBOX") + strlen(unique) + 2;
+    tp->inbox = nt_malloc(&tp->alloc, n);
+    if (tp->inbox != NULL)
+      snprintf(tp->inbox, n, "%s.%s", tp->inbox_prefix != NULL ? tp->inbox_prefix : "_INBOX",
+               unique);
     natsInbox_Destroy(inbox);
     if (tp->inbox == NULL) {
       rc = SAGA_ENOMEM;
       goto fail;
     }
-    char wild[128];
-    snprintf(wild, sizeof wild, "%s.*", tp->inbox);
+    char wild[NT_NAME_MAX + 64];
+    snprintf(wild, sizeof wild, "%s.*.*", tp->inbox);
     s = natsConnection_SubscribeSync(&tp->acksub, tp->nc, wild);
   }
   if (s != NATS_OK) {
@@ -1118,8 +1502,9 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
   {
     char where[256] = "";
     natsConnection_GetConnectedUrl(tp->nc, where, sizeof where);
-    nt_log(tp, SAGA_LOG_INFO, "connected to NATS at %s, stream '%s', subjects '%s.>'", where,
-           tp->stream, tp->prefix);
+    nt_log(tp, SAGA_LOG_INFO,
+           "connected to NATS at %s (%s, %s), stream '%s', subjects '%s.>'", where,
+           tp->tls ? "TLS" : "plaintext", auth_mode(tp), tp->stream, tp->prefix);
   }
   return SAGA_OK;
 
@@ -1222,13 +1607,30 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   if (make_subject(tp, channel, subject, sizeof subject) != SAGA_OK) return SAGA_EINVAL;
   int64_t max = natsConnection_GetMaxPayload(tp->nc);
   if (len > INT_MAX || (max > 0 && (int64_t)len > max)) return SAGA_ETOOBIG;
-  char reply[160];
-  snprintf(reply, sizeof reply, "%s.%" PRIu64, tp->inbox, token);
+  int added = 0;
+  int rc = pend_add(tp, token, &added);
+  if (rc != SAGA_OK) {
+    if (rc == SAGA_EFULL) {
+      tp->stats.pending_dropped++;
+      nt_log(tp, SAGA_LOG_DEBUG, "%zu publishes await their ack: send refused for now",
+             tp->pend_count);
+      return SAGA_ETRANSPORT;
+    }
+    return rc;
+  }
+  char reply[NT_NAME_MAX + 64];
+  snprintf(reply, sizeof reply, "%s.%" PRIu64 ".%016" PRIx64, tp->inbox, token,
+           token_mac(tp->mac_key, token));
   natsStatus s =
       natsConnection_PublishRequest(tp->nc, subject, reply, len > 0 ? data : NULL, (int)len);
   if (s == NATS_OK) {
     tp->buffer_full_logged = 0;
     return SAGA_OK;
+  }
+  /* Not sent: not pending either (unless an earlier send of it is). */
+  if (added) {
+    nt_pend *p = pend_find(tp, token);
+    if (p != NULL) pend_remove(tp, p);
   }
   if (s == NATS_INSUFFICIENT_BUFFER) {
     /* Disconnected long enough to fill the reconnect buffer: the message is not sent, and
@@ -1318,15 +1720,39 @@ void saga_nats_config_init(saga_nats_config *cfg) {
   cfg->reconnect_wait_ms = 250;
 }
 
-int saga_nats_transport_new(saga_transport **out, const saga_nats_config *cfg) {
+/* A string setting: NULL when unset or empty. */
+static const char *opt(const char *s) { return s != NULL && *s != '\0' ? s : NULL; }
+
+/* Copies an optional string; returns 0 when out of memory. */
+static int dup_opt(const saga_allocator *a, const char *s, char **out) {
+  *out = NULL;
+  if (opt(s) == NULL) return 1;
+  *out = nt_strdup(a, s);
+  return *out != NULL;
+}
+
+int saga_nats_transport_new(saga_transport **out, const saga_nats_config *in) {
   static const saga_allocator libc = {libc_malloc, libc_realloc, libc_free, NULL};
   if (out == NULL) return SAGA_EINVAL;
-  saga_nats_config defaults;
-  if (cfg == NULL) {
-    saga_nats_config_init(&defaults);
-    cfg = &defaults;
+  saga_nats_config c;
+  saga_nats_config_init(&c);
+  if (in != NULL) {
+    if (in->struct_version == 1)
+      memcpy(&c, in, offsetof(saga_nats_config, user)); /* the version 1 layout: no more */
+    else if (in->struct_version == SAGA_NATS_CONFIG_VERSION)
+      c = *in;
+    else
+      return SAGA_EVERSION;
   }
-  if (cfg->struct_version != SAGA_NATS_CONFIG_VERSION) return SAGA_EVERSION;
+  const saga_nats_config *cfg = &c;
+  /* One way to authenticate, each complete. */
+  int ways = (opt(c.user) != NULL) + (opt(c.token) != NULL) + (opt(c.nkey) != NULL) +
+             (opt(c.creds_file) != NULL);
+  if (ways > 1 || (opt(c.password) != NULL && opt(c.user) == NULL) ||
+      (opt(c.nkey) != NULL) != (opt(c.nkey_seed_file) != NULL) ||
+      (opt(c.tls_cert_file) != NULL) != (opt(c.tls_key_file) != NULL))
+    return SAGA_EINVAL;
+  if (opt(c.inbox_prefix) != NULL && !subject_ok(c.inbox_prefix, NT_NAME_MAX)) return SAGA_EINVAL;
   const saga_allocator *a = cfg->alloc != NULL ? cfg->alloc : &libc;
   if (a->malloc == NULL || a->realloc == NULL || a->free == NULL) return SAGA_EINVAL;
   const char *url = cfg->url != NULL ? cfg->url : "nats://127.0.0.1:4222";
@@ -1344,11 +1770,36 @@ int saga_nats_transport_new(saga_transport **out, const saga_nats_config *cfg) {
   tp->ack_wait_ms = cfg->ack_wait_ms ? cfg->ack_wait_ms : 30000;
   tp->max_deliveries = cfg->max_deliveries ? cfg->max_deliveries : 10;
   tp->reconnect_wait_ms = cfg->reconnect_wait_ms ? cfg->reconnect_wait_ms : 250;
-  if (tp->url == NULL || tp->stream == NULL || tp->prefix == NULL) {
+  int ok = dup_opt(a, c.user, &tp->user) && dup_opt(a, c.password, &tp->password) &&
+           dup_opt(a, c.token, &tp->token) && dup_opt(a, c.nkey, &tp->nkey) &&
+           dup_opt(a, c.nkey_seed_file, &tp->nkey_seed_file) &&
+           dup_opt(a, c.creds_file, &tp->creds_file) &&
+           dup_opt(a, c.tls_ca_file, &tp->tls_ca_file) &&
+           dup_opt(a, c.tls_cert_file, &tp->tls_cert_file) &&
+           dup_opt(a, c.tls_key_file, &tp->tls_key_file) &&
+           dup_opt(a, c.tls_hostname, &tp->tls_hostname) &&
+           dup_opt(a, c.inbox_prefix, &tp->inbox_prefix);
+  tp->tls = c.tls_required || tp->tls_ca_file != NULL || tp->tls_cert_file != NULL ||
+            tp->tls_hostname != NULL || strncmp(url, "tls://", 6) == 0;
+  if (!ok || tp->url == NULL || tp->stream == NULL || tp->prefix == NULL) {
     free_tp(tp);
     return SAGA_ENOMEM;
   }
   tp->state = NT_NEW;
   *out = &tp->base;
+  return SAGA_OK;
+}
+
+int saga_nats_stats_get(saga_transport *t, saga_nats_stats *out) {
+  if (t == NULL || out == NULL || t->methods != &nats_methods) return SAGA_EINVAL;
+  nats_tp *tp = (nats_tp *)t;
+  *out = tp->stats;
+  if (tp->sync_ready) {
+    uv_mutex_lock(&tp->mu);
+    out->acks_ignored += tp->acks_malformed;
+    out->permission_errors += tp->permission_errors;
+    out->auth_errors += tp->auth_errors;
+    uv_mutex_unlock(&tp->mu);
+  }
   return SAGA_OK;
 }

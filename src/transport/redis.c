@@ -19,13 +19,22 @@
  * read therefore never stalls sends or acknowledgements. Every connection reconnects on its
  * own with capped exponential backoff (with jitter), forever; it counts as up once it
  * answered PING (a restarted Redis refuses commands with -LOADING while it replays its
- * append-only file). A connect watchdog bounds connection attempts and a read watchdog drops
+ * append-only file). With a password configured, AUTH ([username] password) is the first
+ * command on every connection, reconnects included, queued before the PING and anything else.
+ * A refused AUTH (or a server asking for one: -NOAUTH) is an authentication failure: logged at
+ * ERROR when the state changes (then at DEBUG while it lasts), counted, and the connection
+ * retried with the same backoff as an unreachable broker, so a node recovers by itself once
+ * the server's ACL or password is fixed. Nothing is read, sent or acknowledged meanwhile. A connect watchdog bounds connection attempts and a read watchdog drops
  * a reader whose BLOCK outlived its timeout (a half-open connection). TCP keepalive is on.
  *
  * Sends. send() pipelines XADD key * d <bytes> and remembers the token in a FIFO of the
  * connection (replies arrive in command order). saga_transport_sent(token, SAGA_OK) is
- * reported only on XADD's reply (with appendfsync always, the entry is then on disk); an
- * error reply reports a negative status. A connection lost with XADDs unanswered reports
+ * reported only on XADD's reply, and only when that reply is an entry id (with appendfsync
+ * always, the entry is then on disk); an error reply reports a negative status, and any
+ * other reply is counted and treated as a failure. A confirmation therefore only ever names
+ * a token sent on that same connection and not answered yet: each FIFO entry is popped once,
+ * by the reply to its own command (the connection is ours alone; only the server, or someone
+ * who can write into the TCP stream, could forge a reply: docs/security.md). A connection lost with XADDs unanswered reports
  * nothing for them: the node's outbox resends. While the command connection is down,
  * send() fails with SAGA_ETRANSPORT.
  *
@@ -54,6 +63,7 @@
  * libuv handle has closed. Nothing calls into the node after close() began.
  */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +107,7 @@ typedef struct rd_link {
   uint64_t epoch; /* unique per context */
   rd_fifo tokens; /* XADD tokens */
   rd_fifo acks;   /* XACK tags */
+  int odd_logged; /* an XADD reply that was not an entry id was logged */
 } rd_link;
 
 enum { C_DOWN = 0, C_CONNECTING = 1, C_UP = 2 };
@@ -163,7 +174,10 @@ struct rd_tp {
   saga_transport base; /* first, as the adapter interface requires */
   saga_allocator alloc;
   char *host, *prefix, *consumer;
+  char *username, *password; /* NULL when not set */
   size_t consumerlen;
+  int auth_failing; /* an authentication failure was logged at ERROR; cleared on success */
+  saga_redis_stats stats;
   int port;
   uint32_t claim_idle_ms, max_deliveries, reconnect_min_ms, reconnect_max_ms;
   uint64_t sweep_ms, trim_ms;
@@ -447,6 +461,47 @@ static void ev_cleanup(void *p) {
   conn_schedule(c);
 }
 
+static void conn_drop_at(rd_conn *c, const char *why, saga_log_level level);
+
+/* An error reply that says the connection is not authenticated as it should be. */
+static int auth_error(const char *e) {
+  return strncmp(e, "NOAUTH", 6) == 0 || strncmp(e, "WRONGPASS", 9) == 0 ||
+         strncmp(e, "NOPERM", 6) == 0 || strncmp(e, "ERR invalid password", 20) == 0;
+}
+
+/* Authentication refused on a connection: counted; logged at ERROR only when the state
+ * changes; the connection is retried like an unreachable broker's. */
+static void auth_failed(rd_conn *c, const char *err) {
+  rd_tp *tp = c->tp;
+  tp->stats.auth_failures++;
+  char why[256];
+  snprintf(why, sizeof why, "authentication failed%s%s%s: %s (check username/password)",
+           tp->username ? " for user '" : "", tp->username ? tp->username : "",
+           tp->username ? "'" : "", err);
+  if (!tp->auth_failing) {
+    tp->auth_failing = 1;
+    rd_log(tp, SAGA_LOG_ERROR, "redis at %s:%d: %s; retrying, nothing is sent or read meanwhile",
+           tp->host, tp->port, why);
+  }
+  conn_drop_at(c, why, SAGA_LOG_DEBUG);
+}
+
+static void auth_cb(redisAsyncContext *ac, void *reply, void *privdata) {
+  rd_link *l = ac->data;
+  redisReply *r = reply;
+  (void)privdata;
+  if (l->conn == NULL || r == NULL || l->tp->state != TP_OPEN) return;
+  if (r->type == REDIS_REPLY_ERROR) {
+    auth_failed(l->conn, r->str);
+    return;
+  }
+  if (l->tp->auth_failing) {
+    l->tp->auth_failing = 0;
+    rd_log(l->tp, SAGA_LOG_INFO, "redis at %s:%d accepts the credentials again", l->tp->host,
+           l->tp->port);
+  }
+}
+
 /* The handshake: a server still loading its append-only file answers -LOADING to
  * everything, PING included; the connection counts as up only once it answers PONG. */
 static void ping_cb(redisAsyncContext *ac, void *reply, void *privdata) {
@@ -455,6 +510,10 @@ static void ping_cb(redisAsyncContext *ac, void *reply, void *privdata) {
   (void)privdata;
   if (l->conn == NULL || r == NULL || l->tp->state != TP_OPEN) return;
   if (r->type == REDIS_REPLY_ERROR) {
+    if (auth_error(r->str)) {
+      auth_failed(l->conn, r->str); /* no password configured, or AUTH refused */
+      return;
+    }
     char why[128];
     snprintf(why, sizeof why, "server not ready: %s", r->str);
     conn_drop(l->conn, why);
@@ -464,12 +523,35 @@ static void ping_cb(redisAsyncContext *ac, void *reply, void *privdata) {
 }
 
 static void on_connect(const redisAsyncContext *ac, int status) {
-  rd_link *l = ac->data;
-  /* A failure is handled in ev_cleanup, which hiredis calls next. */
-  if (l->conn == NULL || status != REDIS_OK) return;
-  /* hiredis 0.14 frees a context at once if asked to from here, under its own feet: if the
-   * PING cannot even be queued, the connect watchdog (still armed) drops the connection. */
-  redisAsyncCommand(l->conn->ac, ping_cb, NULL, "PING");
+  /* A failure is handled in ev_cleanup, which hiredis calls next; on success the handshake
+   * queued at connect goes out now. */
+  (void)ac;
+  (void)status;
+}
+
+/*
+ * Queues the handshake on a context just created, before anything else can be queued on it
+ * (sends made while it connects come after): AUTH when a password is set, then PING. hiredis
+ * writes commands in the order they were queued, so AUTH is the first thing the server reads
+ * on every connection, reconnects included. If they cannot be queued, the connect watchdog
+ * drops the connection.
+ */
+static void handshake(rd_tp *tp, redisAsyncContext *ac) {
+  if (tp->password != NULL) {
+    const char *argv[3];
+    size_t lens[3];
+    int argc = 0;
+    argv[argc] = "AUTH";
+    lens[argc++] = 4;
+    if (tp->username != NULL) {
+      argv[argc] = tp->username;
+      lens[argc++] = strlen(tp->username);
+    }
+    argv[argc] = tp->password;
+    lens[argc++] = strlen(tp->password);
+    redisAsyncCommandArgv(ac, auth_cb, NULL, argc, argv, lens);
+  }
+  redisAsyncCommand(ac, ping_cb, NULL, "PING");
 }
 
 /* ---- connections ---------------------------------------------------------------------- */
@@ -486,8 +568,9 @@ static void conn_schedule(rd_conn *c) {
   uv_timer_start(&c->timer, conn_timer_cb, delay, 0);
 }
 
-/* Gives up the current context (if any) and reconnects after the backoff. */
-static void conn_drop(rd_conn *c, const char *why) {
+/* Gives up the current context (if any) and reconnects after the backoff, logging why at
+ * level. */
+static void conn_drop_at(rd_conn *c, const char *why, saga_log_level level) {
   rd_tp *tp = c->tp;
   redisAsyncContext *ac = c->ac;
   int was_up = c->state == C_UP;
@@ -501,10 +584,12 @@ static void conn_drop(rd_conn *c, const char *why) {
   }
   if (tp->state != TP_OPEN) return;
   if (was_up) c->lost = 1;
-  rd_log(tp, SAGA_LOG_WARN, "redis %s connection%s%s dropped: %s; retrying",
+  rd_log(tp, level, "redis %s connection%s%s dropped: %s; retrying",
          c->chan ? "reader" : "command", c->chan ? " of " : "", c->chan ? c->chan->name : "", why);
   conn_schedule(c);
 }
+
+static void conn_drop(rd_conn *c, const char *why) { conn_drop_at(c, why, SAGA_LOG_WARN); }
 
 static void conn_connect(rd_conn *c) {
   rd_tp *tp = c->tp;
@@ -542,6 +627,7 @@ static void conn_connect(rd_conn *c) {
   c->reading = 0;
   /* Setting the callback also waits for writability: that is how the connect completes. */
   redisAsyncSetConnectCallback(ac, on_connect);
+  handshake(tp, ac);
   uv_timer_start(&c->timer, conn_timer_cb, RD_CONNECT_TIMEOUT_MS, 0);
 }
 
@@ -959,6 +1045,20 @@ static void claim_timer_cb(uv_timer_t *h) {
 
 /* ---- sends ---------------------------------------------------------------------------- */
 
+/* An entry id as XADD returns it: "<ms>-<seq>", both decimal. */
+static int entry_id_ok(const redisReply *r) {
+  if (!reply_is(r, REDIS_REPLY_STRING) || r->len < 3 || r->len >= RD_ID_MAX) return 0;
+  size_t dash = 0;
+  for (size_t i = 0; i < r->len; i++) {
+    char ch = r->str[i];
+    if (ch == '-' && dash == 0 && i > 0)
+      dash = i;
+    else if (ch < '0' || ch > '9')
+      return 0;
+  }
+  return dash > 0 && dash + 1 < r->len;
+}
+
 static void xadd_cb(redisAsyncContext *ac, void *reply, void *privdata) {
   rd_link *l = ac->data;
   rd_tp *tp = l->tp;
@@ -970,6 +1070,14 @@ static void xadd_cb(redisAsyncContext *ac, void *reply, void *privdata) {
   if (r == NULL || tp->state != TP_OPEN) return;
   if (r->type == REDIS_REPLY_ERROR) {
     rd_log(tp, SAGA_LOG_WARN, "redis XADD failed: %s", r->str);
+    saga_transport_sent(&tp->base, token, SAGA_ETRANSPORT);
+  } else if (!entry_id_ok(r)) {
+    /* Not what XADD answers: no confirmation. Said once per connection. */
+    tp->stats.replies_unexpected++;
+    if (!l->odd_logged)
+      rd_log(tp, SAGA_LOG_WARN, "redis XADD answered with a reply of type %d, not an entry id: "
+             "not counted as stored", r->type);
+    l->odd_logged = 1;
     saga_transport_sent(&tp->base, token, SAGA_ETRANSPORT);
   } else {
     saga_transport_sent(&tp->base, token, SAGA_OK);
@@ -1155,6 +1263,7 @@ static void tp_free(rd_tp *tp) {
     rd_free(tp, r);
   }
   rd_free(tp, tp->buckets);
+  if (tp->password != NULL) memset(tp->password, 0, strlen(tp->password));
   saga_allocator a = tp->alloc;
   a.free(tp, a.ud); /* the strings share the block */
 }
@@ -1209,12 +1318,19 @@ void saga_redis_config_init(saga_redis_config *cfg) {
 int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg) {
   saga_redis_config c;
   if (out == NULL) return SAGA_EINVAL;
-  if (cfg == NULL) {
-    saga_redis_config_init(&c);
-  } else {
-    if (cfg->struct_version != SAGA_REDIS_CONFIG_VERSION) return SAGA_EVERSION;
-    c = *cfg;
+  saga_redis_config_init(&c);
+  if (cfg != NULL) {
+    if (cfg->struct_version == 1)
+      memcpy(&c, cfg, offsetof(saga_redis_config, username)); /* the version 1 layout */
+    else if (cfg->struct_version == SAGA_REDIS_CONFIG_VERSION)
+      c = *cfg;
+    else
+      return SAGA_EVERSION;
   }
+  if (c.username != NULL && c.username[0] == '\0') c.username = NULL;
+  if (c.password != NULL && c.password[0] == '\0') c.password = NULL;
+  /* A user needs its password (AUTH user pass); "AUTH pass" is the default user's. */
+  if (c.username != NULL && c.password == NULL) return SAGA_EINVAL;
   if (c.host == NULL || c.host[0] == '\0') c.host = "127.0.0.1";
   if (c.port == 0) c.port = 6379;
   if (c.prefix == NULL) c.prefix = "saga";
@@ -1245,7 +1361,8 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
   }
 
   size_t lh = strlen(c.host) + 1, lp = strlen(c.prefix) + 1, lc = strlen(c.consumer) + 1;
-  rd_tp *tp = a.malloc(sizeof *tp + lh + lp + lc, a.ud);
+  size_t lu = c.username ? strlen(c.username) + 1 : 0, lw = c.password ? strlen(c.password) + 1 : 0;
+  rd_tp *tp = a.malloc(sizeof *tp + lh + lp + lc + lu + lw, a.ud);
   if (tp == NULL) return SAGA_ENOMEM;
   memset(tp, 0, sizeof *tp);
   tp->base.methods = &rd_methods;
@@ -1254,6 +1371,8 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
   tp->host = memcpy(s, c.host, lh);
   tp->prefix = memcpy(s + lh, c.prefix, lp);
   tp->consumer = memcpy(s + lh + lp, c.consumer, lc);
+  if (lu > 0) tp->username = memcpy(s + lh + lp + lc, c.username, lu);
+  if (lw > 0) tp->password = memcpy(s + lh + lp + lc + lu, c.password, lw);
   tp->consumerlen = lc - 1;
   tp->port = c.port;
   tp->claim_idle_ms = c.claim_idle_ms;
@@ -1270,5 +1389,11 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
   tp->rng = (uint64_t)(uintptr_t)tp * UINT64_C(0x9E3779B97F4A7C15);
   tp->state = TP_NEW;
   *out = &tp->base;
+  return SAGA_OK;
+}
+
+int saga_redis_stats_get(saga_transport *t, saga_redis_stats *out) {
+  if (t == NULL || out == NULL || t->methods != &rd_methods) return SAGA_EINVAL;
+  *out = ((rd_tp *)t)->stats;
   return SAGA_OK;
 }
