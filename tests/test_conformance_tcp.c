@@ -1,4 +1,6 @@
-/* The TCP transport passes the conformance kit. */
+/* The TCP transport passes the conformance kit, in plaintext and over mutual TLS with an
+ * access list (each node's certificate names it; each may send to every channel of the
+ * other). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,14 +12,29 @@
 
 typedef struct medium {
   char a[32], b[32];
+  const char *pki; /* NULL: plaintext */
 } medium;
 
 static int tcp_create(void *ctx, const char *node, saga_transport **out) {
   medium *m = ctx;
-  saga_tcp_route routes[] = {{"conf-a", m->a, NULL}, {"conf-b", m->b, NULL}, {"conf-ch", m->b, NULL}};
+  const char *ida = m->pki ? "conf-a" : NULL, *idb = m->pki ? "conf-b" : NULL;
+  saga_tcp_route routes[] = {{"conf-a", m->a, ida}, {"conf-b", m->b, idb}, {"conf-ch", m->b, idb}};
+  static const saga_tcp_allow allow[] = {{"conf-a", "*"}, {"conf-b", "*"}};
+  char ca[512], cert[512], key[512];
   saga_tcp_config cfg;
   saga_tcp_config_init(&cfg);
-  cfg.insecure_plaintext = 1; /* loopback only */
+  if (m->pki != NULL) {
+    snprintf(ca, sizeof ca, "%s/ca.pem", m->pki);
+    snprintf(cert, sizeof cert, "%s/%s.pem", m->pki, node);
+    snprintf(key, sizeof key, "%s/%s.key", m->pki, node);
+    cfg.tls_ca_file = ca;
+    cfg.tls_cert_file = cert;
+    cfg.tls_key_file = key;
+    cfg.allow = allow;
+    cfg.nallow = 2;
+  } else {
+    cfg.insecure_plaintext = 1; /* loopback only */
+  }
   cfg.listen = strcmp(node, "conf-a") == 0 ? m->a : m->b;
   cfg.routes = routes;
   cfg.nroutes = 3;
@@ -26,10 +43,11 @@ static int tcp_create(void *ctx, const char *node, saga_transport **out) {
   return saga_tcp_transport_new(out, &cfg);
 }
 
-static void test_tcp_conformance(void **state) {
+static void run_kit(const char *pki) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   medium md;
+  md.pki = pki;
   snprintf(md.a, sizeof md.a, "127.0.0.1:%d", th_free_port());
   snprintf(md.b, sizeof md.b, "127.0.0.1:%d", th_free_port());
   char *dir = th_tmpdir();
@@ -49,7 +67,19 @@ static void test_tcp_conformance(void **state) {
   th_rmdir(dir);
 }
 
+static void test_tcp_conformance(void **state) { run_kit(NULL); }
+
+static void test_tls_conformance(void **state) {
+  char *pki = th_tmpdir(), cmd[1024];
+  snprintf(cmd, sizeof cmd, "bash '%s/scripts/make_pki.sh' '%s' conf-a conf-b", SAGA_SOURCE_DIR,
+           pki);
+  assert_int_equal(system(cmd), 0);
+  run_kit(pki);
+  th_rmdir(pki);
+}
+
 int main(void) {
-  const struct CMUnitTest tests[] = {cmocka_unit_test(test_tcp_conformance)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_tcp_conformance),
+                                     cmocka_unit_test(test_tls_conformance)};
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
