@@ -6,7 +6,7 @@
  *              [--transport mem|inproc|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
  *              [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]
- *              [--checkpoint-pages N]
+ *              [--checkpoint-pages N] [--tls]
  *
  * Throughput run (the default): an orchestrator node and a participant node (each its own
  * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
@@ -37,6 +37,10 @@
  * --transport inproc is the in-process transport across threads (saga_inproc_hub); with
  * --threads 2 (inproc, tcp or nats) the participant node runs on a loop of its own in a
  * second thread, as a process using both cores would; by default both nodes share one loop.
+ *
+ * --tls (with --transport tcp): mutual TLS 1.3 between the two nodes, each with a certificate
+ * from a throwaway CA made by scripts/make_pki.sh in the run's folder, and an access list that
+ * lets each node send only to the other's channel — the production setup of docs/security.md.
  *
  * With --inflight 1 the run also reports the latency floor: the ceiling's commits summed in
  * groups of the engine's commits per saga (floor_p50_ms, floor_p99_ms), i.e. what plain
@@ -82,7 +86,7 @@ typedef struct slot {
 typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
-  int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background, threads;
+  int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background, threads, tls;
   uint32_t ckpt_pages;
   /* --threads 2: the participant node on a loop of its own, in its own thread. */
   uv_loop_t part_loop;
@@ -286,14 +290,31 @@ static saga_transport *make_transport(bench *b, int orch) {
     char self[32], other[32];
     snprintf(self, sizeof self, "127.0.0.1:%d", orch ? b->port_orch : b->port_part);
     snprintf(other, sizeof other, "127.0.0.1:%d", orch ? b->port_part : b->port_orch);
-    saga_tcp_route routes[] = {{"orch", orch ? self : other, NULL}, {"bench", orch ? other : self, NULL}};
+    const char *me = orch ? "bench-orch" : "bench-part", *peer = orch ? "bench-part" : "bench-orch";
+    saga_tcp_route routes[] = {{"orch", orch ? self : other, b->tls ? "bench-orch" : NULL},
+                               {"bench", orch ? other : self, b->tls ? "bench-part" : NULL}};
+    /* Each node takes messages from the other only, on its own channel. */
+    saga_tcp_allow allow[] = {{peer, orch ? "orch" : "bench"}};
+    char ca[600], cert[600], key[600], err[256];
     saga_tcp_config c;
     saga_tcp_config_init(&c);
-    c.insecure_plaintext = 1; /* loopback only */
+    if (b->tls) {
+      snprintf(ca, sizeof ca, "%s/pki/ca.pem", b->dir);
+      snprintf(cert, sizeof cert, "%s/pki/%s.pem", b->dir, me);
+      snprintf(key, sizeof key, "%s/pki/%s.key", b->dir, me);
+      c.tls_ca_file = ca;
+      c.tls_cert_file = cert;
+      c.tls_key_file = key;
+      c.allow = allow;
+      c.nallow = 1;
+    } else {
+      c.insecure_plaintext = 1; /* loopback only */
+    }
     c.listen = self;
     c.routes = routes;
     c.nroutes = 2;
-    rc = saga_tcp_transport_new(&t, &c);
+    rc = saga_tcp_transport_new2(&t, &c, err, sizeof err);
+    if (rc != SAGA_OK) die("creating the TCP transport", err);
   } else if (b->transport == T_NATS) {
 #ifdef SAGA_BENCH_NATS
     saga_nats_config c;
@@ -856,12 +877,12 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
            "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d "
            "checkpoints=%llu checkpoints_inline=%llu threads=%d floor_p50_ms=%.3f "
-           "floor_p99_ms=%.3f",
+           "floor_p99_ms=%.3f tls=%d",
            b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
            ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
            b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
            (unsigned long long)rows, !b->no_memstatus, (unsigned long long)ckpt_bg,
-           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2, floor_p50, floor_p99);
+           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2, floor_p50, floor_p99, b->tls);
 }
 
 /* Parses a whole decimal number in [lo, hi] or exits with a message naming the option. */
@@ -894,7 +915,7 @@ static void usage(void) {
           "                  [--transport mem|inproc|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
           "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
           "                  [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]\n"
-          "                  [--checkpoint-pages N]\n");
+          "                  [--checkpoint-pages N] [--tls]\n");
 }
 
 int main(int argc, char **argv) {
@@ -913,7 +934,7 @@ int main(int argc, char **argv) {
       {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
       {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'},
       {"checkpoint", 1, 0, 'C'}, {"threads", 1, 0, 'T'},
-      {"checkpoint-pages", 1, 0, 'K'}, {0, 0, 0, 0}};
+      {"checkpoint-pages", 1, 0, 'K'}, {"tls", 0, 0, 'L'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
@@ -942,6 +963,7 @@ int main(int argc, char **argv) {
     case 'P': b.paused = 1; break;
     case 'R': b.resend_ms = (uint32_t)opt_long("resend-ms", optarg, 1, 86400000); break;
     case 'M': b.no_memstatus = 1; break;
+    case 'L': b.tls = 1; break;
     case 'T': b.threads = (int)opt_long("threads", optarg, 1, 2); break;
     case 'K': b.ckpt_pages = (uint32_t)opt_long("checkpoint-pages", optarg, 1, 100000000); break;
     case 'C':
@@ -993,6 +1015,16 @@ int main(int argc, char **argv) {
   b.mask = cap - 1;
   b.lat_ms = calloc((size_t)b.sagas, sizeof *b.lat_ms);
   b.loop = uv_default_loop();
+  if (b.tls && b.transport != T_TCP) {
+    fprintf(stderr, "saga_bench: --tls needs --transport tcp\n");
+    return 2;
+  }
+  if (b.tls) { /* a throwaway CA and the two nodes' certificates, in the run's folder */
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "bash '%s/scripts/make_pki.sh' '%s/pki' bench-orch bench-part",
+             SAGA_SOURCE_DIR, b.dir);
+    if (system(cmd) != 0) die("making certificates with scripts/make_pki.sh", cmd);
+  }
   if (b.transport == T_TCP) {
     b.port_orch = th_free_port();
     b.port_part = th_free_port();
