@@ -3,10 +3,14 @@
  * product step reserved; delete it to compensate), and GET /api/order/{purchase_id} for the
  * customer who bought it.
  *
- * An order is keyed by its purchase id, so creating it twice (a redelivery that escaped
- * libsaga's inbox, a saga retried by an operator) leaves one order and succeeds; deleting an
- * order that does not exist succeeds too, since a compensation must tolerate "the action
- * never happened".
+ * An order is keyed by its purchase id and records the saga and step that created it (from
+ * the command's envelope, never from its data). Creating it twice in the same saga (a
+ * redelivery that escaped libsaga's inbox, a saga retried by an operator) leaves one order and
+ * succeeds; another saga naming a purchase that already has an order is refused. The deletion
+ * (the compensation of that step of that saga) deletes the order its own saga created, found
+ * by saga id and step, whatever purchase id its data names: a compensation can only undo what
+ * its saga did. Deleting when the saga created no order succeeds, since a compensation must
+ * tolerate "the action never happened".
  */
 #include <sqlite3.h>
 #include <stdio.h>
@@ -23,12 +27,20 @@ typedef struct order_svc {
 /* One order service per process. */
 static order_svc svc;
 
-static const char schema[] =
+/* The service's tables, by version (shop_schema_migrate). Never edit a released one. */
+static const char *const migrations[] = {
+    /* 1: orders by purchase id; items is JSON [{product_id, name, description, brand_name,
+     * price, amount}], as the product step reserved them. */
     "CREATE TABLE IF NOT EXISTS orders ("
     "  purchase_id TEXT PRIMARY KEY,"
     "  customer_id INTEGER NOT NULL,"
-    "  items TEXT NOT NULL);"; /* JSON [{product_id, name, description, brand_name, price,
-                                   amount}], as the product step reserved them */
+    "  items TEXT NOT NULL);",
+    /* 2: the saga and step that created each order (NULL for orders of version 1, which no
+     * compensation finds: upgrade with no purchase in flight). */
+    "ALTER TABLE orders ADD COLUMN saga_id TEXT;"
+    "ALTER TABLE orders ADD COLUMN step INTEGER;"
+    "CREATE UNIQUE INDEX orders_by_saga ON orders (saga_id, step);",
+};
 
 /* A store error inside a handler: rolled back and delivered again later (transient). */
 static int store_error(sqlite3 *db, const char *what) {
@@ -49,6 +61,31 @@ static json_t *purchase_id_json(const char *id) {
   return numeric ? json_integer((json_int_t)v) : json_string(id);
 }
 
+/* Who created purchase_id's order: 1 this command's saga and step, 0 none, 2 another saga,
+ * < 0 a store error. */
+static int order_owner(sqlite3 *db, const saga_msg *cmd, const char *purchase_id) {
+  sqlite3_stmt *st = NULL;
+  int rc;
+  if (sqlite3_prepare_v2(db, "SELECT saga_id, step FROM orders WHERE purchase_id = ?1", -1, &st,
+                         NULL) != SQLITE_OK)
+    rc = store_error(db, "preparing a statement");
+  else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK)
+    rc = store_error(db, "binding");
+  else if ((rc = sqlite3_step(st)) == SQLITE_DONE)
+    rc = 0;
+  else if (rc == SQLITE_ROW) {
+    const char *saga = (const char *)sqlite3_column_text(st, 0);
+    rc = saga != NULL && strcmp(saga, saga_msg_saga_id(cmd)) == 0 &&
+                 sqlite3_column_type(st, 1) == SQLITE_INTEGER &&
+                 sqlite3_column_int64(st, 1) == (int64_t)saga_msg_step(cmd)
+             ? 1
+             : 2;
+  } else
+    rc = store_error(db, "reading an order");
+  sqlite3_finalize(st);
+  return rc;
+}
+
 /* order.create: data purchase_id, customer_id, detail. No reply data. */
 static int create_order(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
   (void)arg;
@@ -67,17 +104,24 @@ static int create_order(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, voi
   int is_array = json_is_array(items);
   json_decref(items);
   if (!is_array) return saga_reply_fail(reply, "malformed purchase: detail is not a JSON array");
+  int owner = order_owner(db, cmd, purchase_id);
+  if (owner < 0) return owner;
+  if (owner == 1) return SAGA_OK; /* created by this saga's step already */
+  if (owner == 2)
+    return saga_reply_fail(reply, "the purchase already has an order of another saga");
 
   sqlite3_stmt *st = NULL;
   int rc = SAGA_OK;
   if (sqlite3_prepare_v2(db,
-                         "INSERT OR IGNORE INTO orders (purchase_id, customer_id, items) "
-                         "VALUES (?1, ?2, ?3)",
+                         "INSERT INTO orders (purchase_id, customer_id, items, saga_id, step) "
+                         "VALUES (?1, ?2, ?3, ?4, ?5)",
                          -1, &st, NULL) != SQLITE_OK)
     rc = store_error(db, "preparing a statement");
   else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK ||
            sqlite3_bind_int64(st, 2, customer_id) != SQLITE_OK ||
-           sqlite3_bind_text(st, 3, detail, -1, SQLITE_STATIC) != SQLITE_OK)
+           sqlite3_bind_text(st, 3, detail, -1, SQLITE_STATIC) != SQLITE_OK ||
+           sqlite3_bind_text(st, 4, saga_msg_saga_id(cmd), -1, SQLITE_STATIC) != SQLITE_OK ||
+           sqlite3_bind_int64(st, 5, saga_msg_step(cmd)) != SQLITE_OK)
     rc = store_error(db, "binding");
   else if (sqlite3_step(st) != SQLITE_DONE)
     rc = store_error(db, "creating an order");
@@ -85,19 +129,19 @@ static int create_order(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, voi
   return rc;
 }
 
-/* order.delete: data purchase_id. No order (never created, or deleted already): success. */
+/* order.delete: deletes the order this saga's step created, found by the command's saga id
+ * and step (its data is not used). None (never created, or deleted already): success. */
 static int delete_order(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
   (void)reply;
   (void)arg;
   sqlite3 *db = saga_tx_db(tx);
-  const char *purchase_id = saga_data_get_str(saga_msg_data(cmd), "purchase_id");
-  if (purchase_id == NULL) return SAGA_OK; /* the creation refused it: nothing to delete */
   sqlite3_stmt *st = NULL;
   int rc = SAGA_OK;
-  if (sqlite3_prepare_v2(db, "DELETE FROM orders WHERE purchase_id = ?1", -1, &st, NULL) !=
-      SQLITE_OK)
+  if (sqlite3_prepare_v2(db, "DELETE FROM orders WHERE saga_id = ?1 AND step = ?2", -1, &st,
+                         NULL) != SQLITE_OK)
     rc = store_error(db, "preparing a statement");
-  else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK)
+  else if (sqlite3_bind_text(st, 1, saga_msg_saga_id(cmd), -1, SQLITE_STATIC) != SQLITE_OK ||
+           sqlite3_bind_int64(st, 2, saga_msg_step(cmd)) != SQLITE_OK)
     rc = store_error(db, "binding");
   else if (sqlite3_step(st) != SQLITE_DONE)
     rc = store_error(db, "deleting an order");
@@ -145,13 +189,9 @@ static void get_order(shop_req *r, void *arg) {
 int shop_order_init(shop_ctx *c, saga_node *node) {
   svc.c = c;
   svc.node = node;
-  sqlite3 *db = saga_node_db(node);
-  char *err = NULL;
-  if (sqlite3_exec(db, schema, NULL, NULL, &err) != SQLITE_OK) {
-    fprintf(stderr, "[order] creating tables: %s\n", err ? err : sqlite3_errmsg(db));
-    sqlite3_free(err);
+  if (shop_schema_migrate(saga_node_db(node), "order", migrations,
+                          (int)(sizeof migrations / sizeof migrations[0])) != 0)
     return -1;
-  }
   int rc = saga_node_handle(node, SHOP_CH_ORDER, "order.create", create_order, &svc);
   if (rc == SAGA_OK) rc = saga_node_handle(node, SHOP_CH_ORDER, "order.delete", delete_order, &svc);
   if (rc != SAGA_OK) {

@@ -2,8 +2,12 @@
  * The payment service: the pivot of the purchase saga (charge the total the product step
  * computed), and GET /api/payment/{purchase_id} for the customer who paid.
  *
- * A payment is keyed by its purchase id: charging a purchase that is already paid answers
- * success with nothing new written, so a duplicate can never fail (or charge) a saga twice.
+ * A payment is keyed by its purchase id and records the saga and step that charged it (from
+ * the command's envelope, never from its data): charging again in the same saga answers
+ * success with nothing new written, so a duplicate can never fail (or charge) a saga twice;
+ * another saga charging a purchase that is already paid is refused. (The step is the pivot:
+ * it has no compensation. Were a refund added, it would find the payment by saga id and
+ * step, like the shop's other compensations.)
  * The demo's refusal rule: a total above c->payment_limit is refused, which makes the saga
  * compensate the order and the reservation.
  */
@@ -23,11 +27,19 @@ typedef struct payment_svc {
 /* One payment service per process. */
 static payment_svc svc;
 
-static const char schema[] = "CREATE TABLE IF NOT EXISTS payments ("
-                             "  purchase_id TEXT PRIMARY KEY,"
-                             "  customer_id INTEGER NOT NULL,"
-                             "  currency TEXT NOT NULL,"
-                             "  amount INTEGER NOT NULL CHECK (amount >= 0));";
+/* The service's tables, by version (shop_schema_migrate). Never edit a released one. */
+static const char *const migrations[] = {
+    /* 1: payments by purchase id. */
+    "CREATE TABLE IF NOT EXISTS payments ("
+    "  purchase_id TEXT PRIMARY KEY,"
+    "  customer_id INTEGER NOT NULL,"
+    "  currency TEXT NOT NULL,"
+    "  amount INTEGER NOT NULL CHECK (amount >= 0));",
+    /* 2: the saga and step that charged each payment (NULL for payments of version 1). */
+    "ALTER TABLE payments ADD COLUMN saga_id TEXT;"
+    "ALTER TABLE payments ADD COLUMN step INTEGER;"
+    "CREATE UNIQUE INDEX payments_by_saga ON payments (saga_id, step);",
+};
 
 /* A store error inside a handler: rolled back and delivered again later (transient). */
 static int store_error(sqlite3 *db, const char *what) {
@@ -48,18 +60,26 @@ static json_t *purchase_id_json(const char *id) {
   return numeric ? json_integer((json_int_t)v) : json_string(id);
 }
 
-/* Whether purchase_id is paid already: 1 yes, 0 no, < 0 a store error. */
-static int already_paid(sqlite3 *db, const char *purchase_id) {
+/* Who paid purchase_id: 1 this command's saga and step, 0 nobody, 2 another saga, < 0 a
+ * store error. */
+static int paid_by(sqlite3 *db, const saga_msg *cmd, const char *purchase_id) {
   sqlite3_stmt *st = NULL;
   int rc;
-  if (sqlite3_prepare_v2(db, "SELECT 1 FROM payments WHERE purchase_id = ?1", -1, &st, NULL) !=
-      SQLITE_OK)
+  if (sqlite3_prepare_v2(db, "SELECT saga_id, step FROM payments WHERE purchase_id = ?1", -1, &st,
+                         NULL) != SQLITE_OK)
     rc = store_error(db, "preparing a statement");
   else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK)
     rc = store_error(db, "binding");
-  else if ((rc = sqlite3_step(st)) == SQLITE_ROW || rc == SQLITE_DONE)
-    rc = rc == SQLITE_ROW;
-  else
+  else if ((rc = sqlite3_step(st)) == SQLITE_DONE)
+    rc = 0;
+  else if (rc == SQLITE_ROW) {
+    const char *saga = (const char *)sqlite3_column_text(st, 0);
+    rc = saga != NULL && strcmp(saga, saga_msg_saga_id(cmd)) == 0 &&
+                 sqlite3_column_type(st, 1) == SQLITE_INTEGER &&
+                 sqlite3_column_int64(st, 1) == (int64_t)saga_msg_step(cmd)
+             ? 1
+             : 2;
+  } else
     rc = store_error(db, "reading a payment");
   sqlite3_finalize(st);
   return rc;
@@ -77,8 +97,12 @@ static int charge(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg
       saga_data_get_i64(in, "customer_id", &customer_id) != SAGA_OK)
     return saga_reply_fail(reply, "malformed purchase: purchase_id and customer_id are "
                                   "required");
-  int paid = already_paid(db, purchase_id);
-  if (paid != 0) return paid < 0 ? paid : SAGA_OK; /* charged once, answered the same */
+  int paid = paid_by(db, cmd, purchase_id);
+  if (paid < 0) return paid;
+  if (paid == 1) return SAGA_OK; /* charged once by this saga, answered the same */
+  if (paid == 2)
+    return saga_reply_fail(reply, "payment refused: the purchase is already paid by "
+                                  "another saga");
   if (currency == NULL || (strcmp(currency, "NT") != 0 && strcmp(currency, "US") != 0))
     return saga_reply_fail(reply, "payment refused: the currency must be NT or US");
   if (saga_data_get_i64(in, "total", &total) != SAGA_OK || total < 0)
@@ -92,14 +116,16 @@ static int charge(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg
   sqlite3_stmt *st = NULL;
   int rc = SAGA_OK;
   if (sqlite3_prepare_v2(db,
-                         "INSERT OR IGNORE INTO payments (purchase_id, customer_id, currency, "
-                         "amount) VALUES (?1, ?2, ?3, ?4)",
+                         "INSERT INTO payments (purchase_id, customer_id, currency, amount, "
+                         "saga_id, step) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                          -1, &st, NULL) != SQLITE_OK)
     rc = store_error(db, "preparing a statement");
   else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK ||
            sqlite3_bind_int64(st, 2, customer_id) != SQLITE_OK ||
            sqlite3_bind_text(st, 3, currency, -1, SQLITE_STATIC) != SQLITE_OK ||
-           sqlite3_bind_int64(st, 4, total) != SQLITE_OK)
+           sqlite3_bind_int64(st, 4, total) != SQLITE_OK ||
+           sqlite3_bind_text(st, 5, saga_msg_saga_id(cmd), -1, SQLITE_STATIC) != SQLITE_OK ||
+           sqlite3_bind_int64(st, 6, saga_msg_step(cmd)) != SQLITE_OK)
     rc = store_error(db, "binding");
   else if (sqlite3_step(st) != SQLITE_DONE)
     rc = store_error(db, "recording a payment");
@@ -145,13 +171,9 @@ static void get_payment(shop_req *r, void *arg) {
 int shop_payment_init(shop_ctx *c, saga_node *node) {
   svc.c = c;
   svc.node = node;
-  sqlite3 *db = saga_node_db(node);
-  char *err = NULL;
-  if (sqlite3_exec(db, schema, NULL, NULL, &err) != SQLITE_OK) {
-    fprintf(stderr, "[payment] creating tables: %s\n", err ? err : sqlite3_errmsg(db));
-    sqlite3_free(err);
+  if (shop_schema_migrate(saga_node_db(node), "payment", migrations,
+                          (int)(sizeof migrations / sizeof migrations[0])) != 0)
     return -1;
-  }
   int rc = saga_node_handle(node, SHOP_CH_PAYMENT, "payment.charge", charge, &svc);
   if (rc != SAGA_OK) {
     fprintf(stderr, "[payment] registering the handler: %s\n", saga_strerror(rc));

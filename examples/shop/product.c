@@ -7,9 +7,13 @@
  * for the purchase, so a reservation is never partial. The HTTP routes run on the same loop
  * thread, between the node's transactions, and use the node's connection in autocommit mode.
  *
- * Reservations are recorded per (purchase, product), so that the release restores exactly
- * what this purchase took, even if prices or inventory changed in the meantime, and so that
- * a release of a purchase that reserved nothing changes nothing.
+ * Reservations are recorded per (saga, step, product): the saga id and step come from the
+ * command's envelope (saga_msg_saga_id, saga_msg_step), never from its data. The release, the
+ * compensation of that same step of that same saga, restores exactly what the saga's
+ * reservation took (even if prices or inventory changed in the meantime) and nothing else:
+ * the purchase id in its data is not used to find what to undo, so a command naming another
+ * purchase (a forgery, a bug) cannot give back someone else's reservation; and a release of a
+ * saga that reserved nothing changes nothing.
  */
 #include <inttypes.h>
 #include <sqlite3.h>
@@ -30,18 +34,36 @@ typedef struct product_svc {
 /* One product service per process. */
 static product_svc svc;
 
-static const char schema[] = "CREATE TABLE IF NOT EXISTS products ("
-                             "  id INTEGER PRIMARY KEY,"
-                             "  name TEXT NOT NULL,"
-                             "  description TEXT NOT NULL,"
-                             "  brand_name TEXT NOT NULL,"
-                             "  price INTEGER NOT NULL CHECK (price >= 0),"
-                             "  inventory INTEGER NOT NULL CHECK (inventory >= 0));"
-                             "CREATE TABLE IF NOT EXISTS reservations ("
-                             "  purchase_id TEXT NOT NULL,"
-                             "  product_id INTEGER NOT NULL,"
-                             "  amount INTEGER NOT NULL CHECK (amount > 0),"
-                             "  PRIMARY KEY (purchase_id, product_id));";
+/* The service's tables, by version (shop_schema_migrate). Never edit a released one. */
+static const char *const migrations[] = {
+    /* 1: products, and reservations per (purchase, product). */
+    "CREATE TABLE IF NOT EXISTS products ("
+    "  id INTEGER PRIMARY KEY,"
+    "  name TEXT NOT NULL,"
+    "  description TEXT NOT NULL,"
+    "  brand_name TEXT NOT NULL,"
+    "  price INTEGER NOT NULL CHECK (price >= 0),"
+    "  inventory INTEGER NOT NULL CHECK (inventory >= 0));"
+    "CREATE TABLE IF NOT EXISTS reservations ("
+    "  purchase_id TEXT NOT NULL,"
+    "  product_id INTEGER NOT NULL,"
+    "  amount INTEGER NOT NULL CHECK (amount > 0),"
+    "  PRIMARY KEY (purchase_id, product_id));",
+    /* 2: reservations per (saga, step, product), the saga and step that reserved them. Rows of
+     * version 1 keep saga_id and step NULL: no compensation finds them (upgrade with no
+     * purchase in flight, docs/shop.md). */
+    "CREATE TABLE reservations_v2 ("
+    "  saga_id TEXT,"
+    "  step INTEGER,"
+    "  product_id INTEGER NOT NULL,"
+    "  purchase_id TEXT NOT NULL,"
+    "  amount INTEGER NOT NULL CHECK (amount > 0),"
+    "  UNIQUE (saga_id, step, product_id));"
+    "INSERT INTO reservations_v2 (product_id, purchase_id, amount)"
+    "  SELECT product_id, purchase_id, amount FROM reservations;"
+    "DROP TABLE reservations;"
+    "ALTER TABLE reservations_v2 RENAME TO reservations;",
+};
 
 /* A store error inside a handler: rolled back and delivered again later (transient). */
 static int store_error(sqlite3 *db, const char *what) {
@@ -216,15 +238,16 @@ static const char *const reserve_sql[NQ_RESERVE] = {
     [Q_TAKE] = "UPDATE products SET inventory = inventory - ?2 WHERE id = ?1 "
                "AND inventory >= ?2",
     /* The same product twice in one purchase adds up. */
-    [Q_RESERVE] = "INSERT INTO reservations (purchase_id, product_id, amount) "
-                  "VALUES (?1, ?2, ?3) ON CONFLICT (purchase_id, product_id) "
+    [Q_RESERVE] = "INSERT INTO reservations (saga_id, step, product_id, purchase_id, amount) "
+                  "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (saga_id, step, product_id) "
                   "DO UPDATE SET amount = amount + excluded.amount",
 };
 
 /* Reserves one item: appends its detail to `detail` and adds amount * price to *total.
  * Returns SAGA_OK, a refusal (reason in why), or a store error. */
-static int reserve_item(sqlite3 *db, sqlite3_stmt **q, const char *purchase_id, int64_t pid,
-                        int64_t amount, json_t *detail, int64_t *total, char *why, size_t whylen) {
+static int reserve_item(sqlite3 *db, sqlite3_stmt **q, const saga_msg *cmd, const char *purchase_id,
+                        int64_t pid, int64_t amount, json_t *detail, int64_t *total, char *why,
+                        size_t whylen) {
   sqlite3_stmt *get = q[Q_GET], *take = q[Q_TAKE], *res = q[Q_RESERVE];
   sqlite3_reset(get);
   sqlite3_reset(take);
@@ -264,9 +287,11 @@ static int reserve_item(sqlite3 *db, sqlite3_stmt **q, const char *purchase_id, 
     snprintf(why, whylen, "insufficient inventory for product %" PRId64, pid);
     return SAGA_EREFUSED;
   }
-  if (sqlite3_bind_text(res, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK ||
-      sqlite3_bind_int64(res, 2, pid) != SQLITE_OK ||
-      sqlite3_bind_int64(res, 3, amount) != SQLITE_OK)
+  if (sqlite3_bind_text(res, 1, saga_msg_saga_id(cmd), -1, SQLITE_STATIC) != SQLITE_OK ||
+      sqlite3_bind_int64(res, 2, saga_msg_step(cmd)) != SQLITE_OK ||
+      sqlite3_bind_int64(res, 3, pid) != SQLITE_OK ||
+      sqlite3_bind_text(res, 4, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK ||
+      sqlite3_bind_int64(res, 5, amount) != SQLITE_OK)
     return store_error(db, "binding");
   if (sqlite3_step(res) != SQLITE_DONE) return store_error(db, "recording a reservation");
   return SAGA_OK;
@@ -312,7 +337,7 @@ static int reserve(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *ar
       rc = SAGA_EREFUSED;
       break;
     }
-    rc = reserve_item(db, q, purchase_id, (int64_t)json_integer_value(jp),
+    rc = reserve_item(db, q, cmd, purchase_id, (int64_t)json_integer_value(jp),
                       (int64_t)json_integer_value(ja), detail, &total, why, sizeof why);
   }
   char *text = NULL;
@@ -330,28 +355,30 @@ static int reserve(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *ar
 }
 
 /*
- * product.release: gives back exactly what the reservations of purchase_id say, and forgets
- * them. A purchase that reserved nothing (or was released already) changes nothing.
+ * product.release: gives back exactly what this saga's reservation at this step took, and
+ * forgets it. What to undo is found by the saga id and step of the command (the compensation
+ * of the step that reserved), not by the purchase id in its data: a release can only undo what
+ * its own saga did. A saga that reserved nothing (or was released already) changes nothing.
  */
 static int release(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
   (void)reply;
   (void)arg;
   sqlite3 *db = saga_tx_db(tx);
-  const char *purchase_id = saga_data_get_str(saga_msg_data(cmd), "purchase_id");
-  if (purchase_id == NULL) return SAGA_OK; /* the reservation refused it: nothing reserved */
   sqlite3_stmt *give = NULL, *forget = NULL;
   int rc = SAGA_OK;
   if (sqlite3_prepare_v2(db,
                          "UPDATE products SET inventory = inventory + (SELECT r.amount FROM "
-                         "reservations r WHERE r.purchase_id = ?1 AND r.product_id = "
-                         "products.id) WHERE id IN (SELECT product_id FROM reservations "
-                         "WHERE purchase_id = ?1)",
+                         "reservations r WHERE r.saga_id = ?1 AND r.step = ?2 AND "
+                         "r.product_id = products.id) WHERE id IN (SELECT product_id FROM "
+                         "reservations WHERE saga_id = ?1 AND step = ?2)",
                          -1, &give, NULL) != SQLITE_OK ||
-      sqlite3_prepare_v2(db, "DELETE FROM reservations WHERE purchase_id = ?1", -1, &forget,
-                         NULL) != SQLITE_OK) {
+      sqlite3_prepare_v2(db, "DELETE FROM reservations WHERE saga_id = ?1 AND step = ?2", -1,
+                         &forget, NULL) != SQLITE_OK) {
     rc = store_error(db, "preparing a statement");
-  } else if (sqlite3_bind_text(give, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK ||
-             sqlite3_bind_text(forget, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK) {
+  } else if (sqlite3_bind_text(give, 1, saga_msg_saga_id(cmd), -1, SQLITE_STATIC) != SQLITE_OK ||
+             sqlite3_bind_int64(give, 2, saga_msg_step(cmd)) != SQLITE_OK ||
+             sqlite3_bind_text(forget, 1, saga_msg_saga_id(cmd), -1, SQLITE_STATIC) != SQLITE_OK ||
+             sqlite3_bind_int64(forget, 2, saga_msg_step(cmd)) != SQLITE_OK) {
     rc = store_error(db, "binding");
   } else if (sqlite3_step(give) != SQLITE_DONE) {
     rc = store_error(db, "restoring inventory");
@@ -366,13 +393,9 @@ static int release(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *ar
 int shop_product_init(shop_ctx *c, saga_node *node) {
   svc.c = c;
   svc.node = node;
-  sqlite3 *db = saga_node_db(node);
-  char *err = NULL;
-  if (sqlite3_exec(db, schema, NULL, NULL, &err) != SQLITE_OK) {
-    fprintf(stderr, "[product] creating tables: %s\n", err ? err : sqlite3_errmsg(db));
-    sqlite3_free(err);
+  if (shop_schema_migrate(saga_node_db(node), "product", migrations,
+                          (int)(sizeof migrations / sizeof migrations[0])) != 0)
     return -1;
-  }
   int rc = saga_node_handle(node, SHOP_CH_PRODUCT, "product.reserve", reserve, &svc);
   if (rc == SAGA_OK) rc = saga_node_handle(node, SHOP_CH_PRODUCT, "product.release", release, &svc);
   if (rc != SAGA_OK) {

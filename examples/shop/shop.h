@@ -99,6 +99,16 @@ void shop_services_close(shop_ctx *c);
 void shop_account_close(void);          /* account.c: its database and statements */
 void shop_purchase_close(shop_ctx *c);  /* purchase.c: streams, pending starts, lookups */
 
+/* Brings a service's own tables to version n in its node's database: applies migrations[v]
+ * .. migrations[n-1] (SQL scripts; migrations[k] takes version k to k + 1), each in one
+ * transaction with the version it reaches, recorded in the table shop_schema (PRAGMA
+ * user_version belongs to libsaga's tables in the same file). A database made before versions
+ * were recorded is at version 0 and holds the tables of version 1 (migration 0 creates them
+ * with IF NOT EXISTS). 0, or -1 with the reason on stderr. */
+struct sqlite3;
+int shop_schema_migrate(struct sqlite3 *db, const char *service, const char *const *migrations,
+                        int n);
+
 /* ---- health and metrics (metrics.c): one implementation for every service ---------------- */
 
 /* A growing text buffer. oom is set (and nothing more written) when memory ran out. */

@@ -29,6 +29,18 @@
  * then once more. Its database writes count once; effects outside the database should be
  * idempotent.
  *
+ * Key your effects on the saga, not on the payload. A command's data is whatever its sender
+ * wrote; its saga id and step (saga_msg_saga_id(), saga_msg_step()) are those of the saga the
+ * handler serves, which the node already uses to run each step at most once. Record the saga
+ * id and step with every business row an action writes, and have its compensation find what
+ * to undo by them: a compensation may only undo what its own saga did. A compensation that
+ * looks its rows up by an id in its data (an order number, a purchase id) undoes whatever a
+ * sender names, including another saga's completed work; one keyed on its saga and step
+ * undoes at most what that saga's action did, and nothing when it did nothing. Likewise an
+ * action whose business key (an order number) already belongs to another saga should refuse
+ * rather than answer success. docs/security.md has the trust model this is part of; the
+ * example shop (docs/shop.md) does it for reservations, orders and payments.
+ *
  * Thread: handlers run on the node's loop thread. Every pointer passed to a handler is
  * borrowed for the call only.
  */
