@@ -42,6 +42,11 @@ void saga__buf_free(saga__buf *b);
 void saga__errf(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Copies the len bytes of s for a log line or a dead letter's reason: at most out_len - 1
+ * bytes (out_len >= 4), '?' for control bytes and NULs (s may come from the network),
+ * ending in "..." when cut. */
+void saga__printable(char *out, size_t out_len, const char *s, size_t len);
+
 /* splitmix64 step, for seeded generators. */
 uint64_t saga__splitmix64(uint64_t *state);
 /* 64 bits from the OS (getrandom), falling back to time and address entropy. */

@@ -15,6 +15,8 @@
  *
  * Checks, each reported by name:
  *   delivery        a message sent to a channel reaches its subscriber, bytes intact
+ *   can_send        (only when the adapter has can_send) the channels the kit sends to are
+ *                   reachable: conf-a to "conf-ch" and "conf-b", conf-b to "conf-a"
  *   ack             the sender is told the message is safe once the receiver acknowledged it
  *   unacked         a delivery that was never acknowledged either comes again to a new
  *                   subscriber (a broker redelivers it) or its sender was never told it was

@@ -361,6 +361,13 @@ typedef struct saga_node_stats {
   /** Replies that matched no awaited step (duplicates, late or stale attempts), all of
    * them, including those for finished sagas, which record no history. */
   uint64_t stale_replies;
+  /** Commands refused because their reply_to cannot be reached by this node's transport
+   * (its can_send() said 0) or names the reserved local channel: dead-lettered and
+   * acknowledged, the handler not run. */
+  uint64_t reply_to_refused;
+  /** Outbox rows the transport refused for good (send() returned SAGA_EINVAL or
+   * SAGA_ETOOBIG): moved to the dead-letter table once, not resent. */
+  uint64_t unsendable;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

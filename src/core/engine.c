@@ -528,6 +528,42 @@ int saga__engine_reply(saga_node *n, const saga_envelope *r) {
   return step(n, i, r->status == 0 ? E_OK : E_FAIL, r);
 }
 
+int saga__engine_undeliverable(saga_node *n, const saga_envelope *cmd, int code,
+                               const char *reason) {
+  saga__inst *i = &n->inst;
+  int rc = inst_load(n, cmd->saga_id, i);
+  if (rc == SAGA_ENOTFOUND) return SAGA_OK;
+  if (rc != SAGA_OK) return rc;
+  if (i->def == NULL) return SAGA_OK;
+  mode m = mode_of(i);
+  int waiting = m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT;
+  if (!waiting || cmd->phase != (saga_phase)i->phase || cmd->step != (uint32_t)i->step ||
+      cmd->attempt != i->attempt)
+    return SAGA_OK; /* an older attempt, or the saga moved on: nothing waits for it */
+  /* The attempt will never be answered: as if its participant had answered with the
+   * failure. The command never left this node (a permanent refusal means the transport can
+   * never deliver it), so an action fails like a refusal: retried per its policy, else the
+   * earlier steps are compensated. But when an earlier attempt of the action timed out, that
+   * one may have applied: then it is the timeout path (retry, or compensate this step too).
+   * A resolve that cannot be sent proves nothing about the pivot: the timeout path as well
+   * (ask again after the backoff). A compensation fails and is retried per its policy. */
+  saga_envelope r;
+  memset(&r, 0, sizeof r);
+  r.version = SAGA_ENVELOPE_VERSION;
+  r.kind = SAGA_MSG_REPLY;
+  r.msg_id = "";
+  r.saga_id = cmd->saga_id;
+  r.step = cmd->step;
+  r.attempt = cmd->attempt;
+  r.phase = cmd->phase;
+  r.name = cmd->name;
+  r.status = code;
+  r.error = reason;
+  event e = E_FAIL;
+  if (m == M_RES_WAIT || (m == M_ACT_WAIT && (i->flags & FLAG_UNCERTAIN))) e = E_TIMEOUT;
+  return step(n, i, e, &r);
+}
+
 int saga__engine_due(saga_node *n, uint64_t now, size_t max, size_t *processed) {
   /* Collect the due ids first: the scan must not run while rows are being updated. */
   saga__buf *ids = &n->scratch2;

@@ -537,6 +537,8 @@ static void delete_sent(saga_node *n, saga__queue *q, size_t from, size_t to, in
   }
 }
 
+static int relay_unsendable(saga_node *n, uint64_t id, int code);
+
 /* Runs one item. Careful mode wraps it in a savepoint, so that a failure rolls back only this
  * item. Fast mode (the first try of every transaction) has no item savepoint: an item that
  * fails after writing sets *replay, and the caller rolls the transaction back and runs it
@@ -582,6 +584,9 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful
     w->ack = rc == SAGA_OK;
     break;
   }
+  case W_UNSENDABLE:
+    rc = relay_unsendable(n, w->tag, w->code);
+    break;
   default: /* W_SENT: delete_sent() */
     rc = SAGA_OK;
     break;
@@ -648,6 +653,7 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
       if (w->cb != NULL) ((saga_done_cb)w->cb)(n, status, w->cb_arg);
       break;
     case W_SENT:
+    case W_UNSENDABLE:
       break;
     }
   }
@@ -803,10 +809,87 @@ static void publish(saga_node *n, uint64_t id, const char *channel, const void *
   }
   if (!n->transport_open || n->transport_closed) return;
   int rc = n->tm.send(n->transport, channel, body, len, id);
-  if (rc == SAGA_OK) SAGA__HOOK(n, "relay.after_publish");
-  if (rc != SAGA_OK)
-    saga__node_log(n, SAGA_LOG_WARN, "transport refused message %" PRIu64 " to '%s': %s", id,
-                   channel, saga_strerror(rc));
+  if (rc == SAGA_OK) {
+    SAGA__HOOK(n, "relay.after_publish");
+    return;
+  }
+  if (rc == SAGA_EINVAL || rc == SAGA_ETOOBIG) {
+    /* Permanent: resending cannot help. The next transaction moves the row to the
+     * dead-letter table (see relay_unsendable); until then it is simply not resent (on
+     * ENOMEM here it is, and refused again). */
+    saga__work *w = queue_push(n, W_UNSENDABLE, NULL, 0, NULL, 0, NULL, 0);
+    if (w != NULL) {
+      w->tag = id;
+      w->code = rc;
+      return;
+    }
+  }
+  saga__node_log(n, SAGA_LOG_WARN, "transport refused message %" PRIu64 " to '%s': %s", id,
+                 channel, saga_strerror(rc));
+}
+
+/* Inside a transaction: the transport refused outbox row `id` for good (send() returned the
+ * permanent `code`). Moves the row to the dead-letter table with the reason, once — a row
+ * already gone (confirmed, or moved by an earlier refusal) is left alone — and, if it is a
+ * command a saga of this node waits for, fails that step (saga__engine_undeliverable). */
+static int relay_unsendable(saga_node *n, uint64_t id, int code) {
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(n->store.db, "SELECT channel, body FROM saga_outbox WHERE id = ?1",
+                              -1, &st, NULL);
+  if (rc != SQLITE_OK) return saga__node_db_fail(n, saga__store_err(rc), "reading outbox");
+  sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
+  rc = sqlite3_step(st);
+  if (rc != SQLITE_ROW) {
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? SAGA_OK
+                             : saga__node_db_fail(n, saga__store_err(rc), "reading outbox");
+  }
+  /* channel NUL body, copied: the engine below reuses the node's scratch buffers. */
+  saga__buf row;
+  saga__buf_init(&row, n->alloc);
+  const char *ch = (const char *)sqlite3_column_text(st, 0);
+  size_t chlen = ch != NULL ? strlen(ch) : 0;
+  size_t len = (size_t)sqlite3_column_bytes(st, 1);
+  static const char zero = 0;
+  rc = saga__buf_append(&row, ch != NULL ? ch : "", chlen);
+  if (rc == SAGA_OK) rc = saga__buf_append(&row, &zero, 1);
+  if (rc == SAGA_OK && len > 0) rc = saga__buf_append(&row, sqlite3_column_blob(st, 1), len);
+  sqlite3_finalize(st);
+  if (rc != SAGA_OK) {
+    saga__buf_free(&row);
+    return saga__node_fail(n, rc, "out of memory moving an unsendable outbox row");
+  }
+  const char *channel = (const char *)row.data;
+  const uint8_t *body = row.data + chlen + 1;
+  char shown[131];
+  saga__printable(shown, sizeof shown, channel, chlen);
+  char reason[400];
+  if (code == SAGA_ETOOBIG)
+    snprintf(reason, sizeof reason, "transport '%s' cannot send %zu bytes to '%s': SAGA_ETOOBIG "
+             "(above its message limit); not resent", n->tm.name, len, shown);
+  else
+    snprintf(reason, sizeof reason, "transport '%s' cannot send to '%s': SAGA_EINVAL (no "
+             "route, or a channel it cannot carry); not resent", n->tm.name, shown);
+  saga_envelope *env = NULL;
+  char err[200];
+  if (saga_envelope_decode(body, len, &n->limits, n->alloc, &env, err, sizeof err) != SAGA_OK)
+    env = NULL; /* ours, so it decodes; if not, it is still kept */
+  rc = saga__node_dead_letter(n, channel, env != NULL ? env->msg_id : NULL, reason, body, len);
+  if (rc == SAGA_OK) {
+    st = saga__store_stmt(&n->store, ST_OUTBOX_DELETE);
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)id);
+    rc = saga__store_exec(&n->store, ST_OUTBOX_DELETE);
+    if (rc != SAGA_OK) rc = saga__node_db_fail(n, rc, "deleting an unsendable outbox row");
+  }
+  if (rc == SAGA_OK) {
+    n->stats.unsendable++;
+    if (env != NULL && env->kind == SAGA_MSG_COMMAND)
+      rc = saga__engine_undeliverable(n, env, code, reason);
+  }
+  saga_envelope_free(env);
+  saga__buf_free(&row);
+  return rc;
 }
 
 /* Publishes rows in (lo, hi] created at or before `older` (all when older is UINT64_MAX),

@@ -129,7 +129,8 @@ typedef enum saga__work_type {
   W_CANCEL,
   W_RETRY,
   W_SENT,
-  W_DEAD /* a message the transport gave up on: keep it, then acknowledge it */
+  W_DEAD, /* a message the transport gave up on: keep it, then acknowledge it */
+  W_UNSENDABLE /* an outbox row send() refused for good: dead-letter it, fail its step */
 } saga__work_type;
 
 /* One queued item. Variable-length bytes live in the queue's arena, referenced by offset. */
@@ -138,7 +139,8 @@ typedef struct saga__work {
   int status;          /* result after processing */
   int ack;             /* delivery: acknowledge after commit */
   int existed;         /* start: idempotency key matched */
-  uint64_t tag;        /* delivery tag / sent token */
+  uint64_t tag;        /* delivery tag / sent token / unsendable outbox id */
+  int code;            /* unsendable: the permanent code send() returned */
   size_t off1, len1;   /* delivery: channel (NUL-terminated); start: def name; cancel: id */
   size_t off2, len2;   /* delivery: bytes; start: encoded input */
   size_t off3, len3;   /* start: idempotency key (len3 = SIZE_MAX when none) */
@@ -363,6 +365,10 @@ int saga__engine_due(saga_node *n, uint64_t now, size_t max, size_t *processed);
 int saga__engine_cancel(saga_node *n, const char *saga_id);
 int saga__engine_retry(saga_node *n, const char *saga_id);
 int saga__engine_unpark(saga_node *n, int *missing);
+/* The transport refused for good (code) to send cmd, a command this node wrote: if its saga
+ * waits for exactly that attempt, the step fails with reason (see node.c relay). */
+int saga__engine_undeliverable(saga_node *n, const saga_envelope *cmd, int code,
+                               const char *reason);
 void saga__inst_init(saga__inst *i, const saga_allocator *a);
 void saga__inst_free(saga__inst *i);
 

@@ -275,6 +275,14 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env,
   return rc;
 }
 
+/* Whether a reply to reply_to can ever leave this node: not the reserved loopback channel,
+ * and routable by the transport (a transport without can_send reaches every channel). */
+static int reply_to_reachable(saga_node *n, const char *reply_to) {
+  if (strcmp(reply_to, SAGA__LOCAL_CHANNEL) == 0) return 0;
+  if (n->tm.can_send == NULL || !n->transport_open || n->transport_closed) return 1;
+  return n->tm.can_send(n->transport, reply_to) != 0;
+}
+
 int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env,
                               const void *raw_bytes, size_t raw_len) {
   raw_msg raw = {raw_bytes, raw_len};
@@ -284,6 +292,19 @@ int saga__participant_command(saga_node *n, const char *channel, const saga_enve
   if (strlen(env->msg_id) > MAX_MSG_ID)
     return saga__node_dead_letter(n, channel, "", "command msg_id longer than 512 bytes",
                                   raw_bytes, raw_len);
+  /* 0. The reply must be deliverable: a reply_to this node's transport can never reach (or
+   * the reserved loopback channel, which would feed the reply to this node's own engine)
+   * would make the reply row resend forever. Refused before anything runs or is written:
+   * kept as a dead letter with the reason, then acknowledged. */
+  if (!reply_to_reachable(n, env->reply_to)) {
+    char shown[131];
+    saga__printable(shown, sizeof shown, env->reply_to, strlen(env->reply_to));
+    char why[200];
+    snprintf(why, sizeof why, "reply_to '%s' is not reachable by this node's transport",
+             shown);
+    n->stats.reply_to_refused++;
+    return saga__node_dead_letter(n, channel, env->msg_id, why, raw_bytes, raw_len);
+  }
   /* 1. A duplicate: send the recorded reply again. */
   sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INBOX_GET);
   sqlite3_bind_text(st, 1, env->msg_id, -1, SQLITE_STATIC);

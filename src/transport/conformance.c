@@ -309,6 +309,20 @@ static void check_transport(kit *c) {
          !ok ? "message not delivered within the patience"
              : strcmp(b.dl[i].channel, "conf-ch") != 0 ? "delivered on the wrong channel" : NULL);
 
+  /* can_send: the channels the kit sends to are reachable (a node would refuse commands
+   * whose reply_to its adapter says it cannot reach). */
+  const saga_transport_methods *am = a.t->methods, *bm = b.t->methods;
+  if (am->version < 2 || am->can_send == NULL) {
+    say(c, "SKIP can_send: the adapter has no can_send (every channel is taken as reachable)\n");
+  } else {
+    const char *bad = !am->can_send(a.t, "conf-ch") ? "conf-a cannot send to conf-ch"
+                      : !am->can_send(a.t, "conf-b") ? "conf-a cannot send to conf-b"
+                      : (bm->version >= 2 && bm->can_send != NULL && !bm->can_send(b.t, "conf-a"))
+                          ? "conf-b cannot send to conf-a"
+                          : NULL;
+    result(c, "can_send", bad);
+  }
+
   /* ack */
   ok = wait_for(c, got_sent, &p, c->patience);
   result(c, "ack", ok ? NULL : "sender never told the message was safe after the ack");

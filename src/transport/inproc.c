@@ -380,6 +380,13 @@ static void tp_destroy(saga_transport *t) {
   saga__free(&hub->alloc, tp);
 }
 
+/* Every channel is reachable: messages for a channel nobody consumes wait on it until a
+ * transport of the hub subscribes (a node opened later, on any thread). No lock needed. */
+static int tp_can_send(saga_transport *t, const char *channel) {
+  (void)t;
+  return channel != NULL;
+}
+
 static const saga_transport_methods inproc_methods = {
     .version = SAGA_TRANSPORT_VERSION,
     .name = "inproc",
@@ -389,6 +396,7 @@ static const saga_transport_methods inproc_methods = {
     .ack = tp_ack,
     .close = tp_close,
     .destroy = tp_destroy,
+    .can_send = tp_can_send,
 };
 
 /* ---- the hub ------------------------------------------------------------------------------ */

@@ -586,6 +586,14 @@ static void tp_destroy(saga_transport *t) {
   saga__free(&hub->alloc, tp);
 }
 
+/* Every channel is reachable: a message for a channel nobody consumes yet is parked on it
+ * until a transport subscribes (a node started later picks it up), so no name is ever
+ * undeliverable. Unroutable channels are a property of addressed media (TCP routes). */
+static int tp_can_send(saga_transport *t, const char *channel) {
+  (void)t;
+  return channel != NULL;
+}
+
 static const saga_transport_methods mem_methods = {
     .version = SAGA_TRANSPORT_VERSION,
     .name = "mem",
@@ -595,6 +603,7 @@ static const saga_transport_methods mem_methods = {
     .ack = tp_ack,
     .close = tp_close,
     .destroy = tp_destroy,
+    .can_send = tp_can_send,
 };
 
 /* ---- the hub -------------------------------------------------------------------------- */

@@ -139,6 +139,14 @@ void saga__errf(char *err, size_t errlen, const char *fmt, ...) {
   va_end(ap);
 }
 
+void saga__printable(char *out, size_t out_len, const char *s, size_t len) {
+  size_t max = out_len - 1, k = 0;
+  for (; k < len && k < max; k++)
+    out[k] = (unsigned char)s[k] < 0x20 || s[k] == 0x7f ? '?' : s[k];
+  out[k] = '\0';
+  if (k < len) memcpy(out + max - 3, "...", 4);
+}
+
 uint64_t saga__splitmix64(uint64_t *state) {
   uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
