@@ -11,9 +11,24 @@
  * cap), however long the peer is down. Order is kept per connection, so per channel while a
  * connection lives.
  *
- * Frames over max_frame_bytes, or malformed, close that connection only, with the reason
- * logged. Messages waiting for a connection are bounded by max_queued_bytes per peer; beyond
- * it send() refuses (SAGA_EBUSY) and the outbox resends later, so memory stays bounded.
+ * Security (docs/security.md has the whole trust model): every connection is mutual TLS 1.3
+ * (OpenSSL). Each node has a certificate and key and trusts one CA file; both ends verify the
+ * other. A sender checks that the node at a route's address proves the route's identity. A
+ * receiver refuses every message whose sender's identity the access list (allow) does not
+ * let send to that channel: the connection is closed before the message is looked at, and
+ * the refusal is logged and counted. An ACK or NACK counts only for a token sent on that
+ * same connection and still unconfirmed there; others are ignored and counted. Plaintext is
+ * possible only with insecure_plaintext, and the log says so at open.
+ *
+ * Limits: frames over max_frame_bytes, or malformed, close that connection only, with the
+ * reason logged; frames are decoded without allocating. Inbound connections are capped in
+ * all and per source address (one that has not authenticated yet gives way to a newcomer),
+ * must finish the TLS handshake within handshake_timeout_ms, are closed after
+ * idle_timeout_ms without a frame, and are dropped when more than max_reply_queue_bytes of
+ * acknowledgements wait for them to read. Messages waiting for a connection are bounded by
+ * max_queued_bytes per peer; beyond it send() refuses (SAGA_EBUSY) and the outbox resends
+ * later. Memory per inbound connection is then at most about max_frame_bytes + 64 KiB plus
+ * OpenSSL's own buffers (which use OpenSSL's allocator, not `alloc`).
  *
  * Signals: writing to a connection the peer closed raises SIGPIPE. If the process left
  * SIGPIPE at its default (which ends the process), opening a TCP transport sets it to
