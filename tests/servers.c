@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -113,24 +114,84 @@ int th_wait_port(int port, int timeout_ms) {
   }
 }
 
+/* Servers started and not reaped yet, so that none outlives a failed test. */
+#define TH_MAX_LIVE 32
+static struct {
+  pid_t pid;
+  char *dir;
+} th_live[TH_MAX_LIVE];
+static int th_atexit_set;
+
+static void live_add(pid_t pid, const char *dir) {
+  for (int i = 0; i < TH_MAX_LIVE; i++) {
+    if (th_live[i].pid != 0) continue;
+    th_live[i].pid = pid;
+    th_live[i].dir = strdup(dir);
+    return;
+  }
+}
+
+static void live_remove(pid_t pid) {
+  for (int i = 0; i < TH_MAX_LIVE; i++) {
+    if (th_live[i].pid != pid) continue;
+    th_live[i].pid = 0;
+    free(th_live[i].dir);
+    th_live[i].dir = NULL;
+  }
+}
+
+void th_servers_kill_all(void) {
+  for (int i = 0; i < TH_MAX_LIVE; i++) {
+    if (th_live[i].pid == 0) continue;
+    kill(th_live[i].pid, SIGKILL);
+    waitpid(th_live[i].pid, NULL, 0);
+    th_live[i].pid = 0;
+    /* The folder too: its owner (a test that failed half-way) will not come back to it. */
+    th_rmdir(th_live[i].dir);
+    th_live[i].dir = NULL;
+  }
+}
+
 static pid_t spawn(th_server *s) {
-  char port[16], dir[512];
+  char port[16], dir[512], conf[600];
   snprintf(port, sizeof port, "%d", s->port);
   snprintf(dir, sizeof dir, "%s", s->dir);
+  snprintf(conf, sizeof conf, "%s", s->conf != NULL ? s->conf : "");
+  if (!th_atexit_set) {
+    th_atexit_set = 1;
+    atexit(th_servers_kill_all);
+  }
+  pid_t parent = getpid();
   pid_t pid = fork();
-  if (pid != 0) return pid;
-  /* Child: quiet, in its own process group so a test's signals do not reach it. */
+  if (pid != 0) {
+    if (pid > 0) live_add(pid, s->dir);
+    return pid;
+  }
+  /* Child: quiet, in its own process group so a test's signals do not reach it, and killed
+   * when the test process dies, however it dies. */
   setpgid(0, 0);
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(127);
   int devnull = open("/dev/null", O_WRONLY);
   if (devnull >= 0) {
     dup2(devnull, 1);
     dup2(devnull, 2);
   }
   if (strcmp(s->kind, "nats") == 0) {
+    if (conf[0] != '\0') {
+      execlp("nats-server", "nats-server", "-c", conf, "-a", "127.0.0.1", "-p", port, "-js",
+             "-sd", dir, (char *)NULL);
+      execl("/usr/sbin/nats-server", "nats-server", "-c", conf, "-a", "127.0.0.1", "-p", port,
+            "-js", "-sd", dir, (char *)NULL);
+    }
     execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", dir,
            (char *)NULL);
     execl("/usr/sbin/nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd",
           dir, (char *)NULL);
+  } else if (conf[0] != '\0') {
+    execlp("redis-server", "redis-server", conf, "--bind", "127.0.0.1", "--port", port, "--dir",
+           dir, "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize",
+           "no", (char *)NULL);
   } else {
     execlp("redis-server", "redis-server", "--bind", "127.0.0.1", "--port", port, "--dir", dir,
            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
@@ -139,12 +200,45 @@ static pid_t spawn(th_server *s) {
   _exit(127);
 }
 
-int th_server_start(th_server *s, const char *kind) {
+int th_server_start(th_server *s, const char *kind) { return th_server_start_conf(s, kind, NULL); }
+
+int th_server_start_conf(th_server *s, const char *kind, const char *conf) {
   memset(s, 0, sizeof *s);
   snprintf(s->kind, sizeof s->kind, "%s", kind);
   s->dir = th_tmpdir();
   s->port = th_free_port();
+  if (conf != NULL) {
+    s->conf = th_path(s->dir, strcmp(kind, "nats") == 0 ? "server.conf" : "redis.conf");
+    FILE *f = fopen(s->conf, "w");
+    if (f == NULL || fputs(conf, f) < 0 || fclose(f) != 0) return -1;
+  }
   return th_server_restart(s);
+}
+
+int th_make_pki(const char *dir, const char *names) {
+  /* The script sits next to this file's folder: <repo>/tests/servers.c -> <repo>/scripts. */
+  char script[1024];
+  const char *src = getenv("SAGA_SOURCE_DIR");
+  if (src != NULL && *src != '\0') {
+    snprintf(script, sizeof script, "%s/scripts/make_pki.sh", src);
+  } else {
+    const char *file = __FILE__;
+    const char *slash = strrchr(file, '/');
+    int n = slash != NULL ? (int)(slash - file) : 0;
+    snprintf(script, sizeof script, "%.*s%s../scripts/make_pki.sh", n, file, n ? "/" : "");
+  }
+  if (access(script, R_OK) != 0) {
+    fprintf(stderr, "th_make_pki: %s not found (set SAGA_SOURCE_DIR)\n", script);
+    return -1;
+  }
+  size_t len = strlen(script) + strlen(dir) + strlen(names) + 32;
+  char *cmd = malloc(len);
+  if (cmd == NULL) return -1;
+  /* dir comes from th_tmpdir() and names from the test: no quoting needed beyond this. */
+  snprintf(cmd, len, "bash '%s' '%s' %s", script, dir, names);
+  int rc = system(cmd);
+  free(cmd);
+  return rc == 0 ? 0 : -1;
 }
 
 int th_server_restart(th_server *s) {
@@ -162,12 +256,15 @@ void th_server_kill9(th_server *s) {
   if (s->pid > 0) {
     kill(s->pid, SIGKILL);
     waitpid(s->pid, NULL, 0);
+    live_remove(s->pid);
   }
   s->pid = 0;
 }
 
 void th_server_free(th_server *s) {
   th_server_kill9(s);
+  free(s->conf);
+  s->conf = NULL;
   th_rmdir(s->dir);
   s->dir = NULL;
 }

@@ -19,6 +19,7 @@ typedef struct th_server {
   pid_t pid;     /* 0 when not running */
   int port;
   char *dir;     /* data folder, kept across restarts */
+  char *conf;    /* its configuration file (in dir), or NULL */
 } th_server;
 
 /* A TCP port on 127.0.0.1 that was free a moment ago. */
@@ -28,6 +29,18 @@ int th_have_program(const char *name);
 /* Starts the server and returns once it accepts connections (0), or -1. JetStream's store and
  * Redis's append-only file live in a fresh temporary folder, so a restart keeps the data. */
 int th_server_start(th_server *s, const char *kind);
+/* The same with a configuration file holding conf (NULL: none), kept across restarts: for
+ * nats-server the text of a -c file (authorization, tls, ...; the command line still sets the
+ * address, port and JetStream folder), for redis-server lines of redis.conf (requirepass, user
+ * ...). A server whose clients must use TLS is waited for by TCP connect only. */
+int th_server_start_conf(th_server *s, const char *kind, const char *conf);
+/* Kills every server this process started that still runs and removes their folders; also
+ * done at exit, and a server dies with the process that started it (PR_SET_PDEATHSIG), so a
+ * test that fails half-way leaves none behind. For a cmocka teardown. */
+void th_servers_kill_all(void);
+/* Runs the repository's scripts/make_pki.sh DIR NAMES (names separated by spaces): DIR/ca.pem
+ * and DIR/<name>.pem/.key. 0 on success, -1 (openssl missing, say). */
+int th_make_pki(const char *dir, const char *names);
 /* kill -9 and reap. */
 void th_server_kill9(th_server *s);
 /* Starts it again on the same port and folder. */

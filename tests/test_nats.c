@@ -9,6 +9,7 @@
 #include "harness.h"
 
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,19 +153,23 @@ typedef struct env {
   th_alloc ta;
   natsConnection *admin;
   jsCtx *js;
+  const char *admin_user, *admin_pw; /* for admin() on a server with authorization */
 } env;
 
-static void env_init(env *e) {
+/* conf: a nats-server configuration file's text, or NULL. */
+static void env_init_conf(env *e, const char *conf) {
   memset(e, 0, sizeof *e);
   if (!th_have_program("nats-server")) {
     printf("nats-server is not installed (apt-get install nats-server): skipping\n");
     skip();
   }
-  assert_int_equal(th_server_start(&e->srv, "nats"), 0);
+  assert_int_equal(th_server_start_conf(&e->srv, "nats", conf), 0);
   snprintf(e->url, sizeof e->url, "nats://127.0.0.1:%d", e->srv.port);
   th_alloc_init(&e->ta);
   assert_int_equal(uv_loop_init(&e->loop), 0);
 }
+
+static void env_init(env *e) { env_init_conf(e, NULL); }
 
 /* A plain libnats connection of the test's own, to look at the server's state. */
 static jsCtx *admin(env *e) {
@@ -172,6 +177,7 @@ static jsCtx *admin(env *e) {
   natsOptions *o = NULL;
   assert_int_equal(natsOptions_Create(&o), NATS_OK);
   natsOptions_SetURL(o, e->url);
+  if (e->admin_user != NULL) natsOptions_SetUserInfo(o, e->admin_user, e->admin_pw);
   natsOptions_SetMaxReconnect(o, -1);
   natsOptions_SetReconnectWait(o, 100);
   assert_int_equal(natsConnection_Connect(&e->admin, o), NATS_OK);
@@ -1148,6 +1154,502 @@ static void test_two_nodes_100_sagas(void **state) {
   env_free(&e);
 }
 
+/* ---- secured servers ------------------------------------------------------------------------ */
+
+/* A cmocka teardown: a test that failed half-way leaves no server running. */
+static int kill_servers(void **state) {
+  (void)state;
+  th_servers_kill_all();
+  return 0;
+}
+
+/* Node log lines, for asserting on what a node said. */
+static char nlog[16384];
+static size_t nlog_len;
+
+static void nlog_hook(void *arg, saga_log_level level, const char *msg) {
+  (void)arg;
+  if (getenv("SAGA_TEST_VERBOSE") != NULL || level >= SAGA_LOG_WARN)
+    printf("  [node log %d] %s\n", (int)level, msg);
+  int n = snprintf(nlog + nlog_len, sizeof nlog - nlog_len, "%s\n", msg);
+  if (n > 0 && (size_t)n < sizeof nlog - nlog_len) nlog_len += (size_t)n;
+}
+
+/* Opens a node over NATS with the credentials in c (url and the rest filled here); returns
+ * saga_node_open's code and sets *out on success. Orchestrator or participant as nw_open. */
+static int sec_open(env *e, const char *dir, const char *name, int orchestrate, nw *w,
+                    saga_nats_config *c, saga_node **out) {
+  c->url = e->url;
+  c->ack_wait_ms = 5000;
+  c->reconnect_wait_ms = 100;
+  c->alloc = &e->ta.a;
+  saga_transport *t = NULL;
+  assert_int_equal(saga_nats_transport_new(&t, c), SAGA_OK);
+  char file[64];
+  snprintf(file, sizeof file, "%s.db", name);
+  char *path = th_path(dir, file);
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = name;
+  cfg.db_path = path;
+  cfg.transport = t;
+  cfg.synchronous = SAGA_SYNC_NORMAL;
+  cfg.resend_ms = 1000;
+  cfg.log = nlog_hook;
+  cfg.on_event = orchestrate ? nw_event : NULL;
+  cfg.event_arg = w;
+  char err[256];
+  saga_node *n = NULL;
+  uint64_t t0 = uv_hrtime();
+  int rc = saga_node_open(&n, &e->loop, &cfg, err, sizeof err);
+  uint64_t ms = (uv_hrtime() - t0) / 1000000;
+  free(path);
+  if (rc != SAGA_OK) {
+    printf("saga_node_open(%s): %s after %" PRIu64 " ms\n", name, err, ms);
+    assert_true(ms < 5000); /* a refusal is prompt, not a hang */
+    *out = NULL;
+    return rc;
+  }
+  assert_int_equal(sqlite3_exec(saga_node_db(n),
+                                "CREATE TABLE IF NOT EXISTS fx(id INTEGER PRIMARY KEY, "
+                                "saga_id TEXT, step INT, kind TEXT)",
+                                NULL, NULL, NULL),
+                   SQLITE_OK);
+  if (orchestrate) {
+    saga_step steps[3];
+    memset(steps, 0, sizeof steps);
+    static const char *const names[3] = {"S0", "S1", "S2"};
+    for (int i = 0; i < 3; i++) {
+      steps[i].name = names[i];
+      steps[i].channel = nw_channels[i];
+      steps[i].action = "do";
+      steps[i].compensation = "undo";
+    }
+    saga_definition def = {SAGA_DEFINITION_VERSION, "test", 1, steps, 3, 0};
+    assert_int_equal(saga_node_register(n, &def), SAGA_OK);
+  } else {
+    for (int i = 0; i < 3; i++) {
+      assert_int_equal(saga_node_handle(n, nw_channels[i], "do", nw_do, w), SAGA_OK);
+      assert_int_equal(saga_node_handle(n, nw_channels[i], "undo", nw_undo, w), SAGA_OK);
+    }
+  }
+  assert_true(saga_node_start(n) >= 0);
+  *out = n;
+  return SAGA_OK;
+}
+
+/* Starts `count` sagas and runs the loop until they all ended; returns how many completed. */
+static uint64_t run_sagas(env *e, saga_node *orch, nw *w, int count) {
+  uint64_t want = w->terminal + (uint64_t)count, before = w->completed;
+  for (int i = 0; i < count; i++) {
+    saga_data *d = NULL;
+    assert_int_equal(saga_data_new(&d, NULL), SAGA_OK);
+    saga_data_set_i64(d, "n", i);
+    assert_int_equal(saga_start(orch, "test", d, NULL, nw_started, w), SAGA_OK);
+    saga_data_free(d);
+  }
+  term_ctx tc = {w, want};
+  assert_int_equal(th_run_real(&e->loop, term_pred, &tc, 30000), 0);
+  return w->completed - before;
+}
+
+typedef struct closed_ctx {
+  const nw *w;
+  size_t want;
+} closed_ctx;
+
+static int closed_ge(void *arg) {
+  closed_ctx *c = arg;
+  return c->w->closed >= c->want;
+}
+
+static void close_nodes(env *e, saga_node **nodes, size_t n, nw *w) {
+  closed_ctx c = {w, w->closed};
+  for (size_t i = 0; i < n; i++) {
+    if (nodes[i] == NULL) continue;
+    saga_node_close(nodes[i], nw_closed, w);
+    c.want++;
+  }
+  assert_int_equal(th_run_real(&e->loop, closed_ge, &c, 10000), 0);
+}
+
+/*
+ * Per-service users and permissions, as docs/transports.md recommends. Each node's user may
+ * publish only to the channels it sends to ("saga.orch" for replies, "saga.p0..2" for the
+ * orchestrator's commands), use the JetStream API only for the stream and its own consumers,
+ * and subscribe only under its own inbox prefix; "mallory" may only publish replies.
+ */
+static const char auth_conf[] =
+    "authorization {\n"
+    "  users = [\n"
+    "    {user: admin, password: \"admin-pw\"}\n"
+    "    {user: orch, password: \"orch-pw\", permissions: {\n"
+    "      publish: {allow: [\"saga.p0\", \"saga.p1\", \"saga.p2\", \"$JS.API.INFO\",\n"
+    "                        \"$JS.API.STREAM.INFO.SAGA\", \"$JS.API.STREAM.CREATE.SAGA\",\n"
+    "                        \"$JS.API.CONSUMER.*.SAGA.orch\", \"$JS.API.CONSUMER.*.*.SAGA.orch\",\n"
+    "                        \"$JS.API.CONSUMER.CREATE.SAGA.orch.>\", \"$JS.ACK.SAGA.orch.>\"]}\n"
+    "      subscribe: {allow: [\"_INBOX.orch.>\"]}}}\n"
+    "    {user: part, password: \"part-pw\", permissions: {\n"
+    "      publish: {allow: [\"saga.orch\", \"$JS.API.INFO\", \"$JS.API.STREAM.INFO.SAGA\",\n"
+    "                        \"$JS.API.CONSUMER.*.SAGA.p0\", \"$JS.API.CONSUMER.*.*.SAGA.p0\",\n"
+    "                        \"$JS.API.CONSUMER.*.SAGA.p1\", \"$JS.API.CONSUMER.*.*.SAGA.p1\",\n"
+    "                        \"$JS.API.CONSUMER.*.SAGA.p2\", \"$JS.API.CONSUMER.*.*.SAGA.p2\",\n"
+    "                        \"$JS.API.CONSUMER.*.SAGA.part\", \"$JS.API.CONSUMER.*.*.SAGA.part\",\n"
+    "                        \"$JS.API.CONSUMER.CREATE.SAGA.part.>\", \"$JS.ACK.SAGA.part.>\",\n"
+    "                        \"$JS.API.CONSUMER.CREATE.SAGA.p0.>\", \"$JS.API.CONSUMER.CREATE.SAGA.p1.>\",\n"
+    "                        \"$JS.API.CONSUMER.CREATE.SAGA.p2.>\", \"$JS.ACK.SAGA.p0.>\",\n"
+    "                        \"$JS.ACK.SAGA.p1.>\", \"$JS.ACK.SAGA.p2.>\"]}\n"
+    "      subscribe: {allow: [\"_INBOX.part.>\"]}}}\n"
+    "    {user: mallory, password: \"mallory-pw\", permissions: {\n"
+    "      publish: {allow: [\"saga.orch\"]}, subscribe: {allow: [\"_INBOX.>\"]}}}\n"
+    "  ]\n"
+    "}\n";
+
+static void auth_cfg(saga_nats_config *c, const char *user, const char *pw) {
+  saga_nats_config_init(c);
+  c->user = user;
+  c->password = pw;
+  char *prefix = malloc(32);
+  assert_non_null(prefix);
+  snprintf(prefix, 32, "_INBOX.%s", user);
+  c->inbox_prefix = prefix; /* copied by saga_nats_transport_new; freed by the caller */
+}
+
+typedef struct perm_err {
+  uv_mutex_t mu;
+  int refused; /* the server's permission violation reached this connection */
+  char text[256];
+} perm_err;
+
+static void mallory_err(natsConnection *nc, natsSubscription *sub, natsStatus err, void *arg) {
+  (void)sub;
+  perm_err *p = arg;
+  const char *text = NULL;
+  natsConnection_GetLastError(nc, &text);
+  uv_mutex_lock(&p->mu);
+  if (err == NATS_NOT_PERMITTED) p->refused = 1;
+  snprintf(p->text, sizeof p->text, "%s", text ? text : natsStatus_GetText(err));
+  uv_mutex_unlock(&p->mu);
+}
+
+static int refused_pred(void *arg) {
+  perm_err *p = arg;
+  uv_mutex_lock(&p->mu);
+  int r = p->refused;
+  uv_mutex_unlock(&p->mu);
+  return r;
+}
+
+/*
+ * (a) Right credentials: sagas run end to end under per-service permissions. Wrong password,
+ * unknown user, no credentials: the node's open fails at once with SAGA_ETRANSPORT and a log
+ * line carrying the server's reason. (b) A client without publish permission on a channel's
+ * subject publishes a well-formed command there: the server refuses it (its error reaches
+ * that client), the participant's handler never runs for it, and a saga started afterwards
+ * still completes (the positive signal that everything before it was processed).
+ */
+static void test_auth_and_permissions(void **state) {
+  (void)state;
+  env e;
+  env_init_conf(&e, auth_conf);
+  e.admin_user = "admin";
+  e.admin_pw = "admin-pw";
+  char *dir = th_tmpdir();
+  nw w;
+  memset(&w, 0, sizeof w);
+  saga_nats_config c;
+  saga_node *orch = NULL, *part = NULL, *bad = NULL;
+
+  /* Wrong password, unknown user, none at all: refused, promptly, saying why. */
+  const char *const tries[3][2] = {{"part", "wrong"}, {"nobody", "x"}, {NULL, NULL}};
+  for (int i = 0; i < 3; i++) {
+    nlog_len = 0;
+    nlog[0] = '\0';
+    auth_cfg(&c, tries[i][0] ? tries[i][0] : "anon", tries[i][1]);
+    if (tries[i][0] == NULL) c.user = NULL;
+    assert_int_equal(sec_open(&e, dir, "bad", 0, &w, &c, &bad), SAGA_ETRANSPORT);
+    free((char *)c.inbox_prefix);
+    assert_null(bad);
+    assert_non_null(strstr(nlog, "cannot connect to NATS"));
+    assert_non_null(strstr(nlog, "Authorization Violation"));
+    assert_non_null(strstr(nlog, "check the credentials"));
+  }
+
+  /* Right credentials: the orchestrator (which creates the stream) and the participant. */
+  auth_cfg(&c, "orch", "orch-pw");
+  assert_int_equal(sec_open(&e, dir, "orch", 1, &w, &c, &orch), SAGA_OK);
+  free((char *)c.inbox_prefix);
+  auth_cfg(&c, "part", "part-pw");
+  assert_int_equal(sec_open(&e, dir, "part", 0, &w, &c, &part), SAGA_OK);
+  free((char *)c.inbox_prefix);
+  assert_int_equal(run_sagas(&e, orch, &w, 5), 5);
+  assert_int_equal(query_int(part, "SELECT count(*) FROM fx WHERE kind = 'do'"), 15);
+
+  /* (b) mallory forges a command for step 0 of an invented saga. */
+  saga_envelope fe;
+  memset(&fe, 0, sizeof fe);
+  fe.version = SAGA_ENVELOPE_VERSION;
+  fe.kind = SAGA_MSG_COMMAND;
+  fe.msg_id = "forged-msg-1";
+  fe.saga_id = "FORGED-SAGA";
+  fe.step = 0;
+  fe.name = "do";
+  fe.reply_to = "orch";
+  fe.error = "";
+  void *bytes = NULL;
+  size_t nbytes = 0;
+  assert_int_equal(saga_envelope_encode(&fe, NULL, &bytes, &nbytes), SAGA_OK);
+  perm_err pe;
+  memset(&pe, 0, sizeof pe);
+  uv_mutex_init(&pe.mu);
+  natsOptions *o = NULL;
+  natsConnection *mc = NULL;
+  assert_int_equal(natsOptions_Create(&o), NATS_OK);
+  natsOptions_SetURL(o, e.url);
+  natsOptions_SetUserInfo(o, "mallory", "mallory-pw");
+  natsOptions_SetErrorHandler(o, mallory_err, &pe);
+  assert_int_equal(natsConnection_Connect(&mc, o), NATS_OK);
+  for (int ch = 0; ch < 3; ch++) {
+    char subj[32];
+    snprintf(subj, sizeof subj, "saga.p%d", ch);
+    assert_int_equal(natsConnection_Publish(mc, subj, bytes, (int)nbytes), NATS_OK);
+  }
+  natsConnection_FlushTimeout(mc, 2000);
+  /* The positive signal: the server told mallory no. */
+  int refused = wait_polled(&e, refused_pred, &pe, 5000);
+  printf("mallory's publish: %s\n", refused == 0 ? pe.text : "NOT refused");
+  /* Then a legitimate saga goes all the way through after the forgery. */
+  uint64_t done = run_sagas(&e, orch, &w, 1);
+  int64_t forged = query_int(part, "SELECT count(*) FROM fx WHERE saga_id = 'FORGED-SAGA'");
+  int64_t dos = query_int(part, "SELECT count(*) FROM fx WHERE kind = 'do'");
+  int64_t inbox =
+      query_int(part, "SELECT count(*) FROM saga_inbox WHERE msg_id = 'forged-msg-1'");
+  natsConnection_Destroy(mc);
+  natsOptions_Destroy(o);
+  saga_free(NULL, bytes);
+  uv_mutex_destroy(&pe.mu);
+
+  saga_node *nodes[2] = {orch, part};
+  close_nodes(&e, nodes, 2, &w);
+  th_rmdir(dir);
+  env_free(&e);
+  assert_int_equal(refused, 0);
+  assert_non_null(strstr(pe.text, "Permissions Violation"));
+  assert_int_equal(done, 1);
+  assert_int_equal(forged, 0);
+  assert_int_equal(inbox, 0);
+  assert_int_equal(dos, 18);
+}
+
+/* ---- TLS ------------------------------------------------------------------------------------ */
+
+typedef struct tls_case {
+  const char *what;
+  const char *ca, *cert, *key, *hostname;
+  int tls_required;
+  const char *url_host; /* "127.0.0.1" or "localhost" */
+  int want;             /* open's code */
+} tls_case;
+
+/*
+ * nats-server with tls { verify: true }: a node with the CA and a client certificate works
+ * (messages flow, the log says TLS); without a client certificate, with one from another CA,
+ * trusting another CA, expecting another server name, or in plaintext, open fails with
+ * SAGA_ETRANSPORT and says why.
+ */
+static void test_tls(void **state) {
+  (void)state;
+  if (!th_have_program("nats-server")) skip();
+  char *pki = th_tmpdir(), *other = th_tmpdir();
+  if (th_make_pki(pki, "nats-server node") != 0 || th_make_pki(other, "node") != 0) {
+    printf("scripts/make_pki.sh failed (openssl missing?): skipping\n");
+    th_rmdir(pki);
+    th_rmdir(other);
+    skip();
+  }
+  char *ca = th_path(pki, "ca.pem"), *scert = th_path(pki, "nats-server.pem");
+  char *skey = th_path(pki, "nats-server.key"), *cert = th_path(pki, "node.pem");
+  char *key = th_path(pki, "node.key"), *oca = th_path(other, "ca.pem");
+  char *ocert = th_path(other, "node.pem"), *okey = th_path(other, "node.key");
+  char conf[2048];
+  snprintf(conf, sizeof conf,
+           "tls {\n  cert_file: \"%s\"\n  key_file: \"%s\"\n  ca_file: \"%s\"\n  verify: true\n"
+           "  timeout: 2\n}\n",
+           scert, skey, ca);
+  env e;
+  env_init_conf(&e, conf);
+  char url_local[64];
+  snprintf(url_local, sizeof url_local, "nats://localhost:%d", e.srv.port);
+  const tls_case cases[] = {
+      {"CA + client certificate, server name given", ca, cert, key, "nats-server", 0,
+       "127.0.0.1", SAGA_OK},
+      {"CA + client certificate, server name from the URL", ca, cert, key, NULL, 0, "localhost",
+       SAGA_OK},
+      {"no client certificate", ca, NULL, NULL, "nats-server", 0, "127.0.0.1", SAGA_ETRANSPORT},
+      {"client certificate from another CA", ca, ocert, okey, "nats-server", 0, "127.0.0.1",
+       SAGA_ETRANSPORT},
+      {"trusting another CA", oca, cert, key, "nats-server", 0, "127.0.0.1", SAGA_ETRANSPORT},
+      {"expecting another server name", ca, cert, key, "wrong.example", 0, "127.0.0.1",
+       SAGA_ETRANSPORT},
+      {"plaintext", NULL, NULL, NULL, NULL, 0, "127.0.0.1", SAGA_ETRANSPORT},
+  };
+  fake *ok[2] = {NULL, NULL};
+  int nok = 0;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    const tls_case *k = &cases[i];
+    saga_nats_config c;
+    cfg_for(&e, &c);
+    if (strcmp(k->url_host, "localhost") == 0) c.url = url_local;
+    c.tls_ca_file = k->ca;
+    c.tls_cert_file = k->cert;
+    c.tls_key_file = k->key;
+    c.tls_hostname = k->hostname;
+    c.tls_required = k->tls_required;
+    fake *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    int rc = attach_cfg(&e, f, &c);
+    printf("%-50s open: %d %s\n", k->what, rc, f->nlogs ? f->logs[f->nlogs - 1] : "");
+    assert_int_equal(rc, k->want);
+    if (rc == SAGA_OK) {
+      assert_true(fake_logged(f, "(TLS, no credentials)"));
+      assert_true(nok < 2);
+      ok[nok++] = f;
+      continue;
+    }
+    assert_true(fake_logged(f, "cannot connect to NATS"));
+    assert_true(fake_logged(f, "TLS: check"));
+    f->t->methods->destroy(f->t);
+    free(f);
+  }
+  assert_int_equal(nok, 2);
+  /* The two that opened talk to each other over TLS. */
+  ok[1]->auto_ack = 1;
+  sub(ok[1], "secure");
+  send_str(ok[0], "secure", "over tls", 1);
+  assert_int_equal(wait_count(&e, ok[1], "over tls", 1, 5000), 0);
+  assert_int_equal(wait_ge(&e, &ok[0]->nok, 1, 5000), 0);
+  detach(&e, ok[0]);
+  detach(&e, ok[1]);
+  free(ok[0]);
+  free(ok[1]);
+  env_free(&e);
+  char *files[] = {ca, scert, skey, cert, key, oca, ocert, okey};
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) free(files[i]);
+  th_rmdir(pki);
+  th_rmdir(other);
+}
+
+/* ---- forged publish acknowledgements -------------------------------------------------------- */
+
+static const char ack_conf[] =
+    "authorization {\n"
+    "  users = [\n"
+    "    {user: node, password: \"node-pw\", permissions: {publish: {deny: [\"saga.blocked\"]}}}\n"
+    "    {user: snoop, password: \"snoop-pw\", permissions: {\n"
+    "      publish: {allow: [\"_INBOX.>\"]}, subscribe: {allow: [\"_INBOX.>\"]}}}\n"
+    "  ]\n"
+    "}\n";
+
+typedef struct stat_ctx {
+  saga_transport *t;
+  size_t off; /* offset of the counter in saga_nats_stats */
+  uint64_t want;
+} stat_ctx;
+
+static int stat_pred(void *arg) {
+  stat_ctx *c = arg;
+  saga_nats_stats st;
+  assert_int_equal(saga_nats_stats_get(c->t, &st), SAGA_OK);
+  uint64_t v;
+  memcpy(&v, (const char *)&st + c->off, sizeof v);
+  return v >= c->want;
+}
+
+/*
+ * A client allowed to publish on the inbox subjects (here "snoop", who also sees the acks
+ * there) forges JetStream publish acks for the node: replaying the real ack of a message
+ * already confirmed, and naming a message the server refused to store (its publish was not
+ * permitted) with a made-up or borrowed mac and in the old "<inbox>.<token>" form. None of
+ * them confirms anything; each is counted as ignored.
+ */
+static void test_forged_publish_acks(void **state) {
+  (void)state;
+  env e;
+  env_init_conf(&e, ack_conf);
+  saga_nats_config c;
+  cfg_for(&e, &c);
+  c.user = "node";
+  c.password = "node-pw";
+  fake a;
+  assert_int_equal(attach_cfg(&e, &a, &c), SAGA_OK);
+  natsOptions *o = NULL;
+  natsConnection *snoop = NULL;
+  natsSubscription *acks = NULL;
+  assert_int_equal(natsOptions_Create(&o), NATS_OK);
+  natsOptions_SetURL(o, e.url);
+  natsOptions_SetUserInfo(o, "snoop", "snoop-pw");
+  assert_int_equal(natsConnection_Connect(&snoop, o), NATS_OK);
+  assert_int_equal(natsConnection_SubscribeSync(&acks, snoop, "_INBOX.>"), NATS_OK);
+  assert_int_equal(natsConnection_FlushTimeout(snoop, 2000), NATS_OK);
+
+  /* A real message, confirmed; snoop sees its ack go by and learns the reply subject. */
+  send_str(&a, "orders", "real", 7);
+  assert_int_equal(wait_ge(&e, &a.nok, 1, 5000), 0);
+  natsMsg *m = NULL;
+  assert_int_equal(natsSubscription_NextMsg(&m, acks, 5000), NATS_OK);
+  char seen[256];
+  snprintf(seen, sizeof seen, "%s", natsMsg_GetSubject(m));
+  natsMsg_Destroy(m);
+  printf("snoop saw the ack on %s\n", seen);
+  char *tail = strstr(seen, ".7.");
+  assert_non_null(tail);
+  char inbox[256];
+  snprintf(inbox, sizeof inbox, "%.*s", (int)(tail - seen), seen);
+  const char *mac7 = tail + 3;
+
+  /* A message the server does not store: the node may not publish there. */
+  send_str(&a, "blocked", "refused", 9);
+  stat_ctx pc = {a.t, offsetof(saga_nats_stats, permission_errors), 1};
+  assert_int_equal(wait_polled(&e, stat_pred, &pc, 5000), 0);
+
+  const char ok_ack[] = "{\"stream\":\"SAGA\",\"seq\":99}";
+  char forged[5][300];
+  snprintf(forged[0], sizeof forged[0], "%s", seen);                   /* replayed */
+  snprintf(forged[1], sizeof forged[1], "%s.9.%s", inbox, mac7);       /* borrowed mac */
+  snprintf(forged[2], sizeof forged[2], "%s.9.0123456789abcdef", inbox); /* made-up mac */
+  snprintf(forged[3], sizeof forged[3], "%s.9", inbox);                /* the old form */
+  snprintf(forged[4], sizeof forged[4], "%s.09.%s", inbox, mac7);      /* not canonical */
+  for (int i = 0; i < 5; i++)
+    assert_int_equal(natsConnection_PublishString(snoop, forged[i], ok_ack), NATS_OK);
+  assert_int_equal(natsConnection_FlushTimeout(snoop, 2000), NATS_OK);
+  /* The positive signal: the node looked at them and ignored them (the old form does not
+   * even match its subscription, "<inbox>.*.*": four reach it). */
+  stat_ctx ic = {a.t, offsetof(saga_nats_stats, acks_ignored), 4};
+  int rc = wait_polled(&e, stat_pred, &ic, 5000);
+  saga_nats_stats st;
+  assert_int_equal(saga_nats_stats_get(a.t, &st), SAGA_OK);
+  printf("confirmed %" PRIu64 ", ignored %" PRIu64 ", permission errors %" PRIu64 "\n",
+         st.acks_confirmed, st.acks_ignored, st.permission_errors);
+  size_t ns = a.ns;
+  int confirmed9 = fake_confirmed(&a, 9);
+  /* Still working: another real message is confirmed. */
+  send_str(&a, "orders", "real2", 11);
+  int rc2 = wait_ge(&e, &a.nok, 2, 5000);
+
+  natsSubscription_Destroy(acks);
+  natsConnection_Destroy(snoop);
+  natsOptions_Destroy(o);
+  detach(&e, &a);
+  env_free(&e);
+  assert_int_equal(rc, 0);
+  assert_int_equal(ns, 1); /* token 7, once */
+  assert_int_equal(confirmed9, 0);
+  assert_int_equal(st.acks_confirmed, 1);
+  assert_int_equal(st.acks_ignored, 4);
+  assert_int_equal(rc2, 0);
+  assert_true(fake_confirmed(&a, 11));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_publish_deliver_ack),
@@ -1161,6 +1663,11 @@ int main(void) {
       cmocka_unit_test(test_crash_leaves_acked_pending),
       cmocka_unit_test(test_close_in_flight),
       cmocka_unit_test(test_two_nodes_100_sagas),
+      cmocka_unit_test_teardown(test_auth_and_permissions, kill_servers),
+      cmocka_unit_test_teardown(test_tls, kill_servers),
+      cmocka_unit_test_teardown(test_forged_publish_acks, kill_servers),
   };
+  /* SAGA_TEST_FILTER=name runs the tests matching it (cmocka's pattern, '*' wildcards). */
+  if (getenv("SAGA_TEST_FILTER") != NULL) cmocka_set_test_filter(getenv("SAGA_TEST_FILTER"));
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

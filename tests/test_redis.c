@@ -10,6 +10,7 @@
  */
 #include "harness.h"
 
+#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +56,8 @@ typedef struct fake {
   int ack_dead;          /* ack dead letters, as the node does once it recorded them */
   int close_in_deliver;  /* ack, then close the transport from inside the first delivery */
   int lost, back;        /* log lines: a connection lost / re-established */
+  int auth_errors;       /* ERROR log lines saying authentication failed */
+  int auth_back;         /* log lines saying the credentials are accepted again */
 } fake;
 
 static int verbose(void) { return getenv("SAGA_TEST_VERBOSE") != NULL; }
@@ -115,6 +118,8 @@ static void fake_log(void *ctx, saga_log_level level, const char *msg) {
   if (verbose()) printf("  [%s] %d %s\n", f->name, (int)level, msg);
   if (level >= SAGA_LOG_WARN && strstr(msg, "retrying") != NULL) f->lost++;
   if (strstr(msg, "re-established") != NULL) f->back++;
+  if (level == SAGA_LOG_ERROR && strstr(msg, "authentication failed") != NULL) f->auth_errors++;
+  if (strstr(msg, "accepts the credentials again") != NULL) f->auth_back++;
 }
 
 typedef struct env {
@@ -122,6 +127,8 @@ typedef struct env {
   th_server srv;
   th_alloc ta;
   char prefix[32];
+  const char *user, *pw; /* credentials of the transports attach() and open_node() make */
+  const char *admin_pw;  /* the default user's password (requirepass) for cli() */
 } env;
 
 /* The running test's server, stopped by the teardown even when an assertion failed. */
@@ -135,7 +142,7 @@ static int teardown(void **state) {
 }
 
 /* Starts a server; returns 0, or 1 when the test must be skipped. */
-static int env_init(env *e, const char *prefix) {
+static int env_init_conf(env *e, const char *prefix, const char *conf) {
   memset(e, 0, sizeof *e);
   if (!th_have_program("redis-server")) {
     printf("redis-server is not installed: skipping\n");
@@ -143,11 +150,13 @@ static int env_init(env *e, const char *prefix) {
   }
   th_alloc_init(&e->ta);
   assert_int_equal(uv_loop_init(&e->loop), 0);
-  assert_int_equal(th_server_start(&e->srv, "redis"), 0);
+  assert_int_equal(th_server_start_conf(&e->srv, "redis", conf), 0);
   live_server = &e->srv;
   snprintf(e->prefix, sizeof e->prefix, "%s", prefix);
   return 0;
 }
+
+static int env_init(env *e, const char *prefix) { return env_init_conf(e, prefix, NULL); }
 
 static void env_free(env *e) {
   th_drain(&e->loop);
@@ -176,6 +185,8 @@ static void attach(env *e, fake *f, const char *name, uint32_t claim_idle_ms,
   cfg.reconnect_min_ms = 20;
   cfg.reconnect_max_ms = 200;
   cfg.alloc = &e->ta.a;
+  cfg.username = e->user;
+  cfg.password = e->pw;
   assert_int_equal(saga_redis_transport_new(&f->t, &cfg), SAGA_OK);
   assert_int_equal(f->t->methods->version, SAGA_TRANSPORT_VERSION);
   assert_string_equal(f->t->methods->name, "redis");
@@ -226,6 +237,12 @@ static redisContext *cli(env *e) {
   redisContext *c = redisConnect("127.0.0.1", e->srv.port);
   assert_non_null(c);
   assert_int_equal(c->err, 0);
+  if (e->admin_pw != NULL) {
+    redisReply *r = redisCommand(c, "AUTH %s", e->admin_pw);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+  }
   return c;
 }
 
@@ -267,6 +284,10 @@ static int ready_pred(void *arg) {
   env *e = arg;
   redisContext *c = redisConnect("127.0.0.1", e->srv.port);
   int ok = 0;
+  if (c != NULL && c->err == 0 && e->admin_pw != NULL) {
+    redisReply *r = redisCommand(c, "AUTH %s", e->admin_pw);
+    if (r != NULL) freeReplyObject(r);
+  }
   if (c != NULL && c->err == 0) {
     redisReply *r = redisCommand(c, "PING");
     ok = r != NULL && r->type == REDIS_REPLY_STATUS;
@@ -812,6 +833,8 @@ static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
   rc.claim_idle_ms = 2000;
   rc.reconnect_min_ms = 20;
   rc.reconnect_max_ms = 500;
+  rc.username = ns->e->user;
+  rc.password = ns->e->pw;
   saga_transport *t = NULL;
   assert_int_equal(saga_redis_transport_new(&t, &rc), SAGA_OK);
   char file[64];
@@ -874,15 +897,41 @@ static void node_closed(void *arg) { ((nodes *)arg)->closed++; }
 
 static int nodes_closed_pred(void *arg) { return ((nodes *)arg)->closed >= 2; }
 
+static void run_nodes(env *e);
+
+static int no_pred(void *arg) {
+  (void)arg;
+  return 0;
+}
+
+/* requirepass for the default user; an ACL user limited to the keys of its prefixes. */
+static const char auth_conf[] = "requirepass def-secret\n"
+                                "user saga on >saga-pw ~a1:* ~a2:* &* +@all\n";
+
 static void test_nodes(void **state) {
   (void)state;
   env e;
   if (env_init(&e, "t8")) skip();
+  run_nodes(&e);
+}
+
+/* The same two nodes as an ACL user limited to its keys (Redis 6 ACL, AUTH user pass). */
+static void test_nodes_acl(void **state) {
+  (void)state;
+  env e;
+  if (env_init_conf(&e, "a2", auth_conf)) skip();
+  e.admin_pw = "def-secret";
+  e.user = "saga";
+  e.pw = "saga-pw";
+  run_nodes(&e);
+}
+
+static void run_nodes(env *e) {
   th_world *w = calloc(1, sizeof *w);
   assert_non_null(w);
   th_world_defaults(&w->o);
   w->dir = th_tmpdir();
-  nodes ns = {w, &e, 0};
+  nodes ns = {w, e, 0};
   open_node(&ns, &w->orch, "orch", 1);
   open_node(&ns, &w->part, "part", 0);
   uint64_t t0 = uv_hrtime();
@@ -894,7 +943,7 @@ static void test_nodes(void **state) {
     assert_int_equal(saga_start(w->orch, "test", d, NULL, started, w), SAGA_OK);
     saga_data_free(d);
   }
-  int rc = th_run_real(&e.loop, terminal_pred, w, 60000);
+  int rc = th_run_real(&e->loop, terminal_pred, w, 60000);
   printf("100 sagas over redis: %d terminal in %.0f ms\n", (int)w->terminal,
          (double)(uv_hrtime() - t0) / 1e6);
   assert_int_equal(rc, 0);
@@ -905,10 +954,146 @@ static void test_nodes(void **state) {
   assert_int_equal(th_fx_count(w, NULL, -1, "undo"), 20 * 2);
   saga_node_close(w->orch, node_closed, &ns);
   saga_node_close(w->part, node_closed, &ns);
-  assert_int_equal(th_run_real(&e.loop, nodes_closed_pred, &ns, WAIT_MS), 0);
+  assert_int_equal(th_run_real(&e->loop, nodes_closed_pred, &ns, WAIT_MS), 0);
   w->orch = w->part = NULL;
   th_rmdir(w->dir);
   free(w);
+  env_free(e);
+}
+
+/* ---- secured servers ------------------------------------------------------------------------ */
+
+typedef struct auth_ctx {
+  saga_transport *t;
+  uint64_t want;
+} auth_ctx;
+
+static int auth_pred(void *arg) {
+  auth_ctx *c = arg;
+  saga_redis_stats st;
+  assert_int_equal(saga_redis_stats_get(c->t, &st), SAGA_OK);
+  return st.auth_failures >= c->want;
+}
+
+static int wait_auth_failures(env *e, fake *f, uint64_t want) {
+  auth_ctx c = {f->t, want};
+  return th_run_real(&e->loop, auth_pred, &c, WAIT_MS);
+}
+
+/*
+ * The right credentials, as an ACL user (AUTH user pass) and as the default user with
+ * requirepass (AUTH pass): messages flow, also after the server restarted (AUTH again on
+ * the new connections). The wrong password, or none: nothing is confirmed, stored or
+ * delivered — not even an entry another client added to the subscribed stream — while the
+ * transport keeps trying (the counter grows); the failure is logged at ERROR once, not once
+ * per attempt, and says authentication failed; fixing the server's ACL lets it in.
+ */
+static void test_auth(void **state) {
+  (void)state;
+  env e;
+  if (env_init_conf(&e, "a1", auth_conf)) skip();
+  e.admin_pw = "def-secret";
+  assert_int_equal(th_run_real(&e.loop, ready_pred, &e, WAIT_MS), 0);
+
+  /* An ACL user. */
+  e.user = "saga";
+  e.pw = "saga-pw";
+  fake a, b;
+  attach(&e, &a, "a", 1000, 10);
+  attach(&e, &b, "b", 1000, 10);
+  b.auto_ack = 1;
+  sub(&b, "ch");
+  assert_int_equal(send_str(&a, "ch", "acl", 1), SAGA_OK);
+  assert_int_equal(wait_count(&e, &b.nd, 1), 0);
+  assert_int_equal(wait_count(&e, &a.ns, 1), 0);
+  assert_int_equal(a.sent_status[0], SAGA_OK);
+  assert_string_equal(b.d[0].data, "acl");
+  /* After a restart, the new connections authenticate again. */
+  th_server_kill9(&e.srv);
+  assert_int_equal(wait_int(&e, &a.lost, 1), 0);
+  restart_ready(&e);
+  assert_int_equal(wait_int(&e, &a.back, 1), 0);
+  assert_int_equal(wait_int(&e, &b.back, 1), 0);
+  /* As the outbox does: sent again until confirmed. */
+  int again_ok = 0;
+  for (int i = 0; i < 50 && !again_ok; i++) {
+    size_t ns0 = a.ns;
+    if (send_str(&a, "ch", "again", 2) == SAGA_OK) wait_count(&e, &a.ns, ns0 + 1);
+    again_ok = a.ns > ns0 && a.sent[a.ns - 1] == 2 && a.sent_status[a.ns - 1] == SAGA_OK;
+  }
+  assert_true(again_ok);
+  while (count_data(&b, "again") == 0) assert_int_equal(wait_count(&e, &b.nd, b.nd + 1), 0);
+  saga_redis_stats st;
+  assert_int_equal(saga_redis_stats_get(a.t, &st), SAGA_OK);
+  assert_int_equal(st.auth_failures, 0);
+  detach(&e, &a);
+  detach(&e, &b);
+
+  /* The default user: AUTH with the password alone. */
+  e.user = NULL;
+  e.pw = "def-secret";
+  attach(&e, &a, "a", 1000, 10);
+  assert_int_equal(send_str(&a, "ch", "default", 3), SAGA_OK);
+  assert_int_equal(wait_count(&e, &a.ns, 1), 0);
+  assert_int_equal(a.sent_status[0], SAGA_OK);
+  detach(&e, &a);
+  long long before = xlen(&e, "ch");
+
+  /* Wrong password for the ACL user, and no password at all. */
+  const char *const bad[2][2] = {{"saga", "wrong"}, {NULL, NULL}};
+  for (int k = 0; k < 2; k++) {
+    e.user = bad[k][0];
+    e.pw = bad[k][1];
+    fake x;
+    attach(&e, &x, "x", 1000, 10);
+    sub(&x, "in");
+    int rc = send_str(&x, "ch", "forbidden", 10);
+    /* Several attempts, each refused. */
+    assert_int_equal(wait_auth_failures(&e, &x, 3), 0);
+    /* Another client adds an entry to the stream x subscribes to; x tries again after. */
+    redisContext *c = cli(&e);
+    redisReply *r = redisCommand(c, "XADD a1:in * d hello");
+    assert_non_null(r);
+    freeReplyObject(r);
+    redisFree(c);
+    assert_int_equal(saga_redis_stats_get(x.t, &st), SAGA_OK);
+    assert_int_equal(wait_auth_failures(&e, &x, st.auth_failures + 2), 0);
+    printf("%s: send %d, %d confirmations, %zu deliveries, %" PRIu64
+           " refusals, %d logged at ERROR\n",
+           k == 0 ? "wrong password" : "no password", rc, (int)x.ns, x.nd,
+           (uint64_t)st.auth_failures, x.auth_errors);
+    int confirmed = 0;
+    for (size_t i = 0; i < x.ns; i++) confirmed += x.sent_status[i] == SAGA_OK;
+    assert_int_equal(confirmed, 0);
+    assert_int_equal(x.nd, 0);
+    assert_int_equal(x.auth_errors, 1); /* once, not once per attempt */
+    assert_int_equal(xlen(&e, "ch"), before);
+    if (k == 0) {
+      /* The operator fixes the ACL: the transport gets in by itself, and says so. */
+      c = cli(&e);
+      r = redisCommand(c, "ACL SETUSER saga >wrong");
+      assert_non_null(r);
+      freeReplyObject(r);
+      redisFree(c);
+      assert_int_equal(wait_int(&e, &x.auth_back, 1), 0);
+      x.auto_ack = 1;
+      /* Each connection gets in on its own schedule: sent again until confirmed, as the
+       * outbox does. */
+      int fixed_ok = 0;
+      for (int i = 0; i < 100 && !fixed_ok; i++) {
+        size_t ns0 = x.ns;
+        if (send_str(&x, "in", "after-fix", 11) == SAGA_OK)
+          wait_count(&e, &x.ns, ns0 + 1);
+        else
+          th_run_real(&e.loop, no_pred, NULL, 50); /* the outbox's resend pause, not a wait */
+        fixed_ok = x.ns > ns0 && x.sent_status[x.ns - 1] == SAGA_OK;
+      }
+      assert_true(fixed_ok);
+      assert_int_equal(wait_count(&e, &x.nd, 1), 0);
+      assert_string_equal(x.d[0].data, "after-fix");
+    }
+    detach(&e, &x);
+  }
   env_free(&e);
 }
 
@@ -924,6 +1109,10 @@ int main(void) {
       cmocka_unit_test_teardown(test_close, teardown),
       cmocka_unit_test_teardown(test_trim, teardown),
       cmocka_unit_test_teardown(test_nodes, teardown),
+      cmocka_unit_test_teardown(test_auth, teardown),
+      cmocka_unit_test_teardown(test_nodes_acl, teardown),
   };
+  /* SAGA_TEST_FILTER=name runs the tests matching it (cmocka's pattern, '*' wildcards). */
+  if (getenv("SAGA_TEST_FILTER") != NULL) cmocka_set_test_filter(getenv("SAGA_TEST_FILTER"));
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

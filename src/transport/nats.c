@@ -1429,12 +1429,15 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
     const char *why = nats_err(s);
     int auth = s == NATS_NOT_PERMITTED || auth_text(why);
     if (auth) tp->stats.auth_errors++;
+    /* A server that refuses our client certificate just closes the connection, which libnats
+     * reports as a protocol error: with TLS on, any failure gets the TLS hint. */
     nt_log(tp, SAGA_LOG_ERROR, "cannot connect to NATS at %s: %s%s", tp->url, why,
            auth ? " (authentication refused: check the credentials)"
-           : s == NATS_SSL_ERROR || s == NATS_SECURE_CONNECTION_REQUIRED ||
+           : tp->tls || s == NATS_SSL_ERROR || s == NATS_SECURE_CONNECTION_REQUIRED ||
                    s == NATS_SECURE_CONNECTION_WANTED
                ? " (TLS: check tls_ca_file, tls_cert_file/tls_key_file, tls_hostname and the "
-                 "server's tls settings)"
+                 "server's tls settings; a server verifying clients closes the connection on "
+                 "a certificate it does not accept)"
                : "");
     tp->nc = NULL;
     goto fail;
