@@ -3,13 +3,20 @@
 # its own process with its own database and HTTP port, their saga nodes talking over the TCP
 # transport or NATS JetStream, behind nginx as the one base URL.
 #
-# usage: scripts/shop_cluster.sh start [--transport tcp|nats] [--payment-limit N]
+# usage: scripts/shop_cluster.sh start [--transport tcp|nats] [--payment-limit N] [--insecure-plaintext]
 #        scripts/shop_cluster.sh stop | status
 #        scripts/shop_cluster.sh restart SERVICE [--kill]
 #
-#   start    builds the shop if needed (in build/cluster), picks free loopback ports, starts
-#            nats-server (with --transport nats), the six services and nginx, waits for each
-#            /healthz and prints the base URL. Default transport: tcp; payment limit 5000.
+#   start    builds the shop if needed (in build/cluster), picks free loopback ports, makes a
+#            throwaway CA and a certificate per saga node (scripts/make_pki.sh, in run/pki),
+#            starts nats-server (with --transport nats), the six services and nginx, waits for
+#            each /healthz and prints the base URL. Default transport: tcp; payment limit 5000.
+#            TCP: mutual TLS, every route naming its node's identity, and an access list per
+#            node (docs/shop.md, "Security of the distributed shop"); --insecure-plaintext runs
+#            without TLS or access lists (anyone who reaches a port can run any handler).
+#            NATS: nats-server over TLS with a user per service (random passwords in
+#            run/secrets) whose permissions let it publish only to the subjects it sends to and
+#            use only its own consumers and reply subjects.
 #   stop     stops everything started (SIGTERM, then SIGKILL after 10 s).
 #   status   says what runs and asks each /healthz.
 #   restart  stops one service (SIGTERM, or SIGKILL with --kill) and starts it again on the
@@ -19,6 +26,8 @@
 #                                 logs, databases, nginx's prefix, the base URL in ./url
 #              SHOP_BIN           a shop binary to use instead of building one
 #              SHOP_JWT_SECRET    the shared token secret (default: a random one per start)
+#              SHOP_CLUSTER_EXTRA_CERTS  more names the CA signs certificates for (tools, tests;
+#                                 they are on no access list and have no NATS user)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run=${SHOP_CLUSTER_RUN:-$root/build/cluster-run}
@@ -85,12 +94,83 @@ launch() {
 
 port_of() { sed -n "s/^$1=//p" "$run/ports"; }
 
+# The access list of a saga node over TCP: who may send to which of its channels. Commands
+# come from the orchestrator only; the orchestrator takes purchase requests from the purchase
+# node and replies from the participants; the purchase node takes the replies to its requests
+# and the purchase events from the orchestrator.
+allow_of() {
+  case "$1" in
+    product|order|payment) printf '%s\n' --tls-allow "orchestrator=$1" ;;
+    orchestrator)
+      printf '%s\n' --tls-allow purchase=orchestrator --tls-allow product=orchestrator \
+        --tls-allow order=orchestrator --tls-allow payment=orchestrator ;;
+    purchase) printf '%s\n' --tls-allow orchestrator=purchase --tls-allow orchestrator=purchase.events ;;
+  esac
+}
+
+# NATS: the subjects a service publishes to (its channels' subjects) and the channels it
+# consumes (one durable consumer each, named as the adapter names them).
+nats_sends() {
+  case "$1" in
+    product|order|payment|purchase) echo saga.orchestrator ;;
+    orchestrator) echo saga.product saga.order saga.payment saga.purchase saga.purchase.events ;;
+  esac
+}
+nats_consumes() {
+  case "$1" in
+    purchase) echo purchase purchase.events ;;
+    *) echo "$1" ;;
+  esac
+}
+# The adapter's consumer name for a channel: the channel when it is only [A-Za-z0-9_-],
+# otherwise those characters with the rest as '_' and the FNV-1a hash of the channel.
+consumer_name() {
+  local ch=$1 out="" c i h=2166136261 changed=0
+  for ((i = 0; i < ${#ch}; i++)); do
+    c=${ch:i:1}
+    if [[ "$c" =~ [A-Za-z0-9_-] ]]; then out+=$c; else out+=_; changed=1; fi
+  done
+  if [ $changed = 1 ]; then
+    for ((i = 0; i < ${#ch}; i++)); do
+      printf -v c '%d' "'${ch:i:1}"
+      h=$(( ((h ^ c) * 16777619) & 0xffffffff ))
+    done
+    printf -v out '%s_%08x' "$out" "$h"
+  fi
+  echo "$out"
+}
+
+# nats-server's configuration: TLS with the cluster's CA, JetStream, one user per service.
+nats_conf() {
+  local s ch c pw q='"'
+  echo "listen: 127.0.0.1:$(port_of nats)"
+  echo "jetstream { store_dir: $q$run/nats$q }"
+  echo "tls { cert_file: $q$run/pki/nats.pem$q, key_file: $q$run/pki/nats.key$q, ca_file: $q$run/pki/ca.pem$q, timeout: 5 }"
+  echo "authorization { users = ["
+  for s in product order payment orchestrator purchase; do
+    pw=$(cat "$run/secrets/$s")
+    local -a pub=()
+    for ch in $(nats_sends "$s"); do pub+=("$q$ch$q"); done
+    pub+=("$q\$JS.API.INFO$q" "$q\$JS.API.STREAM.INFO.SAGA$q" "$q\$JS.API.STREAM.CREATE.SAGA$q")
+    for ch in $(nats_consumes "$s"); do
+      c=$(consumer_name "$ch")
+      pub+=("$q\$JS.API.CONSUMER.*.SAGA.$c$q" "$q\$JS.API.CONSUMER.*.*.SAGA.$c$q"
+        "$q\$JS.API.CONSUMER.CREATE.SAGA.$c.>$q" "$q\$JS.ACK.SAGA.$c.>$q")
+    done
+    local IFS=,
+    echo "  {user: $s, password: $q$pw$q, permissions: {publish: {allow: [${pub[*]}]}, subscribe: {allow: [${q}_INBOX.$s.>$q]}}}"
+    unset IFS
+  done
+  echo "] }"
+}
+
 start() {
-  local transport=tcp limit=5000
+  local transport=tcp limit=5000 plaintext=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --transport) [ $# -ge 2 ] || usage; transport=$2; shift 2 ;;
       --payment-limit) [ $# -ge 2 ] || usage; limit=$2; shift 2 ;;
+      --insecure-plaintext) plaintext=1; shift ;;
       *) usage ;;
     esac
   done
@@ -119,6 +199,12 @@ start() {
   rm -rf "$run"
   mkdir -p "$run/pids" "$run/logs" "$run/cmd" "$run/data" "$run/nginx/tmp"
   local secret=${SHOP_JWT_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+  # A throwaway CA and a certificate per saga node (and nats-server), made at each start.
+  # shellcheck disable=SC2086
+  bash "$root/scripts/make_pki.sh" "$run/pki" product order payment orchestrator purchase nats \
+    ${SHOP_CLUSTER_EXTRA_CERTS:-} || die "could not make the certificates (scripts/make_pki.sh)"
+  (umask 077 && mkdir -p "$run/secrets" && for s in product order payment orchestrator purchase; do
+    head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$run/secrets/$s"; done)
 
   # Ports: six HTTP, five TCP transport listeners, nginx, nats.
   local -a p
@@ -136,7 +222,8 @@ start() {
   if [ "$transport" = nats ]; then
     local nats_bin
     nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
-    printf '%s\n' "$nats_bin" -a 127.0.0.1 -p "$(port_of nats)" -js -sd "$run/nats" >"$run/cmd/nats"
+    nats_conf >"$run/nats.conf"
+    printf '%s\n' "$nats_bin" -c "$run/nats.conf" >"$run/cmd/nats"
     launch nats
     for _ in $(seq 100); do
       if (exec 3<>"/dev/tcp/127.0.0.1/$(port_of nats)") 2>/dev/null; then break; fi
@@ -144,10 +231,15 @@ start() {
     done
   fi
 
-  # Every node gets the same route table: channel -> its node's TCP listener.
+  # Every node gets the same route table: channel -> its node's TCP listener (and, with TLS,
+  # the identity that node must prove).
   local -a routes=()
   for s in product order payment orchestrator purchase; do
-    routes+=(--tcp-route "$s=127.0.0.1:$(port_of "tcp_$s")")
+    if [ $plaintext = 1 ]; then
+      routes+=(--tcp-route "$s=127.0.0.1:$(port_of "tcp_$s")")
+    else
+      routes+=(--tcp-route "$s=127.0.0.1:$(port_of "tcp_$s")@$s")
+    fi
   done
   for s in "${services[@]}"; do
     mkdir -p "$run/data/$s"
@@ -157,8 +249,17 @@ start() {
       if [ "$s" != account ]; then
         if [ "$transport" = tcp ]; then
           printf '%s\n' --transport tcp --tcp-listen "127.0.0.1:$(port_of "tcp_$s")" "${routes[@]}"
+          if [ $plaintext = 1 ]; then
+            printf '%s\n' --insecure-plaintext
+          else
+            printf '%s\n' --tls-ca "$run/pki/ca.pem" --tls-cert "$run/pki/$s.pem" \
+              --tls-key "$run/pki/$s.key"
+            allow_of "$s"
+          fi
         else
-          printf '%s\n' --transport nats --nats "nats://127.0.0.1:$(port_of nats)"
+          printf '%s\n' --transport nats --nats "tls://127.0.0.1:$(port_of nats)" \
+            --nats-user "$s" --nats-password-file "$run/secrets/$s" \
+            --nats-tls-ca "$run/pki/ca.pem" --nats-tls-hostname nats
         fi
       fi
       if [ "$s" = purchase ]; then
@@ -183,7 +284,13 @@ start() {
   local url="http://127.0.0.1:$(port_of nginx)"
   wait_healthy nginx "$url/healthz/purchase" || { cat "$run/nginx/error.log" >&2 || true; stop_all; exit 1; }
   echo "$url" >"$run/url"
-  echo "shop_cluster: $transport, run folder $run"
+  if [ "$transport" = tcp ] && [ $plaintext = 1 ]; then
+    echo "shop_cluster: tcp WITHOUT TLS (--insecure-plaintext), run folder $run"
+  elif [ "$transport" = tcp ]; then
+    echo "shop_cluster: tcp over mutual TLS with access lists (CA and certificates in $run/pki), run folder $run"
+  else
+    echo "shop_cluster: nats over TLS with a user per service, run folder $run"
+  fi
   echo "shop_cluster: base URL $url"
 }
 

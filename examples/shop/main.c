@@ -11,15 +11,23 @@
  *
  *   shop --service account ...                      (no saga node: no transport options)
  *   shop --service NAME --transport tcp --tcp-listen HOST:PORT
- *        --tcp-route CHANNEL=HOST:PORT [--tcp-route ...] ...
- *   shop --service NAME --transport nats [--nats URL] [--nats-ack-wait MS] ...
+ *        --tcp-route CHANNEL=HOST:PORT[@IDENTITY] [--tcp-route ...]
+ *        (--tls-ca FILE --tls-cert FILE --tls-key FILE [--tls-allow IDENTITY=CHANNEL]...
+ *         | --insecure-plaintext) ...
+ *   shop --service NAME --transport nats [--nats URL] [--nats-ack-wait MS]
+ *        [--nats-user U --nats-password-file F | --nats-token-file F | --nats-creds F]
+ *        [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F] [--nats-tls-hostname H]] ...
  *   shop --service purchase --product-url http://HOST:PORT ...   (the product check)
  *
  * Over TCP every node listens on --tcp-listen, and --tcp-route says where each channel it
  * sends to is served (the channels are the node names product, order, payment, orchestrator,
  * purchase, and purchase.events, served by the purchase node; a route for "purchase" also
- * routes "purchase.events" unless that has its own). The same route list may be given to
- * every service (scripts/shop_cluster.sh does); the routes a service needs are checked.
+ * routes "purchase.events" unless that has its own), and which identity the node there must
+ * prove. The same route list may be given to every service (scripts/shop_cluster.sh does);
+ * the routes a service needs are checked. TCP is mutual TLS: this node's certificate and key,
+ * the CA that signs every node, and the access list of who may send to which of this node's
+ * channels (--tls-allow, repeated); plaintext only with --insecure-plaintext, which anyone who
+ * reaches the port can use to run any handler (loopback tests only).
  *
  * Prints "listening on PORT" once it serves, and stops cleanly on SIGINT/SIGTERM.
  * `shop --free-ports N` prints N distinct TCP ports of 127.0.0.1 that were free (for scripts).
@@ -30,6 +38,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +55,7 @@
 
 /* The node services, in the order of the embedded process. */
 static const char *const node_names[] = {"product", "order", "payment", "orchestrator", "purchase"};
-enum { N_NODES = 5, MAX_ROUTES = 32 };
+enum { N_NODES = 5, MAX_ROUTES = 32, MAX_ALLOW = 32 };
 
 /* What each node sends to (TCP routes it needs): participants reply to the orchestrator;
  * the orchestrator commands the participants, replies to the purchase node and publishes
@@ -64,10 +73,18 @@ typedef struct options {
   const char *transport; /* "tcp" or "nats" */
   const char *tcp_listen;
   saga_tcp_route routes[MAX_ROUTES];
-  char *route_buf[MAX_ROUTES]; /* "channel\0address" copies */
+  char *route_buf[MAX_ROUTES]; /* "channel\0address\0identity" copies */
   size_t nroutes;
+  const char *tls_ca, *tls_cert, *tls_key;
+  saga_tcp_allow allow[MAX_ALLOW];
+  char *allow_buf[MAX_ALLOW]; /* "identity\0channel" copies */
+  size_t nallow;
+  int insecure_plaintext;
   const char *nats_url;
   long nats_ack_wait_ms;
+  const char *nats_user, *nats_password_file, *nats_token_file, *nats_creds;
+  const char *nats_tls_ca, *nats_tls_cert, *nats_tls_key, *nats_tls_hostname;
+  char nats_secret[256]; /* the password or token read from its file */
   const char *bind;
   int port;
 } options;
@@ -78,7 +95,8 @@ typedef struct app {
   options o;
   saga_mem_hub *hub;
   saga_node *nodes[N_NODES];
-  int node_index[N_NODES]; /* nodes[k] runs node_names[node_index[k]] */
+  saga_transport *transports[N_NODES]; /* distributed: the node's transport, for /metrics */
+  int node_index[N_NODES];             /* nodes[k] runs node_names[node_index[k]] */
   int nnodes;
   uv_signal_t sigint, sigterm;
   int closing, closed;
@@ -87,14 +105,21 @@ typedef struct app {
 
 static const char usage[] =
     "usage: shop [--data DIR] [--port N] [--bind ADDR] [--secret S] [--payment-limit N]\n"
-    "            [--service NAME [--transport tcp|nats] [--tcp-listen HOST:PORT]\n"
-    "             [--tcp-route CHANNEL=HOST:PORT]... [--nats URL] [--nats-ack-wait MS]\n"
-    "             [--product-url URL]]\n"
+    "            [--service NAME [--transport tcp|nats] [--product-url URL]\n"
+    "             [--tcp-listen HOST:PORT] [--tcp-route CHANNEL=HOST:PORT[@IDENTITY]]...\n"
+    "             [--tls-ca FILE --tls-cert FILE --tls-key FILE] [--tls-allow "
+    "IDENTITY=CHANNEL]...\n"
+    "             [--insecure-plaintext]\n"
+    "             [--nats URL] [--nats-ack-wait MS] [--nats-user U --nats-password-file FILE]\n"
+    "             [--nats-token-file FILE] [--nats-creds FILE] [--nats-tls-ca FILE]\n"
+    "             [--nats-tls-cert FILE --nats-tls-key FILE] [--nats-tls-hostname NAME]]\n"
     "       shop --free-ports N\n"
     "  without --service: every service in this process (embedded, in-memory transport)\n"
     "  --service: account, product, order, payment, orchestrator or purchase, alone;\n"
-    "    every service but account needs --transport (tcp: --tcp-listen and the routes of the\n"
-    "    channels it sends to; nats: --nats URL, default nats://127.0.0.1:4222);\n"
+    "    every service but account needs --transport (tcp: --tcp-listen, the routes of the\n"
+    "    channels it sends to, and mutual TLS (--tls-ca, --tls-cert, --tls-key, the access\n"
+    "    list --tls-allow IDENTITY=CHANNEL, \"*\" for any) or --insecure-plaintext;\n"
+    "    nats: --nats URL, default nats://127.0.0.1:4222, credentials and TLS optional);\n"
     "    purchase needs --product-url (the product service's base URL, to check products)\n";
 
 static int bad(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -167,6 +192,11 @@ static int parse_args(app *a, int argc, char **argv) {
       return -1;
     }
     if (strncmp(f, "--", 2) != 0) return bad("unexpected argument '%s'", f);
+    if (strcmp(f, "--insecure-plaintext") == 0) { /* the one flag without a value */
+      transport_flag = f, transport_opts |= 1;
+      o->insecure_plaintext = 1;
+      continue;
+    }
     if (i + 1 >= argc) return bad("%s needs a value", f);
     const char *v = argv[++i];
     long n;
@@ -206,12 +236,14 @@ static int parse_args(app *a, int argc, char **argv) {
     } else if (strcmp(f, "--tcp-route") == 0) {
       transport_flag = f, transport_opts |= 1;
       const char *eq = strchr(v, '=');
-      if (eq == NULL || eq == v || eq[1] == '\0')
-        return bad("--tcp-route: '%s' is not CHANNEL=HOST:PORT", v);
+      const char *at = eq != NULL ? strchr(eq, '@') : NULL;
+      if (eq == NULL || eq == v || eq[1] == '\0' || eq[1] == '@' || (at != NULL && at[1] == '\0'))
+        return bad("--tcp-route: '%s' is not CHANNEL=HOST:PORT[@IDENTITY]", v);
       if (o->nroutes == MAX_ROUTES) return bad("--tcp-route: more than %d routes", MAX_ROUTES);
       char *copy = strdup(v);
       if (copy == NULL) return 1;
       copy[eq - v] = '\0';
+      if (at != NULL) copy[at - v] = '\0';
       if (route_of(o, copy) != NULL) {
         free(copy);
         return bad("--tcp-route: channel of '%s' routed twice", v);
@@ -219,11 +251,55 @@ static int parse_args(app *a, int argc, char **argv) {
       o->route_buf[o->nroutes] = copy;
       o->routes[o->nroutes].channel = copy;
       o->routes[o->nroutes].address = copy + (eq - v) + 1;
-      o->routes[o->nroutes].identity = NULL;
+      o->routes[o->nroutes].identity = at != NULL ? copy + (at - v) + 1 : NULL;
       o->nroutes++;
+    } else if (strcmp(f, "--tls-ca") == 0 || strcmp(f, "--tls-cert") == 0 ||
+               strcmp(f, "--tls-key") == 0) {
+      transport_flag = f, transport_opts |= 1;
+      if (v[0] == '\0') return bad("%s: empty file name", f);
+      if (access(v, R_OK) != 0) return bad("%s: cannot read '%s': %s", f, v, strerror(errno));
+      if (strcmp(f, "--tls-ca") == 0)
+        o->tls_ca = v;
+      else if (strcmp(f, "--tls-cert") == 0)
+        o->tls_cert = v;
+      else
+        o->tls_key = v;
+    } else if (strcmp(f, "--tls-allow") == 0) {
+      transport_flag = f, transport_opts |= 1;
+      const char *eq = strchr(v, '=');
+      if (eq == NULL || eq == v || eq[1] == '\0')
+        return bad("--tls-allow: '%s' is not IDENTITY=CHANNEL", v);
+      if (o->nallow == MAX_ALLOW) return bad("--tls-allow: more than %d entries", MAX_ALLOW);
+      char *copy = strdup(v);
+      if (copy == NULL) return 1;
+      copy[eq - v] = '\0';
+      o->allow_buf[o->nallow] = copy;
+      o->allow[o->nallow].identity = copy;
+      o->allow[o->nallow].channel = copy + (eq - v) + 1;
+      o->nallow++;
     } else if (strcmp(f, "--nats") == 0) {
       transport_flag = f, transport_opts |= 2;
       o->nats_url = v;
+    } else if (strcmp(f, "--nats-user") == 0 || strcmp(f, "--nats-tls-hostname") == 0) {
+      transport_flag = f, transport_opts |= 2;
+      if (v[0] == '\0') return bad("%s: empty value", f);
+      if (strcmp(f, "--nats-user") == 0)
+        o->nats_user = v;
+      else
+        o->nats_tls_hostname = v;
+    } else if (strcmp(f, "--nats-password-file") == 0 || strcmp(f, "--nats-token-file") == 0 ||
+               strcmp(f, "--nats-creds") == 0 || strcmp(f, "--nats-tls-ca") == 0 ||
+               strcmp(f, "--nats-tls-cert") == 0 || strcmp(f, "--nats-tls-key") == 0) {
+      transport_flag = f, transport_opts |= 2;
+      if (v[0] == '\0') return bad("%s: empty file name", f);
+      if (access(v, R_OK) != 0) return bad("%s: cannot read '%s': %s", f, v, strerror(errno));
+      const char **slot = strcmp(f, "--nats-password-file") == 0 ? &o->nats_password_file
+                          : strcmp(f, "--nats-token-file") == 0  ? &o->nats_token_file
+                          : strcmp(f, "--nats-creds") == 0       ? &o->nats_creds
+                          : strcmp(f, "--nats-tls-ca") == 0      ? &o->nats_tls_ca
+                          : strcmp(f, "--nats-tls-cert") == 0    ? &o->nats_tls_cert
+                                                                 : &o->nats_tls_key;
+      *slot = v;
     } else if (strcmp(f, "--nats-ack-wait") == 0) {
       transport_flag = f, transport_opts |= 2;
       if (parse_long(v, 100, 3600000, &n) != 0)
@@ -260,12 +336,26 @@ static int parse_args(app *a, int argc, char **argv) {
     if (transport_opts & 2)
       return bad("%s is a NATS option (--transport tcp given)", transport_flag);
     if (o->tcp_listen == NULL) return bad("--service %s needs --tcp-listen HOST:PORT", o->service);
+    int tls = o->tls_ca != NULL || o->tls_cert != NULL || o->tls_key != NULL;
+    if (o->insecure_plaintext && (tls || o->nallow > 0))
+      return bad("--insecure-plaintext excludes %s (plaintext has no identities)",
+                 tls ? "--tls-ca, --tls-cert and --tls-key" : "--tls-allow");
+    if (!o->insecure_plaintext && (o->tls_ca == NULL || o->tls_cert == NULL || o->tls_key == NULL))
+      return bad("--transport tcp needs mutual TLS (--tls-ca, --tls-cert and --tls-key) or, "
+                 "for loopback tests only, %s",
+                 "--insecure-plaintext");
+    for (size_t r = 0; o->insecure_plaintext && r < o->nroutes; r++)
+      if (o->routes[r].identity != NULL)
+        return bad("--tcp-route %s=...@%s: an identity needs TLS, not --insecure-plaintext",
+                   o->routes[r].channel, o->routes[r].identity);
     /* "purchase" routes "purchase.events" too unless that has its own route. */
-    const char *pur = route_of(o, "purchase");
-    if (pur != NULL && route_of(o, SHOP_EVENTS) == NULL && o->nroutes < MAX_ROUTES) {
+    int pur = -1;
+    for (size_t r = 0; r < o->nroutes; r++)
+      if (strcmp(o->routes[r].channel, "purchase") == 0) pur = (int)r;
+    if (pur >= 0 && route_of(o, SHOP_EVENTS) == NULL && o->nroutes < MAX_ROUTES) {
       o->routes[o->nroutes].channel = SHOP_EVENTS;
-      o->routes[o->nroutes].address = pur;
-      o->routes[o->nroutes].identity = NULL;
+      o->routes[o->nroutes].address = o->routes[pur].address;
+      o->routes[o->nroutes].identity = o->routes[pur].identity;
       o->nroutes++;
     }
     int k = service_index(o->service);
@@ -283,6 +373,13 @@ static int parse_args(app *a, int argc, char **argv) {
 #endif
     if (transport_opts & 1)
       return bad("%s is a TCP option (--transport nats given)", transport_flag);
+    int ways = (o->nats_user != NULL) + (o->nats_token_file != NULL) + (o->nats_creds != NULL);
+    if (ways > 1)
+      return bad("give one of --nats-user, --nats-token-file and --nats-creds (%d given)", ways);
+    if ((o->nats_user != NULL) != (o->nats_password_file != NULL))
+      return bad("--nats-user and --nats-password-file go together");
+    if ((o->nats_tls_cert != NULL) != (o->nats_tls_key != NULL))
+      return bad("--nats-tls-cert and --nats-tls-key go together");
   }
   if (strcmp(o->service, "purchase") == 0 && a->ctx.product_url == NULL)
     return bad("--service purchase needs --product-url URL (%s, to check that products exist)",
@@ -317,23 +414,99 @@ static void stop(uv_signal_t *s, int signum) {
   for (int i = 0; i < a->nnodes; i++) saga_node_close(a->nodes[i], node_closed, a);
 }
 
-static int make_transport(app *a, saga_transport **t) {
-  const options *o = &a->o;
+/* The first line of a file holding a secret (a NATS password or token) into buf. 0 or -1. */
+static int read_secret(const char *path, char *buf, size_t len) {
+  FILE *f = fopen(path, "r");
+  if (f == NULL || fgets(buf, (int)len, f) == NULL) {
+    fprintf(stderr, "shop: cannot read a secret from %s: %s\n", path,
+            f == NULL ? strerror(errno) : "empty file");
+    if (f != NULL) fclose(f);
+    return -1;
+  }
+  fclose(f);
+  buf[strcspn(buf, "\r\n")] = '\0';
+  if (buf[0] == '\0') {
+    fprintf(stderr, "shop: %s: the secret is empty\n", path);
+    return -1;
+  }
+  return 0;
+}
+
+/* /metrics: what the TCP transport refused (saga_tcp_stats_get). */
+static void tcp_metrics(shop_text *b, void *arg) {
+  saga_tcp_stats st;
+  if (saga_tcp_stats_get(arg, &st) != SAGA_OK) return;
+  static const struct {
+    const char *name, *help;
+    size_t off;
+  } m[] = {
+      {"shop_tcp_connections_accepted_total", "Inbound TCP connections taken.",
+       offsetof(saga_tcp_stats, connections_accepted)},
+      {"shop_tcp_connections_refused_total", "Inbound TCP connections over the caps.",
+       offsetof(saga_tcp_stats, connections_refused)},
+      {"shop_tcp_handshakes_failed_total",
+       "TLS handshakes that failed or timed out (no certificate, another CA, a wrong identity).",
+       offsetof(saga_tcp_stats, handshakes_failed)},
+      {"shop_tcp_frames_refused_total",
+       "Messages refused by the access list (the connection was then closed).",
+       offsetof(saga_tcp_stats, frames_refused)},
+      {"shop_tcp_frames_malformed_total", "Frames that broke the wire format.",
+       offsetof(saga_tcp_stats, frames_malformed)},
+      {"shop_tcp_acks_ignored_total", "ACK/NACK frames naming no token sent on that connection.",
+       offsetof(saga_tcp_stats, acks_ignored)},
+      {"shop_tcp_idle_closed_total", "Inbound connections closed for idleness.",
+       offsetof(saga_tcp_stats, idle_closed)},
+      {"shop_tcp_slow_readers_dropped_total", "Inbound connections dropped for not reading.",
+       offsetof(saga_tcp_stats, slow_readers_dropped)},
+  };
+  for (size_t i = 0; i < sizeof m / sizeof m[0]; i++)
+    shop_text_metric(b, m[i].name, "counter", m[i].help, "",
+                     *(const uint64_t *)((const char *)&st + m[i].off));
+}
+
+#ifdef SHOP_HAVE_NATS
+/* /metrics: what the NATS transport counted (saga_nats_stats_get). */
+static void nats_metrics(shop_text *b, void *arg) {
+  saga_nats_stats st;
+  if (saga_nats_stats_get(arg, &st) != SAGA_OK) return;
+  shop_text_metric(b, "shop_nats_acks_ignored_total", "counter",
+                   "Publish acknowledgements naming no publish of this transport.", "",
+                   st.acks_ignored);
+  shop_text_metric(b, "shop_nats_permission_errors_total", "counter",
+                   "Publishes or subscriptions the server refused.", "", st.permission_errors);
+  shop_text_metric(b, "shop_nats_auth_errors_total", "counter",
+                   "Authentication or authorization failures at (re)connect.", "", st.auth_errors);
+}
+#endif
+
+static int make_transport(app *a, int i, saga_transport **t) {
+  options *o = &a->o;
   int rc;
   if (o->service == NULL) return saga_mem_transport_new(t, a->hub);
   if (strcmp(o->transport, "tcp") == 0) {
     saga_tcp_config tc;
     saga_tcp_config_init(&tc);
-    tc.insecure_plaintext = 1; /* loopback only */
     tc.listen = o->tcp_listen;
     tc.routes = o->routes;
     tc.nroutes = o->nroutes;
+    tc.insecure_plaintext = o->insecure_plaintext;
+    tc.tls_ca_file = o->tls_ca;
+    tc.tls_cert_file = o->tls_cert;
+    tc.tls_key_file = o->tls_key;
+    tc.allow = o->allow;
+    tc.nallow = o->nallow;
     /* Loopback peers come back within a second of a restart: do not wait 5 s for them. */
     tc.reconnect_max_ms = 1000;
-    rc = saga_tcp_transport_new(t, &tc);
+    char err[256] = "";
+    rc = saga_tcp_transport_new2(t, &tc, err, sizeof err);
     if (rc != SAGA_OK)
-      fprintf(stderr, "shop: TCP transport: %s (check --tcp-listen and --tcp-route addresses)\n",
-              saga_strerror(rc));
+      fprintf(stderr, "shop: TCP transport: %s: %s\n", saga_strerror(rc),
+              err[0] ? err : "check --tcp-listen, --tcp-route and the --tls- options");
+    else if (o->insecure_plaintext)
+      fprintf(stderr,
+              "shop: WARNING: --insecure-plaintext: node %s accepts any command or reply "
+              "from anyone who reaches %s (no TLS, no identities, no access list)\n",
+              node_names[i], o->tcp_listen);
     return rc;
   }
 #ifdef SHOP_HAVE_NATS
@@ -343,17 +516,36 @@ static int make_transport(app *a, saga_transport **t) {
   /* Redelivery of a command whose receiver died before acknowledging it: every shop process
    * must use the same value (it is part of each consumer's configuration). */
   nc.ack_wait_ms = o->nats_ack_wait_ms > 0 ? (uint32_t)o->nats_ack_wait_ms : 5000;
+  if (o->nats_password_file != NULL || o->nats_token_file != NULL) {
+    if (read_secret(o->nats_password_file ? o->nats_password_file : o->nats_token_file,
+                    o->nats_secret, sizeof o->nats_secret) != 0)
+      return SAGA_EINVAL;
+  }
+  nc.user = o->nats_user;
+  if (o->nats_password_file != NULL) nc.password = o->nats_secret;
+  if (o->nats_token_file != NULL) nc.token = o->nats_secret;
+  nc.creds_file = o->nats_creds;
+  nc.tls_ca_file = o->nats_tls_ca;
+  nc.tls_cert_file = o->nats_tls_cert;
+  nc.tls_key_file = o->nats_tls_key;
+  nc.tls_hostname = o->nats_tls_hostname;
+  /* Replies (publish acks, JetStream answers) under a prefix of this service's own, so that
+   * the server's permissions can let each service subscribe to its own replies only. */
+  char inbox[64];
+  snprintf(inbox, sizeof inbox, "_INBOX.%s", node_names[i]);
+  nc.inbox_prefix = inbox;
   rc = saga_nats_transport_new(t, &nc);
   if (rc != SAGA_OK) fprintf(stderr, "shop: NATS transport: %s\n", saga_strerror(rc));
   return rc;
 #else
+  (void)i;
   return SAGA_EINVAL;
 #endif
 }
 
 static int open_node(app *a, int i) {
   saga_transport *t = NULL;
-  int rc = make_transport(a, &t);
+  int rc = make_transport(a, i, &t);
   if (rc != SAGA_OK) return rc;
   char path[512], err[256];
   snprintf(path, sizeof path, "%s/%s.db", a->ctx.data_dir, node_names[i]);
@@ -374,7 +566,16 @@ static int open_node(app *a, int i) {
   }
   a->node_index[k] = i;
   a->nnodes++;
-  return shop_metrics_add_node(&a->ctx, node_names[i], a->nodes[k]) == 0 ? SAGA_OK : SAGA_ENOMEM;
+  if (shop_metrics_add_node(&a->ctx, node_names[i], a->nodes[k]) != 0) return SAGA_ENOMEM;
+  if (a->o.service != NULL) { /* the node owns t; it lives as long as the node */
+    a->transports[k] = t;
+    shop_metrics_fn fn = strcmp(a->o.transport, "tcp") == 0 ? tcp_metrics : NULL;
+#ifdef SHOP_HAVE_NATS
+    if (fn == NULL) fn = nats_metrics;
+#endif
+    if (fn != NULL && shop_metrics_add(&a->ctx, fn, t) != 0) return SAGA_ENOMEM;
+  }
+  return SAGA_OK;
 }
 
 static int init_service(app *a, int i, saga_node *node) {
@@ -405,6 +606,7 @@ int main(int argc, char **argv) {
   int rc = parse_args(&a, argc, argv);
   if (rc != 0) {
     for (size_t i = 0; i < a.o.nroutes; i++) free(a.o.route_buf[i]);
+    for (size_t i = 0; i < a.o.nallow; i++) free(a.o.allow_buf[i]);
     return rc < 0 ? 0 : rc;
   }
   signal(SIGPIPE, SIG_IGN);
@@ -452,6 +654,7 @@ int main(int argc, char **argv) {
   fflush(stdout);
   uv_run(a.loop, UV_RUN_DEFAULT);
   for (size_t i = 0; i < a.o.nroutes; i++) free(a.o.route_buf[i]);
+  for (size_t i = 0; i < a.o.nallow; i++) free(a.o.allow_buf[i]);
   curl_global_cleanup();
   return 0;
 }
