@@ -745,7 +745,10 @@ static void test_trim(void **state) {
     assert_int_equal(send_str(&s, "ch", m, (uint64_t)i + 1), SAGA_OK);
   }
   assert_int_equal(wait_count(&e, &a.nd, 250), 0);
-  assert_int_equal(xlen(&e, "ch"), 250);
+  /* Usually all 250 are still there; on a loaded machine the first trim may already have run
+   * (it is due a second after the subscriber started). */
+  long long before = xlen(&e, "ch");
+  assert_true(before <= 250 && before >= 100);
   len_ctx l = {&e, 250};
   assert_int_equal(th_run_real(&e.loop, xlen_pred, &l, WAIT_MS), 0);
   long long left = xlen(&e, "ch");
