@@ -766,7 +766,7 @@ static const char *link_drain(lnk *l) {
                                            &used);
   if (err != NULL && t->stats.frames_refused == refused && strcmp(err, "out of memory") != 0)
     t->stats.frames_malformed++;
-  memmove(l->rbuf, l->rbuf + used, l->rlen - used);
+  if (used > 0 && used < l->rlen) memmove(l->rbuf, l->rbuf + used, l->rlen - used);
   l->rlen -= used;
   return err;
 }
