@@ -150,6 +150,10 @@ static int run_write(account *a, shop_req *r, sqlite3_stmt *st, const char *what
 
 /* ---- input -------------------------------------------------------------------------------- */
 
+/* The checks below only read the body and say what is wrong (the 400 message, in msg); the
+ * routes answer. shop_account_check() runs the same checks without a server (tests/fuzz). */
+#define MSG_LEN 160
+
 /* The request body as a JSON object, or answers 400 and returns NULL. */
 static json_t *body_of(shop_req *r) {
   json_t *b = shop_req_json(r);
@@ -158,18 +162,17 @@ static json_t *body_of(shop_req *r) {
 }
 
 /* Reads body[key] as a text field: a JSON string of 1..max bytes, without control characters,
- * not only spaces. Sets *out (borrowed from body) and returns 0, or answers 400 and returns
- * -1. */
-static int text_field(shop_req *r, json_t *body, const char *key, size_t max, const char **out) {
-  char msg[160];
+ * not only spaces. Sets *out (borrowed from body) and returns 0, or says why in msg and
+ * returns -1. */
+static int text_field(json_t *body, const char *key, size_t max, const char **out, char *msg) {
   json_t *v = json_object_get(body, key);
   if (v == NULL) {
-    snprintf(msg, sizeof msg, "%s is required", key);
-    goto bad;
+    snprintf(msg, MSG_LEN, "%s is required", key);
+    return -1;
   }
   if (!json_is_string(v)) {
-    snprintf(msg, sizeof msg, "%s must be a string", key);
-    goto bad;
+    snprintf(msg, MSG_LEN, "%s must be a string", key);
+    return -1;
   }
   const char *s = json_string_value(v);
   size_t n = json_string_length(v);
@@ -177,37 +180,34 @@ static int text_field(shop_req *r, json_t *body, const char *key, size_t max, co
   for (size_t i = 0; i < n; i++) {
     unsigned char ch = (unsigned char)s[i];
     if (ch < 0x20 || ch == 0x7f) {
-      snprintf(msg, sizeof msg, "%s must not contain control characters", key);
-      goto bad;
+      snprintf(msg, MSG_LEN, "%s must not contain control characters", key);
+      return -1;
     }
     if (ch != ' ') blank = 0;
   }
   if (n == 0 || blank) {
-    snprintf(msg, sizeof msg, "%s must not be empty", key);
-    goto bad;
+    snprintf(msg, MSG_LEN, "%s must not be empty", key);
+    return -1;
   }
   if (n > max) {
-    snprintf(msg, sizeof msg, "%s must be at most %zu bytes", key, max);
-    goto bad;
+    snprintf(msg, MSG_LEN, "%s must be at most %zu bytes", key, max);
+    return -1;
   }
   *out = s;
   return 0;
-bad:
-  shop_reply_error(r, 400, msg);
-  return -1;
 }
 
 /* A plausible address: one '@', a local part of 1..64 bytes, a dotted domain; no spaces. The
  * only proof an address is real is mail to it, which the example does not send. */
-static int email_field(shop_req *r, json_t *body, const char **out) {
+static int email_field(json_t *body, const char **out, char *msg) {
   const char *s;
-  if (text_field(r, body, "email", EMAIL_MAX_LEN, &s) != 0) return -1;
+  if (text_field(body, "email", EMAIL_MAX_LEN, &s, msg) != 0) return -1;
   const char *at = strchr(s, '@'), *dom = at != NULL ? at + 1 : NULL;
   int ok = at != NULL && at > s && at - s <= 64 && strchr(dom, '@') == NULL &&
            strchr(s, ' ') == NULL && dom[0] != '\0' && dom[0] != '.' && strchr(dom, '.') != NULL &&
            dom[strlen(dom) - 1] != '.' && strstr(dom, "..") == NULL;
   if (!ok) {
-    shop_reply_error(r, 400, "email is not a valid e-mail address");
+    snprintf(msg, MSG_LEN, "email is not a valid e-mail address");
     return -1;
   }
   *out = s;
@@ -216,9 +216,9 @@ static int email_field(shop_req *r, json_t *body, const char **out) {
 
 /* A phone number: digits with optional spaces, hyphens, parentheses and a leading '+'; 4 to
  * 20 digits. It is stored as given (so "0912-345678" and "0912345678" are distinct). */
-static int phone_field(shop_req *r, json_t *body, const char **out) {
+static int phone_field(json_t *body, const char **out, char *msg) {
   const char *s;
-  if (text_field(r, body, "phone_number", PHONE_MAX_LEN, &s) != 0) return -1;
+  if (text_field(body, "phone_number", PHONE_MAX_LEN, &s, msg) != 0) return -1;
   int digits = 0, ok = 1;
   for (const char *p = s; *p && ok; p++) {
     if (*p >= '0' && *p <= '9')
@@ -229,7 +229,7 @@ static int phone_field(shop_req *r, json_t *body, const char **out) {
       ok = strchr(" -()", *p) != NULL;
   }
   if (!ok || digits < 4 || digits > 20) {
-    shop_reply_error(r, 400, "phone_number is not a valid phone number");
+    snprintf(msg, MSG_LEN, "phone_number is not a valid phone number");
     return -1;
   }
   *out = s;
@@ -239,10 +239,10 @@ static int phone_field(shop_req *r, json_t *body, const char **out) {
 /* A password: a string of PASSWORD_MIN..PASSWORD_MAX characters (code points; any
  * characters, spaces included). With check_min 0 (login) any non-empty length up to the
  * maximum is accepted: a wrong one is then 401, not 400. */
-static int password_field(shop_req *r, json_t *body, int check_min, const char **out) {
+static int password_field(json_t *body, int check_min, const char **out, char *msg) {
   json_t *v = json_object_get(body, "password");
   if (!json_is_string(v)) {
-    shop_reply_error(r, 400, v == NULL ? "password is required" : "password must be a string");
+    snprintf(msg, MSG_LEN, "%s", v == NULL ? "password is required" : "password must be a string");
     return -1;
   }
   const char *s = json_string_value(v);
@@ -250,12 +250,83 @@ static int password_field(shop_req *r, json_t *body, int check_min, const char *
   for (size_t i = 0; i < n; i++)
     if (((unsigned char)s[i] & 0xc0) != 0x80) chars++; /* jansson guarantees valid UTF-8 */
   if (chars == 0 || chars > PASSWORD_MAX || (check_min && chars < PASSWORD_MIN)) {
-    char msg[96];
-    snprintf(msg, sizeof msg, "password must be %d to %d characters", PASSWORD_MIN, PASSWORD_MAX);
-    shop_reply_error(r, 400, msg);
+    snprintf(msg, MSG_LEN, "password must be %d to %d characters", PASSWORD_MIN, PASSWORD_MAX);
     return -1;
   }
   *out = s;
+  return 0;
+}
+
+/* The fields of one request body, borrowed from it. */
+typedef struct account_input {
+  const char *pw, *first, *last, *email, *address, *phone, *refresh;
+} account_input;
+
+/* Checks the body of a form ("signup", "login", "refresh", "person", "shipping") field by
+ * field, in this order, stopping at the first bad one. 0, or -1 with the 400 message. */
+static int check_form(const char *form, json_t *b, account_input *in, char *msg) {
+  memset(in, 0, sizeof *in);
+  if (strcmp(form, "signup") == 0)
+    return password_field(b, 1, &in->pw, msg) != 0 ||
+                   text_field(b, "firstname", NAME_MAX_LEN, &in->first, msg) != 0 ||
+                   text_field(b, "lastname", NAME_MAX_LEN, &in->last, msg) != 0 ||
+                   email_field(b, &in->email, msg) != 0 ||
+                   text_field(b, "address", ADDRESS_MAX_LEN, &in->address, msg) != 0 ||
+                   phone_field(b, &in->phone, msg) != 0
+               ? -1
+               : 0;
+  if (strcmp(form, "login") == 0)
+    return text_field(b, "email", EMAIL_MAX_LEN, &in->email, msg) != 0 ||
+                   password_field(b, 0, &in->pw, msg) != 0
+               ? -1
+               : 0;
+  if (strcmp(form, "refresh") == 0) {
+    json_t *v = json_object_get(b, "refresh_token");
+    if (!json_is_string(v) || json_string_length(v) == 0) {
+      snprintf(msg, MSG_LEN, "refresh_token must be a non-empty string");
+      return -1;
+    }
+    in->refresh = json_string_value(v);
+    return 0;
+  }
+  if (strcmp(form, "person") == 0)
+    return text_field(b, "firstname", NAME_MAX_LEN, &in->first, msg) != 0 ||
+                   text_field(b, "lastname", NAME_MAX_LEN, &in->last, msg) != 0 ||
+                   email_field(b, &in->email, msg) != 0
+               ? -1
+               : 0;
+  if (strcmp(form, "shipping") == 0)
+    return text_field(b, "address", ADDRESS_MAX_LEN, &in->address, msg) != 0 ||
+                   phone_field(b, &in->phone, msg) != 0
+               ? -1
+               : 0;
+  snprintf(msg, MSG_LEN, "unknown form");
+  return -1;
+}
+
+/* Not in shop.h either (declared again by tests/fuzz/fuzz_shop.c): the checks of a form's
+ * JSON body without a server or database. 0 when a route would accept the body, or -1 with
+ * the message of its 400 in msg (msglen bytes). */
+int shop_account_check(const char *form, json_t *body, char *msg, size_t msglen);
+
+int shop_account_check(const char *form, json_t *body, char *msg, size_t msglen) {
+  char m[MSG_LEN] = "";
+  account_input in;
+  int rc = body != NULL ? check_form(form, body, &in, m) : -1;
+  if (body == NULL) snprintf(m, sizeof m, "the body must be a JSON object");
+  if (msglen > 0) snprintf(msg, msglen, "%s", m);
+  return rc;
+}
+
+/* The body of the request checked as form; 0 with *in filled, or answers 400 and returns -1. */
+static int read_form(shop_req *r, const char *form, account_input *in) {
+  char msg[MSG_LEN];
+  json_t *b = body_of(r);
+  if (b == NULL) return -1;
+  if (check_form(form, b, in, msg) != 0) {
+    shop_reply_error(r, 400, msg);
+    return -1;
+  }
   return 0;
 }
 
@@ -274,13 +345,10 @@ static void reply_tokens(account *a, shop_req *r, int status, int64_t id) {
  * → 201 {refresh_token, access_token}. */
 static void on_signup(shop_req *r, void *arg) {
   account *a = arg;
-  json_t *b = body_of(r);
-  const char *pw, *first, *last, *email, *address, *phone;
-  if (b == NULL || password_field(r, b, 1, &pw) != 0 ||
-      text_field(r, b, "firstname", NAME_MAX_LEN, &first) != 0 ||
-      text_field(r, b, "lastname", NAME_MAX_LEN, &last) != 0 || email_field(r, b, &email) != 0 ||
-      text_field(r, b, "address", ADDRESS_MAX_LEN, &address) != 0 || phone_field(r, b, &phone) != 0)
-    return;
+  account_input in;
+  if (read_form(r, "signup", &in) != 0) return;
+  const char *pw = in.pw, *first = in.first, *last = in.last, *email = in.email,
+             *address = in.address, *phone = in.phone;
   /* Duplicates are refused before the (costly) hashing. */
   if (check_unique(a, r, email, phone, 0) != 0) return;
   char hash[crypto_pwhash_STRBYTES];
@@ -305,11 +373,9 @@ static void on_signup(shop_req *r, void *arg) {
  * wrong password. */
 static void on_login(shop_req *r, void *arg) {
   account *a = arg;
-  json_t *b = body_of(r);
-  const char *email, *pw;
-  if (b == NULL || text_field(r, b, "email", EMAIL_MAX_LEN, &email) != 0 ||
-      password_field(r, b, 0, &pw) != 0)
-    return;
+  account_input in;
+  if (read_form(r, "login", &in) != 0) return;
+  const char *email = in.email, *pw = in.pw;
   sqlite3_stmt *st = a->st[ST_LOGIN];
   bind_text(st, 1, email);
   int rc = sqlite3_step(st);
@@ -341,15 +407,10 @@ static void on_login(shop_req *r, void *arg) {
  * valid, unexpired refresh token of an existing, active customer. */
 static void on_refresh(shop_req *r, void *arg) {
   account *a = arg;
-  json_t *b = body_of(r);
-  if (b == NULL) return;
-  json_t *v = json_object_get(b, "refresh_token");
-  if (!json_is_string(v) || json_string_length(v) == 0) {
-    shop_reply_error(r, 400, "refresh_token must be a non-empty string");
-    return;
-  }
+  account_input in;
+  if (read_form(r, "refresh", &in) != 0) return;
   int64_t id;
-  if (shop_auth_refresh(a->c, json_string_value(v), &id) != 0) {
+  if (shop_auth_refresh(a->c, in.refresh, &id) != 0) {
     shop_reply_error(r, 401, "invalid or expired refresh token");
     return;
   }
@@ -408,11 +469,9 @@ static void on_put_person(shop_req *r, void *arg) {
   account *a = arg;
   int64_t id;
   if (shop_auth_customer(a->c, r, &id) != 0) return;
-  json_t *b = body_of(r);
-  const char *first, *last, *email;
-  if (b == NULL || text_field(r, b, "firstname", NAME_MAX_LEN, &first) != 0 ||
-      text_field(r, b, "lastname", NAME_MAX_LEN, &last) != 0 || email_field(r, b, &email) != 0)
-    return;
+  account_input in;
+  if (read_form(r, "person", &in) != 0) return;
+  const char *first = in.first, *last = in.last, *email = in.email;
   if (check_unique(a, r, email, NULL, id) != 0) return;
   sqlite3_stmt *st = a->st[ST_SET_PERSON];
   bind_text(st, 1, first);
@@ -427,11 +486,9 @@ static void on_put_shipping(shop_req *r, void *arg) {
   account *a = arg;
   int64_t id;
   if (shop_auth_customer(a->c, r, &id) != 0) return;
-  json_t *b = body_of(r);
-  const char *address, *phone;
-  if (b == NULL || text_field(r, b, "address", ADDRESS_MAX_LEN, &address) != 0 ||
-      phone_field(r, b, &phone) != 0)
-    return;
+  account_input in;
+  if (read_form(r, "shipping", &in) != 0) return;
+  const char *address = in.address, *phone = in.phone;
   if (check_unique(a, r, NULL, phone, id) != 0) return;
   sqlite3_stmt *st = a->st[ST_SET_SHIPPING];
   bind_text(st, 1, address);

@@ -155,22 +155,44 @@ done:
   return rc;
 }
 
-int shop_auth_customer(const shop_ctx *c, shop_req *r, int64_t *customer_id) {
-  const char *h = shop_req_header(r, "Authorization");
+/* Not in shop.h (declared again by tests/fuzz/fuzz_shop.c, which calls them without a
+ * server): the checks behind shop_auth_customer() and shop_auth_refresh().
+ * shop_auth_bearer: an Authorization header value that must carry a valid access token;
+ * shop_auth_verify: a token of kind "access" or "refresh". Both return 0 and *customer_id, or
+ * -1 with *why saying what was wrong (a static string, the text of the 401). */
+int shop_auth_bearer(const shop_ctx *c, const char *authorization, int64_t *customer_id,
+                     const char **why);
+int shop_auth_verify(const shop_ctx *c, const char *token, const char *typ, int64_t *customer_id,
+                     const char **why);
+
+int shop_auth_verify(const shop_ctx *c, const char *token, const char *typ, int64_t *customer_id,
+                     const char **why) {
+  if (typ == NULL || (strcmp(typ, TYP_ACCESS) != 0 && strcmp(typ, TYP_REFRESH) != 0)) {
+    *why = "invalid token";
+    return -1;
+  }
+  return verify(c, token, typ, customer_id, why);
+}
+
+int shop_auth_bearer(const shop_ctx *c, const char *h, int64_t *customer_id, const char **why) {
   if (h == NULL) {
-    shop_reply_error(r, 401, "missing Authorization: Bearer token");
+    *why = "missing Authorization: Bearer token";
     return -1;
   }
   /* The scheme name is case-insensitive (RFC 7235); one or more spaces follow it. */
   if (strncasecmp(h, "Bearer ", 7) != 0) {
-    shop_reply_error(r, 401, "malformed Authorization header: expected Bearer token");
+    *why = "malformed Authorization header: expected Bearer token";
     return -1;
   }
   const char *token = h + 7;
   while (*token == ' ') token++;
+  return verify(c, token, TYP_ACCESS, customer_id, why);
+}
+
+int shop_auth_customer(const shop_ctx *c, shop_req *r, int64_t *customer_id) {
   int64_t id;
   const char *why;
-  if (verify(c, token, TYP_ACCESS, &id, &why) != 0) {
+  if (shop_auth_bearer(c, shop_req_header(r, "Authorization"), &id, &why) != 0) {
     shop_reply_error(r, 401, why);
     return -1;
   }

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include "shop.h"
 
@@ -226,17 +228,27 @@ const char *shop_req_body(const shop_req *r, size_t *len) {
   if (len) *len = r->body_len;
   return r->body ? r->body : "";
 }
+
+/* Not in shop.h (declared again by tests/fuzz/fuzz_shop.c, which calls it without a server):
+ * a request body parsed as shop_req_json() does. A new reference to a JSON object, or NULL
+ * when the body is empty, not JSON, or JSON but not an object. */
+json_t *shop_json_object(const char *body, size_t len);
+
+json_t *shop_json_object(const char *body, size_t len) {
+  if (body == NULL || len == 0) return NULL;
+  json_error_t e;
+  json_t *j = json_loadb(body, len, 0, &e);
+  if (j != NULL && !json_is_object(j)) {
+    json_decref(j);
+    j = NULL;
+  }
+  return j;
+}
+
 json_t *shop_req_json(shop_req *r) {
   if (!r->json_parsed) {
     r->json_parsed = 1;
-    if (r->body_len > 0) {
-      json_error_t e;
-      r->json = json_loadb(r->body, r->body_len, 0, &e);
-      if (r->json != NULL && !json_is_object(r->json)) {
-        json_decref(r->json);
-        r->json = NULL;
-      }
-    }
+    r->json = shop_json_object(r->body, r->body_len);
   }
   return r->json;
 }
@@ -404,6 +416,24 @@ int shop_http_start(shop_http **out, uv_loop_t *loop, const char *bind_addr, int
 }
 
 int shop_http_port(const shop_http *h) { return h->port; }
+
+/* Not in shop.h (declared again by tests/fuzz/fuzz_shop.c): hands a connected Unix-domain
+ * stream socket to the server as if it had accepted it (the fuzz target feeds requests
+ * through a socketpair). The server owns fd from then on. 0, or -1 (fd closed). */
+int shop_http_accept(shop_http *h, int fd);
+
+int shop_http_accept(shop_http *h, int fd) {
+  struct sockaddr_un a;
+  memset(&a, 0, sizeof a);
+  a.sun_family = AF_UNIX;
+  if (h->stopping) {
+    close(fd);
+    return -1;
+  }
+  if (MHD_add_connection(h->d, fd, (struct sockaddr *)&a, sizeof a) != MHD_YES) return -1;
+  kick(h);
+  return 0;
+}
 
 uint64_t shop_http_answered(const shop_http *h, int status) {
   return h != NULL && status >= 100 && status < 100 + SHOP_HTTP_CODES ? h->answered[status - 100]
