@@ -92,15 +92,25 @@ static inline int log_contains(void *arg) {
   return strstr(w->r->log, w->text) != NULL;
 }
 
-static inline int raw_connect(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
+/* 127.0.0.1:port */
+static inline struct sockaddr_in loopback(int port) {
   struct sockaddr_in a;
   memset(&a, 0, sizeof a);
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   a.sin_port = htons((uint16_t)port);
+  return a;
+}
+
+/* A blocking socket connected to 127.0.0.1:port; fd_setup (if not NULL) runs before connect. */
+static inline int raw_connect_with(int port, void (*fd_setup)(int fd)) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = loopback(port);
+  if (fd_setup != NULL) fd_setup(fd);
   assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
   return fd;
 }
+
+static inline int raw_connect(int port) { return raw_connect_with(port, NULL); }
 
 #endif /* TCP_RX_H */

@@ -258,11 +258,7 @@ static void test_forged_ack(void **state) {
   int ls = socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  struct sockaddr_in sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sin_family = AF_INET;
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  sa.sin_port = htons((uint16_t)pa);
+  struct sockaddr_in sa = loopback(pa);
   assert_int_equal(bind(ls, (struct sockaddr *)&sa, sizeof sa), 0);
   assert_int_equal(listen(ls, 4), 0);
   saga_tcp_route routes[] = {{"ch", addr_of(pa), NULL}, {"other", addr_of(pb), NULL}};
@@ -517,6 +513,11 @@ static void test_deadlines(void **state) {
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+static void small_rcvbuf(int fd) {
+  int small = 4096;
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+}
+
 /* A sender that never reads its acknowledgements is disconnected once they pile up. */
 static void test_slow_reader(void **state) {
   uv_loop_t loop;
@@ -526,15 +527,7 @@ static void test_slow_reader(void **state) {
   rx R;
   rx_attach(&R, make(&o), &loop, "ch");
   R.auto_ack = 1;
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  int small = 4096;
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons((uint16_t)port);
-  assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+  int fd = raw_connect_with(port, small_rcvbuf);
   fcntl(fd, F_SETFL, O_NONBLOCK);
   static unsigned char batch[64 * 1024];
   size_t len = 0;
