@@ -11,6 +11,9 @@
 
 #include "fuzz.h"
 #include "internal.h"
+#ifdef FUZZ_SEEDS_TCP
+#include "transport/tcp_frame.h"
+#endif
 
 static const char *outdir;
 
@@ -280,6 +283,115 @@ static void envelope_seeds(void) {
   saga__buf_free(&payload);
 }
 
+/* ---- TCP frames ---------------------------------------------------------------------------- */
+
+#ifdef FUZZ_SEEDS_TCP
+/* A tcp_frame input: limit byte (0: 1 MiB, 1: 64 bytes), cut byte, then the stream. */
+static void tcp_put(const char *name, uint8_t limit, uint8_t cut, const saga__buf *stream) {
+  saga__buf b;
+  saga__buf_init(&b, NULL);
+  uint8_t head[2] = {limit, cut};
+  append(&b, head, 2);
+  append(&b, stream->data, stream->len);
+  put_buf("tcp_frame", name, &b);
+  saga__buf_free(&b);
+}
+
+static void add_frame(saga__buf *b, int kind, uint64_t token, const char *channel,
+                      const void *payload, size_t len) {
+  saga__tcp_frame f = {kind, token, channel, channel ? strlen(channel) : 0, payload, len};
+  size_t n = saga__tcp_frame_size(&f);
+  FUZZ_CHECK(saga__buf_reserve(b, n) == SAGA_OK);
+  saga__tcp_frame_encode(&f, b->data + b->len);
+  b->len += n;
+}
+
+/* A frame whose body is given raw: a length prefix and the bytes. */
+static void add_raw(saga__buf *b, const void *body, size_t n) {
+  uint8_t len[4] = {(uint8_t)(n >> 24), (uint8_t)(n >> 16), (uint8_t)(n >> 8), (uint8_t)n};
+  append(b, len, 4);
+  append(b, body, n);
+}
+
+static void tcp_seeds(void) {
+  /* A real command envelope as the DATA payload. */
+  saga_envelope e;
+  memset(&e, 0, sizeof e);
+  e.kind = SAGA_MSG_COMMAND;
+  e.msg_id = "0190f3a2-0000-7000-8000-000000000001";
+  e.saga_id = "0190f3a2-0000-7000-8000-0000000000aa";
+  e.step = 1;
+  e.attempt = 1;
+  e.name = "payment.charge";
+  e.reply_to = "orchestrator";
+  saga__buf env = env_bytes(&e);
+  saga__buf s;
+  saga__buf_init(&s, NULL);
+  add_frame(&s, SAGA_TCP_DATA, 1, "payment", env.data, env.len);
+  tcp_put("data", 0, 255, &s);
+  tcp_put("data-cut-in-payload", 0, 200, &s);
+  tcp_put("data-over-64", 1, 255, &s);
+  saga__buf_reset(&s);
+  add_frame(&s, SAGA_TCP_ACK, 1, NULL, NULL, 0);
+  add_frame(&s, SAGA_TCP_NACK, 2, NULL, "handler refused: no such channel", 32);
+  add_frame(&s, SAGA_TCP_ACK, UINT64_MAX, NULL, NULL, 0);
+  add_frame(&s, SAGA_TCP_ACK, 0x5a17, NULL, NULL, 0); /* the target's stop token */
+  add_frame(&s, SAGA_TCP_ACK, 3, NULL, NULL, 0);
+  tcp_put("acks-nacks", 1, 30, &s);
+  saga__buf_reset(&s);
+  static char ch[258];
+  memset(ch, 'c', 256);
+  add_frame(&s, SAGA_TCP_DATA, 300, ch, "", 0); /* channel of 256 bytes: accepted */
+  add_frame(&s, SAGA_TCP_DATA, 70000, "x", "\xdd\x10\x00\x00\x00", 5);
+  append(&s, "\x00\x00\x01", 3); /* an incomplete length prefix */
+  tcp_put("channel-256-then-partial", 0, 128, &s);
+  saga__buf_reset(&s);
+  ch[256] = 'c';
+  add_frame(&s, SAGA_TCP_DATA, 1, ch, "", 0); /* 257 bytes: refused */
+  tcp_put("channel-257", 0, 0, &s);
+  ch[256] = '\0';
+
+  static const struct {
+    const char *name;
+    const char *body;
+    size_t len;
+  } bad[] = {
+      {"body-array32-2p28", "\xdd\x10\x00\x00\x00", 5}, /* the 8 GiB body of issue 10 */
+      {"body-map32-2p31", "\xdf\x80\x00\x00\x00", 5},
+      {"body-nested", "\x94\x01\x01\x91\x91\x91\x91\x91\x90\xc4\x00", 11},
+      {"empty-body", "", 0},
+      {"kind-4", "\x92\x04\x01", 3},
+      {"ack-with-3-fields", "\x93\x02\x01\xa0", 4},
+      {"data-empty-channel", "\x94\x01\x01\xa0\xc4\x00", 6},
+      {"data-nul-in-channel", "\x94\x01\x01\xa2" "a\x00\xc4\x00", 8},
+      {"data-str-payload", "\x94\x01\x01\xa1" "a\xa1p", 7},
+      {"data-bin32-4g", "\x94\x01\x01\xa1" "a\xc6\xff\xff\xff\xff", 10},
+      {"data-str32-4g-channel", "\x94\x01\x01\xdb\xff\xff\xff\xff", 8},
+      {"token-negative", "\x92\x02\xff", 3},
+      {"token-uint64-short", "\x92\x02\xcf\x00\x01", 5},
+      {"nack-bin-reason", "\x93\x03\x01\xc4\x01r", 6},
+      {"trailing-byte", "\x92\x02\x01\xc0", 4},
+      {"array16", "\xdc\x00\x02\x02\x01", 5},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    saga__buf_reset(&s);
+    add_raw(&s, bad[i].body, bad[i].len);
+    char name[64];
+    snprintf(name, sizeof name, "%s", bad[i].name);
+    tcp_put(name, 0, 3, &s);
+  }
+  /* A length prefix over the limit, and the largest one. */
+  saga__buf_reset(&s);
+  append(&s, "\x00\x10\x00\x01", 4);
+  tcp_put("length-over-1mib", 0, 255, &s);
+  saga__buf_reset(&s);
+  append(&s, "\xff\xff\xff\xff\x92\x02", 6);
+  tcp_put("length-4g", 0, 255, &s);
+  saga__buf_free(&s);
+  saga__buf_free(&env);
+}
+#endif
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: %s OUTDIR (tests/fuzz)\n", argv[0]);
@@ -288,5 +400,8 @@ int main(int argc, char **argv) {
   outdir = argv[1];
   data_seeds();
   envelope_seeds();
+#ifdef FUZZ_SEEDS_TCP
+  tcp_seeds();
+#endif
   return 0;
 }
