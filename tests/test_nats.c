@@ -1650,6 +1650,220 @@ static void test_forged_publish_acks(void **state) {
   assert_true(fake_confirmed(&a, 11));
 }
 
+/* ---- credentials revoked while connected ------------------------------------------------------ */
+
+static void write_conf(env *e, const char *pw) {
+  FILE *f = fopen(e->srv.conf, "w");
+  assert_non_null(f);
+  fprintf(f, "authorization { users = [ {user: node, password: \"%s\"} ] }\n", pw);
+  assert_int_equal(fclose(f), 0);
+}
+
+typedef struct log_ctx {
+  const fake *f;
+  const char *needle;
+} log_ctx;
+
+static int log_pred(void *arg) {
+  log_ctx *c = arg;
+  return fake_logged(c->f, c->needle);
+}
+
+static size_t fake_log_count(const fake *f, const char *needle) {
+  size_t n = 0;
+  for (size_t i = 0; i < f->nlogs; i++) n += strstr(f->logs[i], needle) != NULL;
+  return n;
+}
+
+/*
+ * The server comes back with the node's password changed: libnats gives up after two
+ * refusals and closes the connection; the transport starts over with new connections, keeps
+ * trying (the refusals are counted), says so at ERROR once, not once per attempt, and
+ * confirms nothing; when the password is back it reconnects by itself, messages are confirmed
+ * again and its subscription delivers again.
+ */
+static void test_auth_revoked_on_reconnect(void **state) {
+  (void)state;
+  env e;
+  env_init_conf(&e, "authorization { users = [ {user: node, password: \"pw1\"} ] }\n");
+  saga_nats_config c;
+  cfg_for(&e, &c);
+  c.user = "node";
+  c.password = "pw1";
+  fake *a = calloc(1, sizeof *a);
+  assert_non_null(a);
+  assert_int_equal(attach_cfg(&e, a, &c), SAGA_OK);
+  a->auto_ack = 1;
+  sub(a, "orders");
+  send_str(a, "orders", "before", 1);
+  assert_int_equal(wait_ge(&e, &a->nok, 1, 5000), 0);
+  assert_int_equal(wait_count(&e, a, "before", 1, 5000), 0);
+
+  th_server_kill9(&e.srv);
+  write_conf(&e, "pw2");
+  assert_int_equal(th_server_restart(&e.srv), 0);
+  stat_ctx ac = {a->t, offsetof(saga_nats_stats, auth_errors), 3};
+  int rc = wait_polled(&e, stat_pred, &ac, 10000);
+  log_ctx lc = {a, "NATS authentication failed"};
+  int logged = wait_polled(&e, log_pred, &lc, 5000);
+  saga_nats_stats st;
+  assert_int_equal(saga_nats_stats_get(a->t, &st), SAGA_OK);
+  size_t nlogged = fake_log_count(a, "NATS authentication failed");
+  printf("password changed: %" PRIu64 " refusals, logged %zu times\n", st.auth_errors, nlogged);
+  int sent_rc = a->t->methods->send(a->t, "orders", "during", 6, 2);
+
+  th_server_kill9(&e.srv);
+  write_conf(&e, "pw1");
+  assert_int_equal(th_server_restart(&e.srv), 0);
+  log_ctx rc_ctx = {a, "reconnected to NATS"};
+  int back = wait_polled(&e, log_pred, &rc_ctx, 10000);
+  size_t nok_during = a->nok;
+  send_str(a, "orders", "after", 3);
+  int after = wait_ge(&e, &a->nok, nok_during + 1, 5000);
+  /* And its subscription works again: the message comes back to it. */
+  int got_after = wait_count(&e, a, "after", 1, 10000);
+  detach(&e, a);
+  env_free(&e);
+  assert_int_equal(rc, 0);
+  assert_int_equal(logged, 0);
+  assert_int_equal(nlogged, 1);
+  assert_int_equal(back, 0);
+  assert_int_equal(after, 0);
+  assert_int_equal(got_after, 0);
+  assert_true(sent_rc == SAGA_OK || sent_rc == SAGA_ETRANSPORT);
+  assert_true(fake_confirmed(a, 3));
+  free(a);
+}
+
+/* ---- NKey ------------------------------------------------------------------------------------ */
+
+/* CRC-16/XMODEM, as NKeys append it. */
+static uint16_t crc16(const unsigned char *p, size_t n) {
+  uint16_t crc = 0;
+  for (size_t i = 0; i < n; i++) {
+    crc ^= (uint16_t)(p[i] << 8);
+    for (int b = 0; b < 8; b++) crc = (uint16_t)(crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1);
+  }
+  return crc;
+}
+
+/* An NKey string: raw bytes plus their CRC (little-endian), in RFC 4648 base32 unpadded. */
+static void nkey_encode(const unsigned char *raw, size_t n, char *out, size_t outlen) {
+  unsigned char buf[64];
+  assert_true(n + 2 <= sizeof buf);
+  memcpy(buf, raw, n);
+  uint16_t crc = crc16(raw, n);
+  buf[n] = (unsigned char)(crc & 0xff);
+  buf[n + 1] = (unsigned char)(crc >> 8);
+  n += 2;
+  static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  size_t o = 0;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (size_t i = 0; i < n; i++) {
+    acc = (acc << 8) | buf[i];
+    bits += 8;
+    while (bits >= 5) {
+      assert_true(o + 1 < outlen);
+      out[o++] = abc[(acc >> (bits - 5)) & 31];
+      bits -= 5;
+    }
+  }
+  if (bits > 0) out[o++] = abc[(acc << (5 - bits)) & 31];
+  out[o] = '\0';
+}
+
+/* The last 32 bytes of a DER file written by openssl (an Ed25519 key's raw part). */
+static int read_tail32(const char *path, unsigned char out[32]) {
+  FILE *f = fopen(path, "rb");
+  if (f == NULL) return -1;
+  unsigned char buf[256];
+  size_t n = fread(buf, 1, sizeof buf, f);
+  fclose(f);
+  if (n < 32) return -1;
+  memcpy(out, buf + n - 32, 32);
+  return 0;
+}
+
+/* A user NKey made with openssl: its public key ("U...") and a seed file ("SU..."). */
+static int make_nkey(const char *dir, const char *name, char *pub, size_t publen,
+                     char **seed_file) {
+  char cmd[1024];
+  snprintf(cmd, sizeof cmd,
+           "cd '%s' && openssl genpkey -algorithm ed25519 -out %s.pem 2>/dev/null && "
+           "openssl pkey -in %s.pem -outform DER -out %s.der 2>/dev/null && "
+           "openssl pkey -in %s.pem -pubout -outform DER -out %s.pub.der 2>/dev/null",
+           dir, name, name, name, name, name);
+  if (system(cmd) != 0) return -1;
+  unsigned char seed[32], pk[32], raw[35];
+  char path[512];
+  snprintf(path, sizeof path, "%s/%s.der", dir, name);
+  if (read_tail32(path, seed) != 0) return -1;
+  snprintf(path, sizeof path, "%s/%s.pub.der", dir, name);
+  if (read_tail32(path, pk) != 0) return -1;
+  raw[0] = 20 << 3; /* 'U': a user */
+  memcpy(raw + 1, pk, 32);
+  nkey_encode(raw, 33, pub, publen);
+  raw[0] = (18 << 3) | ((20 << 3) >> 5); /* 'S' then 'U' */
+  raw[1] = (unsigned char)(((20 << 3) & 31) << 3);
+  memcpy(raw + 2, seed, 32);
+  char seedtxt[80];
+  nkey_encode(raw, 34, seedtxt, sizeof seedtxt);
+  char file[64];
+  snprintf(file, sizeof file, "%s.seed", name);
+  *seed_file = th_path(dir, file);
+  FILE *f = fopen(*seed_file, "w");
+  if (f == NULL) return -1;
+  fprintf(f, "%s\n", seedtxt);
+  fclose(f);
+  return 0;
+}
+
+/* An NKey user: the right seed opens and messages flow; another key's seed cannot open. */
+static void test_nkey(void **state) {
+  (void)state;
+  if (!th_have_program("nats-server") || !th_have_program("openssl")) skip();
+  char *dir = th_tmpdir();
+  char pub[80], pub2[80];
+  char *seed = NULL, *seed2 = NULL;
+  if (make_nkey(dir, "k1", pub, sizeof pub, &seed) != 0 ||
+      make_nkey(dir, "k2", pub2, sizeof pub2, &seed2) != 0) {
+    printf("openssl cannot make Ed25519 keys: skipping\n");
+    th_rmdir(dir);
+    skip();
+  }
+  char conf[256];
+  snprintf(conf, sizeof conf, "authorization { users = [ {nkey: \"%s\"} ] }\n", pub);
+  env e;
+  env_init_conf(&e, conf);
+  saga_nats_config c;
+  cfg_for(&e, &c);
+  c.nkey = pub;
+  c.nkey_seed_file = seed;
+  fake *a = calloc(1, sizeof *a), *b = calloc(1, sizeof *b);
+  assert_non_null(a);
+  assert_non_null(b);
+  assert_int_equal(attach_cfg(&e, a, &c), SAGA_OK);
+  assert_true(fake_logged(a, "(plaintext, nkey)"));
+  a->auto_ack = 1;
+  sub(a, "nk");
+  send_str(a, "nk", "signed", 1);
+  assert_int_equal(wait_count(&e, a, "signed", 1, 5000), 0);
+  assert_int_equal(wait_ge(&e, &a->nok, 1, 5000), 0);
+  /* The public key of k1 with k2's seed: the nonce's signature does not verify. */
+  c.nkey_seed_file = seed2;
+  assert_int_equal(attach_cfg(&e, b, &c), SAGA_ETRANSPORT);
+  assert_true(fake_logged(b, "cannot connect to NATS"));
+  b->t->methods->destroy(b->t);
+  detach(&e, a);
+  env_free(&e);
+  free(a);
+  free(b);
+  free(seed);
+  free(seed2);
+  th_rmdir(dir);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_publish_deliver_ack),
@@ -1666,6 +1880,8 @@ int main(void) {
       cmocka_unit_test_teardown(test_auth_and_permissions, kill_servers),
       cmocka_unit_test_teardown(test_tls, kill_servers),
       cmocka_unit_test_teardown(test_forged_publish_acks, kill_servers),
+      cmocka_unit_test_teardown(test_auth_revoked_on_reconnect, kill_servers),
+      cmocka_unit_test_teardown(test_nkey, kill_servers),
   };
   /* SAGA_TEST_FILTER=name runs the tests matching it (cmocka's pattern, '*' wildcards). */
   if (getenv("SAGA_TEST_FILTER") != NULL) cmocka_set_test_filter(getenv("SAGA_TEST_FILTER"));

@@ -36,7 +36,8 @@
  * server that verifies clients. Server verification is never skipped. Wrong or missing
  * credentials, or a failed TLS handshake, make open() fail with SAGA_ETRANSPORT and a log line
  * with libnats's reason; an authorization failure on a later reconnect is logged (once per
- * change) and the connection keeps retrying. What a node may publish and subscribe to is the
+ * outage) and the transport keeps retrying — with new connections once libnats gave up on
+ * the old one (it does after two refusals in a row). What a node may publish and subscribe to is the
  * server's business (per-user permissions): the adapter needs publish on "<prefix>.<channel>"
  * for the channels it sends to and on "$JS.API.>" (or the stream's and its consumers' API
  * subjects) and "$JS.ACK.<stream>.>", and subscribe on "<inbox_prefix>.>". A publish

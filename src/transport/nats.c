@@ -69,6 +69,17 @@
  * log. Later authorization failures and permission violations are counted and logged once per
  * change while the connection keeps retrying.
  *
+ * Closed for good. libnats gives up on its own after the server refused the credentials twice
+ * in a row on reconnects (libnats 3.4 has no option against it) and closes the connection. The
+ * adapter then starts over: it lets its threads end, releases that connection with what it
+ * held (unacknowledged deliveries come again from JetStream), and connects anew every
+ * reconnect_wait_ms, doubling up to NT_RB_MAX_MS — the connect on libuv's thread pool, so the
+ * loop never waits for it; the JetStream setup (stream, consumers, subscriptions) then runs
+ * on the loop against a server that just answered. Sends fail with SAGA_ETRANSPORT meanwhile
+ * and the outbox keeps them; the publishes still awaiting their ack stay pending and are
+ * confirmed by the ack of a resend. An authorization failure is logged at ERROR once per
+ * outage, other failures at WARN once.
+ *
  * Close. close() stops the threads and closes the connection; once libnats reported the
  * connection closed and our threads ended, everything is released and saga_transport_closed()
  * is called from the uv_async_t's close callback. No callback into the core follows close().
@@ -113,6 +124,8 @@
 #define NT_MAX_SUBS (1u << NT_SUB_BITS)
 
 enum { NT_NEW = 0, NT_OPEN, NT_CLOSING, NT_FINISHING, NT_CLOSED, NT_FAILED };
+enum { RB_NONE = 0, RB_DRAINING, RB_WAITING, RB_CONNECTING };
+#define NT_RB_MAX_MS 5000 /* longest pause between two attempts at a new connection */
 
 typedef struct nats_tp nats_tp;
 
@@ -185,7 +198,17 @@ struct nats_tp {
   uv_loop_t *loop;
   uv_async_t async;
   uv_timer_t sweep; /* releases deliveries left unacknowledged past ack_wait */
-  int handles_open; /* async and sweep, until their close callbacks ran */
+  int handles_open; /* async, sweep and rb_timer, until their close callbacks ran */
+  /* Starting over after libnats closed the connection for good (see "Closed for good"). */
+  int rb;             /* RB_* */
+  int rb_busy;        /* rb_work queued, its after-work callback not run yet */
+  uint32_t rb_delay;  /* ms before the next attempt */
+  int rb_logged;      /* a failed attempt was logged at WARN (once per outage) */
+  uv_timer_t rb_timer;
+  uv_work_t rb_work;
+  natsConnection *rb_nc; /* the worker's result */
+  natsStatus rb_status;
+  char rb_err[256];
   natsOptions *opts;
   natsConnection *nc;
   jsCtx *js;
@@ -943,6 +966,7 @@ static void on_sweep(uv_timer_t *h) {
 }
 
 static void try_finish_close(nats_tp *tp);
+static void rb_check(nats_tp *tp);
 
 static void on_async(uv_async_t *h) {
   nats_tp *tp = h->data;
@@ -950,15 +974,17 @@ static void on_async(uv_async_t *h) {
     drain_logs(tp);
     if (tp->state == NT_OPEN) drain_acks(tp);
     for (size_t i = 0; i < tp->nsubs && tp->state == NT_OPEN; i++) drain_sub(tp, tp->subs[i]);
+    if (tp->state == NT_OPEN) rb_check(tp);
   }
   if (tp->state == NT_CLOSING) try_finish_close(tp);
 }
 
 /* ---- teardown --------------------------------------------------------------------------- */
 
-/* Releases every libnats object. The connection is closed and our threads have ended (or
- * never started); nothing else touches these objects any more. */
-static void release_nats(nats_tp *tp) {
+/* Releases the connection and everything made on it. It is closed and our threads have ended
+ * (or never started); nothing else touches these objects any more. The subscriptions' slots
+ * are ready for use again (their generations kept, so that old tags stay stale). */
+static void release_session(nats_tp *tp) {
   if (tp->ack_thread_started) uv_thread_join(&tp->ack_thread);
   tp->ack_thread_started = 0;
   for (size_t i = 0; i < tp->nsubs; i++) {
@@ -970,10 +996,13 @@ static void release_nats(nats_tp *tp) {
     for (uint32_t j = 0; j < s->ring_count; j++)
       natsMsg_Destroy(s->ring[(s->ring_head + j) % NT_MAX_INFLIGHT]);
     s->ring_count = 0;
+    s->ring_head = 0;
     for (uint32_t j = 0; j < NT_MAX_INFLIGHT; j++) {
       natsMsg_Destroy(s->slots[j].msg);
       s->slots[j].msg = NULL;
+      s->slots[j].next = j + 1 < NT_MAX_INFLIGHT ? j + 1 : NT_NO_SLOT;
     }
+    s->free_head = 0;
     s->inflight = 0;
     /* Destroy, not Unsubscribe: the durable consumer stays for the other replicas. */
     natsSubscription_Destroy(s->sub);
@@ -985,6 +1014,11 @@ static void release_nats(nats_tp *tp) {
   tp->js = NULL;
   natsConnection_Destroy(tp->nc);
   tp->nc = NULL;
+}
+
+/* Releases every libnats object, as release_session, and the options. */
+static void release_nats(nats_tp *tp) {
+  release_session(tp);
   natsOptions_Destroy(tp->opts);
   tp->opts = NULL;
 }
@@ -1031,6 +1065,7 @@ static void on_handle_closed(uv_handle_t *h) {
 }
 
 static void try_finish_close(nats_tp *tp) {
+  if (tp->rb_busy) return; /* the connect on the thread pool: its callback comes back here */
   uv_mutex_lock(&tp->mu);
   int ready = tp->nc_closed && tp->threads_live == 0;
   if (ready) tp->async_ready = 0;
@@ -1039,7 +1074,9 @@ static void try_finish_close(nats_tp *tp) {
   tp->state = NT_FINISHING;
   release_nats(tp);
   uv_timer_stop(&tp->sweep);
+  uv_timer_stop(&tp->rb_timer);
   uv_close((uv_handle_t *)&tp->sweep, on_handle_closed);
+  uv_close((uv_handle_t *)&tp->rb_timer, on_handle_closed);
   uv_close((uv_handle_t *)&tp->async, on_handle_closed);
 }
 
@@ -1372,6 +1409,59 @@ static const char *auth_mode(const nats_tp *tp) {
   return "no credentials";
 }
 
+/* On the current connection: the subscription to the publish acks, and the thread reading
+ * them. */
+static int acks_start(nats_tp *tp) {
+  char wild[NT_NAME_MAX + 64];
+  snprintf(wild, sizeof wild, "%s.*.*", tp->inbox);
+  natsStatus s = natsConnection_SubscribeSync(&tp->acksub, tp->nc, wild);
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "subscribing to publish acknowledgements: %s", nats_err(s));
+    tp->acksub = NULL;
+    return SAGA_ETRANSPORT;
+  }
+  uv_mutex_lock(&tp->mu);
+  tp->threads_live++;
+  uv_mutex_unlock(&tp->mu);
+  if (uv_thread_create(&tp->ack_thread, ack_main, tp) != 0) {
+    uv_mutex_lock(&tp->mu);
+    tp->threads_live--;
+    uv_mutex_unlock(&tp->mu);
+    return SAGA_ENOMEM;
+  }
+  tp->ack_thread_started = 1;
+  return SAGA_OK;
+}
+
+/* On the current connection: s's pull subscription, bound to its consumer (which exists),
+ * and its fetch thread. */
+static int sub_start(nats_tp *tp, nt_sub *s) {
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Stream = tp->stream;
+  so.Consumer = s->consumer; /* bound: libnats neither creates nor ever deletes it */
+  jsErrCode jerr = 0;
+  natsStatus st = js_PullSubscribe(&s->sub, tp->js, s->subject, NULL, NULL, &so, &jerr);
+  if (st != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "pull subscription to consumer '%s': %s", s->consumer,
+           nats_err(st));
+    s->sub = NULL;
+    return SAGA_ETRANSPORT;
+  }
+  memset(&s->watch, 0, sizeof s->watch);
+  uv_mutex_lock(&tp->mu);
+  tp->threads_live++;
+  uv_mutex_unlock(&tp->mu);
+  if (uv_thread_create(&s->thread, fetch_main, s) != 0) {
+    uv_mutex_lock(&tp->mu);
+    tp->threads_live--;
+    uv_mutex_unlock(&tp->mu);
+    return SAGA_ENOMEM;
+  }
+  s->thread_started = 1;
+  return SAGA_OK;
+}
+
 static int tp_open(saga_transport *t, uv_loop_t *loop) {
   nats_tp *tp = (nats_tp *)t;
   if (tp->state != NT_NEW) return SAGA_ESTATE;
@@ -1469,21 +1559,13 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
       rc = SAGA_ENOMEM;
       goto fail;
     }
-    char wild[NT_NAME_MAX + 64];
-    snprintf(wild, sizeof wild, "%s.*.*", tp->inbox);
-    s = natsConnection_SubscribeSync(&tp->acksub, tp->nc, wild);
   }
   if (s != NATS_OK) {
-    nt_log(tp, SAGA_LOG_ERROR, "subscribing to publish acknowledgements: %s", nats_err(s));
+    nt_log(tp, SAGA_LOG_ERROR, "an inbox for publish acknowledgements: %s", nats_err(s));
     goto fail;
   }
-  tp->threads_live = 1;
-  if (uv_thread_create(&tp->ack_thread, ack_main, tp) != 0) {
-    tp->threads_live = 0;
-    rc = SAGA_ENOMEM;
-    goto fail;
-  }
-  tp->ack_thread_started = 1;
+  if ((rc = acks_start(tp)) != SAGA_OK) goto fail;
+  rc = SAGA_ETRANSPORT;
   /* Last: once initialised, the handle can only go through uv_close. */
   if (uv_async_init(loop, &tp->async, on_async) != 0) {
     rc = SAGA_EIO;
@@ -1492,7 +1574,9 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
   tp->async.data = tp;
   uv_timer_init(loop, &tp->sweep); /* cannot fail once the loop took the async handle */
   tp->sweep.data = tp;
-  tp->handles_open = 2;
+  uv_timer_init(loop, &tp->rb_timer);
+  tp->rb_timer.data = tp;
+  tp->handles_open = 3;
   uint64_t period = tp->ack_wait_ms / 4 > 50 ? tp->ack_wait_ms / 4 : 50;
   uv_timer_start(&tp->sweep, on_sweep, period, period);
   uv_unref((uv_handle_t *)&tp->sweep); /* the async handle is what keeps the loop alive */
@@ -1532,6 +1616,7 @@ static int tp_subscribe(saga_transport *t, const char *channel) {
   nats_tp *tp = (nats_tp *)t;
   if (channel == NULL) return SAGA_EINVAL;
   if (tp->state != NT_OPEN) return tp->state == NT_NEW ? SAGA_ESTATE : SAGA_ECLOSED;
+  if (tp->rb != RB_NONE) return SAGA_ETRANSPORT; /* starting over: no connection to use */
   for (size_t i = 0; i < tp->nsubs; i++)
     if (strcmp(tp->subs[i]->channel, channel) == 0) return SAGA_OK;
   char subject[NT_SUBJECT_MAX + NT_NAME_MAX + 2];
@@ -1566,29 +1651,7 @@ static int tp_subscribe(saga_transport *t, const char *channel) {
     rc = SAGA_ENOMEM;
     goto fail;
   }
-  jsSubOptions so;
-  jsSubOptions_Init(&so);
-  so.Stream = tp->stream;
-  so.Consumer = name; /* bound: libnats neither creates nor ever deletes it */
-  jsErrCode jerr = 0;
-  natsStatus st = js_PullSubscribe(&s->sub, tp->js, subject, NULL, NULL, &so, &jerr);
-  if (st != NATS_OK) {
-    nt_log(tp, SAGA_LOG_ERROR, "pull subscription to consumer '%s': %s", name, nats_err(st));
-    s->sub = NULL;
-    rc = SAGA_ETRANSPORT;
-    goto fail;
-  }
-  uv_mutex_lock(&tp->mu);
-  tp->threads_live++;
-  uv_mutex_unlock(&tp->mu);
-  if (uv_thread_create(&s->thread, fetch_main, s) != 0) {
-    uv_mutex_lock(&tp->mu);
-    tp->threads_live--;
-    uv_mutex_unlock(&tp->mu);
-    rc = SAGA_ENOMEM;
-    goto fail;
-  }
-  s->thread_started = 1;
+  if ((rc = sub_start(tp, s)) != SAGA_OK) goto fail;
   tp->subs[tp->nsubs++] = s;
   return SAGA_OK;
 
@@ -1601,6 +1664,166 @@ fail:
   return rc;
 }
 
+/* ---- starting over after libnats closed the connection ------------------------------------- */
+
+/* From the loop: closes the current connection (if any) and waits for libnats's closed
+ * callback and our threads, then releases it. Used when a fresh session failed half-way. */
+static void session_abort(nats_tp *tp) {
+  uv_mutex_lock(&tp->mu);
+  tp->stopping = 1;
+  uv_cond_broadcast(&tp->cv);
+  uv_mutex_unlock(&tp->mu);
+  if (tp->nc != NULL) {
+    natsConnection_Close(tp->nc);
+    uv_mutex_lock(&tp->mu);
+    while (!tp->nc_closed) uv_cond_wait(&tp->cv, &tp->mu);
+    uv_mutex_unlock(&tp->mu);
+  }
+  release_session(tp); /* joins the threads */
+  uv_mutex_lock(&tp->mu);
+  tp->stopping = 0;
+  tp->nc_closed = 0;
+  tp->threads_live = 0;
+  uv_mutex_unlock(&tp->mu);
+}
+
+static void rb_timer_cb(uv_timer_t *h);
+
+static void rb_schedule(nats_tp *tp) {
+  tp->rb = RB_WAITING;
+  uv_timer_start(&tp->rb_timer, rb_timer_cb, tp->rb_delay, 0);
+  uint64_t next = (uint64_t)tp->rb_delay * 2;
+  tp->rb_delay = next > NT_RB_MAX_MS ? NT_RB_MAX_MS : (uint32_t)next;
+}
+
+/* On the thread pool: the connect, which may wait for the server up to its timeout. */
+static void rb_work_cb(uv_work_t *w) {
+  nats_tp *tp = w->data;
+  natsConnection *nc = NULL;
+  natsStatus s = natsConnection_Connect(&nc, tp->opts);
+  tp->rb_status = s;
+  tp->rb_nc = s == NATS_OK ? nc : NULL;
+  snprintf(tp->rb_err, sizeof tp->rb_err, "%s", s == NATS_OK ? "" : nats_err(s));
+}
+
+/* The JetStream side of a fresh connection, on the loop: the server just answered. */
+static int session_start(nats_tp *tp) {
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jo.Wait = NT_API_WAIT_MS;
+  natsStatus s = natsConnection_JetStream(&tp->js, tp->nc, &jo);
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "JetStream context: %s", nats_err(s));
+    return SAGA_ETRANSPORT;
+  }
+  int rc = ensure_stream(tp);
+  if (rc == SAGA_OK) rc = acks_start(tp);
+  for (size_t i = 0; i < tp->nsubs && rc == SAGA_OK; i++) {
+    nt_sub *sb = tp->subs[i];
+    rc = ensure_consumer(tp, sb->consumer, sb->subject);
+    if (rc == SAGA_OK) rc = sub_start(tp, sb);
+  }
+  return rc;
+}
+
+static void rb_after_cb(uv_work_t *w, int status) {
+  nats_tp *tp = w->data;
+  (void)status;
+  tp->rb_busy = 0;
+  natsConnection *nc = tp->rb_nc;
+  tp->rb_nc = NULL;
+  if (tp->state != NT_OPEN) {
+    /* Closed meanwhile: close what we got, synchronously, then finish the close. */
+    tp->nc = nc;
+    if (nc != NULL) {
+      natsConnection_Close(nc);
+      uv_mutex_lock(&tp->mu);
+      while (!tp->nc_closed) uv_cond_wait(&tp->cv, &tp->mu);
+      uv_mutex_unlock(&tp->mu);
+    }
+    uv_mutex_lock(&tp->mu);
+    tp->nc_closed = 1;
+    uv_mutex_unlock(&tp->mu);
+    if (tp->state == NT_CLOSING) try_finish_close(tp);
+    return;
+  }
+  if (nc == NULL) {
+    int auth = tp->rb_status == NATS_NOT_PERMITTED || auth_text(tp->rb_err);
+    uv_mutex_lock(&tp->mu);
+    if (auth) tp->auth_errors++;
+    int say = auth ? !tp->auth_failing : !tp->rb_logged;
+    if (auth)
+      tp->auth_failing = 1;
+    else
+      tp->rb_logged = 1;
+    uv_mutex_unlock(&tp->mu);
+    if (say)
+      nt_log(tp, auth ? SAGA_LOG_ERROR : SAGA_LOG_WARN,
+             "%s: %s (trying again, every %" PRIu32 " ms at most)",
+             auth ? "NATS authentication failed" : "cannot connect to NATS", tp->rb_err,
+             NT_RB_MAX_MS);
+    rb_schedule(tp);
+    return;
+  }
+  tp->nc = nc;
+  uv_mutex_lock(&tp->mu);
+  tp->connected = 1;
+  tp->reconnects++;
+  uv_mutex_unlock(&tp->mu);
+  if (session_start(tp) != SAGA_OK) {
+    session_abort(tp);
+    rb_schedule(tp);
+    return;
+  }
+  tp->rb = RB_NONE;
+  tp->rb_logged = 0;
+  uv_mutex_lock(&tp->mu);
+  tp->auth_failing = 0;
+  uv_mutex_unlock(&tp->mu);
+  nt_log(tp, SAGA_LOG_INFO, "reconnected to NATS (a new connection)");
+}
+
+static void rb_timer_cb(uv_timer_t *h) {
+  nats_tp *tp = h->data;
+  if (tp->state != NT_OPEN || tp->rb != RB_WAITING) return;
+  tp->rb = RB_CONNECTING;
+  tp->rb_work.data = tp;
+  if (uv_queue_work(tp->loop, &tp->rb_work, rb_work_cb, rb_after_cb) != 0) {
+    rb_schedule(tp);
+    return;
+  }
+  tp->rb_busy = 1;
+}
+
+/*
+ * From the loop, after every wake-up: notices that libnats closed the connection although
+ * we did not ask (it gives up after repeated authentication failures), lets the threads end,
+ * releases the connection and schedules a new one.
+ */
+static void rb_check(nats_tp *tp) {
+  uv_mutex_lock(&tp->mu);
+  int closed = tp->nc_closed, live = tp->threads_live;
+  if (closed && tp->rb == RB_NONE) {
+    tp->stopping = 1; /* the threads end (their calls fail on a closed connection anyway) */
+    uv_cond_broadcast(&tp->cv);
+  }
+  uv_mutex_unlock(&tp->mu);
+  if (closed && tp->rb == RB_NONE) {
+    tp->rb = RB_DRAINING;
+    tp->rb_delay = tp->reconnect_wait_ms;
+    nt_log(tp, SAGA_LOG_ERROR,
+           "NATS closed the connection for good (libnats gives up after repeated "
+           "authentication failures); starting over with a new connection");
+  }
+  if (tp->rb != RB_DRAINING || live > 0) return;
+  release_session(tp);
+  uv_mutex_lock(&tp->mu);
+  tp->stopping = 0;
+  tp->nc_closed = 0;
+  uv_mutex_unlock(&tp->mu);
+  rb_schedule(tp);
+}
+
 static int tp_send(saga_transport *t, const char *channel, const void *data, size_t len,
                    uint64_t token) {
   nats_tp *tp = (nats_tp *)t;
@@ -1608,6 +1831,7 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   if (tp->state != NT_OPEN) return tp->state == NT_NEW ? SAGA_ESTATE : SAGA_ECLOSED;
   char subject[NT_SUBJECT_MAX + NT_NAME_MAX + 2];
   if (make_subject(tp, channel, subject, sizeof subject) != SAGA_OK) return SAGA_EINVAL;
+  if (tp->rb != RB_NONE) return SAGA_ETRANSPORT; /* starting over: the outbox keeps it */
   int64_t max = natsConnection_GetMaxPayload(tp->nc);
   if (len > INT_MAX || (max > 0 && (int64_t)len > max)) return SAGA_ETOOBIG;
   int added = 0;
@@ -1675,8 +1899,16 @@ static void tp_close(saga_transport *t) {
   tp->stopping = 1;
   uv_cond_broadcast(&tp->cv);
   uv_mutex_unlock(&tp->mu);
-  /* Wakes the threads blocked in libnats; the closed callback follows on libnats's thread. */
-  natsConnection_Close(tp->nc);
+  uv_timer_stop(&tp->rb_timer);
+  /* Wakes the threads blocked in libnats; the closed callback follows on libnats's thread.
+   * Starting over, there may be no connection (or a closed one) to close. */
+  if (tp->nc != NULL) {
+    natsConnection_Close(tp->nc);
+  } else {
+    uv_mutex_lock(&tp->mu);
+    tp->nc_closed = 1;
+    uv_mutex_unlock(&tp->mu);
+  }
   /* In case everything already ended before (no event would come to look). */
   uv_async_send(&tp->async);
 }
