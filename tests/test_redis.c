@@ -12,6 +12,7 @@
 
 #include <inttypes.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -375,7 +376,50 @@ static void test_config(void **state) {
   assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_OK);
   assert_int_equal(t->methods->subscribe(t, "x"), SAGA_ESTATE);
   assert_int_equal(t->methods->send(t, "x", "a", 1, 1), SAGA_ESTATE);
+  saga_redis_stats st;
+  assert_int_equal(saga_redis_stats_get(t, &st), SAGA_OK);
+  assert_int_equal(st.auth_failures, 0);
+  assert_int_equal(saga_redis_stats_get(t, NULL), SAGA_EINVAL);
+  assert_int_equal(saga_redis_stats_get(NULL, &st), SAGA_EINVAL);
   saga_transport_free(t);
+  assert_int_equal(ta.live, 0);
+
+  /* Version 2: a user needs a password; empty strings mean unset. */
+  saga_redis_config_init(&cfg);
+  cfg.username = "saga";
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EINVAL);
+  cfg.password = "";
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EINVAL);
+  cfg.username = "";
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_OK);
+  saga_transport_free(t);
+  cfg.struct_version = 3;
+  assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EVERSION);
+
+  /* A version 1 config, exactly as large as the version 1 layout (on the heap, so that
+   * ASan sees any read past it): accepted, its fields used, nothing more read. */
+  typedef struct v1_config {
+    int struct_version;
+    const char *host;
+    int port;
+    const char *prefix, *consumer;
+    uint32_t claim_idle_ms, max_deliveries, reconnect_min_ms, reconnect_max_ms;
+    const saga_allocator *alloc;
+  } v1_config;
+  assert_int_equal(sizeof(v1_config), offsetof(saga_redis_config, username));
+  v1_config *v1 = malloc(sizeof *v1);
+  assert_non_null(v1);
+  memset(v1, 0, sizeof *v1);
+  v1->struct_version = 1;
+  v1->port = 70000; /* read: refused */
+  assert_int_equal(saga_redis_transport_new(&t, (const saga_redis_config *)(void *)v1),
+                   SAGA_EINVAL);
+  v1->port = 6390;
+  v1->alloc = &ta.a;
+  assert_int_equal(saga_redis_transport_new(&t, (const saga_redis_config *)(void *)v1),
+                   SAGA_OK);
+  saga_transport_free(t);
+  free(v1);
   assert_int_equal(ta.live, 0);
 }
 
