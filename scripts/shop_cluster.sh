@@ -95,14 +95,15 @@ launch() {
 port_of() { sed -n "s/^$1=//p" "$run/ports"; }
 
 # The access list of a saga node over TCP: who may send to which of its channels. Commands
-# come from the orchestrator only; the orchestrator takes purchase requests from the purchase
-# node and replies from the participants; the purchase node takes the replies to its requests
-# and the purchase events from the orchestrator.
+# come from the orchestrator only; the orchestrator takes purchase requests (on
+# orchestrator.requests) from the purchase node and replies (on orchestrator) from the three
+# participants; the purchase node takes the replies to its requests and the purchase events
+# from the orchestrator.
 allow_of() {
   case "$1" in
     product|order|payment) printf '%s\n' --tls-allow "orchestrator=$1" ;;
     orchestrator)
-      printf '%s\n' --tls-allow purchase=orchestrator --tls-allow product=orchestrator \
+      printf '%s\n' --tls-allow purchase=orchestrator.requests --tls-allow product=orchestrator \
         --tls-allow order=orchestrator --tls-allow payment=orchestrator ;;
     purchase) printf '%s\n' --tls-allow orchestrator=purchase --tls-allow orchestrator=purchase.events ;;
   esac
@@ -112,12 +113,14 @@ allow_of() {
 # consumes (one durable consumer each, named as the adapter names them).
 nats_sends() {
   case "$1" in
-    product|order|payment|purchase) echo saga.orchestrator ;;
+    product|order|payment) echo saga.orchestrator ;;
+    purchase) echo saga.orchestrator.requests ;;
     orchestrator) echo saga.product saga.order saga.payment saga.purchase saga.purchase.events ;;
   esac
 }
 nats_consumes() {
   case "$1" in
+    orchestrator) echo orchestrator orchestrator.requests ;;
     purchase) echo purchase purchase.events ;;
     *) echo "$1" ;;
   esac

@@ -20,14 +20,15 @@
  *   shop --service purchase --product-url http://HOST:PORT ...   (the product check)
  *
  * Over TCP every node listens on --tcp-listen, and --tcp-route says where each channel it
- * sends to is served (the channels are the node names product, order, payment, orchestrator,
- * purchase, and purchase.events, served by the purchase node; a route for "purchase" also
- * routes "purchase.events" unless that has its own), and which identity the node there must
- * prove. The same route list may be given to every service (scripts/shop_cluster.sh does);
- * the routes a service needs are checked. TCP is mutual TLS: this node's certificate and key,
- * the CA that signs every node, and the access list of who may send to which of this node's
- * channels (--tls-allow, repeated); plaintext only with --insecure-plaintext, which anyone who
- * reaches the port can use to run any handler (loopback tests only).
+ * sends to is served (the channels are the node names product, order, payment, orchestrator
+ * (the participants' replies), purchase; and orchestrator.requests (the purchase requests),
+ * served by the orchestrator node, and purchase.events, served by the purchase node: a route
+ * for "orchestrator" or "purchase" also routes those unless they have their own), and which
+ * identity the node there must prove. The same route list may be given to every service
+ * (scripts/shop_cluster.sh does); the routes a service needs are checked. TCP is mutual TLS: this
+ * node's certificate and key, the CA that signs every node, and the access list of who may send to
+ * which of this node's channels (--tls-allow, repeated); plaintext only with --insecure-plaintext,
+ * which anyone who reaches the port can use to run any handler (loopback tests only).
  *
  * Prints "listening on PORT" once it serves, and stops cleanly on SIGINT/SIGTERM.
  * `shop --free-ports N` prints N distinct TCP ports of 127.0.0.1 that were free (for scripts).
@@ -65,7 +66,7 @@ static const char *const needs[N_NODES][6] = {
     {SHOP_CH_ORCHESTRATOR, NULL},
     {SHOP_CH_ORCHESTRATOR, NULL},
     {SHOP_CH_PRODUCT, SHOP_CH_ORDER, SHOP_CH_PAYMENT, "purchase", SHOP_EVENTS, NULL},
-    {SHOP_CH_ORCHESTRATOR, NULL},
+    {SHOP_CH_REQUESTS, NULL},
 };
 
 typedef struct options {
@@ -348,15 +349,20 @@ static int parse_args(app *a, int argc, char **argv) {
       if (o->routes[r].identity != NULL)
         return bad("--tcp-route %s=...@%s: an identity needs TLS, not --insecure-plaintext",
                    o->routes[r].channel, o->routes[r].identity);
-    /* "purchase" routes "purchase.events" too unless that has its own route. */
-    int pur = -1;
-    for (size_t r = 0; r < o->nroutes; r++)
-      if (strcmp(o->routes[r].channel, "purchase") == 0) pur = (int)r;
-    if (pur >= 0 && route_of(o, SHOP_EVENTS) == NULL && o->nroutes < MAX_ROUTES) {
-      o->routes[o->nroutes].channel = SHOP_EVENTS;
-      o->routes[o->nroutes].address = o->routes[pur].address;
-      o->routes[o->nroutes].identity = o->routes[pur].identity;
-      o->nroutes++;
+    /* A node's route also routes its other channels unless they have their own: "purchase"
+     * routes "purchase.events", "orchestrator" routes "orchestrator.requests". */
+    static const char *const derived[][2] = {{"purchase", SHOP_EVENTS},
+                                             {SHOP_CH_ORCHESTRATOR, SHOP_CH_REQUESTS}};
+    for (size_t d = 0; d < sizeof derived / sizeof derived[0]; d++) {
+      int from = -1;
+      for (size_t r = 0; r < o->nroutes; r++)
+        if (strcmp(o->routes[r].channel, derived[d][0]) == 0) from = (int)r;
+      if (from >= 0 && route_of(o, derived[d][1]) == NULL && o->nroutes < MAX_ROUTES) {
+        o->routes[o->nroutes].channel = derived[d][1];
+        o->routes[o->nroutes].address = o->routes[from].address;
+        o->routes[o->nroutes].identity = o->routes[from].identity;
+        o->nroutes++;
+      }
     }
     int k = service_index(o->service);
     for (int j = 0; needs[k][j] != NULL; j++)

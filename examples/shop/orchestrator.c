@@ -6,7 +6,7 @@
  * purchase saga is published, in the transition's own transaction, to the purchase service,
  * which streams them to customers over Server-Sent Events (purchase.c).
  *
- * Purchases arrive as the command "orchestrator.purchase" on channel SHOP_CH_ORCHESTRATOR
+ * Purchases arrive as the command "orchestrator.purchase" on channel SHOP_CH_REQUESTS
  * (sent by the purchase service's one-step "purchase-request" saga). The handler starts the
  * "purchase" saga with saga_tx_start(), inside the command's own transaction, with the
  * purchase id as idempotency key: the saga exists if and only if the command was taken, and
@@ -128,7 +128,7 @@ int shop_orchestrator_init(shop_ctx *c, saga_node *node) {
   (void)c;
   int rc = saga_node_register(node, &purchase_def);
   if (rc == SAGA_OK)
-    rc = saga_node_handle(node, SHOP_CH_ORCHESTRATOR, "orchestrator.purchase", on_purchase, NULL);
+    rc = saga_node_handle(node, SHOP_CH_REQUESTS, "orchestrator.purchase", on_purchase, NULL);
   if (rc != SAGA_OK) {
     fprintf(stderr, "orchestrator: %s: %s\n", saga_strerror(rc), saga_node_errmsg(node));
     return -1;

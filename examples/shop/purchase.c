@@ -879,7 +879,7 @@ static void purchase_metrics(shop_text *b, void *arg) {
 /* The request step: hand the purchase to the orchestrator, until it took it. */
 static const saga_step request_steps[] = {
     {.name = "REQUEST",
-     .channel = SHOP_CH_ORCHESTRATOR,
+     .channel = SHOP_CH_REQUESTS,
      .action = "orchestrator.purchase",
      .kind = SAGA_STEP_RETRIABLE,
      .retry =

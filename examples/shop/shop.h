@@ -152,7 +152,11 @@ int shop_auth_refresh(const shop_ctx *c, const char *token, int64_t *customer_id
 #define SHOP_CH_PRODUCT "product"
 #define SHOP_CH_ORDER "order"
 #define SHOP_CH_PAYMENT "payment"
-#define SHOP_CH_ORCHESTRATOR "orchestrator"
+#define SHOP_CH_ORCHESTRATOR "orchestrator" /* the orchestrator node: the participants' replies */
+/* Purchase requests to the orchestrator, from the purchase node: a channel of their own, so that
+ * an access list can let the purchase node send requests without letting it reply for a
+ * participant (and the participants reply without sending requests). */
+#define SHOP_CH_REQUESTS "orchestrator.requests"
 #define SHOP_EVENTS "purchase.events"   /* the orchestrator publishes transitions here */
 
 /* Saga data keys: purchase_id, customer_id, items (JSON [{product_id, amount}]),

@@ -22,6 +22,17 @@
  *    completed or compensated with its exact sequence, inventory must have decreased by
  *    exactly what the completed purchases bought, each completed purchase must have its one
  *    order and payment with the right amount, and the compensated ones none;
+ *  - over TCP (mutual TLS with access lists, as the script runs it), the three forgeries of
+ *    issue 10 replayed by four attackers: a peer without a certificate, one with a
+ *    certificate of another CA (claiming to be the orchestrator), one with a certificate of
+ *    the cluster's CA for an identity on no access list, and one with the purchase node's own
+ *    certificate (allowed to send purchase requests, nothing else). Each is a libsaga node with a
+ * TCP transport whose frames the test writes itself: a payment.charge for the test's customer under
+ * an invented saga; a success reply for the payment step of a purchase above the payment limit (its
+ * saga id and attempt read from the orchestrator's database while the payment service is down); a
+ * product.reserve under an invented saga and a product.release naming a completed purchase. Each is
+ * refused (the victims' shop_tcp_* counters in /metrics), and the payments, orders and stock are
+ * unchanged;
  *  - last, a clean stop: every service exits 0 on SIGTERM, with no sanitizer report in its log.
  * Waits are on streamed events and on polled state (each with a deadline), never on sleeps.
  */
@@ -46,6 +57,13 @@
 
 #include <cmocka.h>
 #include <sodium.h>
+#include <sqlite3.h>
+#include <uv.h>
+
+#include <saga.h>
+#include <saga/envelope.h>
+#include <saga/sys/transport.h>
+#include <saga/transport_tcp.h>
 
 #include "e2e.h"
 
@@ -143,6 +161,7 @@ static int group_setup(void **state) {
   setenv("SHOP_CLUSTER_RUN", run_dir, 1);
   if (getenv("SHOP_BIN") == NULL) setenv("SHOP_BIN", SHOP_BIN, 1);
   setenv("SHOP_JWT_SECRET", SECRET, 1);
+  setenv("SHOP_CLUSTER_EXTRA_CERTS", "mallory", 1); /* a certificate on no access list */
   long long t0 = shop_now_ms();
   char limit[32];
   snprintf(limit, sizeof limit, "%d", PAYMENT_LIMIT);
@@ -534,6 +553,370 @@ static void test_kill_cycle(void **state) {
   customer_free(&a);
 }
 
+/* ---- forgeries (TCP) ------------------------------------------------------------------------ */
+
+static int port_of(const char *name) {
+  char path[400], line[128];
+  snprintf(path, sizeof path, "%s/ports", run_dir);
+  FILE *f = fopen(path, "r");
+  int port = 0;
+  size_t n = strlen(name);
+  while (f != NULL && fgets(line, sizeof line, f) != NULL)
+    if (strncmp(line, name, n) == 0 && line[n] == '=') port = atoi(line + n + 1);
+  if (f != NULL) fclose(f);
+  assert_true(port > 0);
+  return port;
+}
+
+/* One counter of a service's /metrics (through nginx); -1 when absent. */
+static long long metric_of(shop_client *c, const char *service, const char *name) {
+  char path[64];
+  snprintf(path, sizeof path, "/metrics/%s", service);
+  shop_resp r;
+  long st = shop_client_send(c, "GET", path, NULL, &r);
+  long long v = -1;
+  size_t n = strlen(name);
+  for (const char *p = st == 200 ? r.body : NULL; p != NULL && *p; p = strchr(p, '\n')) {
+    if (*p == '\n') p++;
+    if (strncmp(p, name, n) == 0 && p[n] == ' ') v = atoll(p + n + 1);
+  }
+  shop_resp_destroy(&r);
+  return v;
+}
+
+/* An attacker: a libsaga node whose TCP transport the test writes raw frames with. */
+typedef struct attacker {
+  const char *what;    /* for messages */
+  const char *counter; /* the victims' counter that its refusal increases */
+  saga_node *node;
+  saga_transport *t;
+  uint64_t token;
+} attacker;
+
+static uv_loop_t attack_loop;
+
+static void tick_cb(uv_timer_t *t) { (void)t; } /* only wakes the loop up */
+
+static void attacker_open(attacker *a, const char *what, const char *counter, const char *ca,
+                          const char *cert, const char *key) {
+  memset(a, 0, sizeof *a);
+  a->what = what;
+  a->counter = counter;
+  a->token = (uint64_t)1 << 60; /* far from the node's own outbox ids */
+  char addr[3][64];
+  static const char *const chans[] = {"product", "payment", "orchestrator"};
+  saga_tcp_route routes[3];
+  for (int i = 0; i < 3; i++) {
+    char key_name[32];
+    snprintf(key_name, sizeof key_name, "tcp_%s", chans[i]);
+    snprintf(addr[i], sizeof addr[i], "127.0.0.1:%d", port_of(key_name));
+    routes[i] = (saga_tcp_route){.channel = chans[i], .address = addr[i], .identity = NULL};
+  }
+  saga_tcp_config tc;
+  saga_tcp_config_init(&tc);
+  tc.routes = routes;
+  tc.nroutes = 3;
+  tc.reconnect_min_ms = 20;
+  tc.reconnect_max_ms = 200;
+  tc.insecure_plaintext = ca == NULL;
+  tc.tls_ca_file = ca;
+  tc.tls_cert_file = cert;
+  tc.tls_key_file = key;
+  char err[256] = "";
+  assert_int_equal(saga_tcp_transport_new2(&a->t, &tc, err, sizeof err), SAGA_OK);
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = "mallory";
+  cfg.db_path = ":memory:";
+  cfg.transport = a->t;
+  assert_int_equal(saga_node_open(&a->node, &attack_loop, &cfg, err, sizeof err), SAGA_OK);
+  assert_true(saga_node_start(a->node) >= 0);
+}
+
+static void attacker_closed(void *arg) { ++*(int *)arg; }
+
+/* The saga data as on the wire: a msgpack map of str -> bin (short values). */
+static size_t encode_data(unsigned char *out, size_t cap, const char *const *kv) {
+  size_t n = 0, len = 1;
+  while (kv[2 * n] != NULL) n++;
+  assert_true(n < 16);
+  out[0] = (unsigned char)(0x80 | n);
+  for (size_t i = 0; i < 2 * n; i++) {
+    size_t l = strlen(kv[i]);
+    assert_true(l < 256 && len + 2 + l <= cap);
+    out[len++] = i % 2 == 0 ? 0xd9 : 0xc4; /* str 8 key, bin 8 value */
+    out[len++] = (unsigned char)l;
+    memcpy(out + len, kv[i], l);
+    len += l;
+  }
+  return len;
+}
+
+/* Writes one envelope to channel through the attacker's transport. kv: key, value, ..., NULL. */
+static void forge(attacker *a, const char *channel, saga_msg_kind kind, const char *saga_id,
+                  uint32_t step, uint32_t attempt, saga_phase phase, const char *name,
+                  const char *const *kv) {
+  unsigned char payload[1024];
+  size_t plen = encode_data(payload, sizeof payload, kv);
+  char msg_id[160];
+  snprintf(msg_id, sizeof msg_id, "%s/%u/%d/%u%s", saga_id, step, (int)phase, attempt,
+           kind == SAGA_MSG_REPLY ? "/r" : "");
+  saga_envelope env;
+  memset(&env, 0, sizeof env);
+  env.version = SAGA_ENVELOPE_VERSION;
+  env.kind = kind;
+  env.msg_id = msg_id;
+  env.saga_id = saga_id;
+  env.step = step;
+  env.attempt = attempt;
+  env.phase = phase;
+  env.name = name;
+  env.reply_to = kind == SAGA_MSG_COMMAND ? "orchestrator" : "";
+  env.error = "";
+  env.payload = payload;
+  env.payload_len = plen;
+  void *bytes = NULL;
+  size_t len = 0;
+  assert_int_equal(saga_envelope_encode(&env, NULL, &bytes, &len), SAGA_OK);
+  assert_int_equal(a->t->methods->send(a->t, channel, bytes, len, ++a->token), SAGA_OK);
+  saga_free(NULL, bytes);
+}
+
+/* The customer id in an access token (its "sub" claim). */
+static void customer_id_of(const char *token, char *out, size_t len) {
+  const char *p = strchr(token, '.'), *q = p ? strchr(p + 1, '.') : NULL;
+  assert_non_null(q);
+  unsigned char claims[1024];
+  size_t n = 0;
+  assert_int_equal(sodium_base642bin(claims, sizeof claims - 1, p + 1, (size_t)(q - p - 1), NULL,
+                                     &n, NULL, sodium_base64_VARIANT_URLSAFE_NO_PADDING),
+                   0);
+  claims[n] = '\0';
+  json_t *j = json_loads((const char *)claims, 0, NULL);
+  assert_non_null(j);
+  snprintf(out, len, "%s", json_string_value(json_object_get(j, "sub")));
+  json_decref(j);
+  assert_true(out[0] != '\0');
+}
+
+/* The orchestrator's saga of a purchase, and its current attempt, from its database. */
+static void saga_of(const char *purchase_id, char *saga_id, size_t len, uint32_t *attempt,
+                    int *step) {
+  char path[400];
+  snprintf(path, sizeof path, "%s/data/orchestrator/orchestrator.db", run_dir);
+  sqlite3 *db = NULL;
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+  sqlite3_busy_timeout(db, 5000);
+  assert_int_equal(sqlite3_prepare_v2(db,
+                                      "SELECT id, attempt, step FROM saga_instance WHERE "
+                                      "idem_key = ?1",
+                                      -1, &st, NULL),
+                   SQLITE_OK);
+  sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  snprintf(saga_id, len, "%s", (const char *)sqlite3_column_text(st, 0));
+  *attempt = (uint32_t)sqlite3_column_int64(st, 1);
+  *step = sqlite3_column_int(st, 2);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+}
+
+/* Waits until purchase id streamed STEP STATUS. */
+static void wait_streamed(stream *s, const json_t *id, const char *step, const char *status) {
+  shop_track *t = stream_track(s, sid(id));
+  long long deadline = shop_now_ms() + WAIT_MS;
+  for (;;) {
+    for (size_t i = 0; i < json_array_size(t->events); i++) {
+      json_t *ev = json_array_get(t->events, i);
+      if (strcmp(json_string_value(json_object_get(ev, "step")), step) == 0 &&
+          strcmp(json_string_value(json_object_get(ev, "status")), status) == 0)
+        return;
+    }
+    if (shop_now_ms() > deadline) {
+      print_error("purchase %s: no %s %s within %d ms: %s\n", t->id, step, status, WAIT_MS,
+                  dump(t->events));
+      fail();
+    }
+    stream_pump(s, 200);
+  }
+}
+
+static void test_forgeries(void **state) {
+  (void)state;
+  if (strcmp(transport, "tcp") != 0) skip(); /* NATS: the broker's permissions (test_nats) */
+  customer a;
+  customer_new(&a);
+  shop_client *c = a.c;
+  char victim[32];
+  customer_id_of(a.access, victim, sizeof victim);
+  json_t *p = product_new(c, "Forgery target", 1000, 20);
+  stream s;
+  stream_open(&s, a.access);
+  /* A completed purchase of 2, whose reservation the third forgery tries to give back. */
+  json_t *done = buy1(c, p, 2);
+  assert_int_equal(shop_track_outcome(stream_wait(&s, done, WAIT_MS)), SHOP_SUCCEEDED);
+  assert_int_equal(inventory_of(c, p), 18);
+
+  /* A purchase above the payment limit, held at its payment step: payment is down. */
+  pid_t pay = pid_of("payment");
+  assert_int_equal(kill(pay, SIGKILL), 0);
+  assert_int_equal(waitpid(pay, NULL, 0), pay);
+  char refused_id[64];
+  snprintf(refused_id, sizeof refused_id, "forge-over-limit-%ld-%lld", (long)getpid(),
+           shop_now_ms());
+  json_t *items = json_array();
+  json_array_append_new(items, item(p, PAYMENT_LIMIT / 1000 + 1));
+  json_t *body = purchase_body(items, "US");
+  json_object_set_new(body, "purchase_id", json_string(refused_id));
+  json_decref(CALL(c, 201, "POST", "/api/purchase", body));
+  json_t *refused = json_string(refused_id);
+  wait_streamed(&s, refused, "CREATE_PAYMENT", "STATUS_EXECUTE");
+  char saga_id[64];
+  uint32_t attempt;
+  int step;
+  saga_of(refused_id, saga_id, sizeof saga_id, &attempt, &step);
+  assert_int_equal(step, 2);
+
+  /* The attackers. */
+  char other[300], ca[400], mcert[400], mkey[400], ocert[400], okey[400], pcert[400], pkey[400];
+  snprintf(other, sizeof other, "%s/other-ca", run_dir);
+  char cmd[1200];
+  const char *script_path =
+      getenv("SHOP_CLUSTER_SCRIPT") ? getenv("SHOP_CLUSTER_SCRIPT") : SHOP_CLUSTER_SCRIPT;
+  snprintf(cmd, sizeof cmd, "bash \"$(dirname '%s')/make_pki.sh\" '%s' orchestrator", script_path,
+           other);
+  assert_int_equal(system(cmd), 0);
+  snprintf(ca, sizeof ca, "%s/pki/ca.pem", run_dir);
+  snprintf(mcert, sizeof mcert, "%s/pki/mallory.pem", run_dir);
+  snprintf(mkey, sizeof mkey, "%s/pki/mallory.key", run_dir);
+  snprintf(ocert, sizeof ocert, "%s/orchestrator.pem", other);
+  snprintf(okey, sizeof okey, "%s/orchestrator.key", other);
+  snprintf(pcert, sizeof pcert, "%s/pki/purchase.pem", run_dir);
+  snprintf(pkey, sizeof pkey, "%s/pki/purchase.key", run_dir);
+  assert_int_equal(uv_loop_init(&attack_loop), 0);
+  enum { N_ATTACKERS = 4 };
+  attacker at[N_ATTACKERS];
+  attacker_open(&at[0], "no certificate (plaintext)", "shop_tcp_handshakes_failed_total", NULL,
+                NULL, NULL);
+  attacker_open(&at[1], "a certificate of another CA claiming to be the orchestrator",
+                "shop_tcp_handshakes_failed_total", ca, ocert, okey);
+  attacker_open(&at[2], "the cluster CA's certificate for 'mallory', on no access list",
+                "shop_tcp_frames_refused_total", ca, mcert, mkey);
+  attacker_open(&at[3],
+                "the purchase node's own certificate (it may send requests on "
+                "orchestrator.requests, and nothing else)",
+                "shop_tcp_frames_refused_total", ca, pcert, pkey);
+  static const char *const victims[] = {"orchestrator", "product"};
+  uv_timer_t tick;
+  uv_timer_init(&attack_loop, &tick);
+  int unrefused = 0; /* refusals not counted: reported after the state checks */
+
+  /* One attacker after the other, so that each refusal counted is its own. Payment is down:
+   * the forged charges wait in the attackers' transports until it is back. */
+  for (int k = 0; k < N_ATTACKERS; k++) {
+    attacker *m = &at[k];
+    long long before[2];
+    for (int v = 0; v < 2; v++) before[v] = metric_of(c, victims[v], m->counter);
+    char forged_saga[64], forged_saga2[64];
+    snprintf(forged_saga, sizeof forged_saga, "forged-%d-%lld", k, shop_now_ms());
+    snprintf(forged_saga2, sizeof forged_saga2, "forged-release-%d-%lld", k, shop_now_ms());
+    /* 1. A charge for the test's customer under an invented saga. */
+    char fid[32];
+    snprintf(fid, sizeof fid, "FORGED-%d", k);
+    const char *charge[] = {"purchase_id", fid,     "customer_id", victim, "currency",
+                            "US",          "total", "4999",        NULL};
+    forge(m, "payment", SAGA_MSG_COMMAND, forged_saga, 2, 1, SAGA_PHASE_ACTION, "payment.charge",
+          charge);
+    /* 2. A success reply for the payment step of the purchase above the limit. */
+    const char *none[] = {NULL};
+    forge(m, "orchestrator", SAGA_MSG_REPLY, saga_id, 2, attempt, SAGA_PHASE_ACTION,
+          "payment.charge", none);
+    /* 3. A reserve under an invented saga, then a release naming the completed purchase. */
+    char items1[96];
+    snprintf(items1, sizeof items1, "[{\"product_id\":%s,\"amount\":1}]", sid(p));
+    const char *reserve[] = {"purchase_id", sid(done), "items", items1, NULL};
+    const char *release[] = {"purchase_id", sid(done), NULL};
+    forge(m, "product", SAGA_MSG_COMMAND, forged_saga2, 0, 1, SAGA_PHASE_ACTION, "product.reserve",
+          reserve);
+    forge(m, "product", SAGA_MSG_COMMAND, forged_saga2, 0, 1, SAGA_PHASE_COMPENSATION,
+          "product.release", release);
+    /* The orchestrator and the product service count the refusal: the attackers' loop runs
+     * while their /metrics are polled. */
+    for (int v = 0; v < 2; v++) {
+      long long now, deadline = shop_now_ms() + 10000;
+      while ((now = metric_of(c, victims[v], m->counter)) <= before[v] &&
+             shop_now_ms() < deadline) {
+        uv_timer_start(&tick, tick_cb, 50, 0); /* polling interval */
+        uv_run(&attack_loop, UV_RUN_ONCE);
+      }
+      if (now <= before[v]) {
+        print_error("%s: %s counted no refusal (%s stays %lld)\n", m->what, victims[v], m->counter,
+                    now);
+        unrefused++;
+      } else {
+        printf("# %s -> %s: refused (%s %lld -> %lld)\n", m->what, victims[v], m->counter,
+               before[v], now);
+      }
+    }
+  }
+
+  /* Payment back: it refuses the charges too (the attackers still resend), and the purchase
+   * above the limit is refused and compensated as if nobody had forged anything. */
+  assert_int_equal(script("restart", "payment", NULL, NULL, NULL), 0);
+  long long pay_before = metric_of(c, "payment", "shop_tcp_handshakes_failed_total");
+  long long pay_refused = metric_of(c, "payment", "shop_tcp_frames_refused_total");
+  long long deadline = shop_now_ms() + 10000;
+  while ((metric_of(c, "payment", "shop_tcp_handshakes_failed_total") < pay_before + 2 ||
+          metric_of(c, "payment", "shop_tcp_frames_refused_total") < pay_refused + 2) &&
+         shop_now_ms() < deadline) {
+    uv_timer_start(&tick, tick_cb, 50, 0); /* polling interval */
+    uv_run(&attack_loop, UV_RUN_ONCE);
+  }
+  long long pay_hs = metric_of(c, "payment", "shop_tcp_handshakes_failed_total");
+  long long pay_fr = metric_of(c, "payment", "shop_tcp_frames_refused_total");
+  if (pay_hs < pay_before + 2 || pay_fr < pay_refused + 2) {
+    print_error("payment counted %lld failed handshakes and %lld refused frames after its "
+                "restart (want 2 and 2)\n",
+                pay_hs - pay_before, pay_fr - pay_refused);
+    unrefused++;
+  } else {
+    printf("# every attacker -> payment (once it was back): refused (handshakes failed %lld, "
+           "frames refused %lld)\n",
+           pay_hs - pay_before, pay_fr - pay_refused);
+  }
+  assert_int_equal(shop_track_outcome(stream_wait(&s, refused, WAIT_MS)), SHOP_COMPENSATED);
+  assert_sequence(&s, refused, SEQ_REFUSED);
+  expect_absent(c, "order", refused);
+  expect_absent(c, "payment", refused);
+  for (int k = 0; k < N_ATTACKERS; k++) {
+    char fid[32];
+    snprintf(fid, sizeof fid, "FORGED-%d", k);
+    json_t *f = json_string(fid);
+    expect_absent(c, "payment", f);
+    json_decref(f);
+  }
+  /* The completed purchase keeps its stock, order and payment. */
+  assert_int_equal(inventory_of(c, p), 18);
+  char path[128];
+  snprintf(path, sizeof path, "/api/order/%s", sid(done));
+  json_decref(CALL(c, 200, "GET", path, NULL));
+  expect_payment(c, done, "US", 2000);
+  if (unrefused > 0) fail();
+
+  uv_close((uv_handle_t *)&tick, NULL);
+  int closed = 0;
+  for (int k = 0; k < N_ATTACKERS; k++) saga_node_close(at[k].node, attacker_closed, &closed);
+  while (closed < N_ATTACKERS) uv_run(&attack_loop, UV_RUN_ONCE);
+  uv_run(&attack_loop, UV_RUN_DEFAULT);
+  assert_int_equal(uv_loop_close(&attack_loop), 0);
+  stream_close(&s);
+  json_decref(refused);
+  json_decref(done);
+  json_decref(p);
+  customer_free(&a);
+}
+
 /* ---- a clean stop ------------------------------------------------------------------------ */
 
 /* Last: SIGTERM (the script's stop) ends every service cleanly: exit status 0, and no
@@ -599,7 +982,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_products),          cmocka_unit_test(test_purchase_validation),
       cmocka_unit_test(test_purchase_outcomes), cmocka_unit_test(test_owner_only),
       cmocka_unit_test(test_product_down),      cmocka_unit_test(test_kill_cycle),
-      cmocka_unit_test(test_clean_stop),
+      cmocka_unit_test(test_forgeries),         cmocka_unit_test(test_clean_stop),
   };
   char name[64];
   snprintf(name, sizeof name, "shop cluster (%s)", transport);
