@@ -121,12 +121,14 @@ static struct {
   char *dir;
 } th_live[TH_MAX_LIVE];
 static int th_atexit_set;
+static pid_t th_owner; /* the process that started them: a forked child must not kill them */
 
 static void live_add(pid_t pid, const char *dir) {
   for (int i = 0; i < TH_MAX_LIVE; i++) {
     if (th_live[i].pid != 0) continue;
     th_live[i].pid = pid;
     th_live[i].dir = strdup(dir);
+    th_owner = getpid();
     return;
   }
 }
@@ -141,6 +143,7 @@ static void live_remove(pid_t pid) {
 }
 
 void th_servers_kill_all(void) {
+  if (th_owner != getpid()) return; /* a forked child exiting: its parent's, not its own */
   for (int i = 0; i < TH_MAX_LIVE; i++) {
     if (th_live[i].pid == 0) continue;
     kill(th_live[i].pid, SIGKILL);
