@@ -47,10 +47,31 @@ void saga__errf(char *err, size_t errlen, const char *fmt, ...)
  * ending in "..." when cut. */
 void saga__printable(char *out, size_t out_len, const char *s, size_t len);
 
-/* splitmix64 step, for seeded generators. */
+/* splitmix64 step, for seeded generators (retry jitter, test fault injection): fast, NOT
+ * unpredictable — one output gives away every later one. Never use it for ids. */
 uint64_t saga__splitmix64(uint64_t *state);
-/* 64 bits from the OS (getrandom), falling back to time and address entropy. */
+/* 64 bits from the OS (getrandom), falling back to time and address entropy: a seed for
+ * saga__splitmix64, not a secret. */
 uint64_t saga__os_random(void);
+/* Fills buf with len bytes from the OS CSPRNG: getrandom(2), or /dev/urandom where the
+ * system call does not exist. Never falls back to anything predictable: returns SAGA_OK or
+ * SAGA_EIO (nothing cryptographically strong available; buf is then zeroed). */
+int saga__os_random_bytes(void *buf, size_t len);
+
+/* Buffered CSPRNG output, for ids an outsider must not guess (saga ids, trace ids): one
+ * getrandom() per 256 bytes. The buffer is dropped after a fork (detected with
+ * pthread_atfork, or getpid() where that is unavailable), so a child never hands out the
+ * bytes its parent also hands out. Bytes are wiped from the buffer as they are taken. One
+ * per node, used on its loop thread (no locking). */
+typedef struct saga__csprng {
+  uint8_t buf[256];
+  size_t pos;   /* next unused byte; sizeof buf = empty */
+  unsigned gen; /* fork generation when filled */
+  long pid;     /* process that filled it, when forks are detected by pid */
+} saga__csprng;
+void saga__csprng_init(saga__csprng *r);
+/* len bytes of CSPRNG output. SAGA_OK or SAGA_EIO (see saga__os_random_bytes). */
+int saga__csprng_bytes(saga__csprng *r, void *out, size_t len);
 
 /* ---- codec (src/codec/codec.c): the only file that includes msgpack.h ----------------- */
 

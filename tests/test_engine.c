@@ -3,9 +3,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <errno.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <sqlite3.h>
 
 #include "harness.h"
+#include "internal.h" /* saga__csprng */
 
 static void done_cb(saga_node *n, int status, void *arg) { *(int *)arg = status; }
 
@@ -676,6 +681,174 @@ static void test_api_errors(void **state) {
   th_world_free(&w);
 }
 
+/* ---- ids: unpredictable, unique, time-ordered --------------------------------------------- */
+
+/* splitmix64, the generator saga ids came from before, and its inverse: one output gives the
+ * generator's state, hence every later output. */
+#define SM_GAMMA UINT64_C(0x9E3779B97F4A7C15)
+static uint64_t sm_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+  z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+  return z ^ (z >> 31);
+}
+static uint64_t unxorshift(uint64_t x, int shift) {
+  uint64_t y = x;
+  for (int k = 0; k < 64 / shift + 1; k++) y = x ^ (y >> shift);
+  return y;
+}
+static uint64_t inv_odd(uint64_t c) {
+  uint64_t inv = c; /* Newton: each step doubles the correct low bits */
+  for (int k = 0; k < 6; k++) inv *= 2 - c * inv;
+  return inv;
+}
+static uint64_t sm_unmix(uint64_t z) {
+  z = unxorshift(z, 31);
+  z *= inv_odd(UINT64_C(0x94D049BB133111EB));
+  z = unxorshift(z, 27);
+  z *= inv_odd(UINT64_C(0xBF58476D1CE4E5B9));
+  return unxorshift(z, 30);
+}
+static uint64_t hex64(const char *s) {
+  char b[17];
+  memcpy(b, s, 16);
+  b[16] = '\0';
+  return strtoull(b, NULL, 16);
+}
+
+typedef struct {
+  th_world *w;
+  uint64_t n;
+} started_ctx;
+static int started_pred(void *arg) {
+  started_ctx *c = arg;
+  return c->w->started_ok >= c->n;
+}
+static void start_and_wait(th_world *w, int i) {
+  assert_int_equal(th_world_start(w, i, NULL), SAGA_OK);
+  started_ctx c = {w, w->started_ok + 1};
+  assert_int_equal(th_run_manual(&w->loop, w->clock, started_pred, &c, 60000), 0);
+  assert_int_equal(w->last_start_status, SAGA_OK);
+}
+
+/* Given saga N's id, the old generator's successors are not saga N+1's: the random part of a
+ * saga id no longer tells the next one (it would, exactly, from splitmix64). */
+static void test_ids_not_predictable(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  assert_int_equal(sm_unmix(sm_mix(UINT64_C(12345))), UINT64_C(12345)); /* the inverse works */
+  int predicted = 0;
+  char prev[40] = "";
+  for (int k = 0; k < 50; k++) {
+    start_and_wait(&w, k);
+    assert_int_equal(strlen(w.last_id), 32);
+    if (prev[0] != '\0') {
+      /* Old layout: id[12..28) = 64 bits of one draw, id[28..32) 16 bits of the next, then
+       * the trace span: saga N+1's first draw is 3 draws later (more with retry jitter). */
+      uint64_t s = sm_unmix(hex64(prev + 12));
+      uint64_t next = hex64(w.last_id + 12);
+      for (uint64_t d = 1; d <= 16; d++)
+        if (sm_mix(s + d * SM_GAMMA) == next) predicted++;
+    }
+    snprintf(prev, sizeof prev, "%s", w.last_id);
+  }
+  printf("  50 consecutive saga ids: %d predicted from the previous one by splitmix64\n",
+         predicted);
+  assert_int_equal(predicted, 0);
+  th_world_free(&w);
+}
+
+static int64_t q_engine(saga_node *n, const char *sql) {
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(n), sql, -1, &st, NULL), SQLITE_OK);
+  int64_t v = -1;
+  if (sqlite3_step(st) == SQLITE_ROW) v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* 2,000 ids over 40 milliseconds: all distinct (their random parts too), 32 hex digits whose
+ * first 12 are the creation time in ms, so that id order is creation order; the 80 random
+ * bits are balanced (not zeros, not a constant). */
+static void test_ids_unique_time_ordered(void **state) {
+  th_world w;
+  open_world(&w, NULL);
+  for (int batch = 0; batch < 40; batch++) {
+    for (int k = 0; k < 50; k++) assert_int_equal(th_world_start(&w, batch * 50 + k, NULL), SAGA_OK);
+    started_ctx c = {&w, (uint64_t)(batch + 1) * 50};
+    assert_int_equal(th_run_manual(&w.loop, w.clock, started_pred, &c, 60000), 0);
+    saga_clock_advance(w.clock, 1 + (uint64_t)(batch % 3));
+  }
+  saga_node *o = w.orch;
+  assert_int_equal(q_engine(o, "SELECT count(*) FROM saga_instance"), 2000);
+  assert_int_equal(q_engine(o, "SELECT count(DISTINCT substr(id, 13)) FROM saga_instance"), 2000);
+  assert_int_equal(q_engine(o, "SELECT count(*) FROM saga_instance WHERE length(id) != 32 OR "
+                               "id GLOB '*[^0-9a-f]*'"),
+                   0);
+  assert_int_equal(q_engine(o, "SELECT count(*) FROM saga_instance WHERE "
+                               "substr(id, 1, 12) != printf('%012x', created_ms)"),
+                   0);
+  assert_true(q_engine(o, "SELECT count(DISTINCT created_ms) FROM saga_instance") >= 20);
+  assert_int_equal(q_engine(o, "SELECT count(*) FROM saga_instance a JOIN saga_instance b "
+                               "ON a.id < b.id AND a.created_ms > b.created_ms"),
+                   0);
+  /* Bit balance of the random parts: 160,000 bits, one standard deviation is 0.125%. */
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(o), "SELECT id FROM saga_instance", -1, &st,
+                                      NULL),
+                   SQLITE_OK);
+  uint64_t ones = 0, bits = 0;
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    const char *id = (const char *)sqlite3_column_text(st, 0);
+    for (int k = 12; k < 32; k++) {
+      int v = id[k] <= '9' ? id[k] - '0' : id[k] - 'a' + 10;
+      ones += (uint64_t)__builtin_popcount((unsigned)v);
+      bits += 4;
+    }
+  }
+  sqlite3_finalize(st);
+  double share = (double)ones / (double)bits;
+  printf("  2000 ids: share of one bits in the random parts %.4f\n", share);
+  assert_true(share > 0.49 && share < 0.51);
+  th_world_free(&w);
+}
+
+/* The buffered CSPRNG drops its buffer in a forked child: parent and child draw different
+ * bytes (without the fork check both would hand out the same next bytes). */
+static void test_id_bytes_after_fork(void **state) {
+  saga__csprng r;
+  saga__csprng_init(&r);
+  uint8_t first[8], mine[32], theirs[32];
+  assert_int_equal(saga__csprng_bytes(&r, first, sizeof first), SAGA_OK); /* buffer filled */
+  int fds[2];
+  assert_int_equal(pipe(fds), 0);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    close(fds[0]);
+    uint8_t b[32];
+    int ok = saga__csprng_bytes(&r, b, sizeof b) == SAGA_OK && write(fds[1], b, sizeof b) == 32;
+    _exit(ok ? 0 : 1);
+  }
+  close(fds[1]);
+  assert_int_equal(saga__csprng_bytes(&r, mine, sizeof mine), SAGA_OK);
+  size_t got = 0;
+  while (got < sizeof theirs) {
+    ssize_t k = read(fds[0], theirs + got, sizeof theirs - got);
+    if (k < 0 && errno == EINTR) continue;
+    assert_true(k > 0);
+    got += (size_t)k;
+  }
+  close(fds[0]);
+  int status = 0;
+  assert_int_equal(waitpid(pid, &status, 0), pid);
+  assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  assert_true(memcmp(mine, theirs, sizeof mine) != 0);
+  /* And the buffer refills across its 256 bytes without repeating itself. */
+  uint8_t big[1000];
+  assert_int_equal(saga__csprng_bytes(&r, big, sizeof big), SAGA_OK);
+  assert_true(memcmp(big, big + 256, 256) != 0 && memcmp(big, big + 512, 256) != 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_success),
@@ -704,6 +877,9 @@ int main(void) {
       cmocka_unit_test(test_outbox_ids_not_reused),
       cmocka_unit_test(test_background_checkpoint),
       cmocka_unit_test(test_api_errors),
+      cmocka_unit_test(test_ids_not_predictable),
+      cmocka_unit_test(test_ids_unique_time_ordered),
+      cmocka_unit_test(test_id_bytes_after_fork),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -21,6 +21,13 @@
  *
  * Errors: functions return SAGA_OK or a negative code; saga_node_errmsg() has the detail.
  * Thread: every function must be called on the loop's thread, except saga_node_post().
+ * Fork: a node must not be used across fork() — open it in the process that runs it (its
+ * SQLite connection, loop and transport do not survive a fork). Its id generator refills
+ * from the OS in a child anyway, so a child never repeats its parent's ids.
+ *
+ * Ids: saga ids are 32 hex digits, 48 bits of milliseconds (so ids sort by start time, which
+ * keeps the store's B-trees compact) then 80 bits from the OS CSPRNG (getrandom): knowing
+ * some ids does not tell the next. Message ids and trace ids derive from them.
  */
 #ifndef SAGA_NODE_H
 #define SAGA_NODE_H
@@ -156,7 +163,13 @@ typedef struct saga_node_config {
   const saga_allocator *alloc;/**< NULL = libc; copied */
   saga_log_fn log;            /**< NULL = no logging */
   void *log_arg;
-  uint64_t (*random)(void *arg); /**< NULL = seeded from the OS; used for ids and jitter */
+  /**
+   * FOR TESTS ONLY; production leaves it NULL. NULL: saga ids and trace ids come from the
+   * OS CSPRNG (getrandom), retry jitter from a fast generator seeded from it. Set: ids and
+   * jitter come from this function (deterministic runs), and ids are only as unpredictable
+   * as it is — with a seeded generator an outsider who sees one id can forge replies.
+   */
+  uint64_t (*random)(void *arg);
   void *random_arg;
   saga_event_cb on_event;     /**< NULL = none */
   void *event_arg;

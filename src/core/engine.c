@@ -422,6 +422,15 @@ static void hex(char *out, uint64_t v, int digits) {
   out[digits] = '\0';
 }
 
+static void hex_bytes(char *out, const uint8_t *b, size_t len) {
+  static const char x[] = "0123456789abcdef";
+  for (size_t k = 0; k < len; k++) {
+    out[2 * k] = x[b[k] >> 4];
+    out[2 * k + 1] = x[b[k] & 15];
+  }
+  out[2 * len] = '\0';
+}
+
 int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const void *input,
                        size_t input_len, const char *idem_key) {
   if (idem_key != NULL) {
@@ -440,11 +449,16 @@ int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const 
   uint64_t now = saga__node_now(n);
   /* Time-ordered ids (48 bits of ms, then 80 random bits, as UUIDv7 does): the rows of the
    * sagas in flight, keyed by id in every table, sit together at the right edge of each
-   * B-tree instead of on random pages, so a commit writes few pages. */
+   * B-tree instead of on random pages, so a commit writes few pages. The random bits come
+   * from the OS CSPRNG: a reply is matched to its saga by this id (and to the step by small
+   * numbers), so an id seen must not tell the next ones. Message ids and the W3C trace id
+   * derive from it; the trace span id is 64 more CSPRNG bits. */
+  uint8_t rnd[18];
+  int rc = saga__node_id_bytes(n, rnd, sizeof rnd);
+  if (rc != SAGA_OK) return rc;
   hex(i->id, now & UINT64_C(0xffffffffffff), 12);
-  hex(i->id + 12, saga__node_rand(n), 16);
-  hex(i->id + 28, saga__node_rand(n), 4);
-  hex(i->trace_span, saga__node_rand(n), 16);
+  hex_bytes(i->id + 12, rnd, 10);
+  hex_bytes(i->trace_span, rnd + 10, 8);
   snprintf(i->def_name, sizeof i->def_name, "%s", def->name);
   i->def = def;
   i->def_version = def->version;
@@ -462,7 +476,7 @@ int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const 
   i->saga_deadline = def->deadline_ms ? now + def->deadline_ms : 0;
   saga__buf_reset(&i->data);
   static const uint8_t empty_map = 0x80;
-  int rc = input_len ? saga__buf_append(&i->data, input, input_len)
+  rc = input_len ? saga__buf_append(&i->data, input, input_len)
                      : saga__buf_append(&i->data, &empty_map, 1);
   if (rc != SAGA_OK) return saga__node_fail(n, rc, "out of memory starting saga");
 

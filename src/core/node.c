@@ -46,6 +46,22 @@ uint64_t saga__node_rand(saga_node *n) {
   return saga__splitmix64(&n->rng_state);
 }
 
+int saga__node_id_bytes(saga_node *n, void *out, size_t len) {
+  if (n->random != NULL) { /* deterministic tests: ids are only as unpredictable as this */
+    uint8_t *o = out;
+    for (size_t k = 0; k < len; k += 8) {
+      uint64_t v = n->random(n->random_arg);
+      size_t take = len - k < 8 ? len - k : 8;
+      for (size_t b = 0; b < take; b++, v >>= 8) o[k + b] = (uint8_t)v;
+    }
+    return SAGA_OK;
+  }
+  int rc = saga__csprng_bytes(&n->ids, out, len);
+  if (rc != SAGA_OK)
+    return saga__node_fail(n, rc, "the operating system's random generator failed (getrandom)");
+  return SAGA_OK;
+}
+
 const char *saga_node_errmsg(const saga_node *n) { return n != NULL ? n->errmsg : ""; }
 sqlite3 *saga_node_db(saga_node *n) { return n != NULL ? n->store.db : NULL; }
 saga_clock *saga_node_clock(saga_node *n) { return n != NULL ? n->clock : NULL; }
@@ -1138,6 +1154,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   n->random = cfg->random;
   n->random_arg = cfg->random_arg;
   n->rng_state = saga__os_random();
+  saga__csprng_init(&n->ids);
   n->on_event = cfg->on_event;
   n->event_arg = cfg->event_arg;
   n->resend_ms = cfg->resend_ms ? cfg->resend_ms : 1000;

@@ -222,9 +222,10 @@ struct saga_node {
   char *name;
   saga_log_fn log;
   void *log_arg;
-  uint64_t (*random)(void *);
+  uint64_t (*random)(void *); /* cfg.random: tests only (ids and jitter from it) */
   void *random_arg;
-  uint64_t rng_state;
+  uint64_t rng_state;  /* splitmix64 for retry jitter only: fast, guessable */
+  saga__csprng ids;    /* OS CSPRNG output for saga and trace ids */
   saga_event_cb on_event;
   void *event_arg;
   uint32_t resend_ms, batch_max;
@@ -339,7 +340,11 @@ int saga__node_fail(saga_node *n, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 int saga__node_db_fail(saga_node *n, int code, const char *what);
 uint64_t saga__node_now(saga_node *n);
+/* A fast pseudo-random number for retry jitter. Not for ids: guessable. */
 uint64_t saga__node_rand(saga_node *n);
+/* len unpredictable bytes for ids (saga ids, trace ids): from the OS CSPRNG, or from
+ * cfg.random when a test set it. SAGA_OK, or SAGA_EIO with n->errmsg set. */
+int saga__node_id_bytes(saga_node *n, void *out, size_t len);
 const saga__def *saga__node_find_def(saga_node *n, const char *name, uint32_t version);
 const saga__handler *saga__node_find_handler(saga_node *n, const char *channel,
                                              const char *command);

@@ -1,10 +1,14 @@
 /* Error table, allocator helpers, byte buffers, randomness. */
 #include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../internal.h"
 
@@ -156,9 +160,96 @@ uint64_t saga__splitmix64(uint64_t *state) {
 
 uint64_t saga__os_random(void) {
   uint64_t v = 0;
-  if (getrandom(&v, sizeof v, 0) == (ssize_t)sizeof v) return v;
+  if (saga__os_random_bytes(&v, sizeof v) == SAGA_OK) return v;
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   uint64_t s = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)(uintptr_t)&v;
   return saga__splitmix64(&s);
+}
+
+/* /dev/urandom, for kernels without getrandom(2) (before Linux 3.17). */
+static int urandom_bytes(uint8_t *p, size_t len) {
+  int fd;
+  do {
+    fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return SAGA_EIO;
+  while (len > 0) {
+    ssize_t got = read(fd, p, len);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      close(fd);
+      return SAGA_EIO;
+    }
+    p += got;
+    len -= (size_t)got;
+  }
+  close(fd);
+  return SAGA_OK;
+}
+
+int saga__os_random_bytes(void *buf, size_t len) {
+  uint8_t *p = buf;
+  size_t left = len;
+  while (left > 0) {
+    /* Blocks only until the kernel's pool is first initialised (early boot). Requests of up
+     * to 256 bytes are never cut short once it is; larger ones may be, hence the loop. */
+    ssize_t got = getrandom(p, left, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0 && errno == ENOSYS) {
+      if (urandom_bytes(p, left) == SAGA_OK) return SAGA_OK;
+      break;
+    }
+    if (got <= 0) break;
+    p += got;
+    left -= (size_t)got;
+  }
+  if (left == 0) return SAGA_OK;
+  memset(buf, 0, len);
+  return SAGA_EIO;
+}
+
+/* Forks seen by this process's children: a child's generators must not hand out the bytes
+ * buffered before the fork (its parent hands out the same ones). pthread_atfork's child
+ * handler counts them, so a draw only compares a number; where the handler could not be
+ * registered, every draw asks getpid() instead (a system call: some 0.1-2 us). */
+static atomic_uint fork_gen;
+static int atfork_ok;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void on_fork_child(void) { atomic_fetch_add_explicit(&fork_gen, 1, memory_order_relaxed); }
+static void register_atfork(void) { atfork_ok = pthread_atfork(NULL, NULL, on_fork_child) == 0; }
+
+void saga__csprng_init(saga__csprng *r) {
+  pthread_once(&atfork_once, register_atfork);
+  memset(r->buf, 0, sizeof r->buf);
+  r->pos = sizeof r->buf;
+  r->gen = 0;
+  r->pid = 0;
+}
+
+int saga__csprng_bytes(saga__csprng *r, void *out, size_t len) {
+  uint8_t *o = out;
+  unsigned gen = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+  long pid = atfork_ok ? 0 : (long)getpid();
+  if (gen != r->gen || pid != r->pid) r->pos = sizeof r->buf; /* forked: drop the bytes */
+  while (len > 0) {
+    if (r->pos == sizeof r->buf) {
+      int rc = saga__os_random_bytes(r->buf, sizeof r->buf);
+      if (rc != SAGA_OK) {
+        memset(out, 0, (size_t)(o - (uint8_t *)out) + len);
+        return rc;
+      }
+      r->pos = 0;
+      r->gen = gen;
+      r->pid = pid;
+    }
+    size_t take = sizeof r->buf - r->pos;
+    if (take > len) take = len;
+    memcpy(o, r->buf + r->pos, take);
+    memset(r->buf + r->pos, 0, take);
+    r->pos += take;
+    o += take;
+    len -= take;
+  }
+  return SAGA_OK;
 }
