@@ -15,7 +15,9 @@
  * has taken responsibility for the message (a broker stored it, or the receiving node
  * acknowledged it); only then is the node's outbox row deleted. If that never happens the
  * node sends the row again after its resend interval, forever, so an adapter may lose
- * messages it had not confirmed without losing anything for the user.
+ * messages it had not confirmed without losing anything for the user. The one exception: a
+ * send() refused with a permanent code (SAGA_EINVAL, SAGA_ETOOBIG) moves the row to the
+ * node's dead-letter table once. See docs/adapters.md and docs/security.md.
  *
  * Versioning: `version` is the first field of the methods table. The core reads the fields
  * that exist in that version and refuses newer versions it does not know (SAGA_EVERSION).
