@@ -9,8 +9,9 @@
 #   --stay         keep the shop running after the demo and print curl commands to try; Ctrl-C
 #                  stops it
 #   --distributed  run the demo against the distributed shop instead: six processes behind
-#                  nginx, started with scripts/shop_cluster.sh (TCP by default, or NATS
-#                  JetStream) in a temporary run folder, and stopped afterwards
+#                  nginx, started with scripts/shop_cluster.sh (TCP over mutual TLS with
+#                  access lists by default, or NATS JetStream over TLS with a user per
+#                  service) in a temporary run folder, and stopped afterwards
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="$root/build/demo"
@@ -89,7 +90,11 @@ if [ $distributed = 1 ]; then
   SHOP_BIN="$bin/shop" SHOP_CLUSTER_RUN="$tmp/cluster" \
     bash "$root/scripts/shop_cluster.sh" start --transport "$transport" --payment-limit "$limit"
   url=$(cat "$tmp/cluster/url")
-  echo "shop: distributed over $transport behind nginx at $url (payment limit $limit)"
+  if [ "$transport" = tcp ]; then
+    echo "shop: distributed over TCP (mutual TLS, access lists) behind nginx at $url (payment limit $limit)"
+  else
+    echo "shop: distributed over NATS (TLS, a user per service) behind nginx at $url (payment limit $limit)"
+  fi
   echo
 else
   # Port 0: the shop takes a free port and prints "listening on PORT".
