@@ -228,8 +228,10 @@ start() {
     nats_conf >"$run/nats.conf"
     printf '%s\n' "$nats_bin" -c "$run/nats.conf" >"$run/cmd/nats"
     launch nats
+    # Ready once it says so (a probe connection would fail its TLS handshake, in its log).
     for _ in $(seq 100); do
-      if (exec 3<>"/dev/tcp/127.0.0.1/$(port_of nats)") 2>/dev/null; then break; fi
+      if grep -q "Server is ready" "$run/logs/nats.log" 2>/dev/null; then break; fi
+      alive "$(pid_of nats)" || { tail -n 20 "$run/logs/nats.log" >&2; die "nats-server did not start"; }
       sleep 0.1
     done
   fi
