@@ -578,7 +578,11 @@ static void test_poison_dead_lettered(void **state) {
   send_str(&a, "svc", "ok2", 3);
   assert_int_equal(wait_count(&e, &b, "ok2", 1, 5000), 0);
   assert_int_equal(wait_ge(&e, &b.ndead, 1, 6 * ACK_WAIT_MS + 5000), 0);
-  assert_int_equal(fake_count(&b, "poison"), 3); /* max_deliveries deliveries, then dead */
+  /* max_deliveries deliveries by the server's count, then dead. On a loaded machine one of
+   * them can be lost in flight (the server counts a delivery to a pull request that timed out
+   * on the client's side, and redelivers it after ack_wait): fewer, never more. */
+  size_t npoison = fake_count(&b, "poison");
+  assert_true(npoison >= 2 && npoison <= 3);
   const rec *dead = NULL;
   for (size_t i = 0; i < b.nd; i++)
     if (b.d[i].dead) dead = &b.d[i];
