@@ -22,17 +22,19 @@
  *    completed or compensated with its exact sequence, inventory must have decreased by
  *    exactly what the completed purchases bought, each completed purchase must have its one
  *    order and payment with the right amount, and the compensated ones none;
- *  - over TCP (mutual TLS with access lists, as the script runs it), the three forgeries of
- *    issue 10 replayed by four attackers: a peer without a certificate, one with a
- *    certificate of another CA (claiming to be the orchestrator), one with a certificate of
- *    the cluster's CA for an identity on no access list, and one with the purchase node's own
- *    certificate (allowed to send purchase requests, nothing else). Each is a libsaga node with a
- * TCP transport whose frames the test writes itself: a payment.charge for the test's customer under
- * an invented saga; a success reply for the payment step of a purchase above the payment limit (its
- * saga id and attempt read from the orchestrator's database while the payment service is down); a
- * product.reserve under an invented saga and a product.release naming a completed purchase. Each is
- * refused (the victims' shop_tcp_* counters in /metrics), and the payments, orders and stock are
- * unchanged;
+ *  - the three forgeries of issue 10 (a payment.charge for the test's customer under an
+ *    invented saga; a success reply for the payment step of a purchase above the payment limit,
+ *    its saga id and attempt read from the orchestrator's database while the payment service
+ *    is down; a product.reserve under an invented saga and a product.release naming a
+ *    completed purchase), replayed over TCP (mutual TLS with access lists, as the script runs
+ *    it) by four attackers, each a libsaga node whose TCP transport the test writes the frames
+ *    with: no certificate, a certificate of another CA claiming to be the orchestrator, the
+ *    cluster CA's certificate for an identity on no access list, and the purchase node's own
+ *    certificate (allowed to send purchase requests, nothing else); each refusal is counted in
+ *    the victims' /metrics (shop_tcp_*). Over NATS: no credentials and a wrong password cannot
+ *    connect, and the purchase service's own user has each publish refused by the server.
+ *    Then the payments, orders and stock must be unchanged and the held purchase refused and
+ *    compensated;
  *  - last, a clean stop: every service exits 0 on SIGTERM, with no sanitizer report in its log.
  * Waits are on streamed events and on polled state (each with a deadline), never on sleeps.
  */
