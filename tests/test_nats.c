@@ -1940,6 +1940,12 @@ static void test_config_versions_and_token(void **state) {
   c.token = "tok-123";
   assert_int_equal(attach_cfg(&e, f, &c), SAGA_OK);
   assert_true(fake_logged(f, "(plaintext, token)"));
+  /* Reachable: any channel that can be a subject; not: what send() refuses for good. */
+  assert_int_equal(f->t->methods->can_send(f->t, "orders.eu"), 1);
+  assert_int_equal(f->t->methods->can_send(f->t, "bad chan"), 0);
+  assert_int_equal(f->t->methods->can_send(f->t, "a..b"), 0);
+  assert_int_equal(f->t->methods->can_send(f->t, "x.*"), 0);
+  assert_int_equal(f->t->methods->send(f->t, "bad chan", "x", 1, 1), SAGA_EINVAL);
   assert_int_equal(saga_nats_stats_get(f->t, &st), SAGA_OK);
   assert_int_equal(st.auth_errors, 0);
   f->auto_ack = 1;

@@ -1930,6 +1930,14 @@ static void tp_destroy(saga_transport *t) {
   }
 }
 
+/* Only what send() refuses for good: channels that cannot be a subject. Whether the server
+ * lets this node publish there is the server's (a refusal is logged and counted). */
+static int tp_can_send(saga_transport *t, const char *channel) {
+  nats_tp *tp = (nats_tp *)t;
+  char subject[NT_SUBJECT_MAX + NT_NAME_MAX + 2];
+  return channel != NULL && make_subject(tp, channel, subject, sizeof subject) == SAGA_OK;
+}
+
 static const saga_transport_methods nats_methods = {
     .version = SAGA_TRANSPORT_VERSION,
     .name = "nats",
@@ -1939,6 +1947,7 @@ static const saga_transport_methods nats_methods = {
     .ack = tp_ack,
     .close = tp_close,
     .destroy = tp_destroy,
+    .can_send = tp_can_send,
 };
 
 /* ---- construction ----------------------------------------------------------------------- */
