@@ -73,6 +73,9 @@ void saga__csprng_init(saga__csprng *r);
 /* len bytes of CSPRNG output. SAGA_OK or SAGA_EIO (see saga__os_random_bytes). */
 int saga__csprng_bytes(saga__csprng *r, void *out, size_t len);
 
+/* SipHash-2-4 of data under a 128-bit key (src/util/siphash.c). */
+uint64_t saga__siphash(const uint64_t key[2], const void *data, size_t len);
+
 /* ---- codec (src/codec/codec.c): the only file that includes msgpack.h ----------------- */
 
 /* Appends the msgpack map of d (str -> bin) to out. d may be NULL (empty map). */

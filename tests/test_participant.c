@@ -702,6 +702,25 @@ static void check_held(th_world *w, const char *id, const uint8_t *data0, size_t
   saga_info_free(info);
 }
 
+/* The id of the newest command the orchestrator queued for saga id (from its outbox). */
+static void newest_command_id(saga_node *n, const char *id, char *out, size_t len) {
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(n),
+                                      "SELECT body FROM saga_outbox WHERE saga_id = ?1 "
+                                      "ORDER BY id DESC LIMIT 1", -1, &st, NULL),
+                   SQLITE_OK);
+  sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  saga_envelope *e = NULL;
+  assert_int_equal(saga_envelope_decode(sqlite3_column_blob(st, 0),
+                                        (size_t)sqlite3_column_bytes(st, 0), NULL, NULL, &e,
+                                        NULL, 0),
+                   SAGA_OK);
+  snprintf(out, len, "%s", e->msg_id);
+  saga_envelope_free(e);
+  sqlite3_finalize(st);
+}
+
 static void test_orchestrator_ignores_mismatched_replies(void **state) {
   th_world_opts o;
   th_world_defaults(&o);
@@ -795,8 +814,33 @@ static void test_orchestrator_ignores_mismatched_replies(void **state) {
     check_held(&w, id, data0.data, data0.len);
   }
 
+  /* The awaited step, phase and attempt, but an id that does not answer the command sent
+   * (its tag made up, or missing): a forgery by someone who never saw the command. Ignored,
+   * counted, nothing recorded. */
+  char cmd_id[160], real[170], forged_id[170];
+  newest_command_id(w.orch, id, cmd_id, sizeof cmd_id);
+  snprintf(real, sizeof real, "%s/r", cmd_id);
+  const char *tag = strrchr(cmd_id, '/');
+  assert_non_null(tag);
+  assert_int_equal(strlen(tag), 17); /* "/" and 16 hex digits */
+  saga_node_stats fs0, fs1;
+  saga_node_stats_get(w.orch, &fs0);
+  const char *forgeries[2] = {forged_id, "h-match/r"};
+  snprintf(forged_id, sizeof forged_id, "%.*s/0123456789abcdef/r", (int)(tag - cmd_id), cmd_id);
+  for (int k = 0; k < 2; k++) {
+    msg f = {.kind = SAGA_MSG_REPLY, .msg_id = forgeries[k], .saga_id = id, .name = "do",
+             .step = 1, .attempt = 1, .phase = SAGA_PHASE_ACTION, .status = 0,
+             .payload = evil.data, .payload_len = evil.len};
+    send_msg(&T, "orch", &f);
+    run_until(&T, 0);
+    check_held(&w, id, data0.data, data0.len);
+  }
+  saga_node_stats_get(w.orch, &fs1);
+  assert_int_equal(fs1.forged_replies, fs0.forged_replies + 2);
+  assert_int_equal(w.nev, nev0 + nbad);
+
   /* Control: the matching reply (a refusal) does move the saga: step 0 is compensated. */
-  msg ok = {.kind = SAGA_MSG_REPLY, .msg_id = "h-match/r", .saga_id = id, .name = "do",
+  msg ok = {.kind = SAGA_MSG_REPLY, .msg_id = real, .saga_id = id, .name = "do",
             .step = 1, .attempt = 1, .phase = SAGA_PHASE_ACTION, .status = SAGA_EREFUSED,
             .error = "crafted refusal"};
   send_msg(&T, "orch", &ok);

@@ -381,6 +381,11 @@ typedef struct saga_node_stats {
   /** Outbox rows the transport refused for good (send() returned SAGA_EINVAL or
    * SAGA_ETOOBIG): moved to the dead-letter table once, not resent. */
   uint64_t unsendable;
+  /** Replies for the awaited step, phase and attempt whose id does not answer the command
+   * this node sent: each command's id carries a tag only this node can compute (a keyed
+   * hash, the key kept in its database), which the reply must echo. Such a reply was made
+   * by someone who never saw the command: ignored, logged and counted here. */
+  uint64_t forged_replies;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

@@ -162,6 +162,17 @@ static int ev(saga_node *n, saga__inst *i, saga_event_type t, const char *detail
 
 /* ---- sending commands ------------------------------------------------------------------- */
 
+/* The id of the command for i's current step, phase and attempt:
+ * "<saga>/<step>/<phase>/<attempt>/<tag>", the tag a keyed hash of the rest under the
+ * database's reply key. A reply must carry "<command id>/r": only whoever saw the command can
+ * answer it, so a peer allowed to reply cannot answer another participant's step. */
+static void command_id(const saga_node *n, const saga__inst *i, char *out, size_t len) {
+  int k = snprintf(out, len, "%s/%d/%d/%" PRIu32, i->id, i->step, i->phase, i->attempt);
+  if (k < 0 || (size_t)k >= len) return;
+  uint64_t tag = saga__siphash(n->reply_key, out, (size_t)k);
+  snprintf(out + k, len - (size_t)k, "/%016" PRIx64, tag);
+}
+
 static int send_command(saga_node *n, saga__inst *i) {
   const saga__step *s = &i->def->steps[i->step];
   char name[320], msg_id[96], trace[96];
@@ -177,7 +188,7 @@ static int send_command(saga_node *n, saga__inst *i) {
     snprintf(name, sizeof name, "%s", i->phase == SAGA_PHASE_ACTION ? s->action : s->compensation);
   }
   if (i->phase == SAGA_PHASE_COMPENSATION) sent = SAGA_EV_COMPENSATION_SENT;
-  snprintf(msg_id, sizeof msg_id, "%s/%d/%d/%" PRIu32, i->id, i->step, i->phase, i->attempt);
+  command_id(n, i, msg_id, sizeof msg_id);
   snprintf(trace, sizeof trace, "00-%s-%s-01", i->id, i->trace_span);
   saga_header hdr = {"traceparent", trace};
   saga_envelope env;
@@ -536,6 +547,17 @@ int saga__engine_reply(saga_node *n, const saga_envelope *r) {
              r->step, (int)r->phase, r->attempt);
     rc = ev(n, i, SAGA_EV_STALE_REPLY, why);
     return rc == SAGA_OK ? inst_save(n, i) : rc;
+  }
+  char expect[128];
+  command_id(n, i, expect, sizeof expect - 2);
+  strcat(expect, "/r");
+  if (strcmp(r->msg_id, expect) != 0) {
+    n->stats.forged_replies++;
+    char shown[100];
+    saga__printable(shown, sizeof shown, r->msg_id, strlen(r->msg_id));
+    saga__node_log(n, SAGA_LOG_WARN, "reply '%s' for saga '%s' does not answer the command "
+                   "this node sent (wrong id tag): ignored", shown, r->saga_id);
+    return SAGA_OK;
   }
   uint64_t now = saga__node_now(n);
   saga__node_latency(n, now > i->updated_ms ? now - i->updated_ms : 0);

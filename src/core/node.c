@@ -1204,6 +1204,18 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   rc = saga__store_open(&n->store, cfg->db_path, cfg->vfs, cfg->synchronous,
                         cfg->busy_timeout_ms, err, errlen);
   if (rc != SAGA_OK) goto fail;
+  uint64_t fresh[2];
+  rc = saga__os_random_bytes(fresh, sizeof fresh);
+  if (rc != SAGA_OK) {
+    saga__errf(err, errlen, "no CSPRNG for the reply key");
+    goto fail;
+  }
+  char why[200];
+  rc = saga__store_reply_key(&n->store, fresh, n->reply_key, why, sizeof why);
+  if (rc != SAGA_OK) {
+    saga__errf(err, errlen, "database '%s': %s", cfg->db_path, why);
+    goto fail;
+  }
   rc = saga__checkpoint_init(n, cfg, err, errlen);
   if (rc != SAGA_OK) goto fail;
   rc = attach_transport(n, t, err, errlen);

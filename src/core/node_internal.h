@@ -74,6 +74,9 @@ typedef struct saga__store {
 int saga__store_open(saga__store *s, const char *path, const char *vfs, int sync,
                      uint32_t busy_ms, char *err, size_t errlen);
 void saga__store_close(saga__store *s);
+/* The database's key for command tags: created from fresh on first use, then read. */
+int saga__store_reply_key(saga__store *s, const uint64_t fresh[2], uint64_t key[2], char *err,
+                          size_t errlen);
 /* Maps a SQLite result code to a SAGA_E* code. */
 int saga__store_err(int sqlite_rc);
 /* Runs a prepared statement that returns no rows, then resets it. Returns SAGA_OK or the
@@ -226,6 +229,7 @@ struct saga_node {
   void *random_arg;
   uint64_t rng_state;  /* splitmix64 for retry jitter only: fast, guessable */
   saga__csprng ids;    /* OS CSPRNG output for saga and trace ids */
+  uint64_t reply_key[2]; /* SipHash key tagging command ids (saga_meta) */
   saga_event_cb on_event;
   void *event_arg;
   uint32_t resend_ms, batch_max;

@@ -256,6 +256,42 @@ fail:;
   return code == SAGA_OK ? SAGA_ESTORE : code;
 }
 
+int saga__store_reply_key(saga__store *s, const uint64_t fresh[2], uint64_t key[2], char *err,
+                          size_t errlen) {
+  /* Created once per database (replicas sharing the file read the one that won), so that
+   * commands sent before a restart are still answered after it. */
+  static const char *const sql[] = {
+      "INSERT OR IGNORE INTO saga_meta(key, value) VALUES ('reply_key0', ?1), ('reply_key1', ?2)",
+      "SELECT (SELECT value FROM saga_meta WHERE key = 'reply_key0'),"
+      " (SELECT value FROM saga_meta WHERE key = 'reply_key1')"};
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(s->db, sql[0], -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)fresh[0]);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)fresh[1]);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) rc = SQLITE_OK;
+  }
+  sqlite3_finalize(st);
+  st = NULL;
+  if (rc == SQLITE_OK) rc = sqlite3_prepare_v2(s->db, sql[1], -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) == SQLITE_INTEGER &&
+        sqlite3_column_type(st, 1) == SQLITE_INTEGER) {
+      key[0] = (uint64_t)sqlite3_column_int64(st, 0);
+      key[1] = (uint64_t)sqlite3_column_int64(st, 1);
+      rc = SQLITE_OK;
+    } else if (rc == SQLITE_ROW) {
+      rc = SQLITE_CORRUPT;
+    }
+  }
+  if (rc != SQLITE_OK)
+    saga__errf(err, errlen, "setting up the reply key: %s", sqlite3_errmsg(s->db));
+  sqlite3_finalize(st);
+  return saga__store_err(rc);
+}
+
 void saga__store_close(saga__store *s) {
   for (int i = 0; i < ST__COUNT; i++) {
     sqlite3_finalize(s->st[i]);
