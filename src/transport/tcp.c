@@ -47,7 +47,7 @@ typedef struct frame {
   tcp_tr *t;
   struct frame *next; /* in a peer's queue while waiting for a connection */
   uint64_t token;     /* DATA frames: the sender's token */
-  size_t len;
+  size_t len, cap;
   char data[];
 } frame;
 
@@ -73,6 +73,9 @@ typedef struct lnk {
   uint64_t opened_ms, active_ms;
   char *rbuf; /* plaintext not yet split into frames */
   size_t rlen, rcap;
+  frame *out;         /* frames gathered for the next write (see link_write) */
+  struct lnk *dnext;  /* in the transport's list of links with gathered frames */
+  int dirty;
   /* inbound only */
   struct lnk *next;
   uint32_t id;
@@ -122,6 +125,10 @@ struct tcp_tr {
   int listening;
   uv_timer_t sweep; /* handshake and idle deadlines */
   int sweeping;
+  uv_prepare_t before_poll; /* write gathered frames: before the loop waits, */
+  uv_check_t after_poll;    /* and after the callbacks of its I/O */
+  int flushing;
+  lnk *dirty;               /* links with gathered frames */
   route *routes;
   size_t nroutes;
   peer **peers;
@@ -306,7 +313,7 @@ static frame *frame_new(tcp_tr *t, size_t len) {
     f->t = t;
     f->next = NULL;
     f->token = 0;
-    f->len = len;
+    f->len = f->cap = len;
   }
   return f;
 }
@@ -350,19 +357,75 @@ static int tls_flush(lnk *l) {
   return raw_write(l, f);
 }
 
-/* Writes one frame on a ready link (taking f in every case). */
-static int link_write(lnk *l, frame *f) {
+/* OpenSSL's error queue must be empty before a call whose failure is read with
+ * SSL_get_error; clearing it only when something is there is much cheaper. */
+static void err_clear(void) {
+  if (ERR_peek_error() != 0) ERR_clear_error();
+}
+
+/* Writes the frames gathered on l: through TLS in one SSL_write (small frames share
+ * records), or as one plaintext write. */
+static int link_send_now(lnk *l) {
+  frame *f = l->out;
+  if (f == NULL || f->len == 0) return SAGA_OK;
+  l->out = NULL;
   if (l->ssl == NULL) return raw_write(l, f);
-  ERR_clear_error();
+  err_clear();
   int r = SSL_write(l->ssl, f->data, (int)f->len);
   tr_free(l->tr, f);
   if (r <= 0) return SAGA_ETRANSPORT;
   return tls_flush(l);
 }
 
+static void link_undirty(lnk *l) {
+  if (!l->dirty) return;
+  for (lnk **pp = &l->tr->dirty; *pp != NULL; pp = &(*pp)->dnext)
+    if (*pp == l) {
+      *pp = l->dnext;
+      break;
+    }
+  l->dirty = 0;
+}
+
+/* Adds one frame to what l writes at the end of this loop turn (taking f in every case), or
+ * at once past 64 KiB. Many frames made in one turn (the ACKs of a group commit, the
+ * messages of a relay pass) then cost one write and, with TLS, a few records. */
+static int link_write(lnk *l, frame *f) {
+  tcp_tr *t = l->tr;
+  frame *o = l->out;
+  if (o == NULL) {
+    l->out = f;
+    o = f;
+  } else {
+    if (o->len + f->len > o->cap) {
+      size_t cap = o->cap * 2 > o->len + f->len ? o->cap * 2 : o->len + f->len;
+      frame *g = tr_realloc(t, o, sizeof *g + cap);
+      if (g == NULL) {
+        tr_free(t, f);
+        return SAGA_ENOMEM;
+      }
+      g->cap = cap;
+      l->out = o = g;
+    }
+    memcpy(o->data + o->len, f->data, f->len);
+    o->len += f->len;
+    tr_free(t, f);
+  }
+  if (o->len >= 65536) {
+    link_undirty(l);
+    return link_send_now(l);
+  }
+  if (!l->dirty) {
+    l->dirty = 1;
+    l->dnext = t->dirty;
+    t->dirty = l;
+  }
+  return SAGA_OK;
+}
+
 /* Bytes written to the link and not yet taken by the kernel. */
 static size_t link_backlog(lnk *l) {
-  return uv_stream_get_write_queue_size((uv_stream_t *)&l->tcp);
+  return uv_stream_get_write_queue_size((uv_stream_t *)&l->tcp) + (l->out ? l->out->len : 0);
 }
 
 /* Appends data to a link's plaintext buffer. */
@@ -424,6 +487,7 @@ static void handle_closed(uv_handle_t *h) {
 static void link_closed(uv_handle_t *h) {
   lnk *l = (lnk *)h;
   tcp_tr *t = l->tr;
+  tr_free(t, l->out);
   if (l->ssl != NULL) SSL_free(l->ssl); /* frees both BIOs */
   tr_free(t, l->rbuf);
   tr_free(t, l->tokens);
@@ -437,6 +501,7 @@ static void link_closed(uv_handle_t *h) {
 static void link_close(lnk *l) {
   if (l->closing) return;
   l->closing = 1;
+  link_undirty(l);
   l->tr->pending_closes++;
   uv_close((uv_handle_t *)&l->tcp, link_closed);
 }
@@ -717,7 +782,7 @@ static const char *link_input(lnk *l, const char *data, size_t n, char *why, siz
   if (l->ssl == NULL) return rbuf_append(l, data, n) == SAGA_OK ? NULL : "out of memory";
   if (BIO_write(l->net_in, data, (int)n) != (int)n) return "out of memory";
   if (!l->ready) {
-    ERR_clear_error();
+    err_clear();
     int r = SSL_do_handshake(l->ssl);
     int e = r == 1 ? SSL_ERROR_NONE : SSL_get_error(l->ssl, r);
     int flushed = tls_flush(l);
@@ -742,7 +807,7 @@ static const char *link_input(lnk *l, const char *data, size_t n, char *why, siz
   }
   for (;;) {
     char buf[16384];
-    ERR_clear_error();
+    err_clear();
     int r = SSL_read(l->ssl, buf, sizeof buf);
     if (r > 0) {
       if (rbuf_append(l, buf, (size_t)r) != SAGA_OK) return "out of memory";
@@ -811,7 +876,7 @@ static void peer_connected(uv_connect_t *req, int status) {
     return;
   }
   p->state = P_HANDSHAKE;
-  ERR_clear_error();
+  err_clear();
   SSL_do_handshake(l->ssl); /* the ClientHello; the answer comes through link_read */
   if (tls_flush(l) != SAGA_OK) peer_drop(p, SAGA_LOG_INFO, "write failed");
 }
@@ -974,6 +1039,23 @@ static void sweep_cb(uv_timer_t *h) {
   }
 }
 
+/* Writes what every link gathered this loop turn; a link whose write fails is dropped. */
+static void flush_dirty(tcp_tr *t) {
+  while (t->dirty != NULL) {
+    lnk *l = t->dirty;
+    t->dirty = l->dnext;
+    l->dirty = 0;
+    if (l->closing || link_send_now(l) == SAGA_OK) continue;
+    if (l->peer != NULL)
+      peer_drop(l->peer, SAGA_LOG_INFO, "write failed");
+    else
+      conn_drop(l, SAGA_LOG_WARN, "write failed");
+  }
+}
+
+static void before_poll_cb(uv_prepare_t *h) { flush_dirty(h->data); }
+static void after_poll_cb(uv_check_t *h) { flush_dirty(h->data); }
+
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
 static int tr_open(saga_transport *base, uv_loop_t *loop) {
@@ -1007,6 +1089,14 @@ static int tr_open(saga_transport *base, uv_loop_t *loop) {
   period /= 4;
   period = period < 10 ? 10 : period > 1000 ? 1000 : period;
   uv_timer_start(&t->sweep, sweep_cb, period, period);
+  uv_prepare_init(loop, &t->before_poll);
+  uv_check_init(loop, &t->after_poll);
+  t->before_poll.data = t->after_poll.data = t;
+  uv_prepare_start(&t->before_poll, before_poll_cb);
+  uv_check_start(&t->after_poll, after_poll_cb);
+  uv_unref((uv_handle_t *)&t->before_poll); /* they never keep a loop alive */
+  uv_unref((uv_handle_t *)&t->after_poll);
+  t->flushing = 1;
   if (t->listen == NULL) return SAGA_OK;
   uv_tcp_init(loop, &t->listener);
   t->listener.data = t;
@@ -1045,6 +1135,11 @@ static void tr_close(saga_transport *base) {
   if (t->sweeping) {
     t->pending_closes++;
     uv_close((uv_handle_t *)&t->sweep, handle_closed);
+  }
+  if (t->flushing) {
+    t->pending_closes += 2;
+    uv_close((uv_handle_t *)&t->before_poll, handle_closed);
+    uv_close((uv_handle_t *)&t->after_poll, handle_closed);
   }
   while (t->conns != NULL) conn_drop(t->conns, SAGA_LOG_DEBUG, NULL);
   for (size_t i = 0; i < t->npeers; i++) {
