@@ -142,6 +142,11 @@ run "var-inproc2ms-k2000" --sagas 40000 --steps 3 --inflight 2000 --sync full \
 run "var-tcp1-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport tcp
 run "var-tcp2-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport tcp \
   --threads 2
+run "var-tls1-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport tcp --tls
+run "var-tls2-k1000" --sagas 30000 --steps 3 --inflight 1000 --sync full --transport tcp \
+  --threads 2 --tls
+run "var-tls-light" --sagas 2000 --steps 3 --inflight 1 --sync full --transport tcp --tls
+run "var-tcp-light" --sagas 2000 --steps 3 --inflight 1 --sync full --transport tcp
 run "history-0" --sagas "$hist_sagas" --steps 3 --inflight 100 --sync full --transport mem
 run "history-$preload" --preload "$preload" --sagas "$hist_sagas" --steps 3 --inflight 100 \
   --sync full --transport mem
@@ -312,7 +317,11 @@ lf=$(line_of light-full) ff=$(line_of fail-full)
     "var-inproc2-k2000|in-process transport, 2000 in flight, participant on a second thread (--threads 2), memstatus off" \
     "var-inproc2ms-k2000|the same with SQLite memstatus on (its global mutex serialises the threads)" \
     "var-tcp1-k1000|TCP, both nodes on one loop" \
-    "var-tcp2-k1000|TCP, participant on a second thread (--threads 2)"; do
+    "var-tcp2-k1000|TCP, participant on a second thread (--threads 2)" \
+    "var-tls1-k1000|TCP over mutual TLS with access lists (--tls), one loop" \
+    "var-tls2-k1000|TCP over mutual TLS, participant on a second thread" \
+    "var-tcp-light|TCP, 1 in flight" \
+    "var-tls-light|TCP over mutual TLS, 1 in flight"; do
     name=${x%%|*} label=${x#*|} l=$(line_of "${x%%|*}")
     [ -n "$l" ] || continue
     echo "| \`$name\` | $label | $(kv steps_per_s "$l") | $(kv ceiling_steps_per_s "$l") | $(kv ratio "$l") | $(kv p50_ms "$l") | $(kv p99_ms "$l") | $(kv p999_ms "$l") |"
