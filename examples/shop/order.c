@@ -42,48 +42,16 @@ static const char *const migrations[] = {
     "CREATE UNIQUE INDEX orders_by_saga ON orders (saga_id, step);",
 };
 
-/* A store error inside a handler: rolled back and delivered again later (transient). */
 static int store_error(sqlite3 *db, const char *what) {
-  fprintf(stderr, "[order] %s: %s\n", what, sqlite3_errmsg(db));
-  return sqlite3_errcode(db) == SQLITE_NOMEM ? SAGA_ENOMEM : SAGA_EIO;
+  return shop_store_error(db, "order", what);
 }
 
-/* The purchase id as the reference system's clients expect it: a JSON number when it is
- * one (the reference uses 64-bit integer ids), a string otherwise. */
-static json_t *purchase_id_json(const char *id) {
-  int64_t v = 0;
-  const char *p = id;
-  for (; *p >= '0' && *p <= '9'; p++) {
-    if (v > (INT64_MAX - (*p - '0')) / 10) break;
-    v = v * 10 + (*p - '0');
-  }
-  int numeric = *p == '\0' && p != id && (id[0] != '0' || id[1] == '\0');
-  return numeric ? json_integer((json_int_t)v) : json_string(id);
-}
 
 /* Who created purchase_id's order: 1 this command's saga and step, 0 none, 2 another saga,
  * < 0 a store error. */
 static int order_owner(sqlite3 *db, const saga_msg *cmd, const char *purchase_id) {
-  sqlite3_stmt *st = NULL;
-  int rc;
-  if (sqlite3_prepare_v2(db, "SELECT saga_id, step FROM orders WHERE purchase_id = ?1", -1, &st,
-                         NULL) != SQLITE_OK)
-    rc = store_error(db, "preparing a statement");
-  else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK)
-    rc = store_error(db, "binding");
-  else if ((rc = sqlite3_step(st)) == SQLITE_DONE)
-    rc = 0;
-  else if (rc == SQLITE_ROW) {
-    const char *saga = (const char *)sqlite3_column_text(st, 0);
-    rc = saga != NULL && strcmp(saga, saga_msg_saga_id(cmd)) == 0 &&
-                 sqlite3_column_type(st, 1) == SQLITE_INTEGER &&
-                 sqlite3_column_int64(st, 1) == (int64_t)saga_msg_step(cmd)
-             ? 1
-             : 2;
-  } else
-    rc = store_error(db, "reading an order");
-  sqlite3_finalize(st);
-  return rc;
+  return shop_record_owner(db, "order", "SELECT saga_id, step FROM orders WHERE purchase_id = ?1", cmd,
+                           purchase_id);
 }
 
 /* order.create: data purchase_id, customer_id, detail. No reply data. */
@@ -165,7 +133,7 @@ static void get_order(shop_req *r, void *arg) {
     json_error_t jerr;
     const char *text = (const char *)sqlite3_column_text(st, 1);
     json_t *items = text != NULL ? json_loads(text, 0, &jerr) : NULL;
-    json_t *id = purchase_id_json(purchase_id);
+    json_t *id = shop_purchase_id_json(purchase_id);
     json_t *out = items != NULL && id != NULL
                       ? json_pack("{s:O,s:O}", "id", id, "purchased_items", items)
                       : NULL;

@@ -65,10 +65,8 @@ static const char *const migrations[] = {
     "ALTER TABLE reservations_v2 RENAME TO reservations;",
 };
 
-/* A store error inside a handler: rolled back and delivered again later (transient). */
 static int store_error(sqlite3 *db, const char *what) {
-  fprintf(stderr, "[product] %s: %s\n", what, sqlite3_errmsg(db));
-  return sqlite3_errcode(db) == SQLITE_NOMEM ? SAGA_ENOMEM : SAGA_EIO;
+  return shop_store_error(db, "product", what);
 }
 
 /* ---- HTTP --------------------------------------------------------------------------------- */

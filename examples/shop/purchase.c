@@ -172,19 +172,6 @@ static void generate_purchase_id(char *out, size_t len) {
   snprintf(out, len, "%" PRIu64, v);
 }
 
-/* The id as JSON: a number when it is a canonical decimal that fits in int64 (as order.c and
- * payment.c write it), else a string. */
-static json_t *purchase_id_json(const char *id) {
-  int64_t v = 0;
-  const char *p = id;
-  for (; *p >= '0' && *p <= '9'; p++) {
-    if (v > (INT64_MAX - (*p - '0')) / 10) break;
-    v = v * 10 + (*p - '0');
-  }
-  int numeric = *p == '\0' && p != id && (id[0] != '0' || id[1] == '\0');
-  return numeric ? json_integer((json_int_t)v) : json_string(id);
-}
-
 static int valid_id_char(char ch) {
   return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
          ch == '.' || ch == '_' || ch == ':' || ch == '-';
@@ -466,7 +453,8 @@ static void started(saga_node *node, int status, const char *saga_id, int existe
   } else {
     s->req_created++;
   }
-  shop_reply_json(p->r, 201, json_pack("{s:o}", "purchase_id", purchase_id_json(p->purchase_id)));
+  shop_reply_json(p->r, 201,
+                  json_pack("{s:o}", "purchase_id", shop_purchase_id_json(p->purchase_id)));
   pending_free(p);
 }
 
@@ -776,7 +764,7 @@ static void stream_status(purchase_svc *s, const saga_event *ev, int64_t custome
   for (; sub != NULL; sub = sub->next) {
     if (sub->customer_id != customer) continue;
     if (text == NULL) {
-      json_t *o = json_pack("{s:o,s:s,s:s,s:I}", "purchase_id", purchase_id_json(purchase_id),
+      json_t *o = json_pack("{s:o,s:s,s:s,s:I}", "purchase_id", shop_purchase_id_json(purchase_id),
                             "step", ev->step_name, "status", status_names[status], "timestamp",
                             (json_int_t)ev->at_ms);
       text = o ? json_dumps(o, JSON_COMPACT) : NULL;

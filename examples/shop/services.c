@@ -2,6 +2,7 @@
  * versions. */
 #include <sqlite3.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "shop.h"
 
@@ -71,4 +72,43 @@ int shop_schema_migrate(sqlite3 *db, const char *service, const char *const *mig
   }
   fprintf(stderr, "[%s] schema: %s\n", service, sqlite3_errmsg(db));
   return -1;
+}
+
+int shop_store_error(sqlite3 *db, const char *service, const char *what) {
+  fprintf(stderr, "[%s] %s: %s\n", service, what, sqlite3_errmsg(db));
+  return sqlite3_errcode(db) == SQLITE_NOMEM ? SAGA_ENOMEM : SAGA_EIO;
+}
+
+int shop_record_owner(sqlite3 *db, const char *service, const char *sql, const saga_msg *cmd,
+                      const char *purchase_id) {
+  sqlite3_stmt *st = NULL;
+  int rc;
+  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+    rc = shop_store_error(db, service, "preparing a statement");
+  else if (sqlite3_bind_text(st, 1, purchase_id, -1, SQLITE_STATIC) != SQLITE_OK)
+    rc = shop_store_error(db, service, "binding");
+  else if ((rc = sqlite3_step(st)) == SQLITE_DONE)
+    rc = 0;
+  else if (rc == SQLITE_ROW) {
+    const char *saga = (const char *)sqlite3_column_text(st, 0);
+    rc = saga != NULL && strcmp(saga, saga_msg_saga_id(cmd)) == 0 &&
+                 sqlite3_column_type(st, 1) == SQLITE_INTEGER &&
+                 sqlite3_column_int64(st, 1) == (int64_t)saga_msg_step(cmd)
+             ? 1
+             : 2;
+  } else
+    rc = shop_store_error(db, service, "reading who made a record");
+  sqlite3_finalize(st);
+  return rc;
+}
+
+json_t *shop_purchase_id_json(const char *id) {
+  int64_t v = 0;
+  const char *p = id;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    if (v > (INT64_MAX - (*p - '0')) / 10) break;
+    v = v * 10 + (*p - '0');
+  }
+  int numeric = *p == '\0' && p != id && (id[0] != '0' || id[1] == '\0');
+  return numeric ? json_integer((json_int_t)v) : json_string(id);
 }

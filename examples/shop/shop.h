@@ -109,6 +109,20 @@ struct sqlite3;
 int shop_schema_migrate(struct sqlite3 *db, const char *service, const char *const *migrations,
                         int n);
 
+/* A store error inside a handler, logged as "[service] what: sqlite's message": SAGA_ENOMEM
+ * or SAGA_EIO (the transaction rolls back and the command is delivered again later). */
+int shop_store_error(struct sqlite3 *db, const char *service, const char *what);
+
+/* Who made the business record of purchase_id that `sql` selects as (saga_id, step) with ?1
+ * bound to purchase_id: 1 the saga and step of cmd, 0 no record, 2 another saga, < 0 a store
+ * error (logged for service). Handlers key their effects on the saga (docs/shop.md). */
+int shop_record_owner(struct sqlite3 *db, const char *service, const char *sql,
+                      const saga_msg *cmd, const char *purchase_id);
+
+/* A purchase id as JSON: a number when it is a canonical decimal that fits in int64 (the
+ * reference system's clients expect 64-bit integer ids), else a string. */
+json_t *shop_purchase_id_json(const char *id);
+
 /* ---- health and metrics (metrics.c): one implementation for every service ---------------- */
 
 /* A growing text buffer. oom is set (and nothing more written) when memory ran out. */
