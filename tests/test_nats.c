@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <nats/nats.h>
 #include <sqlite3.h>
@@ -1789,9 +1790,16 @@ static int read_tail32(const char *path, unsigned char out[32]) {
   return 0;
 }
 
-/* A user NKey made with openssl: its public key ("U...") and a seed file ("SU..."). */
-static int make_nkey(const char *dir, const char *name, char *pub, size_t publen,
-                     char **seed_file) {
+/* NKey prefix bytes (the first base32 character of the encoded key). */
+#define NK_USER (20 << 3)     /* 'U' */
+#define NK_ACCOUNT 0          /* 'A' */
+#define NK_OPERATOR (14 << 3) /* 'O' */
+#define NK_SEED (18 << 3)     /* 'S' */
+
+/* An Ed25519 key made with openssl as an NKey of the kind given by its prefix byte: its public
+ * key ("U...", "A...", "O...") and seed ("SU...", ...). dir/<name>.pem stays, for signing. */
+static int make_key(const char *dir, const char *name, int prefix, char *pub, size_t publen,
+                    char *seed_txt, size_t seedlen) {
   char cmd[1024];
   snprintf(cmd, sizeof cmd,
            "cd '%s' && openssl genpkey -algorithm ed25519 -out %s.pem 2>/dev/null && "
@@ -1805,14 +1813,21 @@ static int make_nkey(const char *dir, const char *name, char *pub, size_t publen
   if (read_tail32(path, seed) != 0) return -1;
   snprintf(path, sizeof path, "%s/%s.pub.der", dir, name);
   if (read_tail32(path, pk) != 0) return -1;
-  raw[0] = 20 << 3; /* 'U': a user */
+  raw[0] = (unsigned char)prefix;
   memcpy(raw + 1, pk, 32);
   nkey_encode(raw, 33, pub, publen);
-  raw[0] = (18 << 3) | ((20 << 3) >> 5); /* 'S' then 'U' */
-  raw[1] = (unsigned char)(((20 << 3) & 31) << 3);
+  raw[0] = (unsigned char)(NK_SEED | (prefix >> 5)); /* 'S', then the kind's first 3 bits */
+  raw[1] = (unsigned char)((prefix & 31) << 3);
   memcpy(raw + 2, seed, 32);
+  nkey_encode(raw, 34, seed_txt, seedlen);
+  return 0;
+}
+
+/* A user NKey made with openssl: its public key ("U...") and a seed file ("SU..."). */
+static int make_nkey(const char *dir, const char *name, char *pub, size_t publen,
+                     char **seed_file) {
   char seedtxt[80];
-  nkey_encode(raw, 34, seedtxt, sizeof seedtxt);
+  if (make_key(dir, name, NK_USER, pub, publen, seedtxt, sizeof seedtxt) != 0) return -1;
   char file[64];
   snprintf(file, sizeof file, "%s.seed", name);
   *seed_file = th_path(dir, file);
@@ -1865,6 +1880,230 @@ static void test_nkey(void **state) {
   free(b);
   free(seed);
   free(seed2);
+  th_rmdir(dir);
+}
+
+/* ---- operator mode: JWTs and .creds files ----------------------------------------------------- */
+
+/* RFC 4648 base64url without padding, as JWTs use; returns the length written. */
+static size_t b64url(const unsigned char *p, size_t n, char *out, size_t outlen) {
+  static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  size_t o = 0;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (size_t i = 0; i < n; i++) {
+    acc = (acc << 8) | p[i];
+    bits += 8;
+    while (bits >= 6) {
+      assert_true(o + 1 < outlen);
+      out[o++] = abc[(acc >> (bits - 6)) & 63];
+      bits -= 6;
+    }
+  }
+  if (bits > 0) {
+    assert_true(o + 1 < outlen);
+    out[o++] = abc[(acc << (6 - bits)) & 63];
+  }
+  out[o] = '\0';
+  return o;
+}
+
+/* A NATS JWT (version 2): base64url(header).base64url(claims).base64url(signature), the
+ * signature being Ed25519 by dir/<signer>.pem over the first two parts. 0 or -1 (openssl could
+ * not sign: -rawin needs OpenSSL 3). */
+static int jwt_make(const char *dir, const char *signer, const char *claims, char *out,
+                    size_t outlen) {
+  static const char hdr[] = "{\"typ\":\"JWT\",\"alg\":\"ed25519-nkey\"}";
+  size_t n = b64url((const unsigned char *)hdr, strlen(hdr), out, outlen);
+  assert_true(n + 2 < outlen);
+  out[n++] = '.';
+  n += b64url((const unsigned char *)claims, strlen(claims), out + n, outlen - n);
+  char *tbs = th_path(dir, "tbs"), *sigf = th_path(dir, "tbs.sig");
+  FILE *f = fopen(tbs, "wb");
+  assert_non_null(f);
+  assert_int_equal(fwrite(out, 1, n, f), n);
+  assert_int_equal(fclose(f), 0);
+  char cmd[1024];
+  snprintf(cmd, sizeof cmd,
+           "openssl pkeyutl -sign -rawin -inkey '%s/%s.pem' -in '%s' -out '%s' 2>/dev/null", dir,
+           signer, tbs, sigf);
+  int rc = system(cmd);
+  unsigned char sig[65];
+  size_t got = 0;
+  f = rc == 0 ? fopen(sigf, "rb") : NULL;
+  if (f != NULL) {
+    got = fread(sig, 1, sizeof sig, f);
+    fclose(f);
+  }
+  free(tbs);
+  free(sigf);
+  if (got != 64) return -1;
+  assert_true(n + 2 < outlen);
+  out[n++] = '.';
+  b64url(sig, 64, out + n, outlen - n);
+  return 0;
+}
+
+/* Claims: the registered ones and a "nats" object holding body plus the type and version 2. */
+static void jwt_claims(char *out, size_t outlen, const char *iss, const char *sub,
+                       const char *name, const char *type, const char *body) {
+  static int serial;
+  int n = snprintf(out, outlen,
+                   "{\"jti\":\"SAGATEST%d%s\",\"iat\":%lld,\"iss\":\"%s\",\"name\":\"%s\","
+                   "\"sub\":\"%s\",\"nats\":{%s%s\"type\":\"%s\",\"version\":2}}",
+                   ++serial, name, (long long)time(NULL), iss, name, sub, body,
+                   body[0] != '\0' ? "," : "", type);
+  assert_true(n > 0 && (size_t)n < outlen);
+}
+
+/* A user JWT for subject `user`, issued as account `iss` and signed by dir/<signer>.pem. */
+static int user_jwt(const char *dir, const char *signer, const char *iss, const char *user,
+                    char *out, size_t outlen) {
+  char claims[1024];
+  jwt_claims(claims, sizeof claims, iss, user, "saga-user", "user",
+             "\"pub\":{},\"sub\":{},\"subs\":-1,\"data\":-1,\"payload\":-1");
+  return jwt_make(dir, signer, claims, out, outlen);
+}
+
+/* dir/<name>: a .creds file in the layout nsc writes (the JWT, then the seed, armoured). */
+static char *write_creds(const char *dir, const char *name, const char *jwt, const char *seed) {
+  char *path = th_path(dir, name);
+  FILE *f = fopen(path, "w");
+  assert_non_null(f);
+  fprintf(f,
+          "-----BEGIN NATS USER JWT-----\n%s\n------END NATS USER JWT------\n\n"
+          "************************* IMPORTANT *************************\n"
+          "NKEY Seed printed below can be used to sign and prove identity.\n"
+          "NKEYs are sensitive and should be treated as secrets.\n\n"
+          "-----BEGIN USER NKEY SEED-----\n%s\n------END USER NKEY SEED------\n\n"
+          "*************************************************************\n",
+          jwt, seed);
+  assert_int_equal(fclose(f), 0);
+  return path;
+}
+
+typedef struct nkey_pair {
+  char pub[64];
+  char seed[80];
+} nkey_pair;
+
+/*
+ * Operator (decentralized JWT) mode: an operator, a system account and an account with
+ * JetStream, all preloaded in the server's memory resolver; users authenticate with .creds
+ * files. A node with a valid creds_file opens and sagas run end to end between two nodes. Refused
+ * at open, with the server's reason in the log: a user JWT naming the account but signed by
+ * another account's key, a user of an account the operator never signed, and a valid JWT
+ * next to a seed that is not its user's.
+ */
+static void test_creds_operator_mode(void **state) {
+  (void)state;
+  if (!th_have_program("nats-server") || !th_have_program("openssl")) skip();
+  char *dir = th_tmpdir();
+  enum { OP, SYS, ACC, ACC2, USR, USR2, NKEYS };
+  static const char *const names[NKEYS] = {"op", "sys", "acc", "acc2", "usr", "usr2"};
+  static const int kinds[NKEYS] = {NK_OPERATOR, NK_ACCOUNT, NK_ACCOUNT,
+                                   NK_ACCOUNT,  NK_USER,    NK_USER};
+  nkey_pair k[NKEYS];
+  enum { JOP, JSYS, JACC, JUSR, JFORGED, JSTRANGER, NJWTS };
+  char jwt[NJWTS][2048];
+  char claims[1536];
+  int ok = 1;
+  for (int i = 0; i < NKEYS && ok; i++)
+    ok = make_key(dir, names[i], kinds[i], k[i].pub, sizeof k[i].pub, k[i].seed,
+                  sizeof k[i].seed) == 0;
+  if (ok) {
+    char body[256];
+    snprintf(body, sizeof body, "\"system_account\":\"%s\"", k[SYS].pub);
+    jwt_claims(claims, sizeof claims, k[OP].pub, k[OP].pub, "saga-op", "operator", body);
+    ok = jwt_make(dir, "op", claims, jwt[JOP], sizeof jwt[JOP]) == 0;
+  }
+  if (!ok) {
+    printf("openssl cannot make or sign with Ed25519 keys (needs OpenSSL 3): skipping\n");
+    th_rmdir(dir);
+    skip();
+  }
+  static const char unlimited[] =
+      "\"limits\":{\"subs\":-1,\"data\":-1,\"payload\":-1,\"imports\":-1,\"exports\":-1,"
+      "\"wildcards\":true,\"conn\":-1,\"leaf\":-1";
+  char body[512];
+  snprintf(body, sizeof body, "%s}", unlimited);
+  jwt_claims(claims, sizeof claims, k[OP].pub, k[SYS].pub, "SYS", "account", body);
+  assert_int_equal(jwt_make(dir, "op", claims, jwt[JSYS], sizeof jwt[JSYS]), 0);
+  /* JetStream is on for an account whose limits give it storage. */
+  snprintf(body, sizeof body,
+           "%s,\"mem_storage\":-1,\"disk_storage\":-1,\"streams\":-1,\"consumer\":-1}",
+           unlimited);
+  jwt_claims(claims, sizeof claims, k[OP].pub, k[ACC].pub, "SAGA", "account", body);
+  assert_int_equal(jwt_make(dir, "op", claims, jwt[JACC], sizeof jwt[JACC]), 0);
+  assert_int_equal(user_jwt(dir, "acc", k[ACC].pub, k[USR].pub, jwt[JUSR], sizeof jwt[JUSR]),
+                   0);
+  /* Claims naming the real account as issuer, signed by another account's key. */
+  assert_int_equal(
+      user_jwt(dir, "acc2", k[ACC].pub, k[USR].pub, jwt[JFORGED], sizeof jwt[JFORGED]), 0);
+  /* Honestly signed, by an account the operator never signed. */
+  assert_int_equal(user_jwt(dir, "acc2", k[ACC2].pub, k[USR].pub, jwt[JSTRANGER],
+                            sizeof jwt[JSTRANGER]),
+                   0);
+  char *good = write_creds(dir, "good.creds", jwt[JUSR], k[USR].seed);
+  char *bad[3] = {write_creds(dir, "forged.creds", jwt[JFORGED], k[USR].seed),
+                  write_creds(dir, "stranger.creds", jwt[JSTRANGER], k[USR].seed),
+                  write_creds(dir, "other-seed.creds", jwt[JUSR], k[USR2].seed)};
+  char *opfile = th_path(dir, "op.jwt");
+  FILE *f = fopen(opfile, "w");
+  assert_non_null(f);
+  fprintf(f, "%s\n", jwt[JOP]);
+  assert_int_equal(fclose(f), 0);
+  char *conf = malloc(16384);
+  assert_non_null(conf);
+  int n = snprintf(conf, 16384,
+                   "operator: \"%s\"\nsystem_account: %s\nresolver: MEMORY\n"
+                   "resolver_preload: {\n  %s: \"%s\"\n  %s: \"%s\"\n}\n",
+                   opfile, k[SYS].pub, k[SYS].pub, jwt[JSYS], k[ACC].pub, jwt[JACC]);
+  assert_true(n > 0 && n < 16384);
+
+  env e;
+  env_init_conf(&e, conf);
+  free(conf);
+  nw w;
+  memset(&w, 0, sizeof w);
+  saga_nats_config c;
+  saga_node *orch = NULL, *part = NULL, *refused = NULL;
+
+  /* The right creds file: both nodes open (the orchestrator creates the stream, so JetStream
+   * is on for the account) and sagas go through. */
+  nlog_len = 0;
+  nlog[0] = '\0';
+  saga_nats_config_init(&c);
+  c.creds_file = good;
+  assert_int_equal(sec_open(&e, dir, "orch", 1, &w, &c, &orch), SAGA_OK);
+  assert_non_null(strstr(nlog, "(plaintext, creds file)"));
+  saga_nats_config_init(&c);
+  c.creds_file = good;
+  assert_int_equal(sec_open(&e, dir, "part", 0, &w, &c, &part), SAGA_OK);
+  assert_int_equal(run_sagas(&e, orch, &w, 5), 5);
+  assert_int_equal(query_int(part, "SELECT count(*) FROM fx WHERE kind = 'do'"), 15);
+
+  /* The wrong ones: refused at open, promptly, with the server's reason. */
+  for (int i = 0; i < 3; i++) {
+    nlog_len = 0;
+    nlog[0] = '\0';
+    saga_nats_config_init(&c);
+    c.creds_file = bad[i];
+    assert_int_equal(sec_open(&e, dir, "refused", 0, &w, &c, &refused), SAGA_ETRANSPORT);
+    assert_null(refused);
+    assert_non_null(strstr(nlog, "cannot connect to NATS"));
+    assert_non_null(strstr(nlog, "Authorization Violation"));
+    assert_non_null(strstr(nlog, "check the credentials"));
+  }
+  /* Still serving the right user afterwards. */
+  assert_int_equal(run_sagas(&e, orch, &w, 1), 1);
+
+  saga_node *nodes[2] = {orch, part};
+  close_nodes(&e, nodes, 2, &w);
+  env_free(&e);
+  for (int i = 0; i < 3; i++) free(bad[i]);
+  free(good);
+  free(opfile);
   th_rmdir(dir);
 }
 
@@ -1980,6 +2219,7 @@ int main(void) {
       cmocka_unit_test_teardown(test_forged_publish_acks, kill_servers),
       cmocka_unit_test_teardown(test_auth_revoked_on_reconnect, kill_servers),
       cmocka_unit_test_teardown(test_nkey, kill_servers),
+      cmocka_unit_test_teardown(test_creds_operator_mode, kill_servers),
       cmocka_unit_test_teardown(test_config_versions_and_token, kill_servers),
   };
   /* SAGA_TEST_FILTER=name runs the tests matching it (cmocka's pattern, '*' wildcards). */
