@@ -541,14 +541,12 @@ static void check_sagas(kit *c) {
   memset(&w, 0, sizeof w);
   int rc = open_node(c, &w, &w.orch, "conf-a", a, 0);
   if (rc == SAGA_OK) rc = open_node(c, &w, &w.part, "conf-b", b, 1);
-  int started = 0;
   for (int i = 0; rc == SAGA_OK && i < 60; i++) {
     saga_data *d = NULL;
     rc = saga_data_new(&d, NULL);
     if (rc == SAGA_OK && i % 3 == 0) rc = saga_data_set_i64(d, "fail", 2);
     if (rc == SAGA_OK) rc = saga_start(w.orch, "conformance", d, NULL, NULL, NULL);
     saga_data_free(d);
-    started += rc == SAGA_OK;
   }
   if (rc != SAGA_OK) {
     snprintf(why, sizeof why, "setup failed: %s", saga_strerror(rc));

@@ -226,6 +226,8 @@ static char *rd_strcat3(rd_tp *tp, const char *a, const char *b, const char *c) 
   return s;
 }
 
+static void rd_log(rd_tp *tp, saga_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static void rd_log(rd_tp *tp, saga_log_level level, const char *fmt, ...) {
   char msg[320];
   va_list ap;

@@ -85,7 +85,7 @@ const char *saga__tcp_frame_decode(const void *body, size_t len, saga__tcp_frame
   const char *err = NULL;
   switch (kind) {
   case SAGA_TCP_DATA: {
-    const void *ch;
+    const void *ch = NULL;
     if (count != 4 || !read_raw(&r, 0, &ch, &out->channel_len) ||
         !read_raw(&r, 1, &out->payload, &out->payload_len) || out->channel_len == 0 ||
         out->channel_len > SAGA_TCP_CHANNEL_MAX)
