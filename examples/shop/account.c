@@ -304,11 +304,6 @@ static int check_form(const char *form, json_t *b, account_input *in, char *msg)
   return -1;
 }
 
-/* Not in shop.h either (declared again by tests/fuzz/fuzz_shop.c): the checks of a form's
- * JSON body without a server or database. 0 when a route would accept the body, or -1 with
- * the message of its 400 in msg (msglen bytes). */
-int shop_account_check(const char *form, json_t *body, char *msg, size_t msglen);
-
 int shop_account_check(const char *form, json_t *body, char *msg, size_t msglen) {
   char m[MSG_LEN] = "";
   account_input in;

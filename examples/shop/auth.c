@@ -155,16 +155,6 @@ done:
   return rc;
 }
 
-/* Not in shop.h (declared again by tests/fuzz/fuzz_shop.c, which calls them without a
- * server): the checks behind shop_auth_customer() and shop_auth_refresh().
- * shop_auth_bearer: an Authorization header value that must carry a valid access token;
- * shop_auth_verify: a token of kind "access" or "refresh". Both return 0 and *customer_id, or
- * -1 with *why saying what was wrong (a static string, the text of the 401). */
-int shop_auth_bearer(const shop_ctx *c, const char *authorization, int64_t *customer_id,
-                     const char **why);
-int shop_auth_verify(const shop_ctx *c, const char *token, const char *typ, int64_t *customer_id,
-                     const char **why);
-
 int shop_auth_verify(const shop_ctx *c, const char *token, const char *typ, int64_t *customer_id,
                      const char **why) {
   if (typ == NULL || (strcmp(typ, TYP_ACCESS) != 0 && strcmp(typ, TYP_REFRESH) != 0)) {

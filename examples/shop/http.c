@@ -229,10 +229,6 @@ const char *shop_req_body(const shop_req *r, size_t *len) {
   return r->body ? r->body : "";
 }
 
-/* Not in shop.h (declared again by tests/fuzz/fuzz_shop.c, which calls it without a server):
- * a request body parsed as shop_req_json() does. A new reference to a JSON object, or NULL
- * when the body is empty, not JSON, or JSON but not an object. */
-json_t *shop_json_object(const char *body, size_t len);
 
 json_t *shop_json_object(const char *body, size_t len) {
   if (body == NULL || len == 0) return NULL;
@@ -417,10 +413,6 @@ int shop_http_start(shop_http **out, uv_loop_t *loop, const char *bind_addr, int
 
 int shop_http_port(const shop_http *h) { return h->port; }
 
-/* Not in shop.h (declared again by tests/fuzz/fuzz_shop.c): hands a connected Unix-domain
- * stream socket to the server as if it had accepted it (the fuzz target feeds requests
- * through a socketpair). The server owns fd from then on. 0, or -1 (fd closed). */
-int shop_http_accept(shop_http *h, int fd);
 
 int shop_http_accept(shop_http *h, int fd) {
   struct sockaddr_un a;

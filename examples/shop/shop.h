@@ -35,6 +35,10 @@ int shop_http_port(const shop_http *h);
 uint64_t shop_http_answered(const shop_http *h, int status);
 /* Stops serving; open SSE streams are closed (their on_close runs). Frees h. */
 void shop_http_stop(shop_http *h);
+/* Hands a connected Unix-domain stream socket to the server as if it had accepted it (the
+ * fuzz target feeds requests through a socketpair). The server owns fd from then on. 0, or -1
+ * (fd closed). */
+int shop_http_accept(shop_http *h, int fd);
 
 /* Adds a route. pattern is a path whose segments may be "{}" (one segment, read back with
  * shop_req_param). Routes are matched in the order added; no match gives 404, a path that
@@ -155,6 +159,23 @@ void shop_metrics_close(shop_ctx *c);
 /* Checks "Authorization: Bearer <access token>": on success sets *customer_id and returns 0;
  * otherwise answers 401 itself and returns -1. */
 int shop_auth_customer(const shop_ctx *c, shop_req *r, int64_t *customer_id);
+
+/* ---- parsing without a server (the shop's own checks, also driven by tests/fuzz) ---------- */
+
+/* The checks behind shop_auth_customer() and shop_auth_refresh(). shop_auth_bearer: an
+ * Authorization header value that must carry a valid access token; shop_auth_verify: a token
+ * of kind "access" or "refresh". Both return 0 and *customer_id, or -1 with *why saying what
+ * was wrong (a static string, the text of the 401). */
+int shop_auth_bearer(const shop_ctx *c, const char *authorization, int64_t *customer_id,
+                     const char **why);
+int shop_auth_verify(const shop_ctx *c, const char *token, const char *typ, int64_t *customer_id,
+                     const char **why);
+/* A request body parsed as shop_req_json() does: a new reference to a JSON object, or NULL
+ * when the body is empty, not JSON, or JSON but not an object. */
+json_t *shop_json_object(const char *body, size_t len);
+/* The checks of a form's JSON body without a server or database: 0 when a route would accept
+ * the body, or -1 with the message of its 400 in msg (msglen bytes). */
+int shop_account_check(const char *form, json_t *body, char *msg, size_t msglen);
 /* Issues a token pair for a customer into a new JSON object {access_token, refresh_token}. */
 json_t *shop_auth_issue(const shop_ctx *c, int64_t customer_id);
 /* Verifies a refresh token; 0 and *customer_id, or -1. */

@@ -31,15 +31,6 @@
 #include "fuzz.h"
 #include "shop.h"
 
-/* Declared by the shop sources themselves (not in shop.h). */
-json_t *shop_json_object(const char *body, size_t len);
-int shop_http_accept(shop_http *h, int fd);
-int shop_account_check(const char *form, json_t *body, char *msg, size_t msglen);
-int shop_auth_bearer(const shop_ctx *c, const char *authorization, int64_t *customer_id,
-                     const char **why);
-int shop_auth_verify(const shop_ctx *c, const char *token, const char *typ, int64_t *customer_id,
-                     const char **why);
-
 static const char SECRET[] = "fuzzing-secret-0123456789abcdef01234567";
 static shop_ctx ctx;
 static uv_loop_t loop;
