@@ -124,6 +124,38 @@ static void test_reconnect_and_bound(void **state) {
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* While the peer is down, resends of a waiting message do not queue more copies: when it
+ * comes back it gets each message once (the outbox resends every resend_ms, so a long outage
+ * would otherwise flood the peer with copies on reconnect). */
+static void test_queue_one_copy(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char b[32];
+  snprintf(b, sizeof b, "127.0.0.1:%d", th_free_port());
+  rx S;
+  rx_open(&S, &loop, NULL, b, 0);
+  for (int i = 0; i < 5; i++)
+    assert_int_equal(S.t->methods->send(S.t, "ch", "seven", 5, 7), SAGA_OK);
+  assert_int_equal(S.t->methods->send(S.t, "ch", "eight", 5, 8), SAGA_OK);
+  assert_int_equal(th_run_real(&loop, log_has_lost, &S, 5000), 0); /* it tried and failed */
+  for (int i = 0; i < 5; i++)
+    assert_int_equal(S.t->methods->send(S.t, "ch", "seven", 5, 7), SAGA_OK);
+  rx R;
+  rx_open(&R, &loop, b, b, 0);
+  want w = {&R, 2, 0, 0};
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  /* A later message on the same connection arrives after everything queued before it. */
+  assert_int_equal(S.t->methods->send(S.t, "ch", "nine", 4, 9), SAGA_OK);
+  want w3 = {&R, 3, 0, 0};
+  assert_int_equal(th_run_real(&loop, reached, &w3, 5000), 0);
+  assert_string_equal(R.last, "nine");
+  assert_int_equal(R.delivered, 3);
+  rx_close(&S, &loop);
+  rx_close(&R, &loop);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 static void test_bad_config(void **state) {
   saga_transport *t = NULL;
   saga_tcp_config cfg;
@@ -340,6 +372,7 @@ int main(void) {
       cmocka_unit_test(test_malformed_and_oversized),
       cmocka_unit_test(test_unserved_channel),
       cmocka_unit_test(test_reconnect_and_bound),
+      cmocka_unit_test(test_queue_one_copy),
       cmocka_unit_test(test_bad_config),
       cmocka_unit_test(test_poison_over_tcp),
       cmocka_unit_test(test_two_threads),

@@ -101,7 +101,8 @@ struct peer {
   uint32_t backoff_ms;
   frame *head, *tail; /* waiting for a connection */
   size_t queued_bytes;
-  tokset sent; /* tokens written on the current link, unconfirmed */
+  tokset sent;   /* tokens written on the current link, unconfirmed */
+  tokset queued; /* tokens of the frames in the queue (at most one frame per token) */
   int warned_acks;
 };
 
@@ -270,6 +271,13 @@ static int tokset_add(tcp_tr *t, tokset *s, uint64_t k) {
   }
   if (s->counts[j] < UINT32_MAX) s->counts[j]++;
   return SAGA_OK;
+}
+
+static int tokset_has(const tokset *s, uint64_t k) {
+  if (s->n == 0) return 0;
+  size_t j = tok_hash(k, s->cap);
+  while (s->counts[j] != 0 && s->keys[j] != k) j = (j + 1) & (s->cap - 1);
+  return s->counts[j] != 0;
 }
 
 /* Takes one k out; returns 0 if it was not there. */
@@ -609,6 +617,7 @@ static void peer_flush(peer *p) {
     p->head = f->next;
     if (p->head == NULL) p->tail = NULL;
     p->queued_bytes -= f->len;
+    tokset_take(&p->queued, f->token);
     if (peer_write(p, f) != SAGA_OK) {
       peer_drop(p, SAGA_LOG_INFO, "write failed");
       return;
@@ -913,6 +922,9 @@ static int tr_send(saga_transport *base, const char *channel, const void *data, 
     return SAGA_EINVAL;
   }
   if (len > t->max_frame || strlen(channel) > SAGA_TCP_CHANNEL_MAX) return SAGA_ETOOBIG;
+  /* A resend of a message still waiting for a connection adds nothing: the queue holds one
+   * copy per token, however long the peer is away. */
+  if (p->state != P_CONNECTED && tokset_has(&p->queued, token)) return SAGA_OK;
   size_t waiting = p->queued_bytes + (p->lnk != NULL ? link_backlog(p->lnk) : 0);
   if (waiting + len > t->max_queued) return SAGA_EBUSY;
   frame *f = make_frame(t, SAGA_TCP_DATA, token, channel, data, len);
@@ -924,6 +936,10 @@ static int tr_send(saga_transport *base, const char *channel, const void *data, 
   if (p->state == P_CONNECTED) {
     if (peer_write(p, f) != SAGA_OK) peer_drop(p, SAGA_LOG_INFO, "write failed");
     return SAGA_OK;
+  }
+  if (tokset_add(t, &p->queued, token) != SAGA_OK) {
+    tr_free(t, f);
+    return SAGA_ENOMEM;
   }
   if (p->tail != NULL)
     p->tail->next = f;
@@ -1162,6 +1178,7 @@ static void tr_destroy(saga_transport *base) {
       tr_free(t, f);
     }
     tokset_free(t, &p->sent);
+    tokset_free(t, &p->queued);
     tr_free(t, p->address);
     tr_free(t, p->identity);
     tr_free(t, p);
