@@ -874,7 +874,11 @@ static void peer_connected(uv_connect_t *req, int status) {
     return;
   }
   uv_tcp_nodelay(&l->tcp, 1);
-  uv_read_start((uv_stream_t *)&l->tcp, alloc_cb, link_read);
+  int rc = uv_read_start((uv_stream_t *)&l->tcp, alloc_cb, link_read);
+  if (rc != 0) {
+    peer_drop(p, SAGA_LOG_WARN, uv_strerror(rc));
+    return;
+  }
   if (l->tr->ctx == NULL) {
     l->ready = 1;
     peer_ready(p);
@@ -983,7 +987,10 @@ static void on_connection(uv_stream_t *server, int status) {
     return;
   }
   int len = sizeof c->from;
-  uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->from, &len);
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->from, &len) != 0) {
+    link_close(c); /* gone already */
+    return;
+  }
   if (!admit(t, c)) {
     t->stats.connections_refused++;
     uint64_t now = uv_now(t->loop);
@@ -1009,7 +1016,8 @@ static void on_connection(uv_stream_t *server, int status) {
     return;
   }
   c->ready = t->ctx == NULL;
-  uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, link_read);
+  int rc = uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, link_read);
+  if (rc != 0) conn_drop(c, SAGA_LOG_WARN, uv_strerror(rc));
 }
 
 static void tr_ack(saga_transport *base, uint64_t tag) {
