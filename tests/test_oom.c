@@ -1,5 +1,5 @@
 /*
- * Out-of-memory sweep (DESIGN.md 6: bad conditions are refused with a clear error, nothing is
+ * Out-of-memory sweep (guarantee 6 of the README: bad conditions are refused with a clear error, nothing is
  * lost; and no leak).
  *
  * For N = 1, 2, ... the allocator of both nodes fails exactly its N-th allocation (only that

@@ -1,5 +1,5 @@
 /*
- * The participant guarantees (DESIGN.md 2, 3 and 6), driven by raw envelopes.
+ * The participant guarantees (guarantees 2, 3 and 6 of the README), driven by raw envelopes.
  *
  * A test world is opened (orchestrator "orch", participant "part" serving p0..p2 with the
  * commands "do"/"undo"), and the test plugs its own in-memory transport into the world's

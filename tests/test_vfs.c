@@ -1,5 +1,5 @@
 /*
- * SQLite I/O errors (DESIGN.md 6: a full or read-only disk gives a clear error code and
+ * SQLite I/O errors (guarantee 6 of the README: a full or read-only disk gives a clear error code and
  * message, the saga state intact; and 4: nothing is lost).
  *
  * A shim VFS named "faulty" wraps the default VFS (the way SQLite's own test shims do: the

@@ -1,5 +1,5 @@
 /*
- * The account service (SHOP.md): customers, sign-up, login and token refresh, and the
+ * The account service (docs/shop.md): customers, sign-up, login and token refresh, and the
  * customer's personal and shipping details. It takes no part in the saga; it owns its own
  * SQLite database, <data_dir>/account.db (WAL, synchronous FULL), and answers on the loop
  * thread. The connection and its statements, prepared once at init, live in one static

@@ -1,5 +1,5 @@
 /*
- * Tokens for the shop (SHOP.md: "Access tokens are JWTs (HS256, short-lived) carrying the
+ * Tokens for the shop (docs/shop.md: "Access tokens are JWTs (HS256, short-lived) carrying the
  * customer id; refresh tokens live longer and cannot be used as access tokens"). Both kinds
  * are JWTs signed HS256 with the secret every service shares (c->jwt_secret), made and
  * checked with libjwt 1.10. Header {"alg":"HS256","typ":"JWT"}; claims, all required:

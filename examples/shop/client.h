@@ -1,5 +1,5 @@
 /*
- * A small HTTP client for the shop's API (../../../shared/SHOP.md), used by the demo program
+ * A small HTTP client for the shop's API (docs/shop.md), used by the demo program
  * and the end-to-end tests: JSON requests and responses (jansson) over libcurl with an
  * optional bearer token, and a reader of the purchase result stream (Server-Sent Events) that
  * runs its transfer on a background thread and queues the events it receives.

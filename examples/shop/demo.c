@@ -1,5 +1,5 @@
 /*
- * The shop's scripted purchase flow (SHOP.md, "How it runs"), run against a running server:
+ * The shop's scripted purchase flow (docs/shop.md, "Running it"), run against a running server:
  *
  *   shop_demo --url http://127.0.0.1:PORT [--payment-limit N] [--email E] [--password P]
  *

@@ -1,5 +1,5 @@
 /*
- * The end-to-end tests of the shop's HTTP API (../../../shared/SHOP.md) and their helpers,
+ * The end-to-end tests of the shop's HTTP API (docs/shop.md) and their helpers,
  * against any base URL (e2e_url): the embedded server (test_shop.c) or the distributed shop
  * behind nginx (test_cluster.c). See e2e.h.
  */

@@ -1,5 +1,5 @@
 /*
- * The orchestrator service: runs the purchase saga (SHOP.md, "The purchase saga").
+ * The orchestrator service: runs the purchase saga (docs/shop.md, "The purchase saga").
  *
  * It owns nothing but its libsaga database (saga instances, history, outbox). Its node is
  * opened with cfg.event_channel = SHOP_EVENTS (main.c), so every transition of every
@@ -75,7 +75,7 @@ static const saga_step purchase_steps[] = {
      .retry = STEP_RETRY,
      .compensation_retry = COMPENSATION_RETRY,
      .timeout_ms = STEP_TIMEOUT_MS},
-    /* 2: charge the payment: the pivot, the go/no-go step. SHOP.md lists "refund" as its
+    /* 2: charge the payment: the pivot, the go/no-go step. docs/shop.md lists "refund" as its
      * compensation, but a pivot is never compensated: it is the last step, so once it
      * succeeds the purchase is complete and nothing after it can fail; when it is refused
      * nothing was charged and the steps before it are compensated. A refund would only be

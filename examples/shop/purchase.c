@@ -1,5 +1,5 @@
 /*
- * The purchase service: accepts purchases and streams their results (SHOP.md).
+ * The purchase service: accepts purchases and streams their results (docs/shop.md).
  *
  * It owns nothing durable but its libsaga node (outbox, inbox, and the sagas below):
  *
@@ -18,7 +18,7 @@
  *
  *  - its own counters on GET /metrics (metrics.c serves /metrics and /healthz).
  *
- * Choices, documented here (SHOP.md leaves them open):
+ * Choices, documented here (docs/shop.md leaves them open):
  *  - purchase ids: generated ids are random integers in 1..2^53-1 (exact in JavaScript too),
  *    answered as JSON numbers like the reference system's (its clients decode purchase_id
  *    as an unsigned integer). A client-chosen "purchase_id" is a positive JSON integer or a
@@ -65,7 +65,7 @@ void shop_purchase_close(shop_ctx *c);
 #define MAX_PURCHASE_ID 64
 #define MAX_JSON_INT ((int64_t)9007199254740991) /* 2^53 - 1 */
 
-/* Streamed statuses (SHOP.md). The reference system spells the first "STATUS_EXUCUTE". */
+/* Streamed statuses (docs/shop.md). The reference system spells the first "STATUS_EXUCUTE". */
 #define STATUS_EXECUTE "STATUS_EXECUTE"
 #define STATUS_SUCCESS "STATUS_SUCCESS"
 #define STATUS_FAILED "STATUS_FAILED"

@@ -1,5 +1,5 @@
 /*
- * The example shop (../../../shared/SHOP.md is the specification): shared declarations of its
+ * The example shop (docs/shop.md is the specification): shared declarations of its
  * services. Each service owns its SQLite database; product, order, payment and orchestrator
  * are libsaga nodes; purchase is a node that only starts and watches sagas; account is plain.
  *

@@ -1,5 +1,5 @@
 /*
- * End-to-end tests of the shop (../../../shared/SHOP.md) over HTTP: the test starts the real
+ * End-to-end tests of the shop (docs/shop.md) over HTTP: the test starts the real
  * server (SHOP_BIN, or the SHOP_BIN environment variable) on a free port with a fresh data
  * folder, a known JWT secret and a payment limit, and drives every endpoint with the client of
  * client.h: the account (signup, login, refresh, info), tokens (missing, forged, expired,
