@@ -18,7 +18,7 @@
  *
  *  - its own counters on GET /metrics (metrics.c serves /metrics and /healthz).
  *
- * Choices, documented here (docs/shop.md leaves them open):
+ * Choices made here, beyond what docs/shop.md specifies:
  *  - purchase ids: generated ids are random integers in 1..2^53-1 (exact in JavaScript too),
  *    answered as JSON numbers like the reference system's (its clients decode purchase_id
  *    as an unsigned integer). A client-chosen "purchase_id" is a positive JSON integer or a
