@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "node_internal.h"
+#include "core.h"
 
 #define CKPT_BOUND 4 /* inline checkpoint once the WAL holds this many times checkpoint_pages */
 
@@ -62,7 +62,7 @@ static void ckpt_after(uv_work_t *req, int status) {
   }
   if (n->ckpt_close_wait) {
     n->ckpt_close_wait = 0;
-    saga__node_close_step(n);
+    n->close_step(n); /* node.c waits for this pass (a callback: no call back into node.c) */
   }
 }
 

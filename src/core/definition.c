@@ -2,7 +2,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "node_internal.h"
+#include "core.h"
 
 static int valid_name(const char *s, size_t max) {
   if (s == NULL) return 0;

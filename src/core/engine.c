@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "node_internal.h"
+#include "core.h"
 
 enum { WAIT_NONE = 0, WAIT_REPLY = 1, WAIT_BACKOFF = 2 };
 enum { FLAG_UNCERTAIN = 1 }; /* an attempt of the current step timed out */

@@ -10,7 +10,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "node_internal.h"
+#include "core.h"
 
 enum { PS_NONE = 0, PS_APPLIED = 1, PS_COMPENSATED = 2, PS_TOMBSTONE = 3, PS_REFUSED = 4 };
 

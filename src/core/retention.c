@@ -13,19 +13,24 @@
 #include <inttypes.h>
 #include <string.h>
 
-#include "node_internal.h"
+#include "core.h"
 
 static void purge_timer_cb(saga__timer *t);
 
+void saga__retention_defaults(saga_retention *r) {
+  memset(r, 0, sizeof *r);
+  r->finished_ms = UINT64_C(7) * 24 * 3600 * 1000;
+  r->inbox_ms = UINT64_C(30) * 24 * 3600 * 1000;
+  r->batch = 1000;
+  r->interval_ms = 60000;
+}
+
 void saga__retention_init(saga_node *n, const saga_node_config *cfg) {
   saga_retention *r = &n->retention;
-  if (cfg->struct_version >= 2) {
+  if (cfg->struct_version >= 2)
     *r = cfg->retention;
-  } else {
-    saga_node_config d;
-    saga_node_config_init(&d);
-    *r = d.retention;
-  }
+  else
+    saga__retention_defaults(r); /* a version-1 config has no retention field */
   if (r->batch == 0) r->batch = 1000;
   if (r->interval_ms == 0) r->interval_ms = 60000;
   saga__buf_init(&n->purge_ids, n->alloc);

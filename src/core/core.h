@@ -1,6 +1,10 @@
 /*
- * The node's private structure, shared by node.c (lifecycle, batching, relay), engine.c
- * (orchestrator state machine), participant.c (command handling) and store.c (SQLite).
+ * The core's private declarations: the node structure, shared by node.c (lifecycle, batching,
+ * relay, the transport host), tx.c (what a transaction records: events, history, outbox, dead
+ * letters; small helpers), engine.c (orchestrator state machine), participant.c (command
+ * handling), retention.c, checkpoint.c and store.c (SQLite). Calls run one way: node.c calls
+ * engine, participant, retention and checkpoint; those call tx.c and the store; nothing calls
+ * back into node.c (a closing checkpoint reports through n->close_step).
  */
 #ifndef SAGA_NODE_INTERNAL_H
 #define SAGA_NODE_INTERNAL_H
@@ -229,6 +233,9 @@ struct saga_node {
   void *random_arg;
   uint64_t rng_state;  /* splitmix64 for retry jitter only: fast, guessable */
   saga__csprng ids;    /* OS CSPRNG output for saga and trace ids */
+  /* Counts one pending close down and finishes closing at zero (set by node.c; called by a
+   * part that made the close wait for it, such as a background checkpoint). */
+  void (*close_step)(saga_node *n);
   uint64_t reply_key[2]; /* SipHash key tagging command ids (saga_meta) */
   saga_event_cb on_event;
   void *event_arg;
@@ -328,14 +335,14 @@ void saga__checkpoint_stop(saga_node *n);
 void saga__checkpoint_free(saga_node *n);
 
 /* retention.c */
+/* The documented defaults (7 days, 30 days, batches of 1000, every minute). */
+void saga__retention_defaults(saga_retention *r);
 void saga__retention_init(saga_node *n, const saga_node_config *cfg);
 void saga__retention_start(saga_node *n); /* arms the purge timer */
 void saga__retention_stop(saga_node *n);
 void saga__retention_free(saga_node *n);
 
-/* node.c */
-/* One of the things a closing node waits for is done: finishes the close if it was the last. */
-void saga__node_close_step(saga_node *n);
+/* tx.c */
 /* Records one step latency (ms) in the node's histogram. */
 void saga__node_latency(saga_node *n, uint64_t ms);
 void saga__node_log(saga_node *n, saga_log_level lvl, const char *fmt, ...)
