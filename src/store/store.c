@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../core/node_internal.h"
+#include "../core/core.h"
 #include "saga_schema.h"
 
 static const char *const stmt_sql[ST__COUNT] = {
