@@ -11,9 +11,9 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "core.h"
+#include "engine.h"
 
-enum { WAIT_NONE = 0, WAIT_REPLY = 1, WAIT_BACKOFF = 2 };
+enum { WAIT_NONE = SAGA__WAIT_NONE, WAIT_REPLY = SAGA__WAIT_REPLY, WAIT_BACKOFF = SAGA__WAIT_BACKOFF };
 enum { FLAG_UNCERTAIN = 1 }; /* an attempt of the current step timed out */
 /* Bits 8 and up of flags hold the attempt number at which an operator retry started a new
  * round: attempt numbers keep growing (message ids stay unique, old replies stay stale) while
@@ -45,119 +45,37 @@ typedef enum event {
   E__COUNT
 } event;
 
-typedef int (*action_fn)(saga_node *n, saga__inst *i, const saga_envelope *reply, event ev);
+typedef int (*action_fn)(saga__engine *e, saga__inst *i, const saga_envelope *reply, event ev);
 
-/* ---- instance rows ---------------------------------------------------------------------- */
+/* ---- instances ---------------------------------------------------------------------------- */
 
-void saga__inst_init(saga__inst *i, const saga_allocator *a) {
-  memset(i, 0, sizeof *i);
-  saga__buf_init(&i->data, a);
-}
-
-void saga__inst_free(saga__inst *i) { saga__buf_free(&i->data); }
-
-/* Copies a text column into dst (truncated to cap - 1 bytes, always NUL-terminated). */
-static void copy_col(char *dst, size_t cap, sqlite3_stmt *st, int col) {
-  const char *s = (const char *)sqlite3_column_text(st, col);
-  size_t len = s != NULL ? (size_t)sqlite3_column_bytes(st, col) : 0;
-  if (len >= cap) len = cap - 1;
-  if (len > 0) memcpy(dst, s, len);
-  dst[len] = '\0';
-}
-
-static uint64_t col_u64(sqlite3_stmt *st, int col) {
-  return sqlite3_column_type(st, col) == SQLITE_NULL ? 0 : (uint64_t)sqlite3_column_int64(st, col);
-}
-
-static int inst_load(saga_node *n, const char *id, saga__inst *i) {
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_GET);
-  sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-  int rc = sqlite3_step(st);
-  if (rc != SQLITE_ROW) {
-    sqlite3_reset(st);
-    if (rc == SQLITE_DONE) return saga__node_fail(n, SAGA_ENOTFOUND, "saga '%s' not found", id);
-    return saga__node_db_fail(n, saga__store_err(rc), "loading saga");
-  }
-  copy_col(i->id, sizeof i->id, st, 0);
-  copy_col(i->def_name, sizeof i->def_name, st, 1);
-  i->def_version = (uint32_t)sqlite3_column_int64(st, 2);
-  i->state = sqlite3_column_int(st, 3);
-  i->phase = sqlite3_column_int(st, 4);
-  i->step = sqlite3_column_int(st, 5);
-  i->attempt = (uint32_t)sqlite3_column_int64(st, 6);
-  i->wait = sqlite3_column_int(st, 7);
-  i->flags = sqlite3_column_int(st, 8);
-  i->hseq = sqlite3_column_int64(st, 9);
-  saga__buf_reset(&i->data);
-  rc = saga__buf_append(&i->data, sqlite3_column_blob(st, 10), (size_t)sqlite3_column_bytes(st, 10));
-  copy_col(i->error, sizeof i->error, st, 11);
-  copy_col(i->trace_span, sizeof i->trace_span, st, 12);
-  i->created_ms = col_u64(st, 13);
-  i->updated_ms = col_u64(st, 14);
-  i->step_deadline = col_u64(st, 15);
-  i->saga_deadline = col_u64(st, 16);
-  i->parked = sqlite3_column_int(st, 17);
-  i->saved_state = i->state;
-  i->saved_parked = i->parked;
-  sqlite3_reset(st);
-  if (rc != SAGA_OK) return saga__node_fail(n, SAGA_ENOMEM, "out of memory loading saga");
-  i->def = saga__node_find_def(n, i->def_name, i->def_version);
-  i->exists = 1;
+static int inst_load(saga__engine *e, const char *id, saga__inst *i) {
+  saga__store *s = e->env->store;
+  int rc = s->m->inst_load(s, id, i);
+  if (rc == SAGA_ENOTFOUND) return saga__fail(e->env, rc, "saga '%s' not found", id);
+  if (rc == SAGA_ENOMEM) return saga__fail(e->env, rc, "out of memory loading saga");
+  if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "loading saga");
+  i->def = saga__engine_find(e, i->def_name, i->def_version);
   return SAGA_OK;
 }
 
-static void bind_opt(sqlite3_stmt *st, int col, uint64_t v) {
-  if (v == 0)
-    sqlite3_bind_null(st, col);
-  else
-    sqlite3_bind_int64(st, col, (sqlite3_int64)v);
-}
-
-static uint64_t next_deadline(const saga__inst *i) {
-  uint64_t a = i->step_deadline, b = i->saga_deadline;
-  if (a == 0) return b;
-  if (b == 0) return a;
-  return a < b ? a : b;
-}
-
-static int inst_save(saga_node *n, saga__inst *i) {
-  i->updated_ms = saga__node_now(n);
-  /* Most saves keep state and parked: then the statement leaves those columns (and so the
-   * state index) alone. */
-  saga__stmt_id sid = i->state == i->saved_state && i->parked == i->saved_parked
-                          ? ST_INST_UPDATE_STEP
-                          : ST_INST_UPDATE;
-  sqlite3_stmt *st = saga__store_stmt(&n->store, sid);
-  sqlite3_bind_text(st, 1, i->id, -1, SQLITE_STATIC);
-  if (sid == ST_INST_UPDATE) sqlite3_bind_int(st, 2, i->state);
-  sqlite3_bind_int(st, 3, i->phase);
-  sqlite3_bind_int(st, 4, i->step);
-  sqlite3_bind_int64(st, 5, i->attempt);
-  sqlite3_bind_int(st, 6, i->wait);
-  sqlite3_bind_int(st, 7, i->flags);
-  sqlite3_bind_int64(st, 8, i->hseq);
-  sqlite3_bind_blob(st, 9, i->data.data ? (const void *)i->data.data : "", (int)i->data.len,
-                    SQLITE_STATIC);
-  sqlite3_bind_text(st, 10, i->error, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 11, (sqlite3_int64)i->updated_ms);
-  bind_opt(st, 12, i->step_deadline);
-  bind_opt(st, 13, i->saga_deadline);
-  bind_opt(st, 14, i->parked ? 0 : next_deadline(i));
-  if (sid == ST_INST_UPDATE) sqlite3_bind_int(st, 15, i->parked);
-  int rc = saga__store_exec(&n->store, sid);
-  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "saving saga");
+static int inst_save(saga__engine *e, saga__inst *i) {
+  i->updated_ms = saga__now(e->env);
+  saga__store *s = e->env->store;
+  int rc = s->m->inst_save(s, i);
+  if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "saving saga");
   i->saved_state = i->state;
   i->saved_parked = i->parked;
   return SAGA_OK;
 }
 
-static int ev(saga_node *n, saga__inst *i, saga_event_type t, const char *detail) {
+static int ev(saga__engine *e, saga__inst *i, saga_event_type t, const char *detail) {
   int step = t == SAGA_EV_STARTED || t == SAGA_EV_COMPLETED || t == SAGA_EV_SAGA_COMPENSATED ||
                      t == SAGA_EV_SAGA_FAILED || t == SAGA_EV_CANCELLED ||
                      t == SAGA_EV_DEFINITION_MISSING
                  ? -1
                  : i->step;
-  return saga__node_event(n, t, i, step, i->attempt, detail);
+  return saga__journal_event(e->journal, t, i, step, i->attempt, detail);
 }
 
 /* ---- sending commands ------------------------------------------------------------------- */
@@ -166,14 +84,14 @@ static int ev(saga_node *n, saga__inst *i, saga_event_type t, const char *detail
  * "<saga>/<step>/<phase>/<attempt>/<tag>", the tag a keyed hash of the rest under the
  * database's reply key. A reply must carry "<command id>/r": only whoever saw the command can
  * answer it, so a peer allowed to reply cannot answer another participant's step. */
-static void command_id(const saga_node *n, const saga__inst *i, char *out, size_t len) {
+static void command_id(const saga__engine *e, const saga__inst *i, char *out, size_t len) {
   int k = snprintf(out, len, "%s/%d/%d/%" PRIu32, i->id, i->step, i->phase, i->attempt);
   if (k < 0 || (size_t)k >= len) return;
-  uint64_t tag = saga__siphash(n->reply_key, out, (size_t)k);
+  uint64_t tag = saga__siphash(e->reply_key, out, (size_t)k);
   snprintf(out + k, len - (size_t)k, "/%016" PRIx64, tag);
 }
 
-static int send_command(saga_node *n, saga__inst *i) {
+static int send_command(saga__engine *e, saga__inst *i) {
   const saga__step *s = &i->def->steps[i->step];
   char name[320], msg_id[96], trace[96];
   const char *channel = s->local_action ? SAGA__LOCAL_CHANNEL : s->channel;
@@ -188,7 +106,7 @@ static int send_command(saga_node *n, saga__inst *i) {
     snprintf(name, sizeof name, "%s", i->phase == SAGA_PHASE_ACTION ? s->action : s->compensation);
   }
   if (i->phase == SAGA_PHASE_COMPENSATION) sent = SAGA_EV_COMPENSATION_SENT;
-  command_id(n, i, msg_id, sizeof msg_id);
+  command_id(e, i, msg_id, sizeof msg_id);
   snprintf(trace, sizeof trace, "00-%s-%s-01", i->id, i->trace_span);
   saga_header hdr = {"traceparent", trace};
   saga_envelope env;
@@ -201,19 +119,19 @@ static int send_command(saga_node *n, saga__inst *i) {
   env.attempt = i->attempt;
   env.phase = (saga_phase)i->phase;
   env.name = name;
-  env.reply_to = n->name;
+  env.reply_to = e->reply_to;
   env.headers = &hdr;
   env.nheaders = 1;
   env.payload = i->data.data;
   env.payload_len = i->data.len;
-  saga__buf_reset(&n->scratch);
-  int rc = saga__envelope_encode_buf(&env, &n->scratch);
-  if (rc != SAGA_OK) return saga__node_fail(n, rc, "encoding command: %s", saga_strerror(rc));
-  rc = saga__node_outbox(n, channel, i->id, n->scratch.data, n->scratch.len);
+  saga__buf_reset(&e->cmd);
+  int rc = saga__envelope_encode_buf(&env, &e->cmd);
+  if (rc != SAGA_OK) return saga__fail(e->env, rc, "encoding command: %s", saga_strerror(rc));
+  rc = saga__journal_outbox(e->journal, channel, i->id, e->cmd.data, e->cmd.len);
   if (rc != SAGA_OK) return rc;
   i->wait = WAIT_REPLY;
-  i->step_deadline = s->timeout_ms ? saga__node_now(n) + s->timeout_ms : 0;
-  return ev(n, i, sent, "");
+  i->step_deadline = s->timeout_ms ? saga__now(e->env) + s->timeout_ms : 0;
+  return ev(e, i, sent, "");
 }
 
 /* ---- helpers of the actions ------------------------------------------------------------- */
@@ -222,56 +140,56 @@ static int has_compensation(const saga__step *s) {
   return s->kind == SAGA_STEP_COMPENSATABLE && (s->compensation != NULL || s->local_compensation);
 }
 
-static int finish(saga_node *n, saga__inst *i, int state, saga_event_type t, const char *why) {
+static int finish(saga__engine *e, saga__inst *i, int state, saga_event_type t, const char *why) {
   i->state = state;
   i->wait = WAIT_NONE;
   i->step_deadline = i->saga_deadline = 0;
-  return ev(n, i, t, why);
+  return ev(e, i, t, why);
 }
 
 /* Compensates, in reverse order, every compensatable step at or below `from`. */
-static int begin_comp(saga_node *n, saga__inst *i, int from) {
+static int begin_comp(saga__engine *e, saga__inst *i, int from) {
   int j = from;
   while (j >= 0 && !has_compensation(&i->def->steps[j])) j--;
   i->saga_deadline = 0;
   if (j < 0) {
     i->step = from < 0 ? 0 : from;
-    return finish(n, i, SAGA_COMPENSATED, SAGA_EV_SAGA_COMPENSATED, "");
+    return finish(e, i, SAGA_COMPENSATED, SAGA_EV_SAGA_COMPENSATED, "");
   }
   i->state = SAGA_COMPENSATING;
   i->phase = SAGA_PHASE_COMPENSATION;
   i->step = j;
   i->attempt = 1;
   i->flags = 0;
-  return send_command(n, i);
+  return send_command(e, i);
 }
 
-static double rand01(saga_node *n) { return (double)(saga__node_rand(n) >> 11) / 9007199254740992.0; }
+static double rand01(saga__engine *e) { return (double)(saga__rand(e->env) >> 11) / 9007199254740992.0; }
 
-static int schedule_retry(saga_node *n, saga__inst *i) {
+static int schedule_retry(saga__engine *e, saga__inst *i) {
   const saga__step *s = &i->def->steps[i->step];
   const saga_retry *r = i->phase == SAGA_PHASE_COMPENSATION ? &s->comp_retry : &s->retry;
-  uint64_t delay = saga__retry_delay(r, round_attempt(i), rand01(n));
+  uint64_t delay = saga__retry_delay(r, round_attempt(i), rand01(e));
   i->wait = WAIT_BACKOFF;
-  i->step_deadline = saga__node_now(n) + delay;
+  i->step_deadline = saga__now(e->env) + delay;
   char why[64];
   snprintf(why, sizeof why, "attempt %" PRIu32 " in %" PRIu64 " ms", i->attempt + 1, delay);
-  return ev(n, i, SAGA_EV_STEP_RETRY, why);
+  return ev(e, i, SAGA_EV_STEP_RETRY, why);
 }
 
 static uint32_t comp_max(const saga__step *s) { return saga__retry_max(&s->comp_retry); }
 
 /* Merges the reply's data into the saga data. */
-static int merge_reply(saga_node *n, saga__inst *i, const saga_envelope *r) {
+static int merge_reply(saga__engine *e, saga__inst *i, const saga_envelope *r) {
   if (r == NULL || r->payload_len == 0 ||
       (r->payload_len == 1 && ((const uint8_t *)r->payload)[0] == 0x80))
     return SAGA_OK;
   saga_data *cur = NULL, *add = NULL;
   char err[200];
-  int rc = saga__data_decode(i->data.data, i->data.len, &n->limits, n->alloc, &cur, err,
+  int rc = saga__data_decode(i->data.data, i->data.len, &e->env->limits, e->env->alloc, &cur, err,
                              sizeof err);
   if (rc == SAGA_OK)
-    rc = saga__data_decode(r->payload, r->payload_len, &n->limits, n->alloc, &add, err,
+    rc = saga__data_decode(r->payload, r->payload_len, &e->env->limits, e->env->alloc, &add, err,
                            sizeof err);
   if (rc == SAGA_OK) rc = saga_data_merge(cur, add);
   if (rc == SAGA_OK) {
@@ -280,111 +198,111 @@ static int merge_reply(saga_node *n, saga__inst *i, const saga_envelope *r) {
   }
   saga_data_free(cur);
   saga_data_free(add);
-  if (rc != SAGA_OK) return saga__node_fail(n, rc, "merging reply data: %s", err);
+  if (rc != SAGA_OK) return saga__fail(e->env, rc, "merging reply data: %s", err);
   return SAGA_OK;
 }
 
 /* ---- the actions ------------------------------------------------------------------------ */
 
-static int act_ok(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
-  int rc = merge_reply(n, i, r);
-  if (rc == SAGA_OK) rc = ev(n, i, SAGA_EV_STEP_SUCCEEDED, "");
+static int act_ok(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
+  int rc = merge_reply(e, i, r);
+  if (rc == SAGA_OK) rc = ev(e, i, SAGA_EV_STEP_SUCCEEDED, "");
   if (rc != SAGA_OK) return rc;
   i->step++;
   i->flags = 0;
   if ((size_t)i->step >= i->def->nsteps) {
     i->step = (int)i->def->nsteps - 1;
-    return finish(n, i, SAGA_COMPLETED, SAGA_EV_COMPLETED, "");
+    return finish(e, i, SAGA_COMPLETED, SAGA_EV_COMPLETED, "");
   }
   if (i->step >= i->def->pivot) i->saga_deadline = 0;
   i->phase = SAGA_PHASE_ACTION;
   i->attempt = 1;
-  return send_command(n, i);
+  return send_command(e, i);
 }
 
-static int act_fail(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+static int act_fail(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
   const saga__step *s = &i->def->steps[i->step];
   const char *why = r && r->error[0] ? r->error : "failed";
   snprintf(i->error, sizeof i->error, "%s: %s", s->name, why);
-  int rc = ev(n, i, SAGA_EV_STEP_FAILED, why);
+  int rc = ev(e, i, SAGA_EV_STEP_FAILED, why);
   if (rc != SAGA_OK) return rc;
   if (s->kind == SAGA_STEP_RETRIABLE ||
       (s->retry.retry_before_compensate && i->attempt < saga__retry_max(&s->retry)))
-    return schedule_retry(n, i);
+    return schedule_retry(e, i);
   /* A refusal of the latest attempt is definitive: the participant refuses older attempts
    * once it has answered a newer one, so this step cannot apply later. */
-  return begin_comp(n, i, i->step - 1);
+  return begin_comp(e, i, i->step - 1);
 }
 
-static int act_timeout(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+static int act_timeout(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
   const saga__step *s = &i->def->steps[i->step];
-  int rc = ev(n, i, SAGA_EV_STEP_TIMED_OUT, "");
+  int rc = ev(e, i, SAGA_EV_STEP_TIMED_OUT, "");
   if (rc != SAGA_OK) return rc;
   i->flags |= FLAG_UNCERTAIN;
   if (s->kind == SAGA_STEP_RETRIABLE || i->attempt < saga__retry_max(&s->retry))
-    return schedule_retry(n, i);
+    return schedule_retry(e, i);
   snprintf(i->error, sizeof i->error, "%s: timed out after %" PRIu32 " attempts", s->name,
            i->attempt);
   if (s->kind == SAGA_STEP_PIVOT) {
     /* The pivot's outcome is unknown and it has no compensation: ask its participant. */
     i->phase = SAGA_PHASE_RESOLVE;
     i->attempt = 1;
-    return send_command(n, i);
+    return send_command(e, i);
   }
   /* Outcome unknown: compensate this step too; its participant tombstones it if the action
    * never arrived, so a late action is refused. */
-  return begin_comp(n, i, i->step);
+  return begin_comp(e, i, i->step);
 }
 
-static int act_resend(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+static int act_resend(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
   i->attempt++;
-  return send_command(n, i);
+  return send_command(e, i);
 }
 
-static int res_absent(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
-  int rc = ev(n, i, SAGA_EV_STEP_FAILED, "pivot did not apply");
+static int res_absent(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
+  int rc = ev(e, i, SAGA_EV_STEP_FAILED, "pivot did not apply");
   if (rc != SAGA_OK) return rc;
-  return begin_comp(n, i, i->step - 1);
+  return begin_comp(e, i, i->step - 1);
 }
 
-static int res_retry(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
-  int rc = ev(n, i, SAGA_EV_STEP_TIMED_OUT, "resolve");
-  return rc != SAGA_OK ? rc : schedule_retry(n, i);
+static int res_retry(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
+  int rc = ev(e, i, SAGA_EV_STEP_TIMED_OUT, "resolve");
+  return rc != SAGA_OK ? rc : schedule_retry(e, i);
 }
 
-static int comp_ok(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
-  int rc = ev(n, i, SAGA_EV_COMPENSATED, "");
+static int comp_ok(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
+  int rc = ev(e, i, SAGA_EV_COMPENSATED, "");
   if (rc != SAGA_OK) return rc;
-  if (i->step == 0) return finish(n, i, SAGA_COMPENSATED, SAGA_EV_SAGA_COMPENSATED, "");
-  return begin_comp(n, i, i->step - 1);
+  if (i->step == 0) return finish(e, i, SAGA_COMPENSATED, SAGA_EV_SAGA_COMPENSATED, "");
+  return begin_comp(e, i, i->step - 1);
 }
 
-static int comp_fail(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+static int comp_fail(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
   const saga__step *s = &i->def->steps[i->step];
-  const char *why = e == E_TIMEOUT ? "compensation timed out"
+  const char *why = evt == E_TIMEOUT ? "compensation timed out"
                                    : (r && r->error[0] ? r->error : "compensation failed");
-  int rc = ev(n, i, e == E_TIMEOUT ? SAGA_EV_STEP_TIMED_OUT : SAGA_EV_STEP_FAILED, why);
+  int rc = ev(e, i, evt == E_TIMEOUT ? SAGA_EV_STEP_TIMED_OUT : SAGA_EV_STEP_FAILED, why);
   if (rc != SAGA_OK) return rc;
-  if (round_attempt(i) < comp_max(s)) return schedule_retry(n, i);
+  if (round_attempt(i) < comp_max(s)) return schedule_retry(e, i);
   snprintf(i->error, sizeof i->error, "compensation of %s failed after %" PRIu32
            " attempts: %s", s->name, round_attempt(i), why);
-  rc = ev(n, i, SAGA_EV_COMPENSATION_FAILED, why);
+  rc = ev(e, i, SAGA_EV_COMPENSATION_FAILED, why);
   if (rc != SAGA_OK) return rc;
-  return finish(n, i, SAGA_FAILED, SAGA_EV_SAGA_FAILED, i->error);
+  return finish(e, i, SAGA_FAILED, SAGA_EV_SAGA_FAILED, i->error);
 }
 
-static int abort_running(saga_node *n, saga__inst *i, const saga_envelope *r, event e) {
+static int abort_running(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
   if (i->step >= i->def->pivot) {
     i->saga_deadline = 0;
-    if (e == E_DEADLINE) return SAGA_OK; /* past the point of no return: run to the end */
-    return saga__node_fail(n, SAGA_ESTATE, "saga '%s' is past its pivot and cannot be "
+    if (evt == E_DEADLINE) return SAGA_OK; /* past the point of no return: run to the end */
+    return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is past its pivot and cannot be "
                                            "cancelled", i->id);
   }
-  const char *why = e == E_DEADLINE ? "saga deadline reached" : "cancelled";
+  const char *why = evt == E_DEADLINE ? "saga deadline reached" : "cancelled";
   snprintf(i->error, sizeof i->error, "%s", why);
-  int rc = ev(n, i, SAGA_EV_CANCELLED, why);
+  int rc = ev(e, i, SAGA_EV_CANCELLED, why);
   /* The current step may be in flight: compensate it too (tombstoned if it never ran). */
-  return rc != SAGA_OK ? rc : begin_comp(n, i, i->step);
+  return rc != SAGA_OK ? rc : begin_comp(e, i, i->step);
 }
 
 static const action_fn machine[M__COUNT][E__COUNT] = {
@@ -413,15 +331,15 @@ static mode mode_of(const saga__inst *i) {
 
 /* The one step function: applies e to i and saves it. Returns SAGA_ESTATE when e does not
  * apply in i's mode (nothing changed). */
-static int step(saga_node *n, saga__inst *i, event e, const saga_envelope *r) {
-  action_fn fn = machine[mode_of(i)][e];
+static int step(saga__engine *e, saga__inst *i, event evt, const saga_envelope *r) {
+  action_fn fn = machine[mode_of(i)][evt];
   if (fn == NULL)
-    return saga__node_fail(n, SAGA_ESTATE, "saga '%s' is %s; %s does not apply", i->id,
+    return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is %s; %s does not apply", i->id,
                            saga_state_name(i->state),
-                           e == E_CANCEL ? "cancel" : "this event");
-  int rc = fn(n, i, r, e);
-  if (rc == SAGA_OK) rc = inst_save(n, i);
-  if (rc == SAGA_OK) SAGA__HOOK(n, "engine.after_transition");
+                           evt == E_CANCEL ? "cancel" : "this event");
+  int rc = fn(e, i, r, evt);
+  if (rc == SAGA_OK) rc = inst_save(e, i);
+  if (rc == SAGA_OK) SAGA__HOOK(e->env, "engine.after_transition");
   return rc;
 }
 
@@ -442,22 +360,20 @@ static void hex_bytes(char *out, const uint8_t *b, size_t len) {
   out[2 * len] = '\0';
 }
 
-int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const void *input,
-                       size_t input_len, const char *idem_key) {
+int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
+                       size_t input_len, const char *idem_key, char id_out[40], int *existed) {
+  saga__store *s = e->env->store;
+  *existed = 0;
   if (idem_key != NULL) {
-    sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_BY_KEY);
-    sqlite3_bind_text(st, 1, idem_key, -1, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-      copy_col(w->saga_id, sizeof w->saga_id, st, 0);
-      w->existed = 1;
+    int rc = s->m->inst_find_key(s, idem_key, id_out);
+    if (rc == SAGA_OK) {
+      *existed = 1;
+      return SAGA_OK;
     }
-    sqlite3_reset(st);
-    if (rc == SQLITE_ROW) return SAGA_OK;
-    if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "idempotency key");
+    if (rc != SAGA_ENOTFOUND) return saga__store_fail(e->env, rc, "idempotency key");
   }
-  saga__inst *i = &n->inst;
-  uint64_t now = saga__node_now(n);
+  saga__inst *i = &e->inst;
+  uint64_t now = saga__now(e->env);
   /* Time-ordered ids (48 bits of ms, then 80 random bits, as UUIDv7 does): the rows of the
    * sagas in flight, keyed by id in every table, sit together at the right edge of each
    * B-tree instead of on random pages, so a commit writes few pages. The random bits come
@@ -465,7 +381,7 @@ int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const 
    * numbers), so an id seen must not tell the next ones. Message ids and the W3C trace id
    * derive from it; the trace span id is 64 more CSPRNG bits. */
   uint8_t rnd[18];
-  int rc = saga__node_id_bytes(n, rnd, sizeof rnd);
+  int rc = saga__id_bytes(e->env, rnd, sizeof rnd);
   if (rc != SAGA_OK) return rc;
   hex(i->id, now & UINT64_C(0xffffffffffff), 12);
   hex_bytes(i->id + 12, rnd, 10);
@@ -488,43 +404,25 @@ int saga__engine_start(saga_node *n, saga__work *w, const saga__def *def, const 
   saga__buf_reset(&i->data);
   static const uint8_t empty_map = 0x80;
   rc = input_len ? saga__buf_append(&i->data, input, input_len)
-                     : saga__buf_append(&i->data, &empty_map, 1);
-  if (rc != SAGA_OK) return saga__node_fail(n, rc, "out of memory starting saga");
-
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_INSERT);
-  sqlite3_bind_text(st, 1, i->id, -1, SQLITE_STATIC);
-  sqlite3_bind_text(st, 2, def->name, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 3, def->version);
-  if (idem_key) sqlite3_bind_text(st, 4, idem_key, -1, SQLITE_STATIC);
-  sqlite3_bind_int(st, 5, i->state);
-  sqlite3_bind_int(st, 6, i->phase);
-  sqlite3_bind_int(st, 7, 0);
-  sqlite3_bind_int(st, 8, 1);
-  sqlite3_bind_int(st, 9, WAIT_NONE);
-  sqlite3_bind_int(st, 10, 0);
-  sqlite3_bind_int(st, 11, 0);
-  sqlite3_bind_blob(st, 12, i->data.data, (int)i->data.len, SQLITE_STATIC);
-  sqlite3_bind_text(st, 13, "", -1, SQLITE_STATIC);
-  sqlite3_bind_text(st, 14, i->trace_span, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 15, (sqlite3_int64)now);
-  sqlite3_bind_int64(st, 16, (sqlite3_int64)now);
-  rc = saga__store_exec(&n->store, ST_INST_INSERT);
-  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "inserting saga");
+                 : saga__buf_append(&i->data, &empty_map, 1);
+  if (rc != SAGA_OK) return saga__fail(e->env, rc, "out of memory starting saga");
+  rc = s->m->inst_insert(s, i, idem_key);
+  if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "inserting saga");
   i->exists = 1;
   i->saved_state = i->state;
   i->saved_parked = 0;
-  rc = ev(n, i, SAGA_EV_STARTED, "");
-  if (rc == SAGA_OK) rc = send_command(n, i);
-  if (rc == SAGA_OK) rc = inst_save(n, i);
-  if (rc == SAGA_OK) snprintf(w->saga_id, sizeof w->saga_id, "%s", i->id);
+  rc = ev(e, i, SAGA_EV_STARTED, "");
+  if (rc == SAGA_OK) rc = send_command(e, i);
+  if (rc == SAGA_OK) rc = inst_save(e, i);
+  if (rc == SAGA_OK) memcpy(id_out, i->id, sizeof i->id);
   return rc;
 }
 
-int saga__engine_reply(saga_node *n, const saga_envelope *r) {
-  saga__inst *i = &n->inst;
-  int rc = inst_load(n, r->saga_id, i);
+int saga__engine_reply(saga__engine *e, const saga_envelope *r) {
+  saga__inst *i = &e->inst;
+  int rc = inst_load(e, r->saga_id, i);
   if (rc == SAGA_ENOTFOUND) {
-    saga__node_log(n, SAGA_LOG_WARN, "reply '%s' for unknown saga '%s' ignored", r->msg_id,
+    saga__log(e->env, SAGA_LOG_WARN, "reply '%s' for unknown saga '%s' ignored", r->msg_id,
                    r->saga_id);
     return SAGA_OK;
   }
@@ -534,40 +432,40 @@ int saga__engine_reply(saga_node *n, const saga_envelope *r) {
   int waiting = m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT;
   if (!waiting || r->phase != (saga_phase)i->phase || r->step != (uint32_t)i->step ||
       r->attempt != i->attempt) {
-    n->stats.stale_replies++;
+    e->env->stats.stale_replies++;
     if (i->state == SAGA_COMPLETED || i->state == SAGA_COMPENSATED) {
       /* A finished saga records nothing more: a storm of duplicates must not grow its
        * history (or cost a write each). Counted and logged only. */
-      saga__node_log(n, SAGA_LOG_DEBUG, "reply '%s' for finished saga '%s' ignored", r->msg_id,
+      saga__log(e->env, SAGA_LOG_DEBUG, "reply '%s' for finished saga '%s' ignored", r->msg_id,
                      r->saga_id);
       return SAGA_OK;
     }
     char why[160];
     snprintf(why, sizeof why, "reply for step %" PRIu32 " phase %d attempt %" PRIu32 " ignored",
              r->step, (int)r->phase, r->attempt);
-    rc = ev(n, i, SAGA_EV_STALE_REPLY, why);
-    return rc == SAGA_OK ? inst_save(n, i) : rc;
+    rc = ev(e, i, SAGA_EV_STALE_REPLY, why);
+    return rc == SAGA_OK ? inst_save(e, i) : rc;
   }
   char expect[128];
-  command_id(n, i, expect, sizeof expect - 2);
+  command_id(e, i, expect, sizeof expect - 2);
   strcat(expect, "/r");
   if (strcmp(r->msg_id, expect) != 0) {
-    n->stats.forged_replies++;
+    e->env->stats.forged_replies++;
     char shown[100];
     saga__printable(shown, sizeof shown, r->msg_id, strlen(r->msg_id));
-    saga__node_log(n, SAGA_LOG_WARN, "reply '%s' for saga '%s' does not answer the command "
+    saga__log(e->env, SAGA_LOG_WARN, "reply '%s' for saga '%s' does not answer the command "
                    "this node sent (wrong id tag): ignored", shown, r->saga_id);
     return SAGA_OK;
   }
-  uint64_t now = saga__node_now(n);
-  saga__node_latency(n, now > i->updated_ms ? now - i->updated_ms : 0);
-  return step(n, i, r->status == 0 ? E_OK : E_FAIL, r);
+  uint64_t now = saga__now(e->env);
+  saga__latency(e->env, now > i->updated_ms ? now - i->updated_ms : 0);
+  return step(e, i, r->status == 0 ? E_OK : E_FAIL, r);
 }
 
-int saga__engine_undeliverable(saga_node *n, const saga_envelope *cmd, int code,
+int saga__engine_undeliverable(saga__engine *e, const saga_envelope *cmd, int code,
                                const char *reason) {
-  saga__inst *i = &n->inst;
-  int rc = inst_load(n, cmd->saga_id, i);
+  saga__inst *i = &e->inst;
+  int rc = inst_load(e, cmd->saga_id, i);
   if (rc == SAGA_ENOTFOUND) return SAGA_OK;
   if (rc != SAGA_OK) return rc;
   if (i->def == NULL) return SAGA_OK;
@@ -595,140 +493,182 @@ int saga__engine_undeliverable(saga_node *n, const saga_envelope *cmd, int code,
   r.name = cmd->name;
   r.status = code;
   r.error = reason;
-  event e = E_FAIL;
-  if (m == M_RES_WAIT || (m == M_ACT_WAIT && (i->flags & FLAG_UNCERTAIN))) e = E_TIMEOUT;
-  return step(n, i, e, &r);
+  event evt = E_FAIL;
+  if (m == M_RES_WAIT || (m == M_ACT_WAIT && (i->flags & FLAG_UNCERTAIN))) evt = E_TIMEOUT;
+  return step(e, i, evt, &r);
 }
 
-int saga__engine_due(saga_node *n, uint64_t now, size_t max, size_t *processed) {
+int saga__engine_due(saga__engine *e, uint64_t now, size_t max, size_t *processed) {
   /* Collect the due ids first: the scan must not run while rows are being updated. */
-  saga__buf *ids = &n->scratch2;
+  saga__buf *ids = &e->ids;
   saga__buf_reset(ids);
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_DUE);
-  sqlite3_bind_int64(st, 1, (sqlite3_int64)now);
-  sqlite3_bind_int64(st, 2, (sqlite3_int64)max);
-  int rc;
+  saga__store *s = e->env->store;
   size_t count = 0;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    char id[40];
-    copy_col(id, sizeof id, st, 0);
-    if (saga__buf_append(ids, id, sizeof id) != SAGA_OK) {
-      sqlite3_reset(st);
-      return saga__node_fail(n, SAGA_ENOMEM, "out of memory collecting timers");
-    }
-    count++;
-  }
-  sqlite3_reset(st);
-  if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "reading timers");
+  int rc = s->m->inst_due(s, now, max, ids, &count);
+  if (rc == SAGA_ENOMEM) return saga__fail(e->env, rc, "out of memory collecting timers");
+  if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "reading timers");
   *processed = count;
   for (size_t k = 0; k < count; k++) {
-    saga__inst *i = &n->inst;
-    rc = inst_load(n, (const char *)ids->data + k * 40, i);
+    saga__inst *i = &e->inst;
+    rc = inst_load(e, (const char *)ids->data + k * 40, i);
     if (rc == SAGA_ENOTFOUND) continue;
     if (rc != SAGA_OK) return rc;
     if (i->def == NULL) {
       i->parked = 1;
-      rc = ev(n, i, SAGA_EV_DEFINITION_MISSING, "definition version not registered");
-      if (rc == SAGA_OK) rc = inst_save(n, i);
+      rc = ev(e, i, SAGA_EV_DEFINITION_MISSING, "definition version not registered");
+      if (rc == SAGA_OK) rc = inst_save(e, i);
       if (rc != SAGA_OK) return rc;
       continue;
     }
-    event e;
+    event evt;
     if (i->saga_deadline != 0 && now >= i->saga_deadline && i->state == SAGA_RUNNING)
-      e = E_DEADLINE;
+      evt = E_DEADLINE;
     else if (i->step_deadline != 0 && now >= i->step_deadline)
-      e = i->wait == WAIT_BACKOFF ? E_BACKOFF_END : E_TIMEOUT;
+      evt = i->wait == WAIT_BACKOFF ? E_BACKOFF_END : E_TIMEOUT;
     else
-      e = E__COUNT;
-    if (e == E__COUNT || machine[mode_of(i)][e] == NULL) {
+      evt = E__COUNT;
+    if (evt == E__COUNT || machine[mode_of(i)][evt] == NULL) {
       /* Nothing applies (e.g. a deadline of a finished phase): clear it. */
-      if (e == E_DEADLINE || e == E__COUNT) i->saga_deadline = 0;
-      if (e != E__COUNT && e != E_DEADLINE) i->step_deadline = 0;
-      rc = inst_save(n, i);
+      if (evt == E_DEADLINE || evt == E__COUNT) i->saga_deadline = 0;
+      if (evt != E__COUNT && evt != E_DEADLINE) i->step_deadline = 0;
+      rc = inst_save(e, i);
     } else {
-      rc = step(n, i, e, NULL);
+      rc = step(e, i, evt, NULL);
     }
     if (rc != SAGA_OK) return rc;
   }
   return SAGA_OK;
 }
 
-int saga__engine_cancel(saga_node *n, const char *id) {
-  saga__inst *i = &n->inst;
-  int rc = inst_load(n, id, i);
+int saga__engine_cancel(saga__engine *e, const char *id) {
+  saga__inst *i = &e->inst;
+  int rc = inst_load(e, id, i);
   if (rc != SAGA_OK) return rc;
   if (i->def == NULL)
-    return saga__node_fail(n, SAGA_ENODEF, "definition '%s' version %u is not registered",
+    return saga__fail(e->env, SAGA_ENODEF, "definition '%s' version %u is not registered",
                            i->def_name, i->def_version);
-  return step(n, i, E_CANCEL, NULL);
+  return step(e, i, E_CANCEL, NULL);
 }
 
-int saga__engine_retry(saga_node *n, const char *id) {
-  saga__inst *i = &n->inst;
-  int rc = inst_load(n, id, i);
+int saga__engine_retry(saga__engine *e, const char *id) {
+  saga__inst *i = &e->inst;
+  int rc = inst_load(e, id, i);
   if (rc != SAGA_OK) return rc;
   if (i->def == NULL)
-    return saga__node_fail(n, SAGA_ENODEF, "definition '%s' version %u is not registered",
+    return saga__fail(e->env, SAGA_ENODEF, "definition '%s' version %u is not registered",
                            i->def_name, i->def_version);
   if (i->state != SAGA_FAILED)
-    return saga__node_fail(n, SAGA_ESTATE, "saga '%s' is %s, not FAILED", id,
+    return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is %s, not FAILED", id,
                            saga_state_name(i->state));
   i->state = SAGA_COMPENSATING;
   i->phase = SAGA_PHASE_COMPENSATION;
   i->flags = (int)(i->attempt << ROUND_SHIFT);
   i->attempt++;
   i->error[0] = '\0';
-  rc = send_command(n, i);
-  return rc != SAGA_OK ? rc : inst_save(n, i);
+  rc = send_command(e, i);
+  return rc != SAGA_OK ? rc : inst_save(e, i);
 }
 
-int saga__engine_unpark(saga_node *n, int *missing) {
-  typedef struct {
-    char id[40];
-    int action; /* 1 unpark, 2 report missing */
-  } todo;
-  saga__buf *list = &n->scratch2;
+typedef struct recovery {
+  saga__engine *e;
+  int oom;
+} recovery;
+
+typedef struct todo {
+  char id[40];
+  int action; /* 1 unpark, 2 report missing */
+} todo;
+
+static void recovery_row(void *arg, const char *id, const char *def_name, uint32_t version,
+                         int parked) {
+  recovery *r = arg;
+  todo t;
+  memset(&t, 0, sizeof t);
+  snprintf(t.id, sizeof t.id, "%s", id);
+  int known = saga__engine_find(r->e, def_name, version) != NULL;
+  t.action = known ? (parked ? 1 : 0) : 2;
+  if (t.action != 0 && saga__buf_append(&r->e->ids, &t, sizeof t) != SAGA_OK) r->oom = 1;
+}
+
+int saga__engine_unpark(saga__engine *e, int *missing) {
+  saga__buf *list = &e->ids;
   saga__buf_reset(list);
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INST_INFLIGHT);
-  int rc;
-  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    todo t;
-    copy_col(t.id, sizeof t.id, st, 0);
-    const char *name = (const char *)sqlite3_column_text(st, 1);
-    uint32_t version = (uint32_t)sqlite3_column_int64(st, 2);
-    int parked = sqlite3_column_int(st, 3);
-    int known = saga__node_find_def(n, name ? name : "", version) != NULL;
-    t.action = known ? (parked ? 1 : 0) : 2;
-    if (t.action != 0 && saga__buf_append(list, &t, sizeof t) != SAGA_OK) {
-      sqlite3_reset(st);
-      return saga__node_fail(n, SAGA_ENOMEM, "out of memory during recovery");
-    }
-  }
-  sqlite3_reset(st);
-  if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "recovery scan");
+  saga__store *s = e->env->store;
+  recovery r = {e, 0};
+  int rc = s->m->inst_inflight(s, recovery_row, &r);
+  if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "recovery scan");
+  if (r.oom) return saga__fail(e->env, SAGA_ENOMEM, "out of memory during recovery");
   size_t count = list->len / sizeof(todo);
   for (size_t k = 0; k < count; k++) {
     todo t;
     memcpy(&t, list->data + k * sizeof t, sizeof t);
     if (t.action == 1) {
-      st = saga__store_stmt(&n->store, ST_INST_UNPARK);
-      sqlite3_bind_text(st, 1, t.id, -1, SQLITE_STATIC);
-      rc = saga__store_exec(&n->store, ST_INST_UNPARK);
-      if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "unparking saga");
+      rc = s->m->inst_unpark(s, t.id);
+      if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "unparking saga");
       continue;
     }
-    saga__inst *i = &n->inst;
-    rc = inst_load(n, t.id, i);
+    saga__inst *i = &e->inst;
+    rc = inst_load(e, t.id, i);
     if (rc != SAGA_OK) return rc;
     (*missing)++;
     char why[240];
     snprintf(why, sizeof why, "definition '%s' version %u is not registered", i->def_name,
              i->def_version);
-    saga__node_log(n, SAGA_LOG_WARN, "saga %s: %s; left untouched", i->id, why);
+    saga__log(e->env, SAGA_LOG_WARN, "saga %s: %s; left untouched", i->id, why);
     i->parked = 1;
-    rc = ev(n, i, SAGA_EV_DEFINITION_MISSING, why);
-    if (rc == SAGA_OK) rc = inst_save(n, i);
+    rc = ev(e, i, SAGA_EV_DEFINITION_MISSING, why);
+    if (rc == SAGA_OK) rc = inst_save(e, i);
     if (rc != SAGA_OK) return rc;
   }
+  return SAGA_OK;
+}
+
+/* ---- definitions and setup -------------------------------------------------------------- */
+
+void saga__engine_init(saga__engine *e, saga__env *env, saga__journal *j, const char *reply_to) {
+  memset(e, 0, sizeof *e);
+  e->env = env;
+  e->journal = j;
+  e->reply_to = reply_to;
+  saga__inst_init(&e->inst, env->alloc);
+  saga__buf_init(&e->cmd, env->alloc);
+  saga__buf_init(&e->ids, env->alloc);
+}
+
+void saga__engine_free(saga__engine *e) {
+  for (size_t k = 0; k < e->ndefs; k++) saga__def_free(&e->defs[k], e->env->alloc);
+  saga__free(e->env->alloc, e->defs);
+  e->defs = NULL;
+  e->ndefs = 0;
+  saga__inst_free(&e->inst);
+  saga__buf_free(&e->cmd);
+  saga__buf_free(&e->ids);
+}
+
+const saga__def *saga__engine_find(const saga__engine *e, const char *name, uint32_t version) {
+  const saga__def *best = NULL;
+  for (size_t k = 0; k < e->ndefs; k++) {
+    const saga__def *d = &e->defs[k];
+    if (strcmp(d->name, name) != 0) continue;
+    if (version != 0 ? d->version == version : (best == NULL || d->version > best->version))
+      best = d;
+  }
+  return best;
+}
+
+int saga__engine_register(saga__engine *e, const saga_definition *def) {
+  if (def->name != NULL && saga__engine_find(e, def->name, def->version) != NULL)
+    return saga__fail(e->env, SAGA_EEXIST, "definition '%s' version %u is already registered",
+                      def->name, def->version);
+  saga__def copy;
+  int rc = saga__def_copy(&copy, def, e->env->alloc, e->env->errmsg, sizeof e->env->errmsg);
+  if (rc != SAGA_OK) return rc;
+  saga__def *p = saga__realloc(e->env->alloc, e->defs, (e->ndefs + 1) * sizeof *p);
+  if (p == NULL) {
+    saga__def_free(&copy, e->env->alloc);
+    return saga__fail(e->env, SAGA_ENOMEM, "out of memory registering definition");
+  }
+  e->defs = p;
+  e->defs[e->ndefs++] = copy;
   return SAGA_OK;
 }

@@ -10,12 +10,12 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "core.h"
+#include "participant.h"
 
 enum { PS_NONE = 0, PS_APPLIED = 1, PS_COMPENSATED = 2, PS_TOMBSTONE = 3, PS_REFUSED = 4 };
 
 struct saga_tx {
-  saga_node *n;
+  saga__participant *p;
 };
 
 struct saga_msg {
@@ -38,7 +38,11 @@ struct saga_reply {
   char reason[513];
 };
 
-sqlite3 *saga_tx_db(saga_tx *tx) { return tx != NULL ? tx->n->store.db : NULL; }
+struct sqlite3 *saga_tx_db(saga_tx *tx) {
+  if (tx == NULL) return NULL;
+  saga__store *s = tx->p->env->store;
+  return (struct sqlite3 *)s->m->native(s);
+}
 
 const char *saga_msg_saga_id(const saga_msg *m) { return m->env->saga_id; }
 const char *saga_msg_command(const saga_msg *m) { return m->env->name; }
@@ -56,22 +60,23 @@ const char *saga_msg_header(const saga_msg *m, const char *name) {
 int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const char *idem_key,
                   char *id_out, size_t id_len, int *existed) {
   if (tx == NULL || name == NULL || id_out == NULL || id_len < 40) return SAGA_EINVAL;
-  saga_node *n = tx->n;
-  const saga__def *def = saga__node_find_def(n, name, 0);
-  if (def == NULL) return saga__node_fail(n, SAGA_ENODEF, "definition '%s' is not registered", name);
-  if (idem_key != NULL && (idem_key[0] == '\0' || strlen(idem_key) > n->limits.max_string_bytes))
-    return saga__node_fail(n, SAGA_EINVAL, "idempotency key must be 1..%zu bytes",
-                           n->limits.max_string_bytes);
+  saga__participant *p = tx->p;
+  saga__env *env = p->env;
+  const saga__def *def = saga__engine_find(p->engine, name, 0);
+  if (def == NULL) return saga__fail(env, SAGA_ENODEF, "definition '%s' is not registered", name);
+  if (idem_key != NULL && (idem_key[0] == '\0' || strlen(idem_key) > env->limits.max_string_bytes))
+    return saga__fail(env, SAGA_EINVAL, "idempotency key must be 1..%zu bytes",
+                      env->limits.max_string_bytes);
   saga__buf in;
-  saga__buf_init(&in, n->alloc);
+  saga__buf_init(&in, env->alloc);
   int rc = saga__data_encode(input, &in);
-  saga__work w;
-  memset(&w, 0, sizeof w);
-  if (rc == SAGA_OK) rc = saga__engine_start(n, &w, def, in.data, in.len, idem_key);
+  char id[40];
+  int had = 0;
+  if (rc == SAGA_OK) rc = saga__engine_start(p->engine, def, in.data, in.len, idem_key, id, &had);
   saga__buf_free(&in);
   if (rc != SAGA_OK) return rc;
-  snprintf(id_out, id_len, "%s", w.saga_id);
-  if (existed != NULL) *existed = w.existed;
+  snprintf(id_out, id_len, "%s", id);
+  if (existed != NULL) *existed = had;
   return SAGA_OK;
 }
 
@@ -114,93 +119,90 @@ static void refuse(outcome *o, int status, const char *fmt, ...) {
 
 /* Counts a transient failure of msg_id; nonzero once it has failed max_deliveries times
  * (the entry is then cleared). A hash collision only makes the count approximate. */
-static int transient_cap_reached(saga_node *n, const char *msg_id) {
+static int transient_cap_reached(saga__participant *p, const char *msg_id) {
   uint64_t h = 1469598103934665603ull;
-  for (const char *p = msg_id; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ull;
-  size_t slot = (size_t)(h % (sizeof n->transient / sizeof n->transient[0]));
-  if (n->transient[slot].hash != h) {
-    n->transient[slot].hash = h;
-    n->transient[slot].count = 0;
+  for (const char *c = msg_id; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+  size_t slot = (size_t)(h % (sizeof p->transient / sizeof p->transient[0]));
+  if (p->transient[slot].hash != h) {
+    p->transient[slot].hash = h;
+    p->transient[slot].count = 0;
   }
-  if (++n->transient[slot].count < n->max_deliveries) return 0;
-  n->transient[slot].hash = 0;
-  n->transient[slot].count = 0;
+  if (++p->transient[slot].count < p->max_deliveries) return 0;
+  p->transient[slot].hash = 0;
+  p->transient[slot].count = 0;
   return 1;
 }
 
 /* Runs the handler in its own savepoint. Returns < 0 only for store errors that break the
  * transaction; handler failures are reported in o. */
-static int run_handler(saga_node *n, const char *channel, const saga_envelope *env,
+static int run_handler(saga__participant *p, const char *channel, const saga_envelope *env,
                        const raw_msg *raw, outcome *o) {
-  const saga__handler *h = saga__node_find_handler(n, channel, env->name);
+  const saga__handler *h = saga__participant_find(p, channel, env->name);
   if (h == NULL) {
     refuse(o, SAGA_ENOHANDLER, "no handler for command '%s'", env->name);
-    return saga__node_dead_letter(n, channel, env->msg_id, o->error, raw->bytes, raw->len);
+    return saga__journal_dead_letter(p->journal, channel, env->msg_id, o->error, raw->bytes, raw->len);
   }
   saga_data *data = NULL;
   char err[200];
-  int rc = saga__data_decode(env->payload, env->payload_len, &n->limits, n->alloc, &data, err,
+  int rc = saga__data_decode(env->payload, env->payload_len, &p->env->limits, p->env->alloc, &data, err,
                              sizeof err);
-  if (rc == SAGA_ENOMEM) return saga__node_fail(n, rc, "out of memory decoding command data");
+  if (rc == SAGA_ENOMEM) return saga__fail(p->env, rc, "out of memory decoding command data");
   if (rc != SAGA_OK) {
     refuse(o, rc, "malformed saga data: %s", err);
-    return saga__node_dead_letter(n, channel, env->msg_id, o->error, raw->bytes, raw->len);
+    return saga__journal_dead_letter(p->journal, channel, env->msg_id, o->error, raw->bytes, raw->len);
   }
   saga_reply reply;
   memset(&reply, 0, sizeof reply);
-  rc = saga_data_new(&reply.data, n->alloc);
+  rc = saga_data_new(&reply.data, p->env->alloc);
   if (rc != SAGA_OK) {
     saga_data_free(data);
-    return saga__node_fail(n, rc, "out of memory creating reply");
+    return saga__fail(p->env, rc, "out of memory creating reply");
   }
-  rc = saga__store_exec(&n->store, ST_SP_HANDLER);
+  saga__store *s = p->env->store;
+  rc = s->m->savepoint(s, SAGA__SP_HANDLER);
   if (rc != SAGA_OK) {
-    rc = saga__node_db_fail(n, rc, "opening handler savepoint");
+    rc = saga__store_fail(p->env, rc, "opening handler savepoint");
     goto done;
   }
-  saga_tx tx = {n};
+  saga_tx tx = {p};
   saga_msg msg = {env, data};
-  n->stats.handler_runs++;
-  sqlite3_int64 changes_before = sqlite3_total_changes64(n->store.db);
+  p->env->stats.handler_runs++;
+  int64_t writes_before = s->m->writes(s);
   /* Transitions of sagas the handler starts (saga_tx_start) are rolled back with it. */
-  size_t events_before = n->nevents, text_before = n->event_text.len;
-  size_t hist_before = n->hist.len, hist_text_before = n->hist_text.len;
+  saga__journal_mark mark = saga__journal_mark_get(p->journal);
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
-  SAGA__HOOK(n, "participant.after_handler");
+  SAGA__HOOK(p->env, "participant.after_handler");
   int ok = hrc == SAGA_OK && !reply.failed;
   if (!ok) {
-    n->nevents = events_before;
-    n->event_text.len = text_before;
-    n->hist.len = hist_before;
-    n->hist_text.len = hist_text_before;
-    rc = saga__store_exec(&n->store, ST_SP_HANDLER_ROLLBACK);
+    saga__journal_rewind(p->journal, &mark);
+    rc = s->m->rollback_to(s, SAGA__SP_HANDLER);
     if (rc != SAGA_OK) {
-      rc = saga__node_db_fail(n, rc, "rolling back handler savepoint");
+      rc = saga__store_fail(p->env, rc, "rolling back handler savepoint");
       goto done;
     }
-    /* Undone: the item is still clean if nothing else wrote (see process_item). */
-    n->undone_changes += sqlite3_total_changes64(n->store.db) - changes_before;
+    /* Undone: the item is still clean if nothing else wrote (see the node's batch). */
+    p->undone += s->m->writes(s) - writes_before;
   }
-  rc = saga__store_exec(&n->store, ST_SP_HANDLER_RELEASE);
+  rc = s->m->release(s, SAGA__SP_HANDLER);
   if (rc != SAGA_OK) {
-    rc = saga__node_db_fail(n, rc, "releasing handler savepoint");
+    rc = saga__store_fail(p->env, rc, "releasing handler savepoint");
     goto done;
   }
   if (ok) {
-    saga__buf_reset(&n->reply_buf);
-    rc = saga__data_encode(reply.data, &n->reply_buf);
+    saga__buf_reset(&p->reply);
+    rc = saga__data_encode(reply.data, &p->reply);
     if (rc != SAGA_OK) {
-      rc = saga__node_fail(n, rc, "encoding reply data");
+      rc = saga__fail(p->env, rc, "encoding reply data");
       goto done;
     }
     o->status = SAGA_OK;
-    o->payload = n->reply_buf.data;
-    o->payload_len = n->reply_buf.len;
+    o->payload = p->reply.data;
+    o->payload_len = p->reply.len;
   } else if ((hrc == SAGA_ENOMEM || hrc == SAGA_EBUSY || hrc == SAGA_EIO ||
               hrc == SAGA_EFULL) &&
-             !transient_cap_reached(n, env->msg_id)) {
+             !transient_cap_reached(p, env->msg_id)) {
     /* Transient: nothing of this command is recorded or acknowledged; it comes again. */
-    rc = saga__node_fail(n, hrc, "handler for '%s' failed transiently: %s", env->name,
+    rc = saga__fail(p->env, hrc, "handler for '%s' failed transiently: %s", env->name,
                          saga_strerror(hrc));
   } else if (hrc == SAGA_OK || hrc == SAGA_EREFUSED) {
     refuse(o, SAGA_EREFUSED, "%s", reply.failed ? reply.reason : "refused");
@@ -211,7 +213,7 @@ static int run_handler(saga_node *n, const char *channel, const saga_envelope *e
     snprintf(why, sizeof why, "handler for '%s' failed: %s (%s)", env->name,
              saga_err_name(hrc), reply.failed ? reply.reason : saga_strerror(hrc));
     refuse(o, hrc, "%s", why);
-    rc = saga__node_dead_letter(n, channel, env->msg_id, why, raw->bytes, raw->len);
+    rc = saga__journal_dead_letter(p->journal, channel, env->msg_id, why, raw->bytes, raw->len);
   }
 done:
   saga_data_free(reply.data);
@@ -219,21 +221,16 @@ done:
   return rc;
 }
 
-static int put_pstep(saga_node *n, const saga_envelope *env, int state, const void *reply,
-                     size_t len) {
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_PSTEP_PUT);
-  sqlite3_bind_text(st, 1, env->saga_id, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 2, env->step);
-  sqlite3_bind_int(st, 3, state);
-  sqlite3_bind_int64(st, 4, env->attempt);
-  if (reply != NULL) sqlite3_bind_blob(st, 5, reply, (int)len, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 6, (sqlite3_int64)saga__node_now(n));
-  int rc = saga__store_exec(&n->store, ST_PSTEP_PUT);
-  return rc == SAGA_OK ? SAGA_OK : saga__node_db_fail(n, rc, "writing participant step");
+static int put_pstep(saga__participant *p, const saga_envelope *env, int state,
+                     const void *reply, size_t len) {
+  saga__store *s = p->env->store;
+  int rc = s->m->pstep_put(s, env->saga_id, env->step, state, env->attempt, reply, len,
+                           saga__now(p->env));
+  return rc == SAGA_OK ? SAGA_OK : saga__store_fail(p->env, rc, "writing participant step");
 }
 
 /* Decides and runs the command given the participant's record of its step. */
-static int decide(saga_node *n, const char *channel, const saga_envelope *env,
+static int decide(saga__participant *p, const char *channel, const saga_envelope *env,
                   const raw_msg *raw, int pstate, uint32_t pattempt, const void *preply,
                   size_t preply_len, outcome *o) {
   int rc = SAGA_OK;
@@ -247,7 +244,7 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env,
     } else if (pstate == PS_REFUSED && env->attempt <= pattempt) {
       refuse(o, SAGA_EREFUSED, "%s", "stale attempt: a newer attempt was already answered");
     } else {
-      rc = run_handler(n, channel, env, raw, o);
+      rc = run_handler(p, channel, env, raw, o);
       if (rc == SAGA_OK) {
         o->pstate = o->status == SAGA_OK ? PS_APPLIED : PS_REFUSED;
         o->store_reply = o->status == SAGA_OK;
@@ -256,7 +253,7 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env,
     break;
   case SAGA_PHASE_COMPENSATION:
     if (pstate == PS_APPLIED) {
-      rc = run_handler(n, channel, env, raw, o);
+      rc = run_handler(p, channel, env, raw, o);
       if (rc == SAGA_OK && o->status == SAGA_OK) o->pstate = PS_COMPENSATED;
     } else if (pstate != PS_COMPENSATED && pstate != PS_TOMBSTONE) {
       o->pstate = PS_TOMBSTONE; /* nothing to undo; refuse the action should it come later */
@@ -277,76 +274,62 @@ static int decide(saga_node *n, const char *channel, const saga_envelope *env,
 
 /* Whether a reply to reply_to can ever leave this node: not the reserved loopback channel,
  * and routable by the transport (a transport without can_send reaches every channel). */
-static int reply_to_reachable(saga_node *n, const char *reply_to) {
+static int reply_to_reachable(saga__participant *p, const char *reply_to) {
   if (strcmp(reply_to, SAGA__LOCAL_CHANNEL) == 0) return 0;
-  if (n->tm.can_send == NULL || !n->transport_open || n->transport_closed) return 1;
-  return n->tm.can_send(n->transport, reply_to) != 0;
+  return p->can_send == NULL || p->can_send(p->can_send_arg, reply_to) != 0;
 }
 
-int saga__participant_command(saga_node *n, const char *channel, const saga_envelope *env,
+int saga__participant_command(saga__participant *p, const char *channel, const saga_envelope *env,
                               const void *raw_bytes, size_t raw_len) {
   raw_msg raw = {raw_bytes, raw_len};
   if (env->reply_to[0] == '\0' || env->msg_id[0] == '\0' || env->saga_id[0] == '\0')
-    return saga__node_dead_letter(n, channel, env->msg_id, "command without msg_id, saga_id "
+    return saga__journal_dead_letter(p->journal, channel, env->msg_id, "command without msg_id, saga_id "
                                   "or reply_to", raw_bytes, raw_len);
   if (strlen(env->msg_id) > MAX_MSG_ID)
-    return saga__node_dead_letter(n, channel, "", "command msg_id longer than 512 bytes",
+    return saga__journal_dead_letter(p->journal, channel, "", "command msg_id longer than 512 bytes",
                                   raw_bytes, raw_len);
   /* 0. The reply must be deliverable: a reply_to this node's transport can never reach (or
    * the reserved loopback channel, which would feed the reply to this node's own engine)
    * would make the reply row resend forever. Refused before anything runs or is written:
    * kept as a dead letter with the reason, then acknowledged. */
-  if (!reply_to_reachable(n, env->reply_to)) {
+  if (!reply_to_reachable(p, env->reply_to)) {
     char shown[131];
     saga__printable(shown, sizeof shown, env->reply_to, strlen(env->reply_to));
     char why[200];
     snprintf(why, sizeof why, "reply_to '%s' is not reachable by this node's transport",
              shown);
-    n->stats.reply_to_refused++;
-    return saga__node_dead_letter(n, channel, env->msg_id, why, raw_bytes, raw_len);
+    p->env->stats.reply_to_refused++;
+    return saga__journal_dead_letter(p->journal, channel, env->msg_id, why, raw_bytes, raw_len);
   }
   /* 1. A duplicate: send the recorded reply again. */
-  sqlite3_stmt *st = saga__store_stmt(&n->store, ST_INBOX_GET);
-  sqlite3_bind_text(st, 1, env->msg_id, -1, SQLITE_STATIC);
-  int rc = sqlite3_step(st);
-  if (rc == SQLITE_ROW) {
-    n->stats.duplicates++;
-    const char *reply_to = (const char *)sqlite3_column_text(st, 0);
-    rc = saga__node_outbox(n, reply_to ? reply_to : env->reply_to, env->saga_id,
-                           sqlite3_column_blob(st, 1), (size_t)sqlite3_column_bytes(st, 1));
-    sqlite3_reset(st);
-    return rc;
+  saga__store *s = p->env->store;
+  saga__buf_reset(&p->dup_to);
+  saga__buf_reset(&p->dup);
+  int rc = s->m->inbox_get(s, env->msg_id, &p->dup_to, &p->dup);
+  if (rc == SAGA_OK) {
+    p->env->stats.duplicates++;
+    const char *reply_to = p->dup_to.len > 1 ? (const char *)p->dup_to.data : env->reply_to;
+    return saga__journal_outbox(p->journal, reply_to, env->saga_id, p->dup.data, p->dup.len);
   }
-  sqlite3_reset(st);
-  if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "reading inbox");
+  if (rc == SAGA_ENOMEM) return saga__fail(p->env, rc, "out of memory reading inbox");
+  if (rc != SAGA_ENOTFOUND) return saga__store_fail(p->env, rc, "reading inbox");
 
   /* 2. What this node knows of the step, across attempts and phases. */
-  st = saga__store_stmt(&n->store, ST_PSTEP_GET);
-  sqlite3_bind_text(st, 1, env->saga_id, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 2, env->step);
-  rc = sqlite3_step(st);
   int pstate = PS_NONE;
   uint32_t pattempt = 0;
-  saga__buf *preply = &n->scratch2;
+  saga__buf *preply = &p->prev;
   saga__buf_reset(preply);
-  if (rc == SQLITE_ROW) {
-    pstate = sqlite3_column_int(st, 0);
-    pattempt = (uint32_t)sqlite3_column_int64(st, 1);
-    rc = saga__buf_append(preply, sqlite3_column_blob(st, 2), (size_t)sqlite3_column_bytes(st, 2));
-    sqlite3_reset(st);
-    if (rc != SAGA_OK) return saga__node_fail(n, rc, "out of memory reading step record");
-  } else {
-    sqlite3_reset(st);
-    if (rc != SQLITE_DONE) return saga__node_db_fail(n, saga__store_err(rc), "reading step");
-  }
+  rc = s->m->pstep_get(s, env->saga_id, env->step, &pstate, &pattempt, preply);
+  if (rc == SAGA_ENOMEM) return saga__fail(p->env, rc, "out of memory reading step record");
+  if (rc != SAGA_OK) return saga__store_fail(p->env, rc, "reading step");
 
   /* 3. Decide, running the handler if it is due. */
   outcome o;
   memset(&o, 0, sizeof o);
-  rc = decide(n, channel, env, &raw, pstate, pattempt, preply->data, preply->len, &o);
+  rc = decide(p, channel, env, &raw, pstate, pattempt, preply->data, preply->len, &o);
   if (rc != SAGA_OK) return rc;
   if (o.pstate != PS_NONE) {
-    rc = put_pstep(n, env, o.pstate, o.store_reply ? o.payload : NULL, o.payload_len);
+    rc = put_pstep(p, env, o.pstate, o.store_reply ? o.payload : NULL, o.payload_len);
     if (rc != SAGA_OK) return rc;
   }
 
@@ -370,17 +353,74 @@ int saga__participant_command(saga_node *n, const char *channel, const saga_enve
   r.nheaders = hdr.value != NULL ? 1 : 0;
   r.payload = o.status == SAGA_OK ? o.payload : NULL;
   r.payload_len = o.status == SAGA_OK ? o.payload_len : 0;
-  saga__buf_reset(&n->scratch);
-  rc = saga__envelope_encode_buf(&r, &n->scratch);
-  if (rc != SAGA_OK) return saga__node_fail(n, rc, "encoding reply");
-  st = saga__store_stmt(&n->store, ST_INBOX_INSERT);
-  sqlite3_bind_text(st, 1, env->msg_id, -1, SQLITE_STATIC);
-  sqlite3_bind_text(st, 2, env->saga_id, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 3, (sqlite3_int64)saga__node_now(n));
-  sqlite3_bind_text(st, 4, env->reply_to, -1, SQLITE_STATIC);
-  sqlite3_bind_blob(st, 5, n->scratch.data, (int)n->scratch.len, SQLITE_STATIC);
-  rc = saga__store_exec(&n->store, ST_INBOX_INSERT);
-  if (rc != SAGA_OK) return saga__node_db_fail(n, rc, "writing inbox");
-  SAGA__HOOK(n, "participant.after_inbox");
-  return saga__node_outbox(n, env->reply_to, env->saga_id, n->scratch.data, n->scratch.len);
+  saga__buf_reset(&p->enc);
+  rc = saga__envelope_encode_buf(&r, &p->enc);
+  if (rc != SAGA_OK) return saga__fail(p->env, rc, "encoding reply");
+  rc = s->m->inbox_insert(s, env->msg_id, env->saga_id, saga__now(p->env), env->reply_to,
+                          p->enc.data, p->enc.len);
+  if (rc != SAGA_OK) return saga__store_fail(p->env, rc, "writing inbox");
+  SAGA__HOOK(p->env, "participant.after_inbox");
+  return saga__journal_outbox(p->journal, env->reply_to, env->saga_id, p->enc.data, p->enc.len);
+}
+
+/* ---- setup ------------------------------------------------------------------------------ */
+
+void saga__participant_init(saga__participant *p, saga__env *env, saga__journal *j,
+                            saga__engine *e, uint32_t max_deliveries) {
+  memset(p, 0, sizeof *p);
+  p->env = env;
+  p->journal = j;
+  p->engine = e;
+  p->max_deliveries = max_deliveries ? max_deliveries : 10;
+  saga__buf_init(&p->reply, env->alloc);
+  saga__buf_init(&p->prev, env->alloc);
+  saga__buf_init(&p->enc, env->alloc);
+  saga__buf_init(&p->dup_to, env->alloc);
+  saga__buf_init(&p->dup, env->alloc);
+}
+
+void saga__participant_free(saga__participant *p) {
+  for (size_t k = 0; k < p->nhandlers; k++) {
+    saga__free(p->env->alloc, p->handlers[k].channel);
+    saga__free(p->env->alloc, p->handlers[k].command);
+  }
+  saga__free(p->env->alloc, p->handlers);
+  p->handlers = NULL;
+  p->nhandlers = 0;
+  saga__buf_free(&p->reply);
+  saga__buf_free(&p->prev);
+  saga__buf_free(&p->enc);
+  saga__buf_free(&p->dup_to);
+  saga__buf_free(&p->dup);
+}
+
+const saga__handler *saga__participant_find(const saga__participant *p, const char *channel,
+                                            const char *command) {
+  for (size_t k = 0; k < p->nhandlers; k++) {
+    const saga__handler *h = &p->handlers[k];
+    if (strcmp(h->command, command) == 0 && strcmp(h->channel, channel) == 0) return h;
+  }
+  return NULL;
+}
+
+int saga__participant_add(saga__participant *p, const char *channel, const char *command,
+                          saga_handler fn, void *arg) {
+  if (saga__participant_find(p, channel, command) != NULL)
+    return saga__fail(p->env, SAGA_EEXIST, "handler for '%s' on '%s' already registered",
+                      command, channel);
+  saga__handler *v = saga__realloc(p->env->alloc, p->handlers, (p->nhandlers + 1) * sizeof *v);
+  if (v == NULL) return saga__fail(p->env, SAGA_ENOMEM, "out of memory registering handler");
+  p->handlers = v;
+  saga__handler *h = &p->handlers[p->nhandlers];
+  h->channel = saga__strdup(p->env->alloc, channel);
+  h->command = saga__strdup(p->env->alloc, command);
+  if (h->channel == NULL || h->command == NULL) {
+    saga__free(p->env->alloc, h->channel);
+    saga__free(p->env->alloc, h->command);
+    return saga__fail(p->env, SAGA_ENOMEM, "out of memory registering handler");
+  }
+  h->fn = fn;
+  h->arg = arg;
+  p->nhandlers++;
+  return SAGA_OK;
 }

@@ -1,0 +1,392 @@
+/*
+ * The group commit. One flush = one store transaction holding everything queued since the
+ * last one (at most batch_max items each). Only after COMMIT succeeds are deliveries
+ * acknowledged, API callbacks and events run, and the new outbox rows published. If the
+ * transaction fails, nothing of it happened: deliveries stay unacknowledged (the sender
+ * resends them), callbacks get the error.
+ *
+ * The first try of a transaction has no per-item savepoint (they cost); an item that fails
+ * after writing makes the whole transaction run again, from its start, with a savepoint per
+ * item (a "replay"), so that only that item's writes are undone.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "node.h"
+
+/* Runs one delivered message inside the transaction. */
+static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
+  const char *channel = saga__queue_str(q, w->off1);
+  const uint8_t *data = q->arena.data + w->off2;
+  saga_envelope *env = NULL;
+  char err[256];
+  int rc = saga_envelope_decode(data, w->len2, &n->env.limits, n->env.alloc, &env, err,
+                                sizeof err);
+  if (rc == SAGA_ENOMEM) return saga__fail(&n->env, rc, "out of memory decoding a message");
+  if (rc != SAGA_OK) {
+    /* Undecodable: keep it for an operator and acknowledge it, so it is not redelivered. */
+    char reason[320];
+    snprintf(reason, sizeof reason, "%s: %s", saga_err_name(rc), err);
+    size_t max = n->env.limits.max_message_bytes;
+    size_t keep = w->len2 > max ? max : w->len2;
+    rc = saga__journal_dead_letter(&n->journal, channel, NULL, reason, data, keep);
+    w->ack = rc == SAGA_OK;
+    return rc;
+  }
+  switch (env->kind) {
+  case SAGA_MSG_COMMAND:
+    rc = saga__participant_command(&n->part, channel, env, data, w->len2);
+    break;
+  case SAGA_MSG_REPLY:
+    rc = saga__engine_reply(&n->engine, env);
+    break;
+  default:
+    rc = saga__journal_remote_event(&n->journal, data, w->len2);
+    break;
+  }
+  saga_envelope_free(env);
+  if (rc == SAGA_ENODEF) {
+    w->ack = 0; /* keep it at the sender until the definition is registered */
+    return SAGA_OK;
+  }
+  w->ack = rc == SAGA_OK;
+  return rc;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Deletes the outbox rows confirmed in this transaction (the W_SENT items of [from, to)):
+ * sorted, with one delete per run of consecutive ids. Each delete is atomic by itself, so no
+ * savepoint: a failed one leaves its rows to be resent (receivers deduplicate), unless the
+ * store rolled the whole transaction back. */
+static void delete_sent(saga_node *n, saga__queue *q, size_t from, size_t to, int *broken) {
+  saga__store *s = n->env.store;
+  saga__buf *ids = &n->sent_ids;
+  saga__buf_reset(ids);
+  for (size_t i = from; i < to; i++) {
+    saga__work *w = &q->items[i];
+    if (w->type != W_SENT) continue;
+    w->status = SAGA_OK;
+    /* Out of memory: the rows stay and are resent later. */
+    if (saga__buf_append(ids, &w->tag, sizeof w->tag) != SAGA_OK) break;
+  }
+  size_t count = ids->len / sizeof(uint64_t);
+  if (count == 0) return;
+  uint64_t *v = (uint64_t *)(void *)ids->data;
+  if (count > 1) qsort(v, count, sizeof *v, cmp_u64);
+  for (size_t k = 0; k < count;) {
+    size_t e = k;
+    while (e + 1 < count && v[e + 1] <= v[e] + 1) e++;
+    uint64_t deleted = 0;
+    int rc = s->m->outbox_delete(s, v[k], v[e], &deleted);
+    if (rc != SAGA_OK) {
+      saga__store_fail(&n->env, rc, "deleting confirmed outbox rows");
+      saga__log(&n->env, SAGA_LOG_WARN, "%s (they will be resent)", n->env.errmsg);
+      if (!s->m->in_tx(s)) {
+        *broken = 1;
+        return;
+      }
+    } else {
+      n->env.stats.acked_out += deleted;
+    }
+    k = e + 1;
+  }
+}
+
+/* Runs one item. Careful mode wraps it in a savepoint, so that a failure rolls back only this
+ * item. Fast mode (the first try of every transaction) has no item savepoint: an item that
+ * fails after writing sets *replay, and the caller rolls the transaction back and runs it
+ * again in careful mode. A failure before any write (counting writes a handler made and
+ * rolled back) needs no replay. */
+static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful, int *broken,
+                        int *replay) {
+  saga__store *s = n->env.store;
+  int rc;
+  int64_t writes_before = s->m->writes(s);
+  n->part.undone = 0;
+  if (careful) {
+    rc = s->m->savepoint(s, SAGA__SP_ITEM);
+    if (rc != SAGA_OK) {
+      *broken = 1;
+      return w->status = saga__store_fail(&n->env, rc, "opening savepoint");
+    }
+  }
+  saga__journal_mark mark = saga__journal_mark_get(&n->journal);
+  switch (w->type) {
+  case W_DELIVERY:
+    rc = process_delivery(n, q, w);
+    break;
+  case W_START: {
+    const char *name = saga__queue_str(q, w->off1);
+    const saga__def *def = saga__engine_find(&n->engine, name, 0);
+    rc = def == NULL ? saga__fail(&n->env, SAGA_ENODEF, "definition '%s' is not registered",
+                                  name)
+                     : saga__engine_start(&n->engine, def, q->arena.data + w->off2, w->len2,
+                                          w->len3 == SIZE_MAX ? NULL
+                                                              : saga__queue_str(q, w->off3),
+                                          w->saga_id, &w->existed);
+    break;
+  }
+  case W_CANCEL:
+    rc = saga__engine_cancel(&n->engine, saga__queue_str(q, w->off1));
+    break;
+  case W_RETRY:
+    rc = saga__engine_retry(&n->engine, saga__queue_str(q, w->off1));
+    break;
+  case W_DEAD: {
+    const uint8_t *data = q->arena.data + w->off2;
+    size_t max = n->env.limits.max_message_bytes;
+    size_t keep = w->len2 > max ? max : w->len2;
+    rc = saga__journal_dead_letter(&n->journal, saga__queue_str(q, w->off1), NULL,
+                                   saga__queue_str(q, w->off3), data, keep);
+    w->ack = rc == SAGA_OK;
+    break;
+  }
+  case W_UNSENDABLE:
+    rc = saga__relay_unsendable(n, w->tag, w->code);
+    break;
+  default: /* W_SENT: delete_sent() */
+    rc = SAGA_OK;
+    break;
+  }
+  w->status = rc;
+  if (rc < 0) {
+    w->ack = 0;
+    saga__journal_rewind(&n->journal, &mark);
+  }
+  if (!careful) {
+    if (!s->m->in_tx(s)) {
+      *broken = 1;
+    } else if (rc < 0 && s->m->writes(s) - writes_before != n->part.undone) {
+      *replay = 1;
+    }
+    return rc;
+  }
+  int rc2;
+  if (rc < 0) {
+    rc2 = s->m->rollback_to(s, SAGA__SP_ITEM);
+    if (rc2 == SAGA_OK) rc2 = s->m->release(s, SAGA__SP_ITEM);
+  } else {
+    rc2 = s->m->release(s, SAGA__SP_ITEM);
+  }
+  if (rc2 != SAGA_OK || !s->m->in_tx(s)) *broken = 1;
+  return rc;
+}
+
+/* After the transaction: acknowledge, call back, or report the failure. */
+static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int committed,
+                     int tx_rc) {
+  for (size_t i = from; i < to; i++) {
+    saga__work *w = &q->items[i];
+    int status = committed ? w->status : (w->status < 0 ? w->status : tx_rc);
+    switch (w->type) {
+    case W_DELIVERY:
+    case W_DEAD:
+      if (committed && w->ack) {
+        if (w->tag & SAGA__LOOPBACK_TAG) {
+          saga__work *s = saga__queue_push(n, W_SENT, NULL, 0, NULL, 0, NULL, 0);
+          if (s != NULL) s->tag = w->tag & ~SAGA__LOOPBACK_TAG;
+        } else if (n->transport_open && !n->transport_closed) {
+          n->tm.ack(n->transport, w->tag);
+          SAGA__HOOK(&n->env, "tx.after_ack");
+        }
+      }
+      break;
+    case W_START:
+      if (w->cb != NULL)
+        ((saga_start_cb)w->cb)(n, status, status == SAGA_OK ? w->saga_id : NULL, w->existed,
+                               w->cb_arg);
+      break;
+    case W_CANCEL:
+    case W_RETRY:
+      if (w->cb != NULL) ((saga_done_cb)w->cb)(n, status, w->cb_arg);
+      break;
+    case W_SENT:
+    case W_UNSENDABLE:
+      break;
+    }
+  }
+  if (committed)
+    saga__events_dispatch(n);
+  else
+    saga__journal_clear_events(&n->journal);
+}
+
+void saga__batch_fail(saga_node *n, saga__queue *q, int status) {
+  for (size_t i = 0; i < q->n; i++) q->items[i].status = status;
+  size_t count = q->n;
+  q->n = 0; /* after_tx may not queue into it again while we walk it */
+  saga__queue tmp = *q;
+  tmp.n = count;
+  after_tx(n, &tmp, 0, count, 0, status);
+}
+
+/* One try of a transaction over items [from, to). Returns with the transaction committed
+ * (SAGA_OK) or rolled back; *replay asks for a careful retry (see process_item). */
+static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with_timers,
+                  int *more_due, int careful, int *replay) {
+  saga__store *s = n->env.store;
+  saga__journal_begin(&n->journal);
+  int broken = 0, rc = s->m->begin(s);
+  if (rc != SAGA_OK) {
+    saga__store_fail(&n->env, rc, "beginning transaction");
+    return rc;
+  }
+  for (size_t i = from; i < to && !broken && !*replay; i++)
+    if (q->items[i].type != W_SENT) process_item(n, q, &q->items[i], careful, &broken, replay);
+  if (!broken && !*replay) delete_sent(n, q, from, to, &broken);
+  if (with_timers && !broken && !*replay) {
+    size_t processed = 0;
+    int trc = saga__engine_due(&n->engine, saga__now(&n->env), n->batch_max, &processed);
+    if (trc < 0 || !s->m->in_tx(s)) broken = 1;
+    *more_due = trc == SAGA_OK && processed >= n->batch_max;
+    rc = trc < 0 ? trc : rc;
+  }
+  if (!broken && !*replay) {
+    int hrc = saga__journal_finish(&n->journal);
+    if (hrc != SAGA_OK) {
+      /* Fast: run again with savepoints (and fail the same way, cleanly); careful: fail. */
+      if (!careful && s->m->in_tx(s))
+        *replay = 1;
+      else
+        broken = 1;
+      rc = hrc;
+    }
+  }
+  if (!broken && !*replay) {
+    SAGA__HOOK(&n->env, "tx.before_commit");
+    rc = s->m->commit(s);
+    if (rc == SAGA_OK) {
+      SAGA__HOOK(&n->env, "tx.after_commit");
+      return SAGA_OK;
+    }
+    saga__store_fail(&n->env, rc, "committing");
+  } else if (rc == SAGA_OK) {
+    rc = SAGA_ESTORE;
+    for (size_t i = from; i < to; i++)
+      if (q->items[i].status < 0) rc = q->items[i].status;
+  }
+  if (s->m->in_tx(s)) s->m->rollback(s);
+  return rc;
+}
+
+/* Runs items [from, to) in one transaction: first fast, then, if an item failed half-way,
+ * again with a savepoint per item, from the state the transaction started with. */
+static int run_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with_timers,
+                  int *more_due) {
+  saga_node_stats stats = n->env.stats;
+  saga__journal_mark mark = saga__journal_mark_get(&n->journal);
+  int replay = 0;
+  int rc = try_tx(n, q, from, to, with_timers, more_due, 0, &replay);
+  if (!replay) return rc;
+  n->env.stats = stats;
+  saga__journal_rewind(&n->journal, &mark);
+  for (size_t i = from; i < to; i++) {
+    q->items[i].status = SAGA_OK;
+    q->items[i].ack = 0;
+    q->items[i].existed = 0;
+  }
+  *more_due = 0;
+  n->env.stats.replayed_tx++;
+  replay = 0;
+  return try_tx(n, q, from, to, with_timers, more_due, 1, &replay);
+}
+
+void saga__batch_flush(saga_node *n) {
+  if (n->closing || !n->started || n->in_flush) return;
+  n->in_flush = 1;
+  saga__queue *q = &n->queues[n->cur];
+  n->cur ^= 1;
+  size_t total = q->n, from = 0;
+  int due = n->timers_due;
+  n->timers_due = 0;
+  int failed = 0;
+  do {
+    size_t to = total - from > n->batch_max ? from + n->batch_max : total;
+    int last = to == total, more_due = 0;
+    int rc = run_tx(n, q, from, to, last && due, &more_due);
+    n->env.stats.transactions++;
+    n->env.stats.work_items += to - from;
+    if (rc != SAGA_OK) {
+      failed = 1;
+      n->env.stats.commit_failures++;
+      saga__log(&n->env, SAGA_LOG_ERROR, "transaction failed, nothing of it was applied: %s",
+                n->env.errmsg);
+      if (last && due) n->timers_due = 1;
+    } else if (more_due) {
+      n->timers_due = 1;
+    }
+    after_tx(n, q, from, to, rc == SAGA_OK, rc);
+    from = to;
+  } while (from < total && !n->closing);
+  if (from < total) after_tx(n, q, from, total, 0, SAGA_ECLOSED); /* closed mid-way */
+  q->n = 0;
+  saga__buf_reset(&q->arena);
+  n->in_flush = 0;
+  if (n->closing) return; /* node.c finishes the close */
+  saga__relay_fresh(n);
+  saga__batch_arm_deadline(n);
+  if (failed) {
+    /* Give a full or failing disk a moment before the timers try again. */
+    saga__timer_arm(&n->retry_timer, saga__now(&n->env) + 100);
+  } else if (n->timers_due) {
+    saga__queue_schedule(n);
+  }
+}
+
+/* ---- recovery --------------------------------------------------------------------------- */
+
+int saga__batch_recover(saga_node *n) {
+  saga__store *s = n->env.store;
+  int missing = 0;
+  saga__journal_begin(&n->journal);
+  int rc = s->m->begin(s);
+  if (rc != SAGA_OK) {
+    saga__store_fail(&n->env, rc, "beginning recovery");
+  } else {
+    rc = saga__engine_unpark(&n->engine, &missing);
+    if (rc == SAGA_OK) rc = saga__journal_finish(&n->journal);
+    if (rc == SAGA_OK) {
+      rc = s->m->commit(s);
+      if (rc != SAGA_OK) saga__store_fail(&n->env, rc, "committing recovery");
+    }
+  }
+  if (rc != SAGA_OK) {
+    if (s->m->in_tx(s)) s->m->rollback(s);
+    saga__journal_clear_events(&n->journal);
+    return rc;
+  }
+  return missing;
+}
+
+/* ---- timers of due sagas ---------------------------------------------------------------- */
+
+static void due_timer_cb(saga__timer *t) {
+  saga_node *n = t->data;
+  n->timers_due = 1;
+  saga__queue_schedule(n);
+}
+
+void saga__batch_init(saga_node *n) {
+  saga__timer_init(&n->deadline_timer, n->env.clock, due_timer_cb, n);
+  saga__timer_init(&n->retry_timer, n->env.clock, due_timer_cb, n);
+}
+
+void saga__batch_stop(saga_node *n) {
+  saga__timer_stop(&n->deadline_timer);
+  saga__timer_stop(&n->retry_timer);
+}
+
+void saga__batch_arm_deadline(saga_node *n) {
+  if (n->closing) return;
+  saga__store *s = n->env.store;
+  uint64_t at = 0;
+  if (s->m->inst_next_due(s, &at) == SAGA_OK)
+    saga__timer_arm(&n->deadline_timer, at);
+  else
+    saga__timer_stop(&n->deadline_timer);
+}

@@ -1,0 +1,52 @@
+/*
+ * The orchestrator: the saga definitions a node runs and the state machine of their
+ * instances. It decides a transition from an instance and an event, and asks only the store
+ * (load, insert, save) and the journal (outbox rows, events, history) — never the node, its
+ * queue or its transport. Every function runs inside a transaction its caller opened.
+ * Not reentrant: one call at a time (the instance being processed is e->inst).
+ */
+#ifndef SAGA_SRC_CORE_ENGINE_H
+#define SAGA_SRC_CORE_ENGINE_H
+
+#include "journal.h"
+
+typedef struct saga__engine {
+  saga__env *env;
+  saga__journal *journal;
+  const char *reply_to;  /* where replies to this node's commands go (the node's name) */
+  uint64_t reply_key[2]; /* keys the tag of command ids (the store's reply_key) */
+  saga__def *defs;
+  size_t ndefs;
+  saga__inst inst; /* the instance being processed */
+  saga__buf cmd;   /* encoding of a command */
+  saga__buf ids;   /* due or recovering instances */
+} saga__engine;
+
+void saga__engine_init(saga__engine *e, saga__env *env, saga__journal *j, const char *reply_to);
+void saga__engine_free(saga__engine *e);
+/* Validates and copies def. SAGA_EEXIST when that name and version are registered. */
+int saga__engine_register(saga__engine *e, const saga_definition *def);
+/* The definition name at version (0 = the highest registered), or NULL. */
+const saga__def *saga__engine_find(const saga__engine *e, const char *name, uint32_t version);
+
+/* Starts a saga of def (input: an encoded data map; idem_key NULL = none). id_out gets its id
+ * (the existing one, with *existed = 1, when idem_key was used before). */
+int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
+                       size_t input_len, const char *idem_key, char id_out[40], int *existed);
+/* A reply to a command of this node. SAGA_ENODEF: its saga's definition is not registered
+ * (keep the message). */
+int saga__engine_reply(saga__engine *e, const saga_envelope *reply);
+/* Timers: handles at most max instances due at now; *processed is how many were due. */
+int saga__engine_due(saga__engine *e, uint64_t now, size_t max, size_t *processed);
+int saga__engine_cancel(saga__engine *e, const char *saga_id);
+/* saga_retry_failed: compensates a FAILED saga again. */
+int saga__engine_retry(saga__engine *e, const char *saga_id);
+/* Recovery at start: unparks instances whose definition is now registered, parks and counts
+ * in *missing those whose definition is not. */
+int saga__engine_unpark(saga__engine *e, int *missing);
+/* The transport refused for good (code) to send cmd, a command this node wrote: if its saga
+ * waits for exactly that attempt, the step fails with reason. */
+int saga__engine_undeliverable(saga__engine *e, const saga_envelope *cmd, int code,
+                               const char *reason);
+
+#endif /* SAGA_SRC_CORE_ENGINE_H */

@@ -1,0 +1,226 @@
+/*
+ * The journal (journal.h): history rows, events and published events, outbox rows with ids
+ * that never repeat, and dead letters — what a transaction records besides instance rows.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "journal.h"
+
+void saga__journal_init(saga__journal *j, saga__env *env) {
+  memset(j, 0, sizeof *j);
+  j->env = env;
+  saga__buf_init(&j->event_text, env->alloc);
+  saga__buf_init(&j->remote_events, env->alloc);
+  saga__buf_init(&j->event_buf, env->alloc);
+  saga__buf_init(&j->hist, env->alloc);
+  saga__buf_init(&j->hist_text, env->alloc);
+}
+
+void saga__journal_free(saga__journal *j) {
+  saga__free(j->env->alloc, j->events);
+  j->events = NULL;
+  saga__buf_free(&j->event_text);
+  saga__buf_free(&j->remote_events);
+  saga__buf_free(&j->event_buf);
+  saga__buf_free(&j->hist);
+  saga__buf_free(&j->hist_text);
+}
+
+saga__journal_mark saga__journal_mark_get(const saga__journal *j) {
+  saga__journal_mark m = {j->nevents, j->event_text.len, j->remote_events.len, j->hist.len,
+                          j->hist_text.len};
+  return m;
+}
+
+void saga__journal_rewind(saga__journal *j, const saga__journal_mark *m) {
+  j->nevents = m->nevents;
+  j->event_text.len = m->event_text;
+  j->remote_events.len = m->remote;
+  j->hist.len = m->hist;
+  j->hist_text.len = m->hist_text;
+}
+
+void saga__journal_clear_events(saga__journal *j) {
+  j->nevents = 0;
+  saga__buf_reset(&j->event_text);
+  saga__buf_reset(&j->remote_events);
+}
+
+/* ---- events and history ----------------------------------------------------------------- */
+
+static int grow_events(saga__journal *j) {
+  if (j->nevents < j->events_cap) return SAGA_OK;
+  size_t cap = j->events_cap ? j->events_cap * 2 : 64;
+  saga__event_rec *p = saga__realloc(j->env->alloc, j->events, cap * sizeof *p);
+  if (p == NULL) return saga__fail(j->env, SAGA_ENOMEM, "out of memory buffering an event");
+  j->events = p;
+  j->events_cap = cap;
+  return SAGA_OK;
+}
+
+/* Writes the transition as an event message to the event channel, in this transaction. */
+static int publish_event(saga__journal *j, saga_event_type type, const saga__inst *inst,
+                         int step, uint32_t attempt, const char *detail, uint64_t now) {
+  char msg_id[80], at[24], version[16];
+  snprintf(msg_id, sizeof msg_id, "%s/e/%lld", inst->id, (long long)inst->hseq);
+  snprintf(at, sizeof at, "%llu", (unsigned long long)now);
+  snprintf(version, sizeof version, "%u", inst->def_version);
+  const saga__def *def = inst->def;
+  const char *step_name =
+      (def && step >= 0 && (size_t)step < def->nsteps) ? def->steps[step].name : "";
+  saga_header hdr[4] = {{"definition", inst->def_name}, {"version", version},
+                        {"step-name", step_name}, {"at", at}};
+  saga_envelope env;
+  memset(&env, 0, sizeof env);
+  env.version = SAGA_ENVELOPE_VERSION;
+  env.kind = SAGA_MSG_EVENT;
+  env.msg_id = msg_id;
+  env.saga_id = inst->id;
+  env.step = step < 0 ? UINT32_MAX : (uint32_t)step;
+  env.attempt = attempt;
+  env.name = saga_event_name(type);
+  env.status = inst->state;
+  env.error = detail;
+  env.headers = hdr;
+  env.nheaders = 4;
+  env.payload = inst->data.data;
+  env.payload_len = inst->data.len;
+  saga__buf_reset(&j->event_buf);
+  int rc = saga__envelope_encode_buf(&env, &j->event_buf);
+  if (rc != SAGA_OK) return saga__fail(j->env, rc, "encoding event");
+  return saga__journal_outbox(j, j->event_channel, inst->id, j->event_buf.data,
+                              j->event_buf.len);
+}
+
+int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst, int step,
+                        uint32_t attempt, const char *detail) {
+  if (detail == NULL) detail = "";
+  uint64_t now = saga__now(j->env);
+  saga__hist_rec h;
+  memset(&h, 0, sizeof h);
+  memcpy(h.saga_id, inst->id, sizeof h.saga_id);
+  h.seq = inst->hseq + 1;
+  h.at_ms = now;
+  h.type = (int)type;
+  h.step = step;
+  h.attempt = attempt;
+  h.detail_off = j->hist_text.len;
+  size_t hist_len = j->hist.len;
+  if (saga__buf_append(&j->hist_text, detail, strlen(detail) + 1) != SAGA_OK ||
+      saga__buf_append(&j->hist, &h, sizeof h) != SAGA_OK) {
+    j->hist.len = hist_len;
+    j->hist_text.len = h.detail_off;
+    return saga__fail(j->env, SAGA_ENOMEM, "out of memory recording history");
+  }
+  inst->hseq++;
+  int rc;
+  if (j->event_channel != NULL) {
+    rc = publish_event(j, type, inst, step, attempt, detail, now);
+    if (rc != SAGA_OK) return rc;
+  }
+  if (!j->keep_events) return SAGA_OK;
+  if ((rc = grow_events(j)) != SAGA_OK) return rc;
+  saga__event_rec *r = &j->events[j->nevents];
+  r->remote_off = 0;
+  r->detail_off = j->event_text.len;
+  size_t dlen = strlen(detail), nlen = strlen(inst->def_name);
+  if (saga__buf_reserve(&j->event_text, dlen + nlen + 2) != SAGA_OK)
+    return saga__fail(j->env, SAGA_ENOMEM, "out of memory buffering an event");
+  saga__buf_append(&j->event_text, detail, dlen + 1);
+  saga__buf_append(&j->event_text, inst->def_name, nlen + 1);
+  r->type = type;
+  memcpy(r->saga_id, inst->id, sizeof r->saga_id);
+  r->def = inst->def;
+  r->step = step;
+  r->attempt = attempt;
+  r->state = (saga_state)inst->state;
+  r->at_ms = now;
+  j->nevents++;
+  return SAGA_OK;
+}
+
+int saga__journal_remote_event(saga__journal *j, const void *data, size_t len) {
+  if (!j->keep_remote) return SAGA_OK;
+  int rc = grow_events(j);
+  if (rc != SAGA_OK) return rc;
+  uint64_t len64 = len;
+  size_t off = j->remote_events.len;
+  if (saga__buf_append(&j->remote_events, &len64, sizeof len64) != SAGA_OK ||
+      saga__buf_append(&j->remote_events, data, len) != SAGA_OK) {
+    j->remote_events.len = off;
+    return saga__fail(j->env, SAGA_ENOMEM, "out of memory buffering an event");
+  }
+  saga__event_rec *r = &j->events[j->nevents++];
+  memset(r, 0, sizeof *r);
+  r->remote_off = off + 1;
+  return SAGA_OK;
+}
+
+/* ---- the transaction's bracket ---------------------------------------------------------- */
+
+void saga__journal_begin(saga__journal *j) {
+  saga__buf_reset(&j->hist);
+  saga__buf_reset(&j->hist_text);
+  j->outbox_next_valid = 0;
+  j->outbox_used = 0;
+}
+
+int saga__journal_finish(saga__journal *j) {
+  saga__store *s = j->env->store;
+  const saga__hist_rec *h = (const saga__hist_rec *)(void *)j->hist.data;
+  size_t count = j->hist.len / sizeof *h;
+  int rc = count > 0 ? s->m->hist_insert(s, h, count, (const char *)j->hist_text.data)
+                     : SAGA_OK;
+  saga__buf_reset(&j->hist);
+  saga__buf_reset(&j->hist_text);
+  if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "recording history");
+  if (!j->outbox_used) return SAGA_OK;
+  rc = s->m->outbox_mark(s, j->outbox_next - 1);
+  if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "recording the outbox id");
+  j->outbox_used = 0;
+  return SAGA_OK;
+}
+
+/* ---- outbox and dead letters ------------------------------------------------------------ */
+
+/* Outbox ids increase and never repeat: the next id is above the largest the store ever used,
+ * read once per transaction under the write lock (processes sharing the database do not
+ * collide); saga__journal_finish records the last id taken. */
+static int next_outbox_id(saga__journal *j, uint64_t *id) {
+  if (!j->outbox_next_valid) {
+    uint64_t max = 0;
+    saga__store *s = j->env->store;
+    int rc = s->m->outbox_max(s, &max);
+    if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "reading outbox");
+    if (j->outbox_next <= max) j->outbox_next = max + 1;
+    j->outbox_next_valid = 1;
+  }
+  *id = j->outbox_next++;
+  j->outbox_used = 1;
+  return SAGA_OK;
+}
+
+int saga__journal_outbox(saga__journal *j, const char *channel, const char *saga_id,
+                         const void *body, size_t len) {
+  uint64_t id = 0;
+  int rc = next_outbox_id(j, &id);
+  if (rc != SAGA_OK) return rc;
+  saga__store *s = j->env->store;
+  rc = s->m->outbox_insert(s, id, channel, saga_id, body, len, saga__now(j->env));
+  if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "writing outbox");
+  SAGA__HOOK(j->env, "outbox.after_insert");
+  return SAGA_OK;
+}
+
+int saga__journal_dead_letter(saga__journal *j, const char *channel, const char *msg_id,
+                              const char *reason, const void *body, size_t len) {
+  saga__store *s = j->env->store;
+  int rc = s->m->dead_insert(s, saga__now(j->env), channel, msg_id, reason, body, len);
+  if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "writing dead letter");
+  j->env->stats.dead_letters++;
+  saga__log(j->env, SAGA_LOG_WARN, "dead letter on '%s' (msg '%s'): %s", channel,
+            msg_id ? msg_id : "", reason);
+  return SAGA_OK;
+}

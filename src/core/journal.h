@@ -1,0 +1,71 @@
+/*
+ * The journal: what one transaction records besides the instance rows — its history rows, the
+ * events to hand to the application after the commit, outbox rows (with ids that never
+ * repeat) and dead letters. The engine, the participant and the node write through it; it
+ * writes through the store and calls nothing else of the core.
+ */
+#ifndef SAGA_SRC_CORE_JOURNAL_H
+#define SAGA_SRC_CORE_JOURNAL_H
+
+#include "core.h"
+
+/* An event buffered until the commit: a transition of this node's saga, or (remote_off != 0)
+ * an event message received from another node. */
+typedef struct saga__event_rec {
+  saga_event_type type;
+  uint64_t remote_off; /* remote event: offset+1 of its bytes in remote_events */
+  char saga_id[40];
+  const saga__def *def;
+  int step;
+  uint32_t attempt;
+  saga_state state;
+  size_t detail_off; /* in event_text: detail, NUL, definition name, NUL */
+  uint64_t at_ms;
+} saga__event_rec;
+
+typedef struct saga__journal {
+  saga__env *env;
+  int keep_events;            /* someone listens: buffer transitions for after the commit */
+  int keep_remote;            /* someone subscribed to other nodes' events */
+  const char *event_channel;  /* also publish transitions there (NULL = no) */
+  saga__event_rec *events;
+  size_t nevents, events_cap;
+  saga__buf event_text;
+  saga__buf remote_events;    /* received event messages: u64 length, bytes */
+  saga__buf event_buf;        /* encoding of a published event */
+  saga__buf hist, hist_text;  /* history rows of the transaction (saga__hist_rec each) */
+  uint64_t outbox_next;       /* next outbox id */
+  int outbox_next_valid;      /* outbox_next checked against the store in this transaction */
+  int outbox_used;            /* ids taken in this transaction (the mark to update) */
+} saga__journal;
+
+/* Where the journal stood: rewinding to it forgets what was recorded since. */
+typedef struct saga__journal_mark {
+  size_t nevents, event_text, remote, hist, hist_text;
+} saga__journal_mark;
+
+void saga__journal_init(saga__journal *j, saga__env *env);
+void saga__journal_free(saga__journal *j);
+/* After every BEGIN: forgets the history of an earlier try and re-reads the outbox mark. */
+void saga__journal_begin(saga__journal *j);
+/* Before every COMMIT: writes the buffered history rows (emptied either way) and the outbox
+ * mark. */
+int saga__journal_finish(saga__journal *j);
+saga__journal_mark saga__journal_mark_get(const saga__journal *j);
+void saga__journal_rewind(saga__journal *j, const saga__journal_mark *m);
+/* Forgets the buffered events (after they were dispatched, or after a rollback). */
+void saga__journal_clear_events(saga__journal *j);
+
+/* Records a transition of inst (history row, event, published event); bumps inst->hseq. */
+int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst, int step,
+                        uint32_t attempt, const char *detail);
+/* Keeps an event message from another node for dispatch after the commit (dropped when
+ * nobody subscribed). */
+int saga__journal_remote_event(saga__journal *j, const void *data, size_t len);
+/* Inserts an outbox row. */
+int saga__journal_outbox(saga__journal *j, const char *channel, const char *saga_id,
+                         const void *body, size_t len);
+int saga__journal_dead_letter(saga__journal *j, const char *channel, const char *msg_id,
+                              const char *reason, const void *body, size_t len);
+
+#endif /* SAGA_SRC_CORE_JOURNAL_H */

@@ -1,0 +1,97 @@
+/*
+ * The SQLite backend's private declarations: the connection, the statements prepared once,
+ * and the background checkpoint state. Only src/store/sqlite/ includes this file (and
+ * sqlite3.h).
+ */
+#ifndef SAGA_SRC_STORE_SQLITE_SQLITE_STORE_H
+#define SAGA_SRC_STORE_SQLITE_SQLITE_STORE_H
+
+#include <sqlite3.h>
+
+#include "../store.h"
+
+typedef enum sq_stmt_id {
+  ST_BEGIN,
+  ST_COMMIT,
+  ST_ROLLBACK,
+  ST_SP_ITEM,
+  ST_SP_ITEM_RELEASE,
+  ST_SP_ITEM_ROLLBACK,
+  ST_SP_HANDLER,
+  ST_SP_HANDLER_RELEASE,
+  ST_SP_HANDLER_ROLLBACK,
+  ST_INST_INSERT,
+  ST_INST_GET,
+  ST_INST_BY_KEY,
+  ST_INST_UPDATE,
+  ST_INST_UPDATE_STEP,
+  ST_INST_DUE,
+  ST_INST_MIN_DEADLINE,
+  ST_INST_UNPARK,
+  ST_INST_INFLIGHT,
+  ST_INST_BY_STATE,
+  ST_HIST_INSERT,
+  ST_HIST_INSERT2,
+  ST_HIST_INSERT8,
+  ST_OUTBOX_INSERT,
+  ST_OUTBOX_MAX,
+  ST_OUTBOX_MARK,
+  ST_OUTBOX_DELETE,
+  ST_OUTBOX_AFTER,
+  ST_OUTBOX_STALE,
+  ST_OUTBOX_GET,
+  ST_OUTBOX_COUNT,
+  ST_INBOX_GET,
+  ST_INBOX_INSERT,
+  ST_PSTEP_GET,
+  ST_PSTEP_PUT,
+  ST_DEAD_INSERT,
+  ST_PURGE_AGED,
+  ST_PURGE_EXCESS,
+  ST_PURGE_HISTORY,
+  ST_PURGE_INSTANCE,
+  ST_PURGE_INBOX_EDGE,
+  ST_PURGE_INBOX_RANGE,
+  ST_PURGE_INBOX_TAIL,
+  ST_PURGE_PSTEP_EDGE,
+  ST_PURGE_PSTEP_RANGE,
+  ST_PURGE_PSTEP_TAIL,
+  ST__COUNT
+} sq_stmt_id;
+
+typedef struct sq_store {
+  saga__store base;
+  const saga_allocator *alloc;
+  sqlite3 *db;
+  sqlite3_stmt *st[ST__COUNT];
+  saga_log_fn log;
+  void *log_arg;
+  /* checkpoint.c */
+  uv_loop_t *loop;
+  uint32_t ckpt_pages;
+  uint32_t ckpt_last_pages;   /* WAL size when the last background pass was started */
+  int ckpt_sync;
+  char *ckpt_path, *ckpt_vfs; /* NULL path: SQLite's inline auto-checkpoint */
+  sqlite3 *ckpt_db;           /* the worker's connection, opened on first use */
+  uv_work_t ckpt_req;
+  int ckpt_running, ckpt_open_failed, stopping;
+  int ckpt_rc;                /* SQLite code of the last background pass */
+  char ckpt_err[256];
+  void (*stop_done)(void *);  /* called once a running pass ends after stop() */
+  void *stop_arg;
+  uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
+} sq_store;
+
+/* Maps a SQLite result code to a SAGA_E* code. */
+int saga__sq_err(int sqlite_rc);
+void saga__sq_log(sq_store *s, saga_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* checkpoint.c: installs the WAL hook (background) or SQLite's auto-checkpoint. */
+int saga__sq_checkpoint_init(sq_store *s, const saga__sqlite_config *cfg, char *err,
+                             size_t errlen);
+/* 0 when no pass runs, else 1 and done(arg) is called when it ends. */
+int saga__sq_checkpoint_stop(sq_store *s, void (*done)(void *), void *arg);
+void saga__sq_checkpoint_free(sq_store *s);
+
+#endif /* SAGA_SRC_STORE_SQLITE_SQLITE_STORE_H */

@@ -1,0 +1,219 @@
+/*
+ * The storage interface of the core, in the terms of the domain: transactions, saga instances,
+ * history, the outbox, the participant's inbox and step records, dead letters and retention.
+ * The core reaches its database only through this table of functions; the SQLite
+ * implementation (src/store/sqlite/) is the one backend today, and the only code of the
+ * library that calls sqlite3_*. A second backend is one more folder that fills this table.
+ *
+ * Conventions: every function returns SAGA_OK or a SAGA_E* code; after a failure,
+ * errmsg() tells what the database said. Text arguments are NUL-terminated and only read
+ * during the call. A "visitor" is called once per row while the row is being read: it must
+ * not call the store. One store is used by one thread (the node's loop).
+ */
+#ifndef SAGA_SRC_STORE_STORE_H
+#define SAGA_SRC_STORE_STORE_H
+
+#include <string.h>
+
+#include "../internal.h"
+
+struct saga__def; /* the core's definition: the store never looks inside */
+
+/* Values of saga__inst.wait. */
+enum { SAGA__WAIT_NONE = 0, SAGA__WAIT_REPLY = 1, SAGA__WAIT_BACKOFF = 2 };
+
+/* A saga instance as stored (one row of saga_instance in the SQLite backend). */
+typedef struct saga__inst {
+  char id[40];
+  const struct saga__def *def; /* set by the engine after a load; ignored by the store */
+  char def_name[160];
+  uint32_t def_version;
+  int state, phase, step, wait, flags, parked;
+  int saved_state, saved_parked; /* as stored: lets a backend skip unchanged columns */
+  uint32_t attempt;
+  int64_t hseq; /* last history sequence number */
+  saga__buf data; /* encoded data map */
+  char error[520];
+  char trace_span[20];
+  uint64_t created_ms, updated_ms;
+  uint64_t step_deadline, saga_deadline; /* 0 = none */
+  int exists;
+} saga__inst;
+
+static inline void saga__inst_init(saga__inst *i, const saga_allocator *a) {
+  memset(i, 0, sizeof *i);
+  saga__buf_init(&i->data, a);
+}
+static inline void saga__inst_free(saga__inst *i) { saga__buf_free(&i->data); }
+/* The earlier of the two deadlines (0 = none): when the instance is next due. */
+static inline uint64_t saga__inst_next_deadline(const saga__inst *i) {
+  uint64_t a = i->step_deadline, b = i->saga_deadline;
+  if (a == 0) return b;
+  if (b == 0) return a;
+  return a < b ? a : b;
+}
+
+/* One history row; its detail is text + detail_off (NUL-terminated) in a batch. */
+typedef struct saga__hist_rec {
+  char saga_id[40];
+  int64_t seq;
+  uint64_t at_ms;
+  int type, step;
+  uint32_t attempt;
+  size_t detail_off;
+} saga__hist_rec;
+
+/* A retention cursor over a table in key order: the last key passed ("" and -1 = start). */
+typedef struct saga__sweep {
+  saga__buf key;
+  int64_t key_step;
+} saga__sweep;
+
+typedef enum saga__sweep_table { SAGA__SWEEP_INBOX, SAGA__SWEEP_STEPS } saga__sweep_table;
+
+/* Savepoints inside a transaction: one around a work item, one around a handler. */
+typedef enum saga__savepoint { SAGA__SP_ITEM, SAGA__SP_HANDLER } saga__savepoint;
+
+/* Called for each outbox row read by outbox_after / outbox_stale. */
+typedef void (*saga__outbox_fn)(void *arg, uint64_t id, const char *channel, const void *body,
+                                size_t len);
+/* Called for each running or compensating saga by inst_inflight. */
+typedef void (*saga__inflight_fn)(void *arg, const char *id, const char *def_name,
+                                  uint32_t def_version, int parked);
+
+typedef struct saga__store saga__store;
+
+typedef struct saga__store_methods {
+  const char *name;
+  /* ---- transactions ---- */
+  /* begin: a write transaction (exclusive among the processes sharing the database). */
+  int (*begin)(saga__store *s);
+  int (*commit)(saga__store *s);
+  int (*rollback)(saga__store *s);
+  /* Nonzero while a transaction is open; 0 after the database ended one on its own (some
+   * errors roll back the whole transaction). */
+  int (*in_tx)(saga__store *s);
+  int (*savepoint)(saga__store *s, saga__savepoint sp);
+  int (*release)(saga__store *s, saga__savepoint sp);
+  int (*rollback_to)(saga__store *s, saga__savepoint sp); /* the savepoint stays open */
+  /* A counter of rows written (inserted, updated, deleted) on this store, undone or not:
+   * two readings tell whether anything was written in between. */
+  int64_t (*writes)(saga__store *s);
+
+  /* ---- saga instances ---- */
+  /* Fills i (all but def) from the stored row. SAGA_ENOTFOUND when there is none. */
+  int (*inst_load)(saga__store *s, const char *id, saga__inst *i);
+  /* The id of the saga started with idem_key into id_out. SAGA_ENOTFOUND when none. */
+  int (*inst_find_key)(saga__store *s, const char *idem_key, char id_out[40]);
+  /* Inserts a new instance, with idem_key (NULL = none) unique among instances. */
+  int (*inst_insert)(saga__store *s, const saga__inst *i, const char *idem_key);
+  /* Saves every mutable field of i. A parked instance is never due. */
+  int (*inst_save)(saga__store *s, const saga__inst *i);
+  /* Appends to ids (40 bytes each) at most max instances due at or before now (earliest
+   * first); *count is how many. */
+  int (*inst_due)(saga__store *s, uint64_t now, size_t max, saga__buf *ids, size_t *count);
+  /* The earliest deadline of an instance that is not parked. SAGA_ENOTFOUND when none. */
+  int (*inst_next_due)(saga__store *s, uint64_t *at);
+  /* Visits every RUNNING or COMPENSATING instance. */
+  int (*inst_inflight)(saga__store *s, saga__inflight_fn fn, void *arg);
+  /* Makes a parked instance due again at its deadlines. */
+  int (*inst_unpark)(saga__store *s, const char *id);
+  /* counts[state] for each saga_state 1..5; counts[0] = 0. */
+  int (*inst_count)(saga__store *s, int64_t counts[6]);
+
+  /* ---- history ---- */
+  /* Appends count rows (text holds their details). */
+  int (*hist_insert)(saga__store *s, const saga__hist_rec *rows, size_t count,
+                     const char *text);
+
+  /* ---- outbox ---- */
+  /* The largest outbox id ever used (also of rows deleted since): new ids go above it. */
+  int (*outbox_max)(saga__store *s, uint64_t *max);
+  /* Records id as used (never lowers the mark), in the current transaction. */
+  int (*outbox_mark)(saga__store *s, uint64_t id);
+  int (*outbox_insert)(saga__store *s, uint64_t id, const char *channel, const char *saga_id,
+                       const void *body, size_t len, uint64_t now);
+  /* Deletes the rows with ids in [lo, hi]; *deleted is how many there were. */
+  int (*outbox_delete)(saga__store *s, uint64_t lo, uint64_t hi, uint64_t *deleted);
+  /* Visits up to max rows with id > after, in id order; *rows is how many. */
+  int (*outbox_after)(saga__store *s, uint64_t after, size_t max, saga__outbox_fn fn,
+                      void *arg, size_t *rows);
+  /* Visits up to max rows with after < id <= upto created at or before `created`, in id
+   * order; *rows is how many. */
+  int (*outbox_stale)(saga__store *s, uint64_t after, uint64_t upto, uint64_t created,
+                      size_t max, saga__outbox_fn fn, void *arg, size_t *rows);
+  /* Copies one row: channel (NUL-terminated) and body. SAGA_ENOTFOUND when gone. */
+  int (*outbox_get)(saga__store *s, uint64_t id, saga__buf *channel, saga__buf *body);
+  int (*outbox_count)(saga__store *s, int64_t *count);
+
+  /* ---- participant: inbox and step records ---- */
+  /* The recorded reply to message msg_id and where it went: reply_to gets the channel
+   * (NUL-terminated), reply the bytes. SAGA_ENOTFOUND when the message is new. */
+  int (*inbox_get)(saga__store *s, const char *msg_id, saga__buf *reply_to, saga__buf *reply);
+  int (*inbox_insert)(saga__store *s, const char *msg_id, const char *saga_id, uint64_t now,
+                      const char *reply_to, const void *reply, size_t len);
+  /* The step record of (saga_id, step): *state 0 when there is none; reply gets the
+   * recorded reply data. */
+  int (*pstep_get)(saga__store *s, const char *saga_id, uint32_t step, int *state,
+                   uint32_t *attempt, saga__buf *reply);
+  /* Writes the step record (reply NULL = none). */
+  int (*pstep_put)(saga__store *s, const char *saga_id, uint32_t step, int state,
+                   uint32_t attempt, const void *reply, size_t len, uint64_t now);
+
+  /* ---- dead letters ---- */
+  int (*dead_insert)(saga__store *s, uint64_t now, const char *channel, const char *msg_id,
+                     const char *reason, const void *body, size_t len);
+
+  /* ---- retention ---- */
+  /* Appends to ids (NUL-separated) at most max finished sagas last updated before cutoff,
+   * oldest first; *count is how many. */
+  int (*finished_before)(saga__store *s, uint64_t cutoff, size_t max, saga__buf *ids,
+                         size_t *count);
+  /* Same for the finished sagas beyond the newest `keep`, newest first. */
+  int (*finished_beyond)(saga__store *s, uint64_t keep, size_t max, saga__buf *ids,
+                         size_t *count);
+  /* Deletes a finished saga and its history; *deleted 0 when it was already gone. */
+  int (*purge_saga)(saga__store *s, const char *id, int *deleted);
+  /* Deletes the records older than cutoff among the next `batch` keys of table after the
+   * cursor c, and moves c (back to the start after the last key; *more set when a full batch
+   * was walked). *deleted grows by the rows deleted. */
+  int (*sweep)(saga__store *s, saga__sweep_table table, saga__sweep *c, size_t batch,
+               uint64_t cutoff, uint64_t *deleted, int *more);
+
+  /* ---- the database ---- */
+  /* The database's key for command tags: stored from fresh on first use, then read. */
+  int (*reply_key)(saga__store *s, const uint64_t fresh[2], uint64_t key[2]);
+  /* What the database said about the last failure. */
+  const char *(*errmsg)(saga__store *s);
+  /* The handle a handler gets to write its business data in the same transaction (sqlite3 *
+   * for the SQLite backend). */
+  void *(*native)(saga__store *s);
+  /* Adds the backend's own counters (checkpoints) to out. */
+  void (*stats)(saga__store *s, saga_node_stats *out);
+  /* Stops background work before a close: 0 when none runs, else 1, and done(arg) is called
+   * on the loop once it finished. */
+  int (*stop)(saga__store *s, void (*done)(void *arg), void *arg);
+  void (*close)(saga__store *s);
+} saga__store_methods;
+
+struct saga__store {
+  const saga__store_methods *m;
+};
+
+/* Opening the SQLite backend (src/store/sqlite/). */
+typedef struct saga__sqlite_config {
+  const char *path, *vfs;
+  int synchronous;          /* saga_sync_mode */
+  uint32_t busy_timeout_ms;
+  int checkpoint;           /* saga_checkpoint_mode */
+  uint32_t checkpoint_pages;
+  uv_loop_t *loop;          /* background checkpoints run on its thread pool */
+  const saga_allocator *alloc;
+  saga_log_fn log;
+  void *log_arg;
+} saga__sqlite_config;
+
+int saga__sqlite_store_open(saga__store **out, const saga__sqlite_config *cfg, char *err,
+                            size_t errlen);
+
+#endif /* SAGA_SRC_STORE_STORE_H */
