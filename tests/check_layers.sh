@@ -4,7 +4,8 @@
 #     src/transport/conformance.c, the adapter conformance kit: its handlers write business rows
 #     through saga_tx_db(), exactly as an application's handlers do (that is what it checks).
 #  2. The parts below the node (env, journal, engine, participant, retention) never include the
-#     node's header, and the store never includes the core's headers: calls run one way.
+#     node's runtime header (runtime.h, the struct saga_node), and the store never includes the
+#     core's headers: calls run one way.
 # usage: check_layers.sh SOURCE_DIR   (exits 1 and lists every violation)
 set -euo pipefail
 src=$1/src
@@ -24,8 +25,8 @@ for f in src/core/env.c src/core/journal.c src/core/journal.h src/core/engine.c 
          src/core/engine.h src/core/participant.c src/core/participant.h \
          src/core/retention.c src/core/retention.h src/core/core.h src/core/definition.c \
          src/core/data.c; do
-  if grep -nE '#include "node\.h"' "$f"; then
-    echo "$f includes node.h: the parts below the node must not see it"
+  if grep -nE '#include "runtime\.h"' "$f"; then
+    echo "$f includes runtime.h: the parts below the node must not see it"
     fail=1
   fi
 done

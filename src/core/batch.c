@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "node.h"
+#include "runtime.h"
 
 /* Runs one delivered message inside the transaction. */
 static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {

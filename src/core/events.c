@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "node.h"
+#include "runtime.h"
 
 static saga_event_type event_type_of(const char *name) {
   for (int t = 1; t <= 16; t++)

@@ -5,7 +5,7 @@
  */
 #include <string.h>
 
-#include "node.h"
+#include "runtime.h"
 
 static int host_deliver(void *ctx, const char *channel, const void *data, size_t len,
                         uint64_t tag) {

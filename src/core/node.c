@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "node.h"
+#include "runtime.h"
 
 static void finish_close(saga_node *n);
 static void start_close(saga_node *n);

@@ -4,7 +4,7 @@
  */
 #include <string.h>
 
-#include "node.h"
+#include "runtime.h"
 
 static void idle_cb(uv_idle_t *h) {
   saga_node *n = h->data;

@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "node.h"
+#include "runtime.h"
 
 static void publish(saga_node *n, uint64_t id, const char *channel, const void *body,
                     size_t len) {

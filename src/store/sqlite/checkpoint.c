@@ -8,10 +8,23 @@
  * while commits keep adding pages, so once the WAL reaches four times the limit the store
  * checkpoints inline, between two transactions, which bounds it.
  */
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "sqlite_store.h"
+
+static void ck_log(sq_store *s, saga_log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void ck_log(sq_store *s, saga_log_level lvl, const char *fmt, ...) {
+  if (s->log == NULL) return;
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  s->log(s->log_arg, lvl, buf);
+}
 
 #define CKPT_BOUND 4 /* inline checkpoint once the WAL holds this many times checkpoint_pages */
 
@@ -54,16 +67,16 @@ static void ckpt_after(uv_work_t *req, int status) {
   } else if (status == 0 && (s->ckpt_rc & 0xff) != SQLITE_BUSY) {
     /* BUSY: another checkpoint was running (another process's); the next commit retries. */
     s->checkpoint_failures++;
-    saga__sq_log(s, SAGA_LOG_WARN, "background checkpoint failed: %s", s->ckpt_err);
+    ck_log(s, SAGA_LOG_WARN, "background checkpoint failed: %s", s->ckpt_err);
     if (s->ckpt_open_failed && s->db != NULL) {
-      saga__sq_log(s, SAGA_LOG_WARN, "checkpointing inline from now on");
+      ck_log(s, SAGA_LOG_WARN, "checkpointing inline from now on");
       sqlite3_wal_autocheckpoint(s->db, (int)s->ckpt_pages); /* replaces our hook */
     }
   }
   if (s->stop_done != NULL) {
-    void (*done)(void *) = s->stop_done;
+    void (*fn)(void *) = s->stop_done;
     s->stop_done = NULL;
-    done(s->stop_arg); /* the owner waited for this pass before closing */
+    fn(s->stop_arg); /* the owner waited for this pass before closing */
   }
 }
 
@@ -79,7 +92,7 @@ static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages) {
       s->checkpoints_inline++;
     } else if ((rc & 0xff) != SQLITE_BUSY) {
       s->checkpoint_failures++;
-      saga__sq_log(s, SAGA_LOG_WARN, "checkpoint failed: %s", sqlite3_errmsg(db));
+      ck_log(s, SAGA_LOG_WARN, "checkpoint failed: %s", sqlite3_errmsg(db));
     }
     return SQLITE_OK;
   }
@@ -123,10 +136,10 @@ int saga__sq_checkpoint_init(sq_store *s, const saga__sqlite_config *cfg, char *
   return SAGA_OK;
 }
 
-int saga__sq_checkpoint_stop(sq_store *s, void (*done)(void *), void *arg) {
+int saga__sq_checkpoint_stop(sq_store *s, void (*fn)(void *), void *arg) {
   s->stopping = 1;
   if (!s->ckpt_running) return 0;
-  s->stop_done = done;
+  s->stop_done = fn;
   s->stop_arg = arg;
   return 1;
 }

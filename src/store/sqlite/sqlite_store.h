@@ -84,14 +84,12 @@ typedef struct sq_store {
 
 /* Maps a SQLite result code to a SAGA_E* code. */
 int saga__sq_err(int sqlite_rc);
-void saga__sq_log(sq_store *s, saga_log_level lvl, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
 /* checkpoint.c: installs the WAL hook (background) or SQLite's auto-checkpoint. */
 int saga__sq_checkpoint_init(sq_store *s, const saga__sqlite_config *cfg, char *err,
                              size_t errlen);
-/* 0 when no pass runs, else 1 and done(arg) is called when it ends. */
-int saga__sq_checkpoint_stop(sq_store *s, void (*done)(void *), void *arg);
+/* 0 when no pass runs, else 1 and fn(arg) is called when it ends. */
+int saga__sq_checkpoint_stop(sq_store *s, void (*fn)(void *), void *arg);
 void saga__sq_checkpoint_free(sq_store *s);
 
 #endif /* SAGA_SRC_STORE_SQLITE_SQLITE_STORE_H */

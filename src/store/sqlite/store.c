@@ -130,16 +130,6 @@ int saga__sq_err(int rc) {
   }
 }
 
-void saga__sq_log(sq_store *s, saga_log_level lvl, const char *fmt, ...) {
-  if (s->log == NULL) return;
-  char buf[512];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof buf, fmt, ap);
-  va_end(ap);
-  s->log(s->log_arg, lvl, buf);
-}
-
 #define SQ(s) ((sq_store *)(void *)(s))
 
 /* A statement reset and with its bindings cleared. */

@@ -1,5 +1,6 @@
 /*
- * The node: what ties the parts together on one libuv loop. Its files, and what each owns:
+ * The node's runtime: the struct saga_node and what each of the node's files exports to the
+ * others. The node ties the parts together on one libuv loop. Its files:
  *   node.c   lifecycle (open, start, close), registration, the public API that queues work
  *   batch.c  the group commit: one transaction per batch of queued work, its replay, and
  *            what happens after it (acknowledgements, callbacks, events); the timers of due
@@ -13,8 +14,8 @@
  * must make a higher one act (a flush to run, a close to finish), it calls through a function
  * pointer the higher one set.
  */
-#ifndef SAGA_SRC_CORE_NODE_H
-#define SAGA_SRC_CORE_NODE_H
+#ifndef SAGA_SRC_CORE_RUNTIME_H
+#define SAGA_SRC_CORE_RUNTIME_H
 
 #include "participant.h"
 #include "retention.h"
@@ -150,4 +151,4 @@ int saga__host_can_send(void *node, const char *channel);
 /* Hands the events of the committed transaction to the application, then forgets them. */
 void saga__events_dispatch(saga_node *n);
 
-#endif /* SAGA_SRC_CORE_NODE_H */
+#endif /* SAGA_SRC_CORE_RUNTIME_H */
