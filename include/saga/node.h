@@ -229,8 +229,11 @@ SAGA_EXTERN int saga_node_open(saga_node **out, struct uv_loop_s *loop, const sa
  */
 SAGA_EXTERN void saga_node_close(saga_node *node, void (*cb)(void *arg), void *arg);
 
-/** The last error's detail on this node (never NULL; "" when none). Borrowed until the next
- * call on the node. */
+/** The detail of the latest error on this node (never NULL; "" when none). Every call that
+ * can fail (register, handle, subscribe, start, saga_start, saga_cancel, saga_retry_failed,
+ * saga_get, saga_tx_start) clears it first, so after a call that succeeded it is "". A failed
+ * transaction of the node's own work sets it too (and logs it). Borrowed until the next call
+ * on the node. */
 SAGA_EXTERN const char *saga_node_errmsg(const saga_node *node);
 
 /**
@@ -339,6 +342,11 @@ SAGA_EXTERN void saga_info_free(saga_info *info);
  * The only thread-safe entry: runs fn(node, arg) on the loop thread soon. Returns SAGA_OK,
  * SAGA_ECLOSED (node closing: fn will not run), SAGA_ENOMEM. If it returns SAGA_OK, fn runs
  * exactly once — with node NULL when the node closed before fn could run.
+ *
+ * When other threads must stop: tell them to stop posting before calling saga_node_close().
+ * A post that races with the close is safe while the close is under way (it returns
+ * SAGA_ECLOSED, or SAGA_OK and fn runs with node NULL); the node's memory is freed right
+ * before the close callback runs, and a post made after that touches freed memory.
  */
 SAGA_EXTERN int saga_node_post(saga_node *node, void (*fn)(saga_node *node, void *arg),
                                void *arg);

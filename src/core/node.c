@@ -204,6 +204,7 @@ fail:
 
 int saga_node_register(saga_node *n, const saga_definition *def) {
   if (n == NULL || def == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0'; /* errmsg tells of the latest call only */
   if (n->started || n->closing)
     return saga__fail(&n->env, SAGA_ESTATE, "definitions must be registered before start");
   return saga__engine_register(&n->engine, def);
@@ -212,6 +213,7 @@ int saga_node_register(saga_node *n, const saga_definition *def) {
 int saga_node_handle(saga_node *n, const char *channel, const char *command, saga_handler fn,
                      void *arg) {
   if (n == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
   if (channel == NULL || command == NULL || fn == NULL || !channel[0] || !command[0] ||
       strlen(channel) > 256 || strlen(command) > 256)
     return saga__fail(&n->env, SAGA_EINVAL, "channel and command (1..256 bytes) and fn needed");
@@ -224,6 +226,7 @@ int saga_node_handle(saga_node *n, const char *channel, const char *command, sag
 
 int saga_node_subscribe_events(saga_node *n, const char *channel, saga_event_cb cb, void *arg) {
   if (n == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
   if (channel == NULL || channel[0] == '\0' || cb == NULL || strlen(channel) > 256)
     return saga__fail(&n->env, SAGA_EINVAL, "event channel (1..256 bytes) and callback needed");
   if (n->started || n->closing)
@@ -260,23 +263,47 @@ static int register_local_steps(saga_node *n) {
   return SAGA_OK;
 }
 
+/* Subscribes to channel unless an earlier (failed) saga_node_start already did. */
+static int subscribe_once(saga_node *n, const char *channel) {
+  for (size_t i = 0; i < n->nsubscribed; i++)
+    if (strcmp(n->subscribed[i], channel) == 0) return SAGA_OK;
+  char **v = saga__realloc(n->env.alloc, n->subscribed, (n->nsubscribed + 1) * sizeof *v);
+  if (v == NULL) return SAGA_ENOMEM;
+  n->subscribed = v;
+  if ((v[n->nsubscribed] = saga__strdup(n->env.alloc, channel)) == NULL) return SAGA_ENOMEM;
+  int rc = n->tm.subscribe(n->transport, channel);
+  if (rc == SAGA_OK)
+    n->nsubscribed++;
+  else
+    saga__free(n->env.alloc, v[n->nsubscribed]);
+  return rc;
+}
+
 int saga_node_start(saga_node *n) {
   if (n == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
   if (n->started || n->closing)
     return saga__fail(&n->env, SAGA_ESTATE, "node already started");
-  int rc = register_local_steps(n);
-  if (rc != SAGA_OK) return rc;
-  rc = n->tm.subscribe(n->transport, n->name);
+  /* A start that failed (a subscription refused, the database busy) can be called again:
+   * local steps are registered once, channels subscribed once. */
+  int rc = SAGA_OK;
+  if (!n->local_steps_added) {
+    rc = register_local_steps(n);
+    if (rc != SAGA_OK) return rc;
+    n->local_steps_added = 1;
+  }
+  const char *failed = n->name;
+  rc = subscribe_once(n, n->name);
   if (rc == SAGA_OK && n->event_sub_channel != NULL)
-    rc = n->tm.subscribe(n->transport, n->event_sub_channel);
+    rc = subscribe_once(n, failed = n->event_sub_channel);
   const saga__handler *h = n->part.handlers;
   for (size_t i = 0; rc == SAGA_OK && i < n->part.nhandlers; i++) {
     const char *ch = h[i].channel;
-    int seen = strcmp(ch, n->name) == 0 || strcmp(ch, SAGA__LOCAL_CHANNEL) == 0;
-    for (size_t j = 0; j < i && !seen; j++) seen = strcmp(h[j].channel, ch) == 0;
-    if (!seen) rc = n->tm.subscribe(n->transport, ch);
+    if (strcmp(ch, SAGA__LOCAL_CHANNEL) != 0) rc = subscribe_once(n, failed = ch);
   }
-  if (rc != SAGA_OK) return saga__fail(&n->env, rc, "transport refused a subscription");
+  if (rc != SAGA_OK)
+    return saga__fail(&n->env, rc, "transport refused the subscription to '%s': %s", failed,
+                      saga_strerror(rc));
 
   /* Recovery: report instances whose definition is missing, re-arm the rest. */
   int missing = saga__batch_recover(n);
@@ -295,6 +322,7 @@ int saga_node_start(saga_node *n) {
 
 static int check_usable(saga_node *n) {
   if (n == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
   if (n->closing) return saga__fail(&n->env, SAGA_ECLOSED, "node is closing");
   if (!n->started) return saga__fail(&n->env, SAGA_ESTATE, "node not started");
   return SAGA_OK;
@@ -358,6 +386,8 @@ int saga_node_post(saga_node *n, void (*fn)(saga_node *, void *), void *arg) {
   if (p == NULL) return SAGA_ENOMEM;
   p->fn = fn;
   p->arg = arg;
+  void (*hook)(void *, const char *) = n->env.hook;
+  void *hook_arg = n->env.hook_arg;
   uv_mutex_lock(&n->post_mu);
   if (n->closing) {
     uv_mutex_unlock(&n->post_mu);
@@ -366,8 +396,11 @@ int saga_node_post(saga_node *n, void (*fn)(saga_node *, void *), void *arg) {
   }
   p->next = n->posts;
   n->posts = p;
-  uv_mutex_unlock(&n->post_mu);
+  /* Under the lock: the close (which sets closing under this lock first) cannot have closed
+   * and freed the handle meanwhile. After the unlock this function touches nothing of n. */
   uv_async_send(&n->async);
+  uv_mutex_unlock(&n->post_mu);
+  if (hook != NULL) hook(hook_arg, "post.after_unlock");
   return SAGA_OK;
 }
 
@@ -414,6 +447,8 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->unsendable_body);
   saga__free(a, n->event_channel);
   saga__free(a, n->event_sub_channel);
+  for (size_t i = 0; i < n->nsubscribed; i++) saga__free(a, n->subscribed[i]);
+  saga__free(a, n->subscribed);
   saga__free(a, n->name);
   saga_allocator copy = n->alloc_copy;
   saga__free(&copy, n);
@@ -424,6 +459,10 @@ static void finish_close(saga_node *n) {
   if (n->transport != NULL) n->tm.destroy(n->transport);
   n->transport = NULL;
   run_posts(n, 1);
+  /* A thread still inside saga_node_post (it saw closing and is returning SAGA_ECLOSED)
+   * leaves the lock before it is destroyed. */
+  uv_mutex_lock(&n->post_mu);
+  uv_mutex_unlock(&n->post_mu);
   uv_mutex_destroy(&n->post_mu);
   void (*cb)(void *) = n->close_cb;
   void *arg = n->close_arg;
@@ -506,6 +545,7 @@ void saga_info_free(saga_info *info) {
 
 int saga_get(saga_node *n, const char *saga_id, saga_info **out) {
   if (n == NULL || saga_id == NULL || out == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
   saga__store *s = n->env.store;
   saga__inst i;
   saga__inst_init(&i, n->env.alloc);

@@ -62,6 +62,7 @@ int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const c
   if (tx == NULL || name == NULL || id_out == NULL || id_len < 40) return SAGA_EINVAL;
   saga__participant *p = tx->p;
   saga__env *env = p->env;
+  env->errmsg[0] = '\0';
   const saga__def *def = saga__engine_find(p->engine, name, 0);
   if (def == NULL) return saga__fail(env, SAGA_ENODEF, "definition '%s' is not registered", name);
   if (idem_key != NULL && (idem_key[0] == '\0' || strlen(idem_key) > env->limits.max_string_bytes))

@@ -86,6 +86,9 @@ struct saga_node {
 
   uint32_t resend_ms, batch_max;
   int started, closing, in_flush, close_after_flush;
+  int local_steps_added; /* saga_node_start registered the local steps' handlers */
+  char **subscribed;     /* channels subscribed by saga_node_start (it may be called again) */
+  size_t nsubscribed;
   uv_idle_t idle;
   int idle_active;
   void (*flush)(saga_node *n);       /* run by the idle handle (set by node.c) */
