@@ -346,6 +346,7 @@ static saga_node *open_node_on(bench *b, uv_loop_t *loop, const char *name, saga
   snprintf(path, sizeof path, "%s/%s.db", b->dir, name);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = t;

@@ -79,6 +79,7 @@ int main(int argc, char **argv) {
   }
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE; /* makes trip.db on the first run */
   cfg.name = "trips";
   cfg.db_path = argc > 1 ? argv[1] : "trip.db";
   cfg.transport = t;

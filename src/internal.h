@@ -100,8 +100,12 @@ struct saga__timer {
   int armed;
 };
 
-/* A real clock: wall-clock ms, timers on a uv_timer_t of loop. */
+/* A real clock: wall-clock ms as of its start, moving with the monotonic clock (a step of
+ * the system clock does not move it); timers on a uv_timer_t of loop. */
 int saga__clock_real_new(saga_clock **out, uv_loop_t *loop, const saga_allocator *a);
+/* The same, starting at wall_now instead of the system's wall clock (tests). */
+int saga__clock_real_new_at(saga_clock **out, uv_loop_t *loop, const saga_allocator *a,
+                            uint64_t wall_now);
 /* Closes a real clock's uv handle and frees it once closed (manual: frees at once). */
 void saga__clock_close(saga_clock *c);
 int saga__clock_is_manual(const saga_clock *c);

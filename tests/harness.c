@@ -199,6 +199,7 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
   char *path = th_path(w->dir, file);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = t;
@@ -242,7 +243,8 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
       steps[i].action = "do";
       steps[i].kind = w->o.kinds[i];
       steps[i].compensation = w->o.kinds[i] == SAGA_STEP_COMPENSATABLE ? "undo" : NULL;
-      steps[i].timeout_ms = w->o.timeout_ms[i];
+      /* The tests' worlds wait forever unless a test sets a timeout. */
+      steps[i].timeout_ms = w->o.timeout_ms[i] ? w->o.timeout_ms[i] : SAGA_STEP_NO_TIMEOUT;
       steps[i].retry = w->o.retry[i];
       steps[i].compensation_retry = w->o.comp_retry[i];
     }

@@ -392,16 +392,20 @@ static int m_inst_load(saga__store *ss, const char *id, saga__inst *i) {
   return rc != SAGA_OK ? fail(s, rc, "out of memory") : SAGA_OK;
 }
 
-static const ms_inst *find_key(const ms_state *st, const char *key) {
+/* Keys are unique per definition name, as in the SQLite backend (schema migration 5). */
+static const ms_inst *find_key(const ms_state *st, const char *def_name, const char *key) {
   for (size_t k = 0; k < st->ninst; k++)
-    if (st->inst[k].idem != NULL && strcmp(st->inst[k].idem, key) == 0) return &st->inst[k];
+    if (st->inst[k].idem != NULL && strcmp(st->inst[k].idem, key) == 0 &&
+        strcmp(st->inst[k].v.def_name, def_name) == 0)
+      return &st->inst[k];
   return NULL;
 }
 
-static int m_inst_find_key(saga__store *ss, const char *key, char id_out[40]) {
+static int m_inst_find_key(saga__store *ss, const char *def_name, const char *key,
+                           char id_out[40]) {
   mem_store *s = MS(ss);
   FAULT(s, MEM_OP_INST_FIND_KEY);
-  const ms_inst *r = find_key(&s->st, key);
+  const ms_inst *r = find_key(&s->st, def_name, key);
   if (r == NULL) return SAGA_ENOTFOUND;
   copy_id(id_out, 40, r->v.id);
   return SAGA_OK;
@@ -412,8 +416,9 @@ static int m_inst_insert(saga__store *ss, const saga__inst *i, const char *idem_
   FAULT(s, MEM_OP_INST_INSERT);
   if (find_inst(&s->st, i->id) != NULL)
     return fail(s, SAGA_EEXIST, "UNIQUE constraint failed: saga_instance.id");
-  if (idem_key != NULL && find_key(&s->st, idem_key) != NULL)
-    return fail(s, SAGA_EEXIST, "UNIQUE constraint failed: saga_instance.idem_key");
+  if (idem_key != NULL && find_key(&s->st, i->def_name, idem_key) != NULL)
+    return fail(s, SAGA_EEXIST,
+                "UNIQUE constraint failed: saga_instance.def_name, saga_instance.idem_key");
   if (grow((void **)&s->st.inst, s->st.ninst, &s->st.cinst, sizeof(ms_inst)) != SAGA_OK)
     return fail(s, SAGA_ENOMEM, "out of memory");
   ms_inst r;

@@ -212,6 +212,7 @@ int main(int argc, char **argv) {
   uv_loop_t *loop = uv_default_loop();
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = orch ? "orch" : "part";
   cfg.db_path = db;
   cfg.transport = t;

@@ -399,6 +399,47 @@ static void test_real_clock_on_loop(void **state) {
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* A real clock moves with the monotonic clock: it starts at a wall-clock time and does not
+ * follow the system clock after that. Here it starts an hour behind the system clock — as
+ * if the system clock had been stepped forward by an hour after the node started: a timer
+ * armed 200 ms ahead still fires 200 ms later (on the old wall-clock reading it fired at
+ * once, as every timeout would on such a step), and time does not jump. */
+typedef struct step_ctx {
+  int fired;
+  uint64_t fired_at; /* uv_hrtime() */
+} step_ctx;
+
+static void step_cb(saga__timer *t) {
+  step_ctx *x = t->data;
+  x->fired++;
+  x->fired_at = uv_hrtime();
+}
+
+static int step_fired(void *arg) { return ((step_ctx *)arg)->fired > 0; }
+
+static void test_real_clock_ignores_wall_steps(void **state) {
+  (void)state;
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  saga_clock *c = NULL;
+  uint64_t wall = saga_clock_now(NULL);
+  uint64_t start = wall - 3600000;
+  assert_int_equal(saga__clock_real_new_at(&c, &loop, NULL, start), SAGA_OK);
+  uint64_t now = saga_clock_now(c);
+  assert_true(now >= start && now < start + 1000); /* not the system's wall clock */
+  step_ctx x = {0, 0};
+  saga__timer t;
+  saga__timer_init(&t, c, step_cb, &x);
+  uint64_t t0 = uv_hrtime();
+  saga__timer_arm(&t, now + 200);
+  assert_int_equal(th_run_real(&loop, step_fired, &x, 5000), 0);
+  assert_true(x.fired_at - t0 >= UINT64_C(190) * 1000000); /* a lower bound: never early */
+  assert_true(saga_clock_now(c) - now >= 190);
+  saga__clock_close(c);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_manual_orders_many_timers),
@@ -410,6 +451,7 @@ int main(void) {
       cmocka_unit_test(test_bad_arguments),
       cmocka_unit_test(test_allocator),
       cmocka_unit_test(test_real_clock_on_loop),
+      cmocka_unit_test(test_real_clock_ignores_wall_steps),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -609,6 +609,53 @@ static int64_t outbox_mark(saga_node *n) {
   return v;
 }
 
+typedef struct terminal_ctx {
+  th_world *w;
+  uint64_t count;
+} terminal_ctx;
+
+static int terminal_reached(void *arg) {
+  terminal_ctx *c = arg;
+  return c->w->terminal >= c->count;
+}
+
+/* A due saga whose timer fails (its row no longer fits its definition) fails alone: the
+ * timers of the others in the same transaction still run, and the node commits. */
+static void test_due_isolated(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 1; /* step 1 never answers: every saga times out there */
+  o.timeout_ms[1] = 100;
+  o.retry[1].max_attempts = 1;
+  th_world w;
+  open_world(&w, &o);
+  for (int i = 0; i < 3; i++) assert_int_equal(th_world_start(&w, i, NULL), SAGA_OK);
+  th_world_settle(&w, 50);
+  assert_int_equal(th_count_events(&w, SAGA_EV_STEP_SENT, 1), 3);
+  assert_int_equal(sqlite3_exec(saga_node_db(w.orch),
+                                "UPDATE saga_instance SET step = 99 WHERE id ="
+                                " (SELECT min(id) FROM saga_instance)",
+                                NULL, NULL, NULL),
+                   SQLITE_OK);
+  terminal_ctx c = {&w, 2};
+  assert_int_equal(th_run_manual(&w.loop, w.clock, terminal_reached, &c, 60000), 0);
+  assert_true(th_count_events(&w, SAGA_EV_STEP_TIMED_OUT, 1) >= 2); /* the other two ran on */
+  saga_node_stats st;
+  saga_node_stats_get(w.orch, &st);
+  assert_int_equal(st.commit_failures, 0);
+  sqlite3_stmt *q = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(w.orch),
+                                      "SELECT state, step FROM saga_instance WHERE id ="
+                                      " (SELECT min(id) FROM saga_instance)",
+                                      -1, &q, NULL),
+                   SQLITE_OK);
+  assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+  assert_int_equal(sqlite3_column_int(q, 0), SAGA_RUNNING); /* left as it was */
+  assert_int_equal(sqlite3_column_int(q, 1), 99);
+  sqlite3_finalize(q);
+  th_world_free(&w);
+}
+
 static void test_outbox_ids_not_reused(void **state) {
   th_world w;
   open_world(&w, NULL);
@@ -668,6 +715,7 @@ static void test_api_errors(void **state) {
   assert_int_equal(saga_mem_transport_new(&t, w.hub), SAGA_OK);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   char *path = th_path(w.dir, "bad_ckpt.db");
   cfg.name = "bad";
   cfg.db_path = path;
@@ -874,6 +922,7 @@ int main(void) {
       cmocka_unit_test(test_duplicates),
       cmocka_unit_test(test_version_pinning),
       cmocka_unit_test(test_item_failure_replayed),
+      cmocka_unit_test(test_due_isolated),
       cmocka_unit_test(test_outbox_ids_not_reused),
       cmocka_unit_test(test_background_checkpoint),
       cmocka_unit_test(test_api_errors),

@@ -19,7 +19,19 @@ typedef struct world {
   int nseen;
   char seen_key[64][16];
   int with_data;
+  int acks;           /* deliveries the watcher acknowledged */
+  int acked_unseen;   /* acknowledgements made while an acknowledged event was still unseen */
 } world;
+
+/* The watcher's deliveries are event messages only, one event each: when it acknowledges
+ * its k-th delivery, its subscriber must have seen k events already (else a crash at this
+ * point would lose an event that was promised at least once). */
+static void watch_hook(void *arg, const char *point) {
+  world *w = arg;
+  if (strcmp(point, "tx.after_ack") != 0) return;
+  w->acks++;
+  if (w->nseen < w->acks) w->acked_unseen++;
+}
 
 static int inner_step(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
   return saga_reply_set_str(r, "inner", "ran");
@@ -63,6 +75,7 @@ static saga_node *open_node(world *w, const char *name, const char *event_channe
   char *path = th_path(w->dir, file);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = t;
@@ -70,6 +83,10 @@ static saga_node *open_node(world *w, const char *name, const char *event_channe
   cfg.event_channel = event_channel;
   cfg.on_event = on_event;
   cfg.event_arg = w;
+  if (strcmp(name, "watch") == 0) {
+    cfg.test_hook = watch_hook;
+    cfg.test_hook_arg = w;
+  }
   saga_node *n = NULL;
   assert_int_equal(saga_node_open(&n, &w->loop, &cfg, NULL, 0), SAGA_OK);
   free(path);
@@ -159,6 +176,9 @@ static void test_tx_start_and_events(void **state) {
   assert_int_equal(w.seen[3], SAGA_EV_COMPLETED);
   assert_int_equal(w.with_data, 4);
   assert_string_equal(w.seen_key[3], "k1");
+  /* Each event reached the subscriber before its message was acknowledged. */
+  assert_int_equal(w.acks, 4);
+  assert_int_equal(w.acked_unseen, 0);
   teardown(&w);
 }
 

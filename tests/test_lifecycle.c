@@ -127,6 +127,7 @@ static void open_world_alloc(world *w, void (*hook)(void *, const char *), void 
   saga_node_config_init(&cfg);
   cfg.name = "shop";
   cfg.db_path = path;
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.transport = t;
   cfg.clock = w->clock;
   cfg.on_event = on_event;

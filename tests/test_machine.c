@@ -1497,6 +1497,84 @@ static void test_retry_failed(void **state) {
 }
 
 /* A reply whose id does not carry the tag of the command sent is ignored and counted. */
+/* Reply data the engine cannot use (more entries than a saga may carry: built by a
+ * participant that does not check) is never an error that makes the reply come again: before
+ * the pivot the step is compensated with the earlier ones, past it the saga goes on without
+ * that data. */
+static void big_reply(saga__buf *out, int keys) {
+  saga_data *d = NULL;
+  assert_int_equal(saga_data_new(&d, NULL), SAGA_OK);
+  for (int k = 0; k < keys; k++) {
+    char key[16];
+    snprintf(key, sizeof key, "k%d", k);
+    assert_int_equal(saga_data_set_str(d, key, "v"), SAGA_OK);
+  }
+  saga__buf_init(out, NULL);
+  assert_int_equal(saga__data_encode(d, out), SAGA_OK);
+  saga_data_free(d);
+}
+
+static void test_reply_data_refused(void **state) {
+  saga__buf big;
+  big_reply(&big, 300);
+  fx *f = fx_open();
+  start(f, "piv");
+  assert_int_equal(reply_with(f, last_cmd(f), 0, NULL, big.data, big.len), SAGA_OK);
+  load(f);
+  assert_int_equal(f->cur.state, SAGA_COMPENSATING);
+  assert_int_equal(f->cur.phase, SAGA_PHASE_COMPENSATION);
+  assert_int_equal(f->cur.step, 0); /* the step that applied is undone too */
+  assert_non_null(strstr(f->cur.error, "reply data refused"));
+  assert_non_null(strstr(f->cur.error, "entries"));
+  fx_close(f);
+
+  f = fx_open();
+  start(f, "piv0a");
+  assert_int_equal(reply_with(f, last_cmd(f), 0, NULL, big.data, big.len), SAGA_OK);
+  load(f);
+  assert_int_equal(f->cur.state, SAGA_RUNNING); /* past the pivot: on, without the data */
+  assert_int_equal(f->cur.step, 1);
+  assert_int_equal(f->cur.data.len, 1); /* still the empty map */
+  fx_close(f);
+  saga__buf_free(&big);
+}
+
+/* Many definitions: registration and lookup look at a bounded number of slots each (a
+ * linear search looked at all of them: 100,000 definitions took 27 s to register). */
+static void test_many_definitions(void **state) {
+  enum { NAMES = 10000 };
+  fx *f = fx_open();
+  static const saga_step one[] = {{.name = "S", .channel = "c", .action = "a"}};
+  char name[32];
+  for (int v = 2; v >= 1; v--) /* the higher version first: "latest" must not move back */
+    for (int k = 0; k < NAMES; k++) {
+      snprintf(name, sizeof name, "def%05d", k);
+      saga_definition d = {SAGA_DEFINITION_VERSION, name, (uint32_t)v, one, 1, 0};
+      assert_int_equal(saga__engine_register(&f->e, &d), SAGA_OK);
+    }
+  printf("probes per registration: %.1f\n", (double)f->e.def_probes / (2 * NAMES));
+  assert_true(f->e.def_probes < (uint64_t)40 * 2 * NAMES); /* linear: ~NAMES each */
+  saga_definition again = {SAGA_DEFINITION_VERSION, "def00042", 1, one, 1, 0};
+  assert_int_equal(saga__engine_register(&f->e, &again), SAGA_EEXIST);
+  f->e.def_probes = 0;
+  for (int k = 0; k < NAMES; k++) {
+    snprintf(name, sizeof name, "def%05d", k);
+    const saga__def *d1 = saga__engine_find(&f->e, name, 1);
+    const saga__def *d2 = saga__engine_find(&f->e, name, 2);
+    const saga__def *d0 = saga__engine_find(&f->e, name, 0);
+    assert_non_null(d1);
+    assert_int_equal(d1->version, 1);
+    assert_string_equal(d1->name, name);
+    assert_ptr_equal(d0, d2);
+    assert_int_equal(d2->version, 2);
+  }
+  assert_null(saga__engine_find(&f->e, "def99999", 0));
+  assert_null(saga__engine_find(&f->e, "def00001", 3));
+  printf("probes per lookup: %.1f\n", (double)f->e.def_probes / (3 * NAMES + 2));
+  assert_true(f->e.def_probes < (uint64_t)8 * 3 * NAMES);
+  fx_close(f);
+}
+
 static void test_forged_reply(void **state) {
   fx *f = fx_open();
   start(f, "lin");
@@ -1838,9 +1916,9 @@ static void test_mem_store_tx(void **state) {
   assert_int_equal(m->inst_insert(s, &i, "k"), SAGA_EEXIST);
   assert_non_null(strstr(m->errmsg(s), "idem_key"));
   char id[40];
-  assert_int_equal(m->inst_find_key(s, "k", id), SAGA_OK);
+  assert_int_equal(m->inst_find_key(s, "d", "k", id), SAGA_OK);
   assert_string_equal(id, "a");
-  assert_int_equal(m->inst_find_key(s, "nope", id), SAGA_ENOTFOUND);
+  assert_int_equal(m->inst_find_key(s, "d", "nope", id), SAGA_ENOTFOUND);
   assert_int_equal(m->hist_insert(s, &h, 1, ""), SAGA_OK);
   assert_int_equal(m->hist_insert(s, &h, 1, ""), SAGA_EEXIST);
   assert_int_equal(mem_store_history_rows(s, "a"), 1);
@@ -2100,7 +2178,8 @@ int main(void) {
       cmocka_unit_test(test_undeliverable),         cmocka_unit_test(test_due_batches),
       cmocka_unit_test(test_mem_store_tx),          cmocka_unit_test(test_mem_store_instances),
       cmocka_unit_test(test_mem_store_outbox),      cmocka_unit_test(test_mem_store_sweep),
-      cmocka_unit_test(test_mem_store_faults),
+      cmocka_unit_test(test_mem_store_faults),      cmocka_unit_test(test_reply_data_refused),
+      cmocka_unit_test(test_many_definitions),
   };
   for (size_t k = 0; k < sizeof more / sizeof more[0] && n < sizeof tests / sizeof tests[0]; k++)
     tests[n++] = more[k];

@@ -907,7 +907,7 @@ static void test_crash_leaves_acked_pending(void **state) {
   /* Replica 2 goes away with what it holds; replica 1 acknowledges from now on. */
   const char *held[3];
   size_t nheld = 0;
-  char held_buf[3][8];
+  char held_buf[3][72];
   for (size_t i = 0; i < r2.nd; i++) {
     if (r2.d[i].data[0] != 'h') continue;
     snprintf(held_buf[nheld], sizeof held_buf[0], "%s", r2.d[i].data);
@@ -1059,6 +1059,7 @@ static saga_node *nw_open(env *e, const char *dir, const char *name, int orchest
   saga_node_config_init(&cfg);
   cfg.name = name;
   cfg.db_path = path;
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.transport = t;
   cfg.synchronous = SAGA_SYNC_NORMAL;
   cfg.resend_ms = 1000;
@@ -1197,6 +1198,7 @@ static int sec_open(env *e, const char *dir, const char *name, int orchestrate, 
   saga_node_config_init(&cfg);
   cfg.name = name;
   cfg.db_path = path;
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.transport = t;
   cfg.synchronous = SAGA_SYNC_NORMAL;
   cfg.resend_ms = 1000;

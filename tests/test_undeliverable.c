@@ -126,6 +126,7 @@ static int gn_open(gnode *gn, th_world *w, gate *g, const char *name,
   char *path = th_path(w->dir, file);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = &g->base;

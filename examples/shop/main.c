@@ -558,6 +558,7 @@ static int open_node(app *a, int i) {
   if (i == 0) snprintf(a->product_db, sizeof a->product_db, "%s", path);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE; /* each service makes its database on first start */
   cfg.name = node_names[i];
   cfg.db_path = path;
   cfg.transport = t;

@@ -256,6 +256,7 @@ static int setup(void **state) {
   w.t->base.methods = &fx_methods;
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = "participants";
   cfg.db_path = w.db;
   cfg.transport = &w.t->base;

@@ -2,7 +2,10 @@
  * libsaga — clocks.
  *
  * Every time libsaga reads and every timer it arms goes through a saga_clock. By default
- * each node makes its own real clock (wall-clock milliseconds, timers on the node's loop).
+ * each node makes its own real clock (timers on the node's loop): wall-clock milliseconds as
+ * read when the node opened, moving from then on with the monotonic clock, so that a step of
+ * the system clock neither fires every timeout at once nor freezes them. Deadlines stored in
+ * the database are wall-clock times; a restarted node reads them against its new start.
  * A manual clock lets a test or a simulation own time: nothing happens until
  * saga_clock_advance() moves it, and timers then fire in deadline order, synchronously,
  * so a run driven this way (with a seeded in-memory transport) is fully deterministic.

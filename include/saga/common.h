@@ -57,7 +57,8 @@ SAGA_EXTERN const char *saga_version(void);
   XX(EDEFINITION, -17, "invalid saga definition")                                                \
   XX(ESCHEMA, -18, "database schema is newer than this library")                                 \
   XX(EIO, -19, "I/O error")                                                                      \
-  XX(EBUSY, -20, "resource busy")
+  XX(EBUSY, -20, "resource busy")                                                                \
+  XX(ECORRUPT, -21, "database file is damaged")
 
 /** Error codes. All failures are negative. */
 typedef enum saga_error {

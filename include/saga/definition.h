@@ -43,6 +43,13 @@ typedef struct saga_retry {
                                     are always retried up to max_attempts */
 } saga_retry;
 
+/** A step's reply timeout when its timeout_ms is 0: one minute. A message to a channel nobody
+ * serves (a typo) then fails the step after its retries instead of leaving the saga RUNNING
+ * for good. */
+#define SAGA_STEP_TIMEOUT_DEFAULT_MS 60000u
+/** timeout_ms that waits for a reply forever. */
+#define SAGA_STEP_NO_TIMEOUT UINT32_MAX
+
 /** One step. Strings are borrowed by the table and copied at registration. */
 typedef struct saga_step {
   const char *name;         /**< shown in events and history, e.g. "CREATE_ORDER"; required */
@@ -51,7 +58,10 @@ typedef struct saga_step {
   const char *compensation; /**< compensation command; NULL = nothing to undo */
   saga_step_kind kind;
   saga_retry retry;
-  uint32_t timeout_ms;      /**< reply timeout of one attempt; 0 = wait forever */
+  uint32_t timeout_ms;      /**< reply timeout of one attempt; 0 = the default,
+                                 SAGA_STEP_TIMEOUT_DEFAULT_MS; SAGA_STEP_NO_TIMEOUT = wait
+                                 forever (a step whose channel nobody serves then waits for
+                                 good: ask for it only when something else ends the wait) */
   saga_handler local_action;       /**< run on this node instead of a channel */
   saga_handler local_compensation; /**< its compensation, or NULL */
   void *local_arg;                 /**< passed to the local handlers */

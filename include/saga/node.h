@@ -6,7 +6,8 @@
  *
  *   saga_node_config cfg; saga_node_config_init(&cfg);
  *   cfg.name = "orders"; cfg.db_path = "orders.db"; cfg.transport = t;
- *   saga_node_open(&node, loop, &cfg);         // opens/migrates the database
+ *   cfg.db_mode = SAGA_DB_CREATE;              // first run only: else the file must exist
+ *   saga_node_open(&node, loop, &cfg);         // opens/checks/migrates the database
  *   saga_node_register(node, &def);            // definitions this node orchestrates
  *   saga_node_handle(node, "order", "order.create", create_order, NULL);  // participants
  *   saga_node_start(node);                     // recovery: resume in-flight sagas, relay
@@ -149,7 +150,36 @@ typedef enum saga_checkpoint_mode {
   SAGA_CHECKPOINT_BACKGROUND = 1
 } saga_checkpoint_mode;
 
-#define SAGA_NODE_CONFIG_VERSION 3
+/** Whether saga_node_open() may create the database (saga_node_config.db_mode). */
+typedef enum saga_db_mode {
+  /** Default: db_path must hold a libsaga database already. A missing file, an empty one
+   * (0 bytes, e.g. truncated) or one without libsaga's tables is refused with
+   * SAGA_ENOTFOUND and left untouched: a node that has run before never silently starts
+   * from nothing (its idempotency keys, sagas in flight and inbox records would be gone). */
+  SAGA_DB_OPEN_EXISTING = 0,
+  /** Create the database when the file is missing, empty or has no libsaga tables yet (an
+   * application's own database gets libsaga's tables added); an existing libsaga database
+   * is opened as with SAGA_DB_OPEN_EXISTING. For the first run, or a deliberate fresh
+   * start. */
+  SAGA_DB_CREATE = 1
+} saga_db_mode;
+
+/** The check of the database file at open (saga_node_config.db_check). */
+typedef enum saga_db_check {
+  /** Default: PRAGMA quick_check. It reads every page of the file once, so it delays the
+   * open of a large database: measured 3 s per GB with the file in the page cache, 30 s per
+   * GB from a cold, slow virtual disk (docs/operating.md). */
+  SAGA_DB_CHECK_QUICK = 0,
+  /** No check: for very large files, or a file checked by other means. A damaged file is
+   * then found (SAGA_ECORRUPT) only when a transaction touches a damaged page. */
+  SAGA_DB_CHECK_NONE = 1,
+  /** PRAGMA integrity_check: quick_check plus a comparison of every index with its table
+   * (finds index entries that lost their row, which quick_check does not); measured 8 s
+   * per GB from the page cache. */
+  SAGA_DB_CHECK_FULL = 2
+} saga_db_check;
+
+#define SAGA_NODE_CONFIG_VERSION 4
 
 /** Node configuration. Initialise with saga_node_config_init(), then set fields. */
 typedef struct saga_node_config {
@@ -204,19 +234,33 @@ typedef struct saga_node_config {
   /* ---- struct_version 3 ---- (older configs: the defaults) */
   saga_checkpoint_mode checkpoint; /**< default SAGA_CHECKPOINT_INLINE */
   uint32_t checkpoint_pages;       /**< WAL pages that start a checkpoint; default 1000 */
+  /* ---- struct_version 4 ---- */
+  /**
+   * Default SAGA_DB_OPEN_EXISTING: db_path must hold a libsaga database; set SAGA_DB_CREATE
+   * for the first run. Configs of struct_version 1 to 3 create the database when it is
+   * missing or empty, as libsaga did before this field. ":memory:" and "" (a temporary
+   * database) are always new and always allowed: they cannot hold earlier state.
+   */
+  saga_db_mode db_mode;
+  /** Default SAGA_DB_CHECK_QUICK (also for older configs): a damaged file is refused with
+   * SAGA_ECORRUPT. */
+  saga_db_check db_check;
 } saga_node_config;
 
 /** Fills cfg with defaults (struct_version set, everything optional at its default). */
 SAGA_EXTERN void saga_node_config_init(saga_node_config *cfg);
 
 /**
- * Opens the database (creating it, or migrating it to this library's schema), and opens the
- * transport on loop. The node takes ownership of cfg->transport in every case. Strings in
- * cfg are copied.
+ * Opens the database (creating it when cfg->db_mode says so, checking it as cfg->db_check
+ * says, migrating it to this library's schema), and opens the transport on loop. The node
+ * takes ownership of cfg->transport in every case. Strings in cfg are copied.
  * Returns SAGA_OK and sets *out; SAGA_EINVAL (missing name/db_path/transport, NULL loop),
- * SAGA_EVERSION (config or transport version unknown), SAGA_ESCHEMA (database written by a
- * newer libsaga), SAGA_ESTORE/SAGA_EIO/SAGA_EREADONLY (SQLite), SAGA_ENOMEM, or the
- * transport's error. On failure nothing is left to free; if errmsg is not NULL a sentence
+ * SAGA_EVERSION (config or transport version unknown), SAGA_ENOTFOUND (no libsaga database
+ * at db_path: missing, empty or without libsaga's tables, and db_mode is not
+ * SAGA_DB_CREATE), SAGA_ECORRUPT (the file failed the check, or is not a database),
+ * SAGA_EREADONLY (the file can only be read: permissions, a read-only mount or VFS),
+ * SAGA_ESCHEMA (database written by a newer libsaga), SAGA_ESTORE/SAGA_EIO (SQLite),
+ * SAGA_ENOMEM, or the transport's error. On failure nothing is left to free; if errmsg is not NULL a sentence
  * describing the failure is copied into it (errlen bytes).
  */
 SAGA_EXTERN int saga_node_open(saga_node **out, struct uv_loop_s *loop, const saga_node_config *cfg,
@@ -280,7 +324,8 @@ typedef void (*saga_start_cb)(saga_node *node, int status, const char *saga_id, 
 /**
  * Starts a saga of the highest registered version of definition `name`, with a copy of
  * input (may be NULL) as its data. idem_key (may be NULL) makes the start idempotent: a
- * later start with the same key returns the first saga's id. The saga is durable when cb
+ * later start of the same definition (any version) with the same key returns the first
+ * saga's id; keys of different definitions never meet. The saga is durable when cb
  * runs (after the commit). If this returns an error, cb never runs; otherwise it runs
  * exactly once, on the loop.
  * Returns SAGA_OK, SAGA_EINVAL, SAGA_ENODEF, SAGA_ESTATE (not started / closing),
@@ -394,6 +439,11 @@ typedef struct saga_node_stats {
    * hash, the key kept in its database), which the reply must echo. Such a reply was made
    * by someone who never saw the command: ignored, logged and counted here. */
   uint64_t forged_replies;
+  /** Handlers that broke their contract: returned a value that is not a libsaga code (a
+   * positive SQLite code, say; SQLITE_BUSY and SQLITE_LOCKED are then taken as transient),
+   * or ended the node's transaction themselves (COMMIT or ROLLBACK on saga_tx_db()). Each
+   * is logged with the handler's name. */
+  uint64_t handler_contract_errors;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

@@ -97,7 +97,13 @@ SAGA_EXTERN const char *saga_msg_header(const saga_msg *m, const char *name);
 SAGA_EXTERN int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input,
                               const char *idem_key, char *id_out, size_t id_len, int *existed);
 
-/** Adds key=value to the reply's data (merged into the saga data on success). */
+/**
+ * Adds key=value to the reply's data (merged into the saga data on success). SAGA_ETOOBIG
+ * (nothing added) when the value is above the saga data limit or the key would give the reply
+ * more than saga_limits.max_data_entries entries; after the handler returns, a reply that
+ * would make the merged saga data exceed those limits fails the step with that reason and
+ * rolls the handler's writes back (docs/api.md, "Limits").
+ */
 SAGA_EXTERN int saga_reply_set(saga_reply *r, const char *key, const void *val, size_t len);
 /** Adds a text value to the reply's data. */
 SAGA_EXTERN int saga_reply_set_str(saga_reply *r, const char *key, const char *val);

@@ -97,13 +97,14 @@ static void delete_sent(saga_node *n, saga__queue *q, size_t from, size_t to, in
   }
 }
 
-/* Runs one item. Careful mode wraps it in a savepoint, so that a failure rolls back only this
- * item. Fast mode (the first try of every transaction) has no item savepoint: an item that
- * fails after writing sets *replay, and the caller rolls the transaction back and runs it
- * again in careful mode. A failure before any write (counting writes a handler made and
- * rolled back) needs no replay. */
-static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful, int *broken,
-                        int *replay) {
+/* Runs fn(n, arg) as one unit of the transaction. Careful mode wraps it in a savepoint, so
+ * that a failure rolls back only this unit. Fast mode (the first try of every transaction)
+ * has no savepoint: a unit that fails after writing sets *replay, and the caller rolls the
+ * transaction back and runs it again in careful mode. A failure before any write (counting
+ * writes a handler made and rolled back) needs no replay. What the unit recorded in the
+ * journal is forgotten when it fails. */
+static int run_unit(saga_node *n, int careful, int *broken, int *replay,
+                    int (*fn)(saga_node *n, void *arg), void *arg) {
   saga__store *s = n->env.store;
   int rc;
   int64_t writes_before = s->m->writes(s);
@@ -112,52 +113,12 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful
     rc = s->m->savepoint(s, SAGA__SP_ITEM);
     if (rc != SAGA_OK) {
       *broken = 1;
-      return w->status = saga__store_fail(&n->env, rc, "opening savepoint");
+      return saga__store_fail(&n->env, rc, "opening savepoint");
     }
   }
   saga__journal_mark mark = saga__journal_mark_get(&n->journal);
-  switch (w->type) {
-  case W_DELIVERY:
-    rc = process_delivery(n, q, w);
-    break;
-  case W_START: {
-    const char *name = saga__queue_str(q, w->off1);
-    const saga__def *def = saga__engine_find(&n->engine, name, 0);
-    rc = def == NULL ? saga__fail(&n->env, SAGA_ENODEF, "definition '%s' is not registered",
-                                  name)
-                     : saga__engine_start(&n->engine, def, q->arena.data + w->off2, w->len2,
-                                          w->len3 == SIZE_MAX ? NULL
-                                                              : saga__queue_str(q, w->off3),
-                                          w->saga_id, &w->existed);
-    break;
-  }
-  case W_CANCEL:
-    rc = saga__engine_cancel(&n->engine, saga__queue_str(q, w->off1));
-    break;
-  case W_RETRY:
-    rc = saga__engine_retry(&n->engine, saga__queue_str(q, w->off1));
-    break;
-  case W_DEAD: {
-    const uint8_t *data = q->arena.data + w->off2;
-    size_t max = n->env.limits.max_message_bytes;
-    size_t keep = w->len2 > max ? max : w->len2;
-    rc = saga__journal_dead_letter(&n->journal, saga__queue_str(q, w->off1), NULL,
-                                   saga__queue_str(q, w->off3), data, keep);
-    w->ack = rc == SAGA_OK;
-    break;
-  }
-  case W_UNSENDABLE:
-    rc = saga__relay_unsendable(n, w->tag, w->code);
-    break;
-  default: /* W_SENT: delete_sent() */
-    rc = SAGA_OK;
-    break;
-  }
-  w->status = rc;
-  if (rc < 0) {
-    w->ack = 0;
-    saga__journal_rewind(&n->journal, &mark);
-  }
+  rc = fn(n, arg);
+  if (rc < 0) saga__journal_rewind(&n->journal, &mark);
   if (!careful) {
     if (!s->m->in_tx(s)) {
       *broken = 1;
@@ -177,9 +138,92 @@ static int process_item(saga_node *n, saga__queue *q, saga__work *w, int careful
   return rc;
 }
 
+typedef struct item {
+  saga__queue *q;
+  saga__work *w;
+} item;
+
+/* One queued work item (a unit, see run_unit). */
+static int item_fn(saga_node *n, void *arg) {
+  saga__queue *q = ((item *)arg)->q;
+  saga__work *w = ((item *)arg)->w;
+  switch (w->type) {
+  case W_DELIVERY:
+    return process_delivery(n, q, w);
+  case W_START: {
+    const char *name = saga__queue_str(q, w->off1);
+    const saga__def *def = saga__engine_find(&n->engine, name, 0);
+    if (def == NULL)
+      return saga__fail(&n->env, SAGA_ENODEF, "definition '%s' is not registered", name);
+    return saga__engine_start(&n->engine, def, q->arena.data + w->off2, w->len2,
+                              w->len3 == SIZE_MAX ? NULL : saga__queue_str(q, w->off3),
+                              w->saga_id, &w->existed);
+  }
+  case W_CANCEL:
+    return saga__engine_cancel(&n->engine, saga__queue_str(q, w->off1));
+  case W_RETRY:
+    return saga__engine_retry(&n->engine, saga__queue_str(q, w->off1));
+  case W_DEAD: {
+    const uint8_t *data = q->arena.data + w->off2;
+    size_t max = n->env.limits.max_message_bytes;
+    size_t keep = w->len2 > max ? max : w->len2;
+    int rc = saga__journal_dead_letter(&n->journal, saga__queue_str(q, w->off1), NULL,
+                                       saga__queue_str(q, w->off3), data, keep);
+    w->ack = rc == SAGA_OK;
+    return rc;
+  }
+  case W_UNSENDABLE:
+    return saga__relay_unsendable(n, w->tag, w->code);
+  default: /* W_SENT: delete_sent() */
+    return SAGA_OK;
+  }
+}
+
+static void process_item(saga_node *n, saga__queue *q, saga__work *w, int careful, int *broken,
+                         int *replay) {
+  item it = {q, w};
+  int rc = run_unit(n, careful, broken, replay, item_fn, &it);
+  w->status = rc;
+  if (rc < 0) w->ack = 0;
+}
+
+typedef struct due_ctx {
+  const char *id;
+  uint64_t now;
+} due_ctx;
+
+static int due_fn(saga_node *n, void *arg) {
+  due_ctx *d = arg;
+  return saga__engine_due_one(&n->engine, d->id, d->now);
+}
+
+/* The sagas whose deadline passed, each a unit of its own: one that fails (a damaged row,
+ * say) is logged and left for a later try, and does not fail the work of the others.
+ * *more: a full batch was listed. Returns < 0 only when the list itself failed. */
+static int process_due(saga_node *n, int careful, int *broken, int *replay, int *more) {
+  uint64_t now = saga__now(&n->env);
+  size_t count = 0;
+  int rc = saga__engine_due_list(&n->engine, now, n->batch_max, &count);
+  if (rc < 0) return rc;
+  *more = count >= n->batch_max;
+  for (size_t k = 0; k < count && !*broken && !*replay; k++) {
+    due_ctx d = {saga__engine_due_id(&n->engine, k), now};
+    rc = run_unit(n, careful, broken, replay, due_fn, &d);
+    if (rc < 0 && !*broken && !*replay) {
+      n->due_failed++;
+      char id[40];
+      snprintf(id, sizeof id, "%s", d.id);
+      saga__log(&n->env, SAGA_LOG_WARN, "timer of saga %s failed, tried again later: %s", id,
+                n->env.errmsg);
+    }
+  }
+  return SAGA_OK;
+}
+
 /* After the transaction: acknowledge, call back, or report the failure. */
 static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int committed,
                      int tx_rc) {
+  if (committed) saga__events_dispatch_remote(n); /* before their acknowledgements */
   for (size_t i = from; i < to; i++) {
     saga__work *w = &q->items[i];
     int status = committed ? w->status : (w->status < 0 ? w->status : tx_rc);
@@ -231,6 +275,7 @@ static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with
                   int *more_due, int careful, int *replay) {
   saga__store *s = n->env.store;
   saga__journal_begin(&n->journal);
+  n->part.tx_ended = 0;
   int broken = 0, rc = s->m->begin(s);
   if (rc != SAGA_OK) {
     saga__store_fail(&n->env, rc, "beginning transaction");
@@ -240,10 +285,8 @@ static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with
     if (q->items[i].type != W_SENT) process_item(n, q, &q->items[i], careful, &broken, replay);
   if (!broken && !*replay) delete_sent(n, q, from, to, &broken);
   if (with_timers && !broken && !*replay) {
-    size_t processed = 0;
-    int trc = saga__engine_due(&n->engine, saga__now(&n->env), n->batch_max, &processed);
+    int trc = process_due(n, careful, &broken, replay, more_due);
     if (trc < 0 || !s->m->in_tx(s)) broken = 1;
-    *more_due = trc == SAGA_OK && processed >= n->batch_max;
     rc = trc < 0 ? trc : rc;
   }
   if (!broken && !*replay) {
@@ -314,8 +357,12 @@ void saga__batch_flush(saga_node *n) {
     if (rc != SAGA_OK) {
       failed = 1;
       n->env.stats.commit_failures++;
-      saga__log(&n->env, SAGA_LOG_ERROR, "transaction failed, nothing of it was applied: %s",
-                n->env.errmsg);
+      if (n->part.tx_ended)
+        saga__log(&n->env, SAGA_LOG_ERROR, "transaction ended by a handler: %s",
+                  n->env.errmsg);
+      else
+        saga__log(&n->env, SAGA_LOG_ERROR,
+                  "transaction failed, nothing of it was applied: %s", n->env.errmsg);
       if (last && due) n->timers_due = 1;
     } else if (more_due) {
       n->timers_due = 1;
@@ -330,7 +377,8 @@ void saga__batch_flush(saga_node *n) {
   if (n->closing) return; /* node.c finishes the close */
   saga__relay_fresh(n);
   saga__batch_arm_deadline(n);
-  if (failed) {
+  if (failed || n->due_failed) {
+    n->due_failed = 0;
     /* Give a full or failing disk a moment before the timers try again. */
     saga__timer_arm(&n->retry_timer, saga__now(&n->env) + 100);
   } else if (n->timers_due) {
@@ -385,8 +433,11 @@ void saga__batch_arm_deadline(saga_node *n) {
   if (n->closing) return;
   saga__store *s = n->env.store;
   uint64_t at = 0;
-  if (s->m->inst_next_due(s, &at) == SAGA_OK)
-    saga__timer_arm(&n->deadline_timer, at);
-  else
+  if (s->m->inst_next_due(s, &at) != SAGA_OK) {
     saga__timer_stop(&n->deadline_timer);
+    return;
+  }
+  /* A timer that just failed is due still: not again before the retry timer's pause. */
+  uint64_t floor = n->due_failed ? saga__now(&n->env) + 100 : 0;
+  saga__timer_arm(&n->deadline_timer, at > floor ? at : floor);
 }

@@ -37,6 +37,16 @@ typedef struct saga__env {
 /* Sets up e (no store, clock or callbacks yet). */
 void saga__env_init(saga__env *e, const saga_allocator *a);
 
+/* Room kept in every message for the envelope around the saga data (ids, names, headers,
+ * an error text): saga data is at most max_message_bytes minus this, so that every command
+ * of a saga — its compensations too — fits in a message whatever the data grew to. */
+#define SAGA__ENVELOPE_RESERVE 4096
+/* The most bytes of encoded saga data a saga may carry under l. */
+size_t saga__data_limit(const saga_limits *l);
+/* Checks saga data that is being made (an input, a reply, a merge) against the limits:
+ * SAGA_OK, or SAGA_ETOOBIG with errmsg "<what> has N entries / N bytes; the limit is ...". */
+int saga__data_fits(saga__env *e, const char *what, size_t entries, size_t bytes);
+
 /* Calls the test hook, if any, at a named point. */
 #define SAGA__HOOK(e, point) \
   do { \

@@ -161,7 +161,10 @@ int saga__def_copy(saga__def *out, const saga_definition *def, const saga_alloca
       d->comp_retry = s->retry; /* the default: the action's policy, at least 3 attempts */
       if (saga__retry_max(&d->comp_retry) < 3) d->comp_retry.max_attempts = 3;
     }
-    d->timeout_ms = s->timeout_ms;
+    /* 0: the finite default; SAGA_STEP_NO_TIMEOUT: none (0 inside the engine). */
+    d->timeout_ms = s->timeout_ms == 0                      ? SAGA_STEP_TIMEOUT_DEFAULT_MS
+                    : s->timeout_ms == SAGA_STEP_NO_TIMEOUT ? 0
+                                                            : s->timeout_ms;
     d->local_action = s->local_action;
     d->local_compensation = s->local_compensation;
     d->local_arg = s->local_arg;

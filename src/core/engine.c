@@ -56,6 +56,13 @@ static int inst_load(saga__engine *e, const char *id, saga__inst *i) {
   if (rc == SAGA_ENOMEM) return saga__fail(e->env, rc, "out of memory loading saga");
   if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "loading saga");
   i->def = saga__engine_find(e, i->def_name, i->def_version);
+  /* A row that does not fit its definition (edited by hand, damaged) fails its saga's work
+   * alone, with a reason, instead of indexing past the steps. */
+  if (i->def != NULL && (i->step < 0 || (size_t)i->step >= i->def->nsteps || i->phase < 0 ||
+                         i->phase > SAGA_PHASE_RESOLVE))
+    return saga__fail(e->env, SAGA_ESTORE, "saga '%s' is inconsistent: step %d phase %d, but "
+                      "definition '%s' version %u has %zu steps", i->id, i->step, i->phase,
+                      i->def_name, i->def_version, i->def->nsteps);
   return SAGA_OK;
 }
 
@@ -127,6 +134,10 @@ static int send_command(saga__engine *e, saga__inst *i) {
   saga__buf_reset(&e->cmd);
   int rc = saga__envelope_encode_buf(&env, &e->cmd);
   if (rc != SAGA_OK) return saga__fail(e->env, rc, "encoding command: %s", saga_strerror(rc));
+  if (e->cmd.len > e->env->limits.max_message_bytes) /* data is kept below its limit */
+    return saga__fail(e->env, SAGA_ETOOBIG, "command for step '%s' of saga '%s' is %zu bytes; "
+                      "the message limit is %zu", s->name, i->id, e->cmd.len,
+                      e->env->limits.max_message_bytes);
   rc = saga__journal_outbox(e->journal, channel, i->id, e->cmd.data, e->cmd.len);
   if (rc != SAGA_OK) return rc;
   i->wait = WAIT_REPLY;
@@ -179,34 +190,46 @@ static int schedule_retry(saga__engine *e, saga__inst *i) {
 
 static uint32_t comp_max(const saga__step *s) { return saga__retry_max(&s->comp_retry); }
 
-/* Merges the reply's data into the saga data. */
-static int merge_reply(saga__engine *e, saga__inst *i, const saga_envelope *r) {
+/* Merges the reply's data into the saga data. SAGA_OK; SAGA_ENOMEM; or another code when the
+ * data cannot be used (undecodable, or the merge would exceed the limits), with why set. */
+static int merge_reply(saga__engine *e, saga__inst *i, const saga_envelope *r, char *why,
+                       size_t why_len) {
   if (r == NULL || r->payload_len == 0 ||
       (r->payload_len == 1 && ((const uint8_t *)r->payload)[0] == 0x80))
     return SAGA_OK;
   saga_data *cur = NULL, *add = NULL;
-  char err[200];
-  int rc = saga__data_decode(i->data.data, i->data.len, &e->env->limits, e->env->alloc, &cur, err,
-                             sizeof err);
+  char err[300] = "";
+  saga__buf *m = &e->merged;
+  saga__buf_reset(m);
+  int rc = saga__data_decode(i->data.data, i->data.len, &e->env->limits, e->env->alloc, &cur,
+                             err, sizeof err);
   if (rc == SAGA_OK)
-    rc = saga__data_decode(r->payload, r->payload_len, &e->env->limits, e->env->alloc, &add, err,
-                           sizeof err);
+    rc = saga__data_decode(r->payload, r->payload_len, &e->env->limits, e->env->alloc, &add,
+                           err, sizeof err);
   if (rc == SAGA_OK) rc = saga_data_merge(cur, add);
+  if (rc == SAGA_OK) rc = saga__data_encode(cur, m);
   if (rc == SAGA_OK) {
-    saga__buf_reset(&i->data);
-    rc = saga__data_encode(cur, &i->data);
+    rc = saga__data_fits(e->env, "the merged saga data", saga_data_count(cur), m->len);
+    if (rc != SAGA_OK) saga__printable(err, sizeof err, e->env->errmsg, strlen(e->env->errmsg));
   }
   saga_data_free(cur);
   saga_data_free(add);
-  if (rc != SAGA_OK) return saga__fail(e->env, rc, "merging reply data: %s", err);
-  return SAGA_OK;
+  if (rc == SAGA_ENOMEM) return saga__fail(e->env, rc, "out of memory merging reply data");
+  if (rc != SAGA_OK) {
+    snprintf(why, why_len, "%s", err[0] ? err : saga_strerror(rc));
+    return rc;
+  }
+  saga__buf_reset(&i->data);
+  return saga__buf_append(&i->data, m->data, m->len) == SAGA_OK
+             ? SAGA_OK
+             : saga__fail(e->env, SAGA_ENOMEM, "out of memory merging reply data");
 }
 
 /* ---- the actions ------------------------------------------------------------------------ */
 
-static int act_ok(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
-  int rc = merge_reply(e, i, r);
-  if (rc == SAGA_OK) rc = ev(e, i, SAGA_EV_STEP_SUCCEEDED, "");
+/* The current step succeeded (its data merged): on to the next step, or COMPLETED. */
+static int advance(saga__engine *e, saga__inst *i, const char *detail) {
+  int rc = ev(e, i, SAGA_EV_STEP_SUCCEEDED, detail);
   if (rc != SAGA_OK) return rc;
   i->step++;
   i->flags = 0;
@@ -218,6 +241,25 @@ static int act_ok(saga__engine *e, saga__inst *i, const saga_envelope *r, event 
   i->phase = SAGA_PHASE_ACTION;
   i->attempt = 1;
   return send_command(e, i);
+}
+
+static int act_ok(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
+  char why[300];
+  int rc = merge_reply(e, i, r, why, sizeof why);
+  if (rc == SAGA_OK) return advance(e, i, "");
+  if (rc == SAGA_ENOMEM) return rc;
+  /* The step applied, but its reply's data cannot be used (an older or misbehaving
+   * participant: today's refuse such replies before committing). Never retried as if
+   * transient: before the pivot the step is undone with the earlier ones; past it the saga
+   * goes on without that data. */
+  const saga__step *s = &i->def->steps[i->step];
+  char detail[400];
+  snprintf(detail, sizeof detail, "reply data refused: %s", why);
+  saga__log(e->env, SAGA_LOG_WARN, "saga %s step '%s': %s", i->id, s->name, detail);
+  if (i->step >= i->def->pivot) return advance(e, i, detail);
+  snprintf(i->error, sizeof i->error, "%s: %s", s->name, detail);
+  rc = ev(e, i, SAGA_EV_STEP_FAILED, detail);
+  return rc != SAGA_OK ? rc : begin_comp(e, i, i->step);
 }
 
 static int act_fail(saga__engine *e, saga__inst *i, const saga_envelope *r, event evt) {
@@ -365,7 +407,7 @@ int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
   saga__store *s = e->env->store;
   *existed = 0;
   if (idem_key != NULL) {
-    int rc = s->m->inst_find_key(s, idem_key, id_out);
+    int rc = s->m->inst_find_key(s, def->name, idem_key, id_out);
     if (rc == SAGA_OK) {
       *existed = 1;
       return SAGA_OK;
@@ -498,46 +540,52 @@ int saga__engine_undeliverable(saga__engine *e, const saga_envelope *cmd, int co
   return step(e, i, evt, &r);
 }
 
-int saga__engine_due(saga__engine *e, uint64_t now, size_t max, size_t *processed) {
-  /* Collect the due ids first: the scan must not run while rows are being updated. */
-  saga__buf *ids = &e->ids;
-  saga__buf_reset(ids);
+int saga__engine_due_list(saga__engine *e, uint64_t now, size_t max, size_t *count) {
+  /* Collected first: the scan must not run while rows are being updated. */
+  saga__buf_reset(&e->ids);
   saga__store *s = e->env->store;
-  size_t count = 0;
-  int rc = s->m->inst_due(s, now, max, ids, &count);
+  *count = 0;
+  int rc = s->m->inst_due(s, now, max, &e->ids, count);
   if (rc == SAGA_ENOMEM) return saga__fail(e->env, rc, "out of memory collecting timers");
   if (rc != SAGA_OK) return saga__store_fail(e->env, rc, "reading timers");
-  *processed = count;
-  for (size_t k = 0; k < count; k++) {
-    saga__inst *i = &e->inst;
-    rc = inst_load(e, (const char *)ids->data + k * 40, i);
-    if (rc == SAGA_ENOTFOUND) continue;
-    if (rc != SAGA_OK) return rc;
-    if (i->def == NULL) {
-      i->parked = 1;
-      rc = ev(e, i, SAGA_EV_DEFINITION_MISSING, "definition version not registered");
-      if (rc == SAGA_OK) rc = inst_save(e, i);
-      if (rc != SAGA_OK) return rc;
-      continue;
-    }
-    event evt;
-    if (i->saga_deadline != 0 && now >= i->saga_deadline && i->state == SAGA_RUNNING)
-      evt = E_DEADLINE;
-    else if (i->step_deadline != 0 && now >= i->step_deadline)
-      evt = i->wait == WAIT_BACKOFF ? E_BACKOFF_END : E_TIMEOUT;
-    else
-      evt = E__COUNT;
-    if (evt == E__COUNT || machine[mode_of(i)][evt] == NULL) {
-      /* Nothing applies (e.g. a deadline of a finished phase): clear it. */
-      if (evt == E_DEADLINE || evt == E__COUNT) i->saga_deadline = 0;
-      if (evt != E__COUNT && evt != E_DEADLINE) i->step_deadline = 0;
-      rc = inst_save(e, i);
-    } else {
-      rc = step(e, i, evt, NULL);
-    }
-    if (rc != SAGA_OK) return rc;
-  }
   return SAGA_OK;
+}
+
+const char *saga__engine_due_id(const saga__engine *e, size_t k) {
+  return (const char *)e->ids.data + k * 40;
+}
+
+int saga__engine_due_one(saga__engine *e, const char *id, uint64_t now) {
+  saga__inst *i = &e->inst;
+  int rc = inst_load(e, id, i);
+  if (rc == SAGA_ENOTFOUND) return SAGA_OK; /* gone meanwhile */
+  if (rc != SAGA_OK) return rc;
+  if (i->def == NULL) {
+    i->parked = 1;
+    rc = ev(e, i, SAGA_EV_DEFINITION_MISSING, "definition version not registered");
+    return rc == SAGA_OK ? inst_save(e, i) : rc;
+  }
+  event evt;
+  if (i->saga_deadline != 0 && now >= i->saga_deadline && i->state == SAGA_RUNNING)
+    evt = E_DEADLINE;
+  else if (i->step_deadline != 0 && now >= i->step_deadline)
+    evt = i->wait == WAIT_BACKOFF ? E_BACKOFF_END : E_TIMEOUT;
+  else
+    evt = E__COUNT;
+  if (evt == E__COUNT || machine[mode_of(i)][evt] == NULL) {
+    /* Nothing applies (e.g. a deadline of a finished phase): clear it. */
+    if (evt == E_DEADLINE || evt == E__COUNT) i->saga_deadline = 0;
+    if (evt != E__COUNT && evt != E_DEADLINE) i->step_deadline = 0;
+    return inst_save(e, i);
+  }
+  return step(e, i, evt, NULL);
+}
+
+int saga__engine_due(saga__engine *e, uint64_t now, size_t max, size_t *processed) {
+  int rc = saga__engine_due_list(e, now, max, processed);
+  for (size_t k = 0; rc == SAGA_OK && k < *processed; k++)
+    rc = saga__engine_due_one(e, saga__engine_due_id(e, k), now);
+  return rc;
 }
 
 int saga__engine_cancel(saga__engine *e, const char *id) {
@@ -633,27 +681,87 @@ void saga__engine_init(saga__engine *e, saga__env *env, saga__journal *j, const 
   saga__inst_init(&e->inst, env->alloc);
   saga__buf_init(&e->cmd, env->alloc);
   saga__buf_init(&e->ids, env->alloc);
+  saga__buf_init(&e->merged, env->alloc);
 }
 
 void saga__engine_free(saga__engine *e) {
   for (size_t k = 0; k < e->ndefs; k++) saga__def_free(&e->defs[k], e->env->alloc);
   saga__free(e->env->alloc, e->defs);
+  saga__free(e->env->alloc, e->def_slots);
+  saga__free(e->env->alloc, e->def_latest);
   e->defs = NULL;
-  e->ndefs = 0;
+  e->def_slots = NULL;
+  e->def_latest = NULL;
+  e->ndefs = e->def_cap = 0;
   saga__inst_free(&e->inst);
   saga__buf_free(&e->cmd);
   saga__buf_free(&e->ids);
+  saga__buf_free(&e->merged);
+}
+
+/* Definitions are found through an open-addressing hash of (name, version) — version 0
+ * standing for "the highest registered" — so that registering and looking up stay constant
+ * time with many definitions. A slot holds a definition's index + 1 (0 = empty). */
+static uint64_t def_hash(const char *name, uint32_t version) {
+  uint64_t h = 1469598103934665603ull;
+  for (const char *c = name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+  h ^= version;
+  h *= 0x9e3779b97f4a7c15ull;
+  return h ^ (h >> 29);
+}
+
+/* The slot of (name, version): the one holding it, or the empty one where it would go. */
+static size_t def_slot(const saga__engine *e, const char *name, uint32_t version) {
+  size_t mask = e->def_cap - 1, k = (size_t)def_hash(name, version) & mask;
+  for (;; k = (k + 1) & mask) {
+    ((saga__engine *)e)->def_probes++;
+    uint32_t v = e->def_slots[k];
+    if (v == 0) return k;
+    const saga__def *d = &e->defs[v - 1];
+    uint32_t dv = e->def_latest[k] ? 0 : d->version;
+    if (dv == version && strcmp(d->name, name) == 0) return k;
+  }
 }
 
 const saga__def *saga__engine_find(const saga__engine *e, const char *name, uint32_t version) {
-  const saga__def *best = NULL;
-  for (size_t k = 0; k < e->ndefs; k++) {
-    const saga__def *d = &e->defs[k];
-    if (strcmp(d->name, name) != 0) continue;
-    if (version != 0 ? d->version == version : (best == NULL || d->version > best->version))
-      best = d;
+  if (e->def_cap == 0) return NULL;
+  uint32_t v = e->def_slots[def_slot(e, name, version)];
+  return v != 0 ? &e->defs[v - 1] : NULL;
+}
+
+/* Puts index idx under (name, version) (version 0: as the highest of its name). */
+static void def_put(saga__engine *e, const char *name, uint32_t version, size_t idx) {
+  size_t k = def_slot(e, name, version);
+  e->def_slots[k] = (uint32_t)idx + 1;
+  e->def_latest[k] = version == 0;
+}
+
+/* Makes room for one more definition (two slots: its version and maybe its name's highest),
+ * keeping the table at most half full. */
+static int def_grow(saga__engine *e) {
+  if ((e->ndefs + 1) * 4 <= e->def_cap) return SAGA_OK;
+  size_t cap = e->def_cap ? e->def_cap * 2 : 64;
+  uint32_t *slots = saga__calloc(e->env->alloc, cap * sizeof *slots);
+  uint8_t *latest = saga__calloc(e->env->alloc, cap);
+  if (slots == NULL || latest == NULL) {
+    saga__free(e->env->alloc, slots);
+    saga__free(e->env->alloc, latest);
+    return SAGA_ENOMEM;
   }
-  return best;
+  uint32_t *old = e->def_slots;
+  uint8_t *old_latest = e->def_latest;
+  size_t old_cap = e->def_cap;
+  e->def_slots = slots;
+  e->def_latest = latest;
+  e->def_cap = cap;
+  for (size_t k = 0; k < old_cap; k++) {
+    if (old[k] == 0) continue;
+    const saga__def *d = &e->defs[old[k] - 1];
+    def_put(e, d->name, old_latest[k] ? 0 : d->version, old[k] - 1);
+  }
+  saga__free(e->env->alloc, old);
+  saga__free(e->env->alloc, old_latest);
+  return SAGA_OK;
 }
 
 int saga__engine_register(saga__engine *e, const saga_definition *def) {
@@ -663,12 +771,17 @@ int saga__engine_register(saga__engine *e, const saga_definition *def) {
   saga__def copy;
   int rc = saga__def_copy(&copy, def, e->env->alloc, e->env->errmsg, sizeof e->env->errmsg);
   if (rc != SAGA_OK) return rc;
-  saga__def *p = saga__realloc(e->env->alloc, e->defs, (e->ndefs + 1) * sizeof *p);
-  if (p == NULL) {
+  saga__def *p = NULL;
+  if (e->ndefs >= UINT32_MAX - 1 || def_grow(e) != SAGA_OK ||
+      (p = saga__realloc(e->env->alloc, e->defs, (e->ndefs + 1) * sizeof *p)) == NULL) {
     saga__def_free(&copy, e->env->alloc);
     return saga__fail(e->env, SAGA_ENOMEM, "out of memory registering definition");
   }
   e->defs = p;
-  e->defs[e->ndefs++] = copy;
+  size_t idx = e->ndefs++;
+  e->defs[idx] = copy;
+  def_put(e, copy.name, copy.version, idx);
+  const saga__def *latest = saga__engine_find(e, copy.name, 0);
+  if (latest == NULL || latest->version < copy.version) def_put(e, copy.name, 0, idx);
   return SAGA_OK;
 }

@@ -17,9 +17,14 @@ typedef struct saga__engine {
   uint64_t reply_key[2]; /* keys the tag of command ids (the store's reply_key) */
   saga__def *defs;
   size_t ndefs;
+  uint32_t *def_slots;  /* hash of (name, version) -> index + 1 (see engine.c) */
+  uint8_t *def_latest;  /* the slot stands for (name, highest version) */
+  size_t def_cap;       /* slots, a power of two */
+  uint64_t def_probes;  /* slots looked at by lookups, for tests */
   saga__inst inst; /* the instance being processed */
   saga__buf cmd;   /* encoding of a command */
   saga__buf ids;   /* due or recovering instances */
+  saga__buf merged; /* a reply's data merged into the saga's */
 } saga__engine;
 
 void saga__engine_init(saga__engine *e, saga__env *env, saga__journal *j, const char *reply_to);
@@ -36,8 +41,14 @@ int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
 /* A reply to a command of this node. SAGA_ENODEF: its saga's definition is not registered
  * (keep the message). */
 int saga__engine_reply(saga__engine *e, const saga_envelope *reply);
-/* Timers: handles at most max instances due at now; *processed is how many were due. */
+/* Timers: handles at most max instances due at now; *processed is how many were due. Stops
+ * at the first failure (see the next three for running each one apart). */
 int saga__engine_due(saga__engine *e, uint64_t now, size_t max, size_t *processed);
+/* Lists at most max instances due at now (earliest first); then saga__engine_due_id(e, k)
+ * for k < *count, each handled by saga__engine_due_one (which keeps the list). */
+int saga__engine_due_list(saga__engine *e, uint64_t now, size_t max, size_t *count);
+const char *saga__engine_due_id(const saga__engine *e, size_t k);
+int saga__engine_due_one(saga__engine *e, const char *saga_id, uint64_t now);
 int saga__engine_cancel(saga__engine *e, const char *saga_id);
 /* saga_retry_failed: compensates a FAILED saga again. */
 int saga__engine_retry(saga__engine *e, const char *saga_id);

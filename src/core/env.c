@@ -40,6 +40,24 @@ int saga__store_fail(saga__env *e, int code, const char *what) {
                     saga_strerror(code));
 }
 
+size_t saga__data_limit(const saga_limits *l) {
+  size_t max = l->max_message_bytes;
+  return max > 2 * SAGA__ENVELOPE_RESERVE ? max - SAGA__ENVELOPE_RESERVE : max / 2;
+}
+
+int saga__data_fits(saga__env *e, const char *what, size_t entries, size_t bytes) {
+  size_t max_bytes = saga__data_limit(&e->limits);
+  if (entries > e->limits.max_data_entries)
+    return saga__fail(e, SAGA_ETOOBIG, "%s has %zu entries; the limit is %zu "
+                      "(saga_limits.max_data_entries)", what, entries,
+                      e->limits.max_data_entries);
+  if (bytes > max_bytes)
+    return saga__fail(e, SAGA_ETOOBIG, "%s is %zu bytes encoded; the limit is %zu "
+                      "(saga_limits.max_message_bytes %zu minus %d for the envelope)", what,
+                      bytes, max_bytes, e->limits.max_message_bytes, SAGA__ENVELOPE_RESERVE);
+  return SAGA_OK;
+}
+
 uint64_t saga__now(saga__env *e) { return saga_clock_now(e->clock); }
 
 uint64_t saga__rand(saga__env *e) {

@@ -50,14 +50,24 @@ static void dispatch_remote(saga_node *n, size_t off) {
   saga_envelope_free(env);
 }
 
-void saga__events_dispatch(saga_node *n) {
+void saga__events_dispatch_remote(saga_node *n) {
   saga__journal *j = &n->journal;
   for (size_t i = 0; i < j->nevents; i++) {
+    saga__event_rec *r = &j->events[i];
+    if (r->remote_off == 0) continue;
+    size_t off = (size_t)(r->remote_off - 1);
+    r->remote_off = 0; /* handed out: the second pass skips it */
+    r->type = (saga_event_type)0;
+    dispatch_remote(n, off);
+  }
+}
+
+void saga__events_dispatch(saga_node *n) {
+  saga__journal *j = &n->journal;
+  saga__events_dispatch_remote(n); /* any not handed out yet */
+  for (size_t i = 0; i < j->nevents; i++) {
     const saga__event_rec *r = &j->events[i];
-    if (r->remote_off != 0) {
-      dispatch_remote(n, (size_t)(r->remote_off - 1));
-      continue;
-    }
+    if (r->type == 0) continue; /* a remote event, handed out already */
     if (n->on_event == NULL) continue;
     saga_event ev;
     const char *text = (const char *)j->event_text.data;

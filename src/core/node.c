@@ -26,6 +26,8 @@ void saga_node_config_init(saga_node_config *cfg) {
   saga__retention_defaults(&cfg->retention);
   cfg->checkpoint = SAGA_CHECKPOINT_INLINE;
   cfg->checkpoint_pages = 1000;
+  cfg->db_mode = SAGA_DB_OPEN_EXISTING;
+  cfg->db_check = SAGA_DB_CHECK_QUICK;
 }
 
 
@@ -157,6 +159,10 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
     sc.checkpoint = (int)cfg->checkpoint;
     sc.checkpoint_pages = cfg->checkpoint_pages;
   }
+  /* Older configs have no db_mode (they created a missing or empty database) and no
+   * db_check (they get the default). */
+  sc.create = cfg->struct_version < 4 || cfg->db_mode == SAGA_DB_CREATE;
+  sc.check = cfg->struct_version >= 4 ? (int)cfg->db_check : SAGA_DB_CHECK_QUICK;
   sc.loop = loop;
   sc.alloc = n->env.alloc;
   sc.log = cfg->log;
@@ -341,10 +347,10 @@ int saga_start(saga_node *n, const char *name, const saga_data *input, const cha
   saga__buf_reset(&n->input_buf);
   rc = saga__data_encode(input, &n->input_buf);
   if (rc != SAGA_OK) return saga__fail(&n->env, rc, "encoding input: %s", saga_strerror(rc));
-  /* Leave room for the envelope around the data in every command. */
-  if (n->input_buf.len + 4096 > n->env.limits.max_message_bytes)
-    return saga__fail(&n->env, SAGA_ETOOBIG, "input of %zu bytes exceeds the message limit",
-                           n->input_buf.len);
+  /* Checked where the data is made: every command of the saga must fit in a message. */
+  rc = saga__data_fits(&n->env, "the input", input != NULL ? saga_data_count(input) : 0,
+                       n->input_buf.len);
+  if (rc != SAGA_OK) return rc;
   saga__work *w = saga__queue_push(n, W_START, name, strlen(name), n->input_buf.data, n->input_buf.len,
                              idem_key, idem_key ? strlen(idem_key) : 0);
   if (w == NULL) return saga__fail(&n->env, SAGA_ENOMEM, "out of memory queueing start");

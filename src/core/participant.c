@@ -34,9 +34,20 @@ typedef struct raw_msg {
 
 struct saga_reply {
   saga_data *data;
+  const saga_limits *lim;
+  size_t value_limit; /* the largest value (the saga data limit) */
   int failed;
   char reason[513];
 };
+
+/* A reply refuses, where it is made, what could never be merged into the saga's data. */
+static int reply_check(saga_reply *r, const char *key, size_t len) {
+  if (len > r->value_limit) return SAGA_ETOOBIG;
+  if (saga_data_get(r->data, key, NULL, NULL) != SAGA_OK &&
+      saga_data_count(r->data) >= r->lim->max_data_entries)
+    return SAGA_ETOOBIG;
+  return SAGA_OK;
+}
 
 struct sqlite3 *saga_tx_db(saga_tx *tx) {
   if (tx == NULL) return NULL;
@@ -71,6 +82,8 @@ int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const c
   saga__buf in;
   saga__buf_init(&in, env->alloc);
   int rc = saga__data_encode(input, &in);
+  if (rc == SAGA_OK)
+    rc = saga__data_fits(env, "the input", input != NULL ? saga_data_count(input) : 0, in.len);
   char id[40];
   int had = 0;
   if (rc == SAGA_OK) rc = saga__engine_start(p->engine, def, in.data, in.len, idem_key, id, &had);
@@ -82,13 +95,19 @@ int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const c
 }
 
 int saga_reply_set(saga_reply *r, const char *key, const void *val, size_t len) {
-  return r != NULL ? saga_data_set(r->data, key, val, len) : SAGA_EINVAL;
+  if (r == NULL || key == NULL) return SAGA_EINVAL;
+  int rc = reply_check(r, key, len);
+  return rc != SAGA_OK ? rc : saga_data_set(r->data, key, val, len);
 }
 int saga_reply_set_str(saga_reply *r, const char *key, const char *val) {
-  return r != NULL ? saga_data_set_str(r->data, key, val) : SAGA_EINVAL;
+  if (r == NULL || key == NULL || val == NULL) return SAGA_EINVAL;
+  int rc = reply_check(r, key, strlen(val));
+  return rc != SAGA_OK ? rc : saga_data_set_str(r->data, key, val);
 }
 int saga_reply_set_i64(saga_reply *r, const char *key, int64_t v) {
-  return r != NULL ? saga_data_set_i64(r->data, key, v) : SAGA_EINVAL;
+  if (r == NULL || key == NULL) return SAGA_EINVAL;
+  int rc = reply_check(r, key, 8);
+  return rc != SAGA_OK ? rc : saga_data_set_i64(r->data, key, v);
 }
 int saga_reply_fail(saga_reply *r, const char *reason) {
   if (r != NULL) {
@@ -118,11 +137,17 @@ static void refuse(outcome *o, int status, const char *fmt, ...) {
   va_end(ap);
 }
 
+/* FNV-1a of a message id. */
+static uint64_t msg_hash(const char *msg_id) {
+  uint64_t h = 1469598103934665603ull;
+  for (const char *c = msg_id; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+  return h;
+}
+
 /* Counts a transient failure of msg_id; nonzero once it has failed max_deliveries times
  * (the entry is then cleared). A hash collision only makes the count approximate. */
 static int transient_cap_reached(saga__participant *p, const char *msg_id) {
-  uint64_t h = 1469598103934665603ull;
-  for (const char *c = msg_id; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+  uint64_t h = msg_hash(msg_id);
   size_t slot = (size_t)(h % (sizeof p->transient / sizeof p->transient[0]));
   if (p->transient[slot].hash != h) {
     p->transient[slot].hash = h;
@@ -132,6 +157,38 @@ static int transient_cap_reached(saga__participant *p, const char *msg_id) {
   p->transient[slot].hash = 0;
   p->transient[slot].count = 0;
   return 1;
+}
+
+/* Whether the saga data (data, cmd_len bytes encoded) merged with a reply (rep, rep_len
+ * bytes) stays within the limits; else reason says why. The sum of the two is an upper bound
+ * of the merge and decides in the common case; only above it is the merge made and
+ * measured. */
+static int merge_fits(saga__participant *p, const saga_data *data, const saga_data *rep,
+                      size_t cmd_len, size_t rep_len, char *reason, size_t reason_len) {
+  const saga_limits *l = &p->env->limits;
+  size_t limit = saga__data_limit(l);
+  size_t entries = saga_data_count(data) + saga_data_count(rep);
+  if (cmd_len + rep_len <= limit && entries <= l->max_data_entries) return 1;
+  saga_data *m = NULL;
+  saga__buf enc;
+  saga__buf_init(&enc, p->env->alloc);
+  int rc = saga_data_new(&m, p->env->alloc);
+  if (rc == SAGA_OK) rc = saga_data_merge(m, data);
+  if (rc == SAGA_OK) rc = saga_data_merge(m, rep);
+  if (rc == SAGA_OK) rc = saga__data_encode(m, &enc);
+  entries = m != NULL ? saga_data_count(m) : entries;
+  size_t bytes = rc == SAGA_OK ? enc.len : cmd_len + rep_len;
+  saga_data_free(m);
+  saga__buf_free(&enc);
+  if (entries <= l->max_data_entries && bytes <= limit) return 1;
+  if (entries > l->max_data_entries)
+    snprintf(reason, reason_len, "the reply would give the saga data %zu entries; the limit is "
+             "%zu (saga_limits.max_data_entries)", entries, l->max_data_entries);
+  else
+    snprintf(reason, reason_len, "the reply would make the saga data %zu bytes; the limit is "
+             "%zu (saga_limits.max_message_bytes minus %d for the envelope)", bytes, limit,
+             SAGA__ENVELOPE_RESERVE);
+  return 0;
 }
 
 /* Runs the handler in its own savepoint. Returns < 0 only for store errors that break the
@@ -154,12 +211,26 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
   }
   saga_reply reply;
   memset(&reply, 0, sizeof reply);
+  reply.lim = &p->env->limits;
+  reply.value_limit = saga__data_limit(&p->env->limits);
   rc = saga_data_new(&reply.data, p->env->alloc);
   if (rc != SAGA_OK) {
     saga_data_free(data);
     return saga__fail(p->env, rc, "out of memory creating reply");
   }
   saga__store *s = p->env->store;
+  uint64_t id_hash = msg_hash(env->msg_id);
+  if (p->broke[id_hash % SAGA__BROKE_SLOTS] == id_hash) {
+    /* This command's handler ended the node's transaction when it ran before: running it
+     * again would commit its writes once more. */
+    char why[600];
+    snprintf(why, sizeof why, "handler for '%s' ended the node's transaction when this command "
+             "was delivered before (COMMIT, ROLLBACK or END on saga_tx_db()); not run again",
+             env->name);
+    refuse(o, SAGA_ESTATE, "%s", why);
+    rc = saga__journal_dead_letter(p->journal, channel, env->msg_id, why, raw->bytes, raw->len);
+    goto done;
+  }
   rc = s->m->savepoint(s, SAGA__SP_HANDLER);
   if (rc != SAGA_OK) {
     rc = saga__store_fail(p->env, rc, "opening handler savepoint");
@@ -173,7 +244,56 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
   saga__journal_mark mark = saga__journal_mark_get(p->journal);
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
   SAGA__HOOK(p->env, "participant.after_handler");
+  if (!s->m->in_tx(s)) {
+    /* The handler ended the transaction itself: its writes and everything this batch wrote
+     * before it were committed (or rolled back) with it. Nothing can be undone; say so, and
+     * make sure the handler does not run a second time for this command. */
+    p->broke[id_hash % SAGA__BROKE_SLOTS] = id_hash;
+    p->tx_ended = 1;
+    p->env->stats.handler_contract_errors++;
+    rc = saga__fail(p->env, SAGA_ESTATE, "handler for '%s' on '%s' ended the node's "
+                    "transaction (COMMIT, ROLLBACK or END on saga_tx_db(); handlers must not): "
+                    "what this batch wrote before and in it was committed or rolled back with "
+                    "it; the command is not run again", env->name, channel);
+    goto done;
+  }
+  char why_code[300] = "";
+  if (hrc > 0) {
+    /* Not a libsaga code. SQLite's busy and locked codes (5, 6, extended forms too) from
+     * the handler's business writes are transient; anything else is named as it is. */
+    p->env->stats.handler_contract_errors++;
+    int base = hrc & 0xff;
+    if (base == 5 || base == 6) {
+      hrc = SAGA_EBUSY;
+    } else {
+      snprintf(why_code, sizeof why_code, "returned %d, which is not a libsaga code (a handler "
+               "returns SAGA_OK, SAGA_EREFUSED through saga_reply_fail(), or a negative SAGA_E* "
+               "code; a positive value is likely an SQLite result code passed through)", hrc);
+      hrc = SAGA_EINVAL;
+    }
+  } else if (hrc < 0 && strcmp(saga_err_name(hrc), "UNKNOWN") == 0) {
+    p->env->stats.handler_contract_errors++;
+    snprintf(why_code, sizeof why_code, "returned %d, which is not a libsaga code", hrc);
+  }
   int ok = hrc == SAGA_OK && !reply.failed;
+  if (ok) {
+    saga__buf_reset(&p->reply);
+    rc = saga__data_encode(reply.data, &p->reply);
+    if (rc != SAGA_OK) {
+      rc = saga__fail(p->env, rc, "encoding reply data");
+      goto done;
+    }
+    /* The orchestrator merges the reply into the saga's data: what would not fit there is
+     * refused here, before anything of the handler is committed (its writes roll back and
+     * the step fails as a business failure with the reason). */
+    if (env->phase == SAGA_PHASE_ACTION && !merge_fits(p, data, reply.data, env->payload_len,
+                                                       p->reply.len, reply.reason,
+                                                       sizeof reply.reason)) {
+      ok = 0;
+      reply.failed = 1;
+      saga__log(p->env, SAGA_LOG_WARN, "handler for '%s': %s", env->name, reply.reason);
+    }
+  }
   if (!ok) {
     saga__journal_rewind(p->journal, &mark);
     rc = s->m->rollback_to(s, SAGA__SP_HANDLER);
@@ -190,12 +310,6 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
     goto done;
   }
   if (ok) {
-    saga__buf_reset(&p->reply);
-    rc = saga__data_encode(reply.data, &p->reply);
-    if (rc != SAGA_OK) {
-      rc = saga__fail(p->env, rc, "encoding reply data");
-      goto done;
-    }
     o->status = SAGA_OK;
     o->payload = p->reply.data;
     o->payload_len = p->reply.len;
@@ -211,8 +325,11 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
     /* A technical failure: keep the message for an operator and answer with a failure, so
      * the saga moves on (retry or compensation) instead of hanging. */
     char why[600];
-    snprintf(why, sizeof why, "handler for '%s' failed: %s (%s)", env->name,
-             saga_err_name(hrc), reply.failed ? reply.reason : saga_strerror(hrc));
+    if (why_code[0] != '\0')
+      snprintf(why, sizeof why, "handler for '%s' %s", env->name, why_code);
+    else
+      snprintf(why, sizeof why, "handler for '%s' failed: %s (%s)", env->name,
+               saga_err_name(hrc), reply.failed ? reply.reason : saga_strerror(hrc));
     refuse(o, hrc, "%s", why);
     rc = saga__journal_dead_letter(p->journal, channel, env->msg_id, why, raw->bytes, raw->len);
   }

@@ -9,6 +9,8 @@
 
 #include "engine.h"
 
+#define SAGA__BROKE_SLOTS 64
+
 typedef struct saga__handler {
   char *channel;
   char *command;
@@ -32,6 +34,10 @@ typedef struct saga__participant {
     uint64_t hash;
     uint32_t count;
   } transient[256];
+  /* Commands whose handler ended the node's transaction (hash of the message id): never run
+   * again. tx_ended: that happened in the current transaction (the node logs it as such). */
+  uint64_t broke[SAGA__BROKE_SLOTS];
+  int tx_ended;
   saga__buf reply; /* the handler's reply data, encoded */
   saga__buf prev;  /* the step record's reply */
   saga__buf enc;   /* the reply envelope */

@@ -105,6 +105,7 @@ struct saga_node {
   saga__timer resend_timer;   /* relay.c */
   saga__timer purge_timer;    /* node.c */
   int timers_due;
+  int due_failed;         /* timers of sagas that failed in the last flush (batch.c) */
   uint64_t relay_hwm;     /* highest outbox id handed to the transport */
   uint64_t resend_cursor; /* resends resume after this id (0 = from the oldest) */
 
@@ -151,7 +152,12 @@ int saga__host_attach(saga_node *n, saga_transport *t, char *err, size_t errlen)
 int saga__host_can_send(void *node, const char *channel);
 
 /* events.c */
-/* Hands the events of the committed transaction to the application, then forgets them. */
+/* Hands the events received from other nodes to the subscriber: after the commit and before
+ * their deliveries are acknowledged, so that a crash in between redelivers them (at least
+ * once). */
+void saga__events_dispatch_remote(saga_node *n);
+/* Hands the events of the committed transaction to the application (remote ones first, if
+ * not yet), then forgets them. */
 void saga__events_dispatch(saga_node *n);
 
 #endif /* SAGA_SRC_CORE_RUNTIME_H */

@@ -103,9 +103,12 @@ typedef struct saga__store_methods {
   /* ---- saga instances ---- */
   /* Fills i (all but def) from the stored row. SAGA_ENOTFOUND when there is none. */
   int (*inst_load)(saga__store *s, const char *id, saga__inst *i);
-  /* The id of the saga started with idem_key into id_out. SAGA_ENOTFOUND when none. */
-  int (*inst_find_key)(saga__store *s, const char *idem_key, char id_out[40]);
-  /* Inserts a new instance, with idem_key (NULL = none) unique among instances. */
+  /* The id of the saga of definition def_name started with idem_key into id_out.
+   * SAGA_ENOTFOUND when none. Keys are scoped per definition name (any version). */
+  int (*inst_find_key)(saga__store *s, const char *def_name, const char *idem_key,
+                       char id_out[40]);
+  /* Inserts a new instance, with idem_key (NULL = none) unique among the instances of its
+   * definition name (SAGA_EEXIST otherwise). */
   int (*inst_insert)(saga__store *s, const saga__inst *i, const char *idem_key);
   /* Saves every mutable field of i. A parked instance is never due. */
   int (*inst_save)(saga__store *s, const saga__inst *i);
@@ -203,6 +206,11 @@ struct saga__store {
 /* Opening the SQLite backend (src/store/sqlite/). */
 typedef struct saga__sqlite_config {
   const char *path, *vfs;
+  /* 0: path must hold a libsaga database (a missing, empty or foreign file is refused with
+   * SAGA_ENOTFOUND, untouched); 1: create it then. In-memory and temporary databases
+   * (":memory:", "") are always new. */
+  int create;
+  int check;                /* saga_db_check: verify the file at open (SAGA_ECORRUPT) */
   int synchronous;          /* saga_sync_mode */
   uint32_t busy_timeout_ms;
   int checkpoint;           /* saga_checkpoint_mode */

@@ -484,6 +484,7 @@ static int open_node(kit *c, saga_world *w, saga_node **out, const char *name,
   if (rc != SAGA_OK) return rc;
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = t;

@@ -6,8 +6,12 @@
  * There are only a handful of timers per user, so sorted insertion is the simplest structure
  * that gives "earliest first" for free.
  *
- * A real clock reads CLOCK_REALTIME and drives its timers from a single uv_timer_t, restarted
- * whenever the earliest deadline changes. A manual clock has no libuv handle at all: time moves
+ * A real clock tells wall-clock milliseconds that only move as the monotonic clock does: it
+ * reads CLOCK_REALTIME once, when it is made, and adds the CLOCK_MONOTONIC time elapsed since.
+ * A step of the system clock (an operator, NTP) therefore neither fires every timer at once
+ * nor freezes them; deadlines stored in a database stay wall-clock, so a restarted node
+ * reads them against the wall clock of its start. It drives its timers from a single
+ * uv_timer_t, restarted whenever the earliest deadline changes. A manual clock has no libuv handle at all: time moves
  * only in saga_clock_advance*(), which fires due timers synchronously.
  */
 #include <time.h>
@@ -27,6 +31,7 @@ struct saga_clock {
   saga__timer *head; /* armed timers, sorted by deadline */
   saga__timer *due;  /* real clocks: timers of the firing pass not yet run, in order */
   uv_timer_t handle; /* real clocks only */
+  uint64_t base_wall, base_mono; /* real clocks: the wall clock and the monotonic one at start */
 };
 
 static uint64_t wall_ms(void) {
@@ -34,6 +39,11 @@ static uint64_t wall_ms(void) {
   clock_gettime(CLOCK_REALTIME, &ts);
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
+
+static uint64_t mono_ms(void) { return uv_hrtime() / 1000000u; }
+
+/* A real clock's time: the wall clock at its start plus the monotonic time since. */
+static uint64_t real_now(const saga_clock *c) { return c->base_wall + (mono_ms() - c->base_mono); }
 
 static void timer_unlink(saga__timer *t) {
   saga_clock *c = t->clock;
@@ -74,7 +84,7 @@ static void real_reschedule(saga_clock *c) {
     uv_timer_stop(&c->handle);
     return;
   }
-  uint64_t now = wall_ms();
+  uint64_t now = real_now(c);
   uint64_t delay = c->head->deadline > now ? c->head->deadline - now : 0;
   /* libuv before 1.45 runs a timer restarted with 0 from its own callback again in the same
    * pass; 1 ms pushes a timer re-armed for the past while firing to a later loop turn. */
@@ -92,7 +102,7 @@ static void real_reschedule(saga_clock *c) {
  */
 static void real_fire(uv_timer_t *h) {
   saga_clock *c = h->data;
-  uint64_t now = wall_ms();
+  uint64_t now = real_now(c);
   saga__timer *cut = c->head;
   while (cut != NULL && cut->deadline <= now) {
     cut->armed = TIMER_DUE;
@@ -137,10 +147,17 @@ int saga_clock_manual_new(saga_clock **out, uint64_t start_ms, const saga_alloca
 }
 
 int saga__clock_real_new(saga_clock **out, uv_loop_t *loop, const saga_allocator *a) {
+  return saga__clock_real_new_at(out, loop, a, wall_ms());
+}
+
+int saga__clock_real_new_at(saga_clock **out, uv_loop_t *loop, const saga_allocator *a,
+                            uint64_t wall_now) {
   if (out == NULL || loop == NULL) return SAGA_EINVAL;
   saga_clock *c = NULL;
   int rc = clock_alloc(&c, a, 0);
   if (rc != SAGA_OK) return rc;
+  c->base_wall = wall_now;
+  c->base_mono = mono_ms();
   /* uv_timer_init cannot fail on Unix, but the API returns an int: honour it. */
   if (uv_timer_init(loop, &c->handle) != 0) {
     saga__free(&c->alloc, c);
@@ -178,8 +195,8 @@ void saga_clock_free(saga_clock *c) { saga__clock_close(c); }
 int saga__clock_is_manual(const saga_clock *c) { return c != NULL && c->manual; }
 
 uint64_t saga_clock_now(const saga_clock *c) {
-  if (c == NULL || !c->manual) return wall_ms();
-  return c->now;
+  if (c == NULL) return wall_ms();
+  return c->manual ? c->now : real_now(c);
 }
 
 /* Fires, in deadline order, every timer due by target, including timers that callbacks arm

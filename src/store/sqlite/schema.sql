@@ -120,3 +120,48 @@ ALTER TABLE saga_outbox_v3 RENAME TO saga_outbox;
 -- Inbox records lose their age index (an index write on every command handled); retention
 -- sweeps the inbox in key order instead, as it does the participant step records.
 DROP INDEX saga_inbox_received;
+
+-- migration 5
+-- Idempotency keys are unique per definition name, no longer across every definition (a
+-- start of definition B with a key used by A returned A's saga). SQLite cannot drop a
+-- column's UNIQUE constraint: the table is rebuilt with the same columns in the same order,
+-- keeping its rows (and rowids) and its indexes. legacy_alter_table keeps the RENAME from
+-- checking the schema's views: an operator's view over saga_instance would otherwise fail
+-- it ("no such table" in between), and it works on the new table by name.
+PRAGMA legacy_alter_table = ON;
+CREATE TABLE saga_instance_v5 (
+  id               TEXT PRIMARY KEY,
+  def_name         TEXT NOT NULL,
+  def_version      INTEGER NOT NULL,
+  idem_key         TEXT,              -- unique per def_name (NULL = none)
+  state            INTEGER NOT NULL,  -- saga_state
+  phase            INTEGER NOT NULL,  -- saga_phase of the current step
+  step             INTEGER NOT NULL,
+  attempt          INTEGER NOT NULL,
+  wait             INTEGER NOT NULL,  -- 0 none (terminal), 1 awaiting reply, 2 backing off
+  flags            INTEGER NOT NULL DEFAULT 0,
+  hseq             INTEGER NOT NULL DEFAULT 0,  -- last history sequence number
+  data             BLOB NOT NULL,     -- msgpack map str -> bin
+  error            TEXT NOT NULL DEFAULT '',
+  trace_span       TEXT NOT NULL DEFAULT '',
+  created_ms       INTEGER NOT NULL,
+  updated_ms       INTEGER NOT NULL,
+  step_deadline_ms INTEGER,           -- reply timeout or end of backoff
+  saga_deadline_ms INTEGER,           -- whole-saga deadline (before the pivot)
+  deadline_ms      INTEGER,           -- the earlier of the two; NULL when none or parked
+  parked           INTEGER NOT NULL DEFAULT 0,  -- definition version not registered
+  UNIQUE (def_name, idem_key)
+);
+INSERT INTO saga_instance_v5(rowid, id, def_name, def_version, idem_key, state, phase, step,
+                             attempt, wait, flags, hseq, data, error, trace_span, created_ms,
+                             updated_ms, step_deadline_ms, saga_deadline_ms, deadline_ms,
+                             parked)
+  SELECT rowid, id, def_name, def_version, idem_key, state, phase, step, attempt, wait, flags,
+         hseq, data, error, trace_span, created_ms, updated_ms, step_deadline_ms,
+         saga_deadline_ms, deadline_ms, parked FROM saga_instance;
+DROP TABLE saga_instance;
+ALTER TABLE saga_instance_v5 RENAME TO saga_instance;
+PRAGMA legacy_alter_table = OFF;
+CREATE INDEX saga_instance_deadline ON saga_instance(deadline_ms) WHERE deadline_ms IS NOT NULL;
+CREATE INDEX saga_instance_state ON saga_instance(state);
+CREATE INDEX saga_instance_done ON saga_instance(updated_ms) WHERE state IN (3, 4);

@@ -30,7 +30,7 @@ static const char *const stmt_sql[ST__COUNT] = {
         "SELECT id, def_name, def_version, state, phase, step, attempt, wait, flags, hseq,"
         " data, error, trace_span, created_ms, updated_ms, step_deadline_ms,"
         " saga_deadline_ms, parked FROM saga_instance WHERE id = ?1",
-    [ST_INST_BY_KEY] = "SELECT id FROM saga_instance WHERE idem_key = ?1",
+    [ST_INST_BY_KEY] = "SELECT id FROM saga_instance WHERE def_name = ?1 AND idem_key = ?2",
     [ST_INST_UPDATE] =
         "UPDATE saga_instance SET state=?2, phase=?3, step=?4, attempt=?5, wait=?6, flags=?7,"
         " hseq=?8, data=?9, error=?10, updated_ms=?11, step_deadline_ms=?12,"
@@ -117,9 +117,10 @@ int saga__sq_err(int rc) {
     return SAGA_EREADONLY;
   case SQLITE_CANTOPEN:
   case SQLITE_IOERR:
+    return SAGA_EIO;
   case SQLITE_CORRUPT:
   case SQLITE_NOTADB:
-    return SAGA_EIO;
+    return SAGA_ECORRUPT;
   case SQLITE_BUSY:
   case SQLITE_LOCKED:
     return SAGA_EBUSY;
@@ -253,10 +254,12 @@ static int sq_inst_load(saga__store *ss, const char *id, saga__inst *i) {
   return rc;
 }
 
-static int sq_inst_find_key(saga__store *ss, const char *key, char id_out[40]) {
+static int sq_inst_find_key(saga__store *ss, const char *def_name, const char *key,
+                            char id_out[40]) {
   sq_store *s = SQ(ss);
   sqlite3_stmt *st = stmt(s, ST_INST_BY_KEY);
-  bind_text(st, 1, key);
+  bind_text(st, 1, def_name);
+  bind_text(st, 2, key);
   int rc = sqlite3_step(st);
   if (rc == SQLITE_ROW) copy_col(id_out, 40, st, 0);
   sqlite3_reset(st);
@@ -785,18 +788,26 @@ static const saga__store_methods sqlite_methods = {
     .close = sq_close,
 };
 
-/* Applies every migration above the database's user_version, each in its own transaction. */
-static int user_version(sqlite3 *db, int *out) {
+/* The integer a PRAGMA returns (its first column of its first row): a SQLite code. */
+static int pragma_int(sqlite3 *db, const char *sql, int64_t *out) {
   sqlite3_stmt *st = NULL;
-  int rc = sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL);
+  int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
   if (rc == SQLITE_OK) {
     rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
-      *out = sqlite3_column_int(st, 0);
+      *out = sqlite3_column_int64(st, 0);
       rc = SQLITE_OK;
     }
   }
   sqlite3_finalize(st);
+  return rc;
+}
+
+/* The database's schema version: the number of the last migration applied, 0 when none. */
+static int user_version(sqlite3 *db, int *out) {
+  int64_t v = 0;
+  int rc = pragma_int(db, "PRAGMA user_version", &v);
+  *out = (int)v;
   return rc;
 }
 
@@ -850,6 +861,100 @@ static int migrate(sqlite3 *db, char *err, size_t errlen) {
 }
 
 
+/* Whether path names an existing file, as the VFS the database is opened with sees it: 1, 0,
+ * or -1 when it cannot tell. */
+static int file_exists(const char *vfs_name, const char *path) {
+  sqlite3_vfs *vfs = sqlite3_vfs_find(vfs_name);
+  int res = 0;
+  if (vfs == NULL || vfs->xAccess == NULL ||
+      vfs->xAccess(vfs, path, SQLITE_ACCESS_EXISTS, &res) != SQLITE_OK)
+    return -1;
+  return res != 0;
+}
+
+/* Runs PRAGMA quick_check or integrity_check: SAGA_OK when the file is sound, else
+ * SAGA_ECORRUPT (or the error that stopped the check) with err naming the first problem. */
+static int check_file(sqlite3 *db, const char *path, int full, char *err, size_t errlen) {
+  const char *what = full ? "integrity_check" : "quick_check";
+  char sql[48];
+  snprintf(sql, sizeof sql, "PRAGMA %s(20)", what); /* at most 20 problems listed */
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+  char first[200] = "";
+  int problems = 0;
+  while (rc == SQLITE_OK || rc == SQLITE_ROW) {
+    rc = sqlite3_step(st);
+    if (rc != SQLITE_ROW) break;
+    const char *line = (const char *)sqlite3_column_text(st, 0);
+    if (line == NULL || strcmp(line, "ok") == 0) continue;
+    if (problems++ == 0) {
+      /* "*** in database main ***\nOn tree page 7 cell 3: ...\n...": the first problem. */
+      const char *nl = strncmp(line, "***", 3) == 0 ? strchr(line, '\n') : NULL;
+      const char *p = nl != NULL ? nl + 1 : line;
+      const char *end = strchr(p, '\n');
+      if (end != NULL && end[1] != '\0') problems++; /* more lines in this row */
+      int len = end != NULL ? (int)(end - p) : (int)strlen(p);
+      snprintf(first, sizeof first, "%.*s", len, p);
+    }
+  }
+  if (rc != SQLITE_DONE) snprintf(first, sizeof first, "%s", sqlite3_errmsg(db));
+  sqlite3_finalize(st);
+  int code = rc != SQLITE_DONE ? saga__sq_err(rc) : problems ? SAGA_ECORRUPT : SAGA_OK;
+  if (code == SAGA_ECORRUPT)
+    saga__errf(err, errlen,
+               "database '%s' is damaged (PRAGMA %s: %s%s); refusing to open it: restore it "
+               "from a backup or salvage it (docs/operating.md)",
+               path, what, first, problems > 1 ? ", and more" : "");
+  else if (code != SAGA_OK)
+    saga__errf(err, errlen, "database '%s': PRAGMA %s failed: %s", path, what, first);
+  return code;
+}
+
+/* Before anything is written: the file must be writable, hold a libsaga database unless
+ * creating one was asked for, and pass the check. Nothing here writes to the file. */
+static int vet_file(sqlite3 *db, const saga__sqlite_config *cfg, char *err, size_t errlen) {
+  const char *path = cfg->path;
+  const char *file = sqlite3_db_filename(db, "main");
+  if (file == NULL || file[0] == '\0') return SAGA_OK; /* in memory or temporary: new */
+  if (sqlite3_db_readonly(db, "main") == 1) {
+    saga__errf(err, errlen,
+               "database '%s' is read-only (file permissions, a read-only mount or VFS): a "
+               "node writes to its database; make the file, and its folder, writable by "
+               "this process",
+               path);
+    return SAGA_EREADONLY;
+  }
+  int have = 0;
+  int64_t pages = 0;
+  int rc = user_version(db, &have);
+  if (rc == SQLITE_OK) rc = pragma_int(db, "PRAGMA page_count", &pages);
+  if (rc != SQLITE_OK) {
+    int code = saga__sq_err(rc);
+    saga__errf(err, errlen, "database '%s'%s: %s", path,
+               code == SAGA_ECORRUPT ? " is damaged or not a database" : "",
+               sqlite3_errmsg(db));
+    return code != SAGA_OK ? code : SAGA_ESTORE;
+  }
+  if (have == 0 && !cfg->create) {
+    /* A node that ran before must not start from nothing: a file truncated or replaced
+     * would lose every saga, idempotency key and inbox record without a word. */
+    if (pages == 0)
+      saga__errf(err, errlen,
+                 "database '%s' is empty (0 bytes): no libsaga database to open; restore it "
+                 "from a backup, or set saga_node_config.db_mode = SAGA_DB_CREATE to start "
+                 "a new one",
+                 path);
+    else
+      saga__errf(err, errlen,
+                 "database '%s' has no libsaga tables; set saga_node_config.db_mode = "
+                 "SAGA_DB_CREATE to add them to it",
+                 path);
+    return SAGA_ENOTFOUND;
+  }
+  if (cfg->check == SAGA_DB_CHECK_NONE || pages == 0) return SAGA_OK;
+  return check_file(db, path, cfg->check == SAGA_DB_CHECK_FULL, err, errlen);
+}
+
 int saga__sqlite_store_open(saga__store **out, const saga__sqlite_config *cfg, char *err,
                             size_t errlen) {
   *out = NULL;
@@ -865,18 +970,35 @@ int saga__sqlite_store_open(saga__store **out, const saga__sqlite_config *cfg, c
   s->log_arg = cfg->log_arg;
   const char *path = cfg->path;
   uint32_t busy_ms = cfg->busy_timeout_ms;
-  /* One thread per node: the connection needs no mutexes of its own. */
+  /* One thread per node: the connection needs no mutexes of its own. Without `create`,
+   * SQLite itself refuses to make a missing file. */
   int rc = sqlite3_open_v2(path, &s->db,
-                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX |
+                               (cfg->create ? SQLITE_OPEN_CREATE : 0),
                            cfg->vfs);
   int code = SAGA_ESTORE;
   if (rc != SQLITE_OK) {
+    if (!cfg->create && (rc & 0xff) == SQLITE_CANTOPEN && file_exists(cfg->vfs, path) == 0) {
+      saga__errf(err, errlen,
+                 "database '%s' does not exist; set saga_node_config.db_mode = "
+                 "SAGA_DB_CREATE to create it (first run only)",
+                 path);
+      code = SAGA_ENOTFOUND;
+      rc = SQLITE_OK;
+      goto fail;
+    }
     saga__errf(err, errlen, "cannot open database '%s': %s", path,
                s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
     goto fail;
   }
   sqlite3_extended_result_codes(s->db, 1);
   sqlite3_busy_timeout(s->db, (int)busy_ms);
+  code = vet_file(s->db, cfg, err, errlen);
+  if (code != SAGA_OK) {
+    rc = SQLITE_OK;
+    goto fail;
+  }
+  code = SAGA_ESTORE;
   char pragmas[160];
   snprintf(pragmas, sizeof pragmas,
            "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; PRAGMA foreign_keys=OFF;",
