@@ -79,6 +79,155 @@ static void test_inproc_bad_input(void **state) {
   assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
 }
 
+/* ---- lifecycle: destroy while the handle is closing --------------------------------------- */
+
+static int closed_calls;
+static void count_closed2(void *ctx) { closed_calls++; }
+
+/* The node's open failing after the transport opened calls close() and then destroy() at
+ * once, before the loop ran the close callback; a transport destroyed while open must close
+ * its handle itself. Either way the memory outlives the handle (ASan: no use after free), the
+ * host hears nothing after destroy, and the loop closes clean. */
+static void test_destroy_while_closing(void **state) {
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  saga_inproc_hub *hub = NULL;
+  assert_int_equal(saga_inproc_hub_new(&hub, NULL), SAGA_OK);
+  saga__transport_host host = {.closed = count_closed2};
+  saga_transport *t = NULL;
+  closed_calls = 0;
+  /* close, then destroy at once */
+  assert_int_equal(saga_inproc_transport_new(&t, hub), SAGA_OK);
+  t->saga__host = &host;
+  assert_int_equal(t->methods->open(t, &loop), SAGA_OK);
+  assert_int_equal(t->methods->subscribe(t, "ch"), SAGA_OK);
+  t->methods->close(t);
+  t->methods->destroy(t);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_EBUSY); /* its handle is still closing */
+  th_drain(&loop);
+  assert_int_equal(closed_calls, 0);
+  /* destroy while open, without close */
+  assert_int_equal(saga_inproc_transport_new(&t, hub), SAGA_OK);
+  t->saga__host = &host;
+  assert_int_equal(t->methods->open(t, &loop), SAGA_OK);
+  t->methods->destroy(t);
+  th_drain(&loop);
+  assert_int_equal(closed_calls, 0);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
+}
+
+/* ---- bounds: one copy per (sender, token), a limit per channel ---------------------------- */
+
+static int warn_count;
+static char warn_last[512];
+static void count_log(void *ctx, saga_log_level level, const char *msg) {
+  if (level >= SAGA_LOG_WARN) warn_count++;
+  snprintf(warn_last, sizeof warn_last, "%s", msg);
+}
+
+static saga_inproc_queue_stats ip_stats(saga_inproc_hub *hub, const char *channel) {
+  saga_inproc_queue_stats q;
+  memset(&q, 0xff, sizeof q);
+  assert_int_equal(saga_inproc_hub_queue_stats(hub, channel, &q, sizeof q), SAGA_OK);
+  return q;
+}
+
+/* Resends of a message the hub still holds add nothing; past the channel's limit sends are
+ * refused with the transient SAGA_EBUSY, logged once. */
+static void test_held_once_and_limit(void **state) {
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  saga_inproc_hub *hub = NULL;
+  assert_int_equal(saga_inproc_hub_new(&hub, NULL), SAGA_OK);
+  saga__transport_host host = {.closed = count_closed2, .log = count_log};
+  saga_transport *t = NULL;
+  assert_int_equal(saga_inproc_transport_new(&t, hub), SAGA_OK);
+  t->saga__host = &host;
+  assert_int_equal(t->methods->open(t, &loop), SAGA_OK);
+  for (int i = 0; i < 1000; i++) assert_int_equal(t->methods->send(t, "nobody", "r", 1, 1), SAGA_OK);
+  assert_int_equal(t->methods->send(t, "nobody", "other", 5, 2), SAGA_OK);
+  saga_inproc_queue_stats q = ip_stats(hub, "nobody");
+  assert_int_equal(q.messages, 2);
+  assert_int_equal(q.bytes, 6);
+  assert_int_equal(q.deduplicated, 999);
+  assert_int_equal(ip_stats(hub, NULL).messages, 2);
+  assert_int_equal(ip_stats(hub, "unknown").messages, 0);
+  assert_int_equal(saga_inproc_hub_queue_stats(NULL, NULL, &q, sizeof q), SAGA_EINVAL);
+  /* The limit. */
+  assert_int_equal(saga_inproc_hub_set_limits(NULL, 1, 1), SAGA_EINVAL);
+  assert_int_equal(saga_inproc_hub_set_limits(hub, 4, 0), SAGA_OK);
+  warn_count = 0;
+  int ok = 0, busy = 0;
+  for (uint64_t k = 10; k < 20; k++) {
+    int rc = t->methods->send(t, "nobody", "m", 1, k);
+    ok += rc == SAGA_OK;
+    busy += rc == SAGA_EBUSY;
+  }
+  assert_int_equal(ok, 2);
+  assert_int_equal(busy, 8);
+  assert_int_equal(warn_count, 1);
+  assert_non_null(strstr(warn_last, "SAGA_EBUSY"));
+  assert_int_equal(ip_stats(hub, "nobody").refused, 8);
+  assert_int_equal(t->methods->send(t, "nobody", "r", 1, 1), SAGA_OK); /* held: taken */
+  /* An empty channel takes one message, whatever its size. */
+  assert_int_equal(saga_inproc_hub_set_limits(hub, 0, 4), SAGA_OK);
+  assert_int_equal(t->methods->send(t, "bytes", "0123456789", 10, 30), SAGA_OK);
+  assert_int_equal(t->methods->send(t, "bytes", "x", 1, 31), SAGA_EBUSY);
+  t->methods->close(t);
+  th_drain(&loop);
+  t->methods->destroy(t);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
+}
+
+/* Node level: a saga whose step goes to a channel nobody consumes, resent every 10 ms. The
+ * hub keeps one copy of the command, however many resends come. */
+typedef struct resends {
+  saga_inproc_hub *hub;
+} resends;
+
+static int many_resends(void *arg) {
+  return ip_stats(((resends *)arg)->hub, "nobody").deduplicated >= 50;
+}
+
+static void test_node_resends_bounded(void **state) {
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  saga_inproc_hub *hub = NULL;
+  assert_int_equal(saga_inproc_hub_new(&hub, NULL), SAGA_OK);
+  saga_transport *t = NULL;
+  assert_int_equal(saga_inproc_transport_new(&t, hub), SAGA_OK);
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.name = "orch";
+  cfg.db_path = ":memory:"; /* a new database, whatever the config version */
+  cfg.transport = t;
+  cfg.resend_ms = 10;
+  saga_node *n = NULL;
+  char err[256];
+  assert_int_equal(saga_node_open(&n, &loop, &cfg, err, sizeof err), SAGA_OK);
+  static const saga_step steps[] = {
+      {.name = "ONE", .channel = "nobody", .action = "x.do", .compensation = "x.undo"}};
+  static const saga_definition def = {SAGA_DEFINITION_VERSION, "p", 1, steps, 1, 0};
+  assert_int_equal(saga_node_register(n, &def), SAGA_OK);
+  assert_true(saga_node_start(n) >= 0);
+  assert_int_equal(saga_start(n, "p", NULL, NULL, NULL, NULL), SAGA_OK);
+  resends r = {hub};
+  /* 50 resends take about half a second; without the bound the counter never moves. */
+  assert_int_equal(th_run_real(&loop, many_resends, &r, 20000), 0);
+  saga_inproc_queue_stats q = ip_stats(hub, "nobody");
+  printf("%llu resends deduplicated, %llu held (%llu bytes)\n",
+         (unsigned long long)q.deduplicated, (unsigned long long)q.messages,
+         (unsigned long long)q.bytes);
+  assert_int_equal(q.messages, 1);
+  assert_true(q.bytes > 0 && q.bytes < 4096);
+  saga_node_close(n, NULL, NULL);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
+}
+
 /* ---- two threads -------------------------------------------------------------------------- */
 
 #define NSAGAS 2000
@@ -122,6 +271,7 @@ static saga_node *open2(world2 *w, uv_loop_t *loop, const char *name) {
   char *path = th_path(w->dir, name);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = t;
@@ -180,6 +330,7 @@ static void test_two_threads(void **state) {
   char *path = th_path(w.dir, "orch");
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = "orch";
   cfg.db_path = path;
   cfg.transport = t;
@@ -258,6 +409,9 @@ int main(void) {
       cmocka_unit_test(test_inproc_conformance),
       cmocka_unit_test(test_inproc_bad_input),
       cmocka_unit_test(test_two_threads),
+      cmocka_unit_test(test_destroy_while_closing),
+      cmocka_unit_test(test_held_once_and_limit),
+      cmocka_unit_test(test_node_resends_bounded),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -48,6 +48,8 @@ typedef struct fake {
   int closed;    /* closed callback calls */
   int refuse;    /* deliver returns SAGA_ECLOSED */
   int auto_ack;  /* ack from inside the delivery callback */
+  int warnings;  /* log lines at SAGA_LOG_WARN or above */
+  char last_log[512];
   struct tracebuf *trace; /* optional shared log of everything, for determinism checks */
 } fake;
 
@@ -87,9 +89,9 @@ static void fake_sent(void *ctx, uint64_t token, int status) {
 static void fake_closed(void *ctx) { ((fake *)ctx)->closed++; }
 
 static void fake_log(void *ctx, saga_log_level level, const char *msg) {
-  (void)ctx;
-  (void)level;
-  (void)msg;
+  fake *f = ctx;
+  if (level >= SAGA_LOG_WARN) f->warnings++;
+  snprintf(f->last_log, sizeof f->last_log, "%s", msg);
 }
 
 typedef struct env {
@@ -745,6 +747,174 @@ static void test_hub_allocation_failures(void **state) {
   }
 }
 
+/* ---- bounds: one copy per (sender, token), a limit per channel --------------------------- */
+
+static saga_mem_queue_stats qstats(env *e, const char *channel) {
+  saga_mem_queue_stats q;
+  memset(&q, 0xff, sizeof q);
+  assert_int_equal(saga_mem_hub_queue_stats(e->hub, channel, &q, sizeof q), SAGA_OK);
+  return q;
+}
+
+/* Resends of a message the hub still holds add nothing: a channel nobody consumes keeps one
+ * copy per token, however often the outbox resends; the consumer that comes gets each once.
+ * Once delivered, a resend is a new copy again (the receiving node deduplicates). */
+static void test_resends_held_once(void **state) {
+  (void)state;
+  env e;
+  env_init(&e, NULL);
+  fake a, b, c;
+  attach(&e, &a, "a");
+  attach(&e, &b, "b");
+  attach(&e, &c, "c");
+  for (int i = 0; i < 1000; i++) {
+    send_str(&a, "nobody", "resent", 1);
+    if (i % 100 == 0) settle(&e); /* parked in between, as with a real resend interval */
+  }
+  send_str(&a, "nobody", "other", 2);
+  send_str(&c, "nobody", "same token, other sender", 1);
+  settle(&e);
+  saga_mem_queue_stats q = qstats(&e, "nobody");
+  assert_int_equal(q.messages, 3);
+  assert_int_equal(q.bytes, strlen("resent") + strlen("other") +
+                                strlen("same token, other sender"));
+  assert_int_equal(q.deduplicated, 999);
+  assert_int_equal(q.refused, 0);
+  assert_int_equal(stats(&e).waiting, 3);
+  assert_int_equal(stats(&e).sent, 3);
+  /* All channels together; an unknown channel is empty; a short struct gets its fields. */
+  assert_int_equal(qstats(&e, NULL).messages, 3);
+  assert_int_equal(qstats(&e, "unknown").messages, 0);
+  uint64_t first[2] = {0, 77};
+  assert_int_equal(saga_mem_hub_queue_stats(e.hub, "nobody", (saga_mem_queue_stats *)first,
+                                            sizeof first[0]),
+                   SAGA_OK);
+  assert_int_equal(first[0], 3);
+  assert_int_equal(first[1], 77);
+  assert_int_equal(saga_mem_hub_queue_stats(NULL, NULL, &q, sizeof q), SAGA_EINVAL);
+  sub(&b, "nobody");
+  settle(&e);
+  assert_int_equal(b.nd, 3);
+  assert_string_equal(b.d[0].data, "resent");
+  assert_int_equal(qstats(&e, "nobody").messages, 0);
+  /* Delivered and not acknowledged: a resend is a new copy. */
+  send_str(&a, "nobody", "resent", 1);
+  settle(&e);
+  assert_int_equal(b.nd, 4);
+  detach(&a);
+  detach(&b);
+  detach(&c);
+  env_free(&e);
+}
+
+/* A channel holds at most max_messages / max_bytes: past them send() refuses with the
+ * transient SAGA_EBUSY, logged once until the channel empties; an empty channel always takes
+ * one message. */
+static void test_channel_limit(void **state) {
+  (void)state;
+  env e;
+  env_init(&e, NULL);
+  assert_int_equal(saga_mem_hub_set_limits(NULL, 1, 1), SAGA_EINVAL);
+  assert_int_equal(saga_mem_hub_set_limits(e.hub, 3, 0), SAGA_OK);
+  fake a, b;
+  attach(&e, &a, "a");
+  attach(&e, &b, "b");
+  char msg[16];
+  int ok = 0, busy = 0;
+  for (uint64_t k = 1; k <= 10; k++) {
+    snprintf(msg, sizeof msg, "m%llu", (unsigned long long)k);
+    int rc = a.t->methods->send(a.t, "full", msg, strlen(msg), k);
+    ok += rc == SAGA_OK;
+    busy += rc == SAGA_EBUSY;
+  }
+  assert_int_equal(ok, 3);
+  assert_int_equal(busy, 7);
+  assert_int_equal(a.warnings, 1); /* once */
+  assert_non_null(strstr(a.last_log, "'full'"));
+  assert_non_null(strstr(a.last_log, "SAGA_EBUSY"));
+  /* A resend of a held message is still taken (it adds nothing). */
+  send_str(&a, "full", "m1", 1);
+  saga_mem_queue_stats q = qstats(&e, "full");
+  assert_int_equal(q.messages, 3);
+  assert_int_equal(q.refused, 7);
+  assert_int_equal(q.deduplicated, 1);
+  /* Other channels are not affected. */
+  send_str(&a, "elsewhere", "x", 100);
+  /* A consumer empties the channel: sends are taken again, and a new episode is logged. */
+  sub(&b, "full");
+  settle(&e);
+  assert_int_equal(b.nd, 3);
+  for (uint64_t k = 4; k <= 6; k++) send_str(&a, "full", "again", k);
+  settle(&e);
+  assert_int_equal(b.nd, 6);
+  detach(&b);
+  for (uint64_t k = 20; k <= 24; k++)
+    assert_int_equal(a.t->methods->send(a.t, "full", "more", 4, k), k <= 22 ? SAGA_OK : SAGA_EBUSY);
+  assert_int_equal(qstats(&e, "full").messages, 3);
+  assert_int_equal(a.warnings, 2);
+  /* The byte bound, and the one message an empty channel always takes. */
+  assert_int_equal(saga_mem_hub_set_limits(e.hub, 0, 10), SAGA_OK);
+  char big[64];
+  memset(big, 'b', sizeof big);
+  assert_int_equal(a.t->methods->send(a.t, "bytes", big, sizeof big, 30), SAGA_OK);
+  assert_int_equal(a.t->methods->send(a.t, "bytes", "x", 1, 31), SAGA_EBUSY);
+  assert_int_equal(qstats(&e, "bytes").bytes, sizeof big);
+  detach(&a);
+  env_free(&e);
+}
+
+/* Node level: a saga whose step goes to a channel nobody consumes, resent every 10 ms for
+ * 2 s of clock time. The hub holds one copy of the command, not one per resend. */
+typedef struct clock_at {
+  saga_clock *clock;
+  uint64_t until;
+} clock_at;
+
+static int clock_reached(void *arg) {
+  clock_at *c = arg;
+  return saga_clock_now(c->clock) >= c->until;
+}
+
+static void test_node_resends_bounded(void **state) {
+  (void)state;
+  env e;
+  env_init(&e, NULL);
+  saga_transport *t = NULL;
+  assert_int_equal(saga_mem_transport_new(&t, e.hub), SAGA_OK);
+  saga_node_config nc;
+  saga_node_config_init(&nc);
+  nc.name = "orch";
+  nc.db_path = ":memory:"; /* a new database, whatever the config version */
+  nc.transport = t;
+  nc.clock = e.clock;
+  nc.resend_ms = 10;
+  saga_node *n = NULL;
+  char err[256];
+  assert_int_equal(saga_node_open(&n, &e.loop, &nc, err, sizeof err), SAGA_OK);
+  static const saga_step steps[] = {
+      {.name = "ONE", .channel = "nobody", .action = "x.do", .compensation = "x.undo"}};
+  static const saga_definition def = {SAGA_DEFINITION_VERSION, "p", 1, steps, 1, 0};
+  assert_int_equal(saga_node_register(n, &def), SAGA_OK);
+  assert_true(saga_node_start(n) >= 0);
+  saga_data *d = NULL;
+  assert_int_equal(saga_data_new(&d, NULL), SAGA_OK);
+  assert_int_equal(saga_data_set_str(d, "pad", "0123456789abcdef0123456789abcdef"), SAGA_OK);
+  assert_int_equal(saga_start(n, "p", d, NULL, NULL, NULL), SAGA_OK);
+  saga_data_free(d);
+  clock_at at = {e.clock, saga_clock_now(e.clock) + 2000};
+  assert_int_equal(th_run_manual(&e.loop, e.clock, clock_reached, &at, 5000), 0);
+  saga_mem_queue_stats q = qstats(&e, "nobody");
+  printf("after 2 s at resend_ms 10: %llu held (%llu bytes), %llu resends deduplicated\n",
+         (unsigned long long)q.messages, (unsigned long long)q.bytes,
+         (unsigned long long)q.deduplicated);
+  assert_int_equal(q.messages, 1);
+  assert_true(q.bytes > 0 && q.bytes < 4096);
+  assert_true(q.deduplicated >= 100);
+  saga_node_close(n, NULL, NULL);
+  th_drain(&e.loop);
+  env_free(&e);
+}
+
 /* ---- real clock ------------------------------------------------------------------------- */
 
 static int got_one(void *arg) { return ((fake *)arg)->nd >= 1; }
@@ -796,6 +966,9 @@ int main(void) {
       cmocka_unit_test(test_hub_close_busy),
       cmocka_unit_test(test_hub_allocation_failures),
       cmocka_unit_test(test_real_clock_hub),
+      cmocka_unit_test(test_resends_held_once),
+      cmocka_unit_test(test_channel_limit),
+      cmocka_unit_test(test_node_resends_bounded),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

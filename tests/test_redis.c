@@ -59,6 +59,10 @@ typedef struct fake {
   int lost, back;        /* log lines: a connection lost / re-established */
   int auth_errors;       /* ERROR log lines saying authentication failed */
   int auth_back;         /* log lines saying the credentials are accepted again */
+  /* Instead of recording (for long runs): called for every confirmation / delivery. */
+  void (*on_sent)(void *arg, uint64_t token, int status);
+  void (*on_deliver)(void *arg, const char *data, size_t len);
+  void *hook_arg;
 } fake;
 
 static int verbose(void) { return getenv("SAGA_TEST_VERBOSE") != NULL; }
@@ -68,6 +72,11 @@ static int fake_deliver(void *ctx, const char *channel, const void *data, size_t
   fake *f = ctx;
   (void)channel;
   assert_int_equal(f->closed, 0); /* never called into a closed transport */
+  if (f->on_deliver != NULL) {
+    f->on_deliver(f->hook_arg, data, len);
+    if (f->auto_ack) f->t->methods->ack(f->t, tag);
+    return SAGA_OK;
+  }
   assert_true(f->nd < MAXD);
   assert_true(len < sizeof f->d[0].data);
   assert_true(tag != 0 && (tag >> 63) == 0); /* bit 63 is the core's */
@@ -107,6 +116,10 @@ static int fake_dead(void *ctx, const char *channel, const void *data, size_t le
 static void fake_sent(void *ctx, uint64_t token, int status) {
   fake *f = ctx;
   assert_int_equal(f->closed, 0);
+  if (f->on_sent != NULL) {
+    f->on_sent(f->hook_arg, token, status);
+    return;
+  }
   assert_true(f->ns < MAXD);
   f->sent_status[f->ns] = status;
   f->sent[f->ns++] = token;
@@ -167,8 +180,9 @@ static void env_free(env *e) {
   assert_int_equal(e->ta.live, 0); /* everything the adapter allocated came back */
 }
 
-static void attach(env *e, fake *f, const char *name, uint32_t claim_idle_ms,
-                   uint32_t max_deliveries) {
+/* Creates and opens a transport; returns open's code (on failure f->t is left to destroy). */
+static int attach_cfg(env *e, fake *f, const char *name, uint32_t claim_idle_ms,
+                      uint32_t max_deliveries, int fail_fast) {
   memset(f, 0, sizeof *f);
   f->name = name;
   f->host.deliver = fake_deliver;
@@ -188,11 +202,17 @@ static void attach(env *e, fake *f, const char *name, uint32_t claim_idle_ms,
   cfg.alloc = &e->ta.a;
   cfg.username = e->user;
   cfg.password = e->pw;
+  cfg.fail_fast = fail_fast;
   assert_int_equal(saga_redis_transport_new(&f->t, &cfg), SAGA_OK);
   assert_int_equal(f->t->methods->version, SAGA_TRANSPORT_VERSION);
   assert_string_equal(f->t->methods->name, "redis");
   f->t->saga__host = &f->host;
-  assert_int_equal(f->t->methods->open(f->t, &e->loop), SAGA_OK);
+  return f->t->methods->open(f->t, &e->loop);
+}
+
+static void attach(env *e, fake *f, const char *name, uint32_t claim_idle_ms,
+                   uint32_t max_deliveries) {
+  assert_int_equal(attach_cfg(e, f, name, claim_idle_ms, max_deliveries, 0), SAGA_OK);
 }
 
 static void sub(fake *f, const char *channel) {
@@ -393,8 +413,20 @@ static void test_config(void **state) {
   cfg.username = "";
   assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_OK);
   saga_transport_free(t);
-  cfg.struct_version = 3;
+  cfg.struct_version = 4;
   assert_int_equal(saga_redis_transport_new(&t, &cfg), SAGA_EVERSION);
+  /* A version 2 config, exactly as large as the version 2 layout: accepted, fail_fast not
+   * read (ASan would see it). */
+  saga_redis_config_init(&cfg);
+  cfg.struct_version = 2;
+  cfg.alloc = &ta.a;
+  void *v2 = malloc(offsetof(saga_redis_config, fail_fast));
+  assert_non_null(v2);
+  memcpy(v2, &cfg, offsetof(saga_redis_config, fail_fast));
+  assert_int_equal(saga_redis_transport_new(&t, v2), SAGA_OK);
+  saga_transport_free(t);
+  free(v2);
+  assert_int_equal(saga_redis_connected(NULL), SAGA_EINVAL);
 
   /* A version 1 config, exactly as large as the version 1 layout (on the heap, so that
    * ASan sees any read past it): accepted, its fields used, nothing more read. */
@@ -889,6 +921,7 @@ static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
   char *path = th_path(w->dir, file);
   saga_node_config cfg;
   saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
   cfg.name = name;
   cfg.db_path = path;
   cfg.transport = t;
@@ -944,7 +977,7 @@ static void node_closed(void *arg) { ((nodes *)arg)->closed++; }
 
 static int nodes_closed_pred(void *arg) { return ((nodes *)arg)->closed >= 2; }
 
-static void run_nodes(env *e);
+static void run_nodes(env *e, int late);
 
 static int no_pred(void *arg) {
   (void)arg;
@@ -961,7 +994,7 @@ static void test_nodes(void **state) {
   (void)state;
   env e;
   if (env_init(&e, "t8")) skip();
-  run_nodes(&e);
+  run_nodes(&e, 0);
 }
 
 /* The same two nodes as an ACL user limited to its keys (Redis 6 ACL, AUTH user pass). */
@@ -972,10 +1005,12 @@ static void test_nodes_acl(void **state) {
   e.admin_pw = "def-secret";
   e.user = "saga";
   e.pw = "saga-pw";
-  run_nodes(&e);
+  run_nodes(&e, 0);
 }
 
-static void run_nodes(env *e) {
+/* Two nodes, 100 sagas. late: the server is not running yet; it is started once the nodes
+ * opened and the sagas were started (their commands wait in the outbox meanwhile). */
+static void run_nodes(env *e, int late) {
   th_world *w = calloc(1, sizeof *w);
   assert_non_null(w);
   th_world_defaults(&w->o);
@@ -991,6 +1026,12 @@ static void run_nodes(env *e) {
     if (i % 5 == 4) saga_data_set_i64(d, "fail", 2); /* a fifth compensated */
     assert_int_equal(saga_start(w->orch, "test", d, NULL, started, w), SAGA_OK);
     saga_data_free(d);
+  }
+  if (late) {
+    th_run_real(&e->loop, no_pred, NULL, 1000); /* sends are refused meanwhile */
+    assert_int_equal(w->started_ok, 100);
+    assert_int_equal(w->terminal, 0);
+    restart_ready(e);
   }
   int rc = th_run_real(&e->loop, terminal_pred, w, 60000);
   printf("100 sagas over redis: %d terminal in %.0f ms\n", (int)w->terminal,
@@ -1146,6 +1187,280 @@ static void test_auth(void **state) {
   env_free(&e);
 }
 
+/* ---- outages: one copy per token; opening while the server is down; failed opens --------- */
+
+/* An environment whose server is not started yet: its port (free a moment ago) and folder are
+ * chosen, and restart_ready() starts it there later. Returns 1 when the test must be skipped. */
+static int env_init_down(env *e, const char *prefix) {
+  memset(e, 0, sizeof *e);
+  if (!th_have_program("redis-server")) {
+    printf("redis-server is not installed: skipping\n");
+    return 1;
+  }
+  th_alloc_init(&e->ta);
+  assert_int_equal(uv_loop_init(&e->loop), 0);
+  snprintf(e->srv.kind, sizeof e->srv.kind, "redis");
+  e->srv.dir = th_tmpdir();
+  e->srv.port = th_free_port();
+  assert_true(e->srv.port > 0);
+  live_server = &e->srv;
+  snprintf(e->prefix, sizeof e->prefix, "%s", prefix);
+  return 0;
+}
+
+static saga_redis_stats stats_of(const fake *f) {
+  saga_redis_stats st;
+  memset(&st, 0, sizeof st);
+  assert_int_equal(saga_redis_stats_get(f->t, &st), SAGA_OK);
+  return st;
+}
+
+/* What the node's outbox does for OP_N tokens (as in test_nats.c): send each, then again every
+ * OP_RESEND_MS while unconfirmed; counts calls, confirmations and deliveries. */
+#define OP_N 200
+#define OP_RESEND_MS 20
+typedef struct outage_pump {
+  fake *s;
+  uv_timer_t timer;
+  uint64_t base;
+  uint64_t last[OP_N];
+  unsigned char confirmed[OP_N];
+  unsigned got[OP_N];
+  int nconfirmed, ngot_distinct;
+  uint64_t ngot, calls, refused;
+} outage_pump;
+
+static void op_sent(void *arg, uint64_t token, int status) {
+  outage_pump *p = arg;
+  if (status != SAGA_OK || token < p->base || token >= p->base + OP_N) return;
+  if (!p->confirmed[token - p->base]) {
+    p->confirmed[token - p->base] = 1;
+    p->nconfirmed++;
+  }
+}
+
+static void op_got(void *arg, const char *data, size_t len) {
+  outage_pump *p = arg;
+  char buf[32];
+  assert_true(len > 1 && len < sizeof buf && data[0] == 'o');
+  memcpy(buf, data, len);
+  buf[len] = '\0';
+  uint64_t tok = strtoull(buf + 1, NULL, 10);
+  if (tok < p->base || tok >= p->base + OP_N) return;
+  p->ngot++;
+  if (p->got[tok - p->base]++ == 0) p->ngot_distinct++;
+}
+
+static void op_send(outage_pump *p, int i, uint64_t now) {
+  char buf[32];
+  snprintf(buf, sizeof buf, "o%" PRIu64, p->base + (uint64_t)i);
+  p->calls++;
+  if (send_str(p->s, "ch", buf, p->base + (uint64_t)i) != SAGA_OK) p->refused++;
+  p->last[i] = now;
+}
+
+static void op_tick(uv_timer_t *h) {
+  outage_pump *p = h->data;
+  uint64_t now = uv_now(h->loop);
+  for (int i = 0; i < OP_N; i++)
+    if (!p->confirmed[i] && now - p->last[i] >= OP_RESEND_MS) op_send(p, i, now);
+}
+
+static void op_closed(uv_handle_t *h) { (void)h; }
+
+static int op_done(void *arg) {
+  outage_pump *p = arg;
+  return p->nconfirmed == OP_N && p->ngot_distinct == OP_N;
+}
+
+/*
+ * Item 6, Redis: the server stalls (SIGSTOP) for 2 s with OP_N messages unconfirmed and a
+ * resend every OP_RESEND_MS. The XADDs are written (or queued) on the command connection and
+ * unanswered; every resend used to queue one more XADD of the same message, all executed once
+ * the server resumed: about OP_N * 100 entries and deliveries. Now one XADD per token on a
+ * connection: every message is confirmed and delivered once, the stream holds one entry each.
+ */
+static void test_stall_one_copy_per_token(void **state) {
+  (void)state;
+  env e;
+  if (env_init(&e, "t10")) skip();
+  fake a, s;
+  attach(&e, &a, "a", 30000, 10);
+  attach(&e, &s, "s", 30000, 10);
+  a.auto_ack = 1;
+  sub(&a, "ch");
+  assert_int_equal(send_str(&s, "ch", "warm", 1), SAGA_OK);
+  assert_int_equal(wait_count(&e, &a.nd, 1), 0);
+  assert_int_equal(wait_count(&e, &s.ns, 1), 0);
+  outage_pump *p = calloc(1, sizeof *p);
+  assert_non_null(p);
+  p->s = &s;
+  p->base = 1000;
+  s.on_sent = op_sent;
+  a.on_deliver = op_got;
+  s.hook_arg = a.hook_arg = p;
+  saga_redis_stats st0 = stats_of(&s);
+  assert_int_equal(kill(e.srv.pid, SIGSTOP), 0);
+  uint64_t now = uv_now(&e.loop);
+  for (int i = 0; i < OP_N; i++) op_send(p, i, now);
+  uv_timer_init(&e.loop, &p->timer);
+  p->timer.data = p;
+  uv_timer_start(&p->timer, op_tick, 5, 5);
+  th_run_real(&e.loop, no_pred, NULL, 2000); /* the stall: the pump resends meanwhile */
+  saga_redis_stats st1 = stats_of(&s);
+  assert_int_equal(kill(e.srv.pid, SIGCONT), 0);
+  int rc = th_run_real(&e.loop, op_done, p, WAIT_MS);
+  uv_timer_stop(&p->timer);
+  uv_close((uv_handle_t *)&p->timer, op_closed);
+  th_run_real(&e.loop, no_pred, NULL, 300); /* late duplicates, if any, would arrive now */
+  saga_redis_stats st2 = stats_of(&s);
+  long long entries = xlen(&e, "ch");
+  printf("redis stalled 2 s, %d messages unconfirmed, resent every %d ms: %" PRIu64
+         " send() calls, %" PRIu64 " XADDs queued during the stall, %lld stream entries, %" PRIu64
+         " deliveries of %d messages\n",
+         OP_N, OP_RESEND_MS, p->calls, st1.xadds - st0.xadds, entries, p->ngot,
+         p->ngot_distinct);
+  assert_int_equal(rc, 0);
+  assert_true(p->calls > 10 * OP_N);
+  assert_true(st1.xadds - st0.xadds <= OP_N);
+  assert_true(st2.xadds - st0.xadds <= OP_N);
+  assert_true(st2.sends_coalesced - st0.sends_coalesced >= p->calls - OP_N - p->refused);
+  assert_true(entries <= OP_N + 1); /* trimming only ever lowers it */
+  assert_int_equal(p->ngot, OP_N);
+  s.on_sent = NULL;
+  a.on_deliver = NULL;
+  free(p);
+  detach(&e, &a);
+  detach(&e, &s);
+  env_free(&e);
+}
+
+typedef struct conn_ctx {
+  fake *x, *y;
+} conn_ctx;
+
+static int connected_pred(void *arg) {
+  conn_ctx *c = arg;
+  return saga_redis_connected(c->x->t) == 1 && saga_redis_connected(c->y->t) == 1;
+}
+
+/*
+ * Item 20, Redis: transports open while the server is down (nobody listens on the port yet):
+ * open succeeds, not connected, subscribe taken, send refused with a transient code; once the
+ * server starts on that port both connect, and messages flow. fail_fast fails at open instead,
+ * leaving nothing behind.
+ */
+static void test_open_while_server_down(void **state) {
+  (void)state;
+  env e;
+  if (env_init_down(&e, "t11")) skip();
+  fake *ff = calloc(1, sizeof *ff);
+  assert_non_null(ff);
+  uint64_t t0 = uv_hrtime();
+  assert_int_equal(attach_cfg(&e, ff, "ff", 1000, 10, 1), SAGA_ETRANSPORT);
+  assert_true((uv_hrtime() - t0) / 1000000 < 5000);
+  ff->t->methods->destroy(ff->t);
+  free(ff);
+  assert_int_equal(e.ta.live, 0);
+
+  fake a, s;
+  attach(&e, &a, "a", 1000, 10);
+  attach(&e, &s, "s", 1000, 10);
+  a.auto_ack = 1;
+  sub(&a, "ch");
+  assert_int_equal(saga_redis_connected(a.t), 0);
+  assert_int_equal(saga_redis_connected(s.t), 0);
+  /* During the first attempt a send is queued with it (and dropped with it: unconfirmed). */
+  int first = send_str(&s, "ch", "x", 1);
+  assert_true(first == SAGA_OK || first == SAGA_ETRANSPORT);
+  th_run_real(&e.loop, no_pred, NULL, 300);
+  assert_int_equal(saga_redis_connected(s.t), 0);
+  /* Known to be down now: refused with a transient code, nothing queued. */
+  saga_redis_stats st = stats_of(&s);
+  assert_int_equal(send_str(&s, "ch", "x", 1), SAGA_ETRANSPORT);
+  assert_int_equal(stats_of(&s).xadds, st.xadds);
+  assert_int_equal(s.ns, 0);
+
+  restart_ready(&e);
+  conn_ctx cc = {&a, &s};
+  assert_int_equal(th_run_real(&e.loop, connected_pred, &cc, WAIT_MS), 0);
+  assert_int_equal(send_str(&s, "ch", "hello", 2), SAGA_OK);
+  assert_int_equal(wait_count(&e, &s.ns, 1), 0);
+  assert_int_equal(s.sent_status[0], SAGA_OK);
+  assert_int_equal(wait_count(&e, &a.nd, 1), 0);
+  assert_string_equal(a.d[0].data, "hello");
+  detach(&e, &a);
+  detach(&e, &s);
+  env_free(&e);
+}
+
+/*
+ * Item 9, Redis: a failed open (fail_fast with no server, with a refused password) leaves
+ * nothing in the loop and nothing allocated; destroy() right after it, with or without
+ * close(), is safe. Then a node whose Redis transport fails to open: saga_node_open fails and
+ * the loop closes empty (env_free).
+ */
+static void test_failed_open_leaves_nothing(void **state) {
+  (void)state;
+  env e;
+  if (env_init_conf(&e, "t12", "requirepass def-secret\n")) skip();
+  e.admin_pw = "def-secret";
+  fake *f = calloc(1, sizeof *f);
+  assert_non_null(f);
+  for (int with_close = 0; with_close < 2; with_close++) {
+    e.pw = "wrong";
+    assert_int_equal(attach_cfg(&e, f, "f", 1000, 10, 1), SAGA_ETRANSPORT);
+    assert_int_equal(stats_of(f).auth_failures, 1);
+    if (with_close) f->t->methods->close(f->t);
+    f->t->methods->destroy(f->t);
+    assert_int_equal(f->closed, with_close);
+    assert_int_equal(e.ta.live, 0);
+    assert_int_equal(uv_loop_alive(&e.loop), 0);
+  }
+  e.pw = "def-secret";
+  assert_int_equal(attach_cfg(&e, f, "f", 1000, 10, 1), SAGA_OK);
+  sub(f, "ch");
+  conn_ctx cc = {f, f};
+  assert_int_equal(th_run_real(&e.loop, connected_pred, &cc, WAIT_MS), 0);
+  detach(&e, f);
+  free(f);
+
+  char *dir = th_tmpdir();
+  saga_redis_config rc;
+  saga_redis_config_init(&rc);
+  rc.port = th_free_port(); /* nobody there */
+  rc.fail_fast = 1;
+  rc.alloc = &e.ta.a;
+  saga_transport *t = NULL;
+  assert_int_equal(saga_redis_transport_new(&t, &rc), SAGA_OK);
+  char *path = th_path(dir, "n.db");
+  saga_node_config cfg;
+  saga_node_config_init(&cfg);
+  cfg.db_mode = SAGA_DB_CREATE;
+  cfg.name = "failing";
+  cfg.db_path = path;
+  cfg.transport = t;
+  char err[256];
+  saga_node *n = NULL;
+  int r = saga_node_open(&n, &e.loop, &cfg, err, sizeof err);
+  printf("saga_node_open: %s (%s)\n", saga_err_name(r), err);
+  assert_int_equal(r, SAGA_ETRANSPORT);
+  assert_null(n);
+  free(path);
+  th_rmdir(dir);
+  assert_int_equal(e.ta.live, 0);
+  env_free(&e);
+}
+
+/* Item 20 with nodes: both open while the server is down, 100 sagas are started, then the
+ * server starts: every saga ends as it should (run_nodes checks the effects). */
+static void test_nodes_open_while_server_down(void **state) {
+  (void)state;
+  env e;
+  if (env_init_down(&e, "t13")) skip();
+  run_nodes(&e, 1);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_teardown(test_config, teardown),
@@ -1160,6 +1475,10 @@ int main(void) {
       cmocka_unit_test_teardown(test_nodes, teardown),
       cmocka_unit_test_teardown(test_auth, teardown),
       cmocka_unit_test_teardown(test_nodes_acl, teardown),
+      cmocka_unit_test_teardown(test_stall_one_copy_per_token, teardown),
+      cmocka_unit_test_teardown(test_open_while_server_down, teardown),
+      cmocka_unit_test_teardown(test_failed_open_leaves_nothing, teardown),
+      cmocka_unit_test_teardown(test_nodes_open_while_server_down, teardown),
   };
   /* SAGA_TEST_FILTER=name runs the tests matching it (cmocka's pattern, '*' wildcards). */
   if (getenv("SAGA_TEST_FILTER") != NULL) cmocka_set_test_filter(getenv("SAGA_TEST_FILTER"));

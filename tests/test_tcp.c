@@ -1,5 +1,6 @@
 /* TCP transport specifics: malformed and oversized frames close only their connection,
  * unserved channels are refused, reconnects after the peer was away, bounded queues. */
+#include <fcntl.h>
 #include <stdlib.h>
 
 #include "servers.h"
@@ -210,6 +211,7 @@ static saga_node *tcp_node(uv_loop_t *loop, const char *name, const char *listen
   assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_OK);
   saga_node_config nc;
   saga_node_config_init(&nc);
+  nc.db_mode = SAGA_DB_CREATE;
   nc.name = name;
   nc.db_path = db;
   nc.transport = t;
@@ -264,6 +266,185 @@ static void test_poison_over_tcp(void **state) {
   free(da);
   free(db);
   th_rmdir(dir);
+}
+
+/* ---- a failed open leaves nothing in the loop ---------------------------------------------- */
+
+/* Descriptors open in this process (to see a socket leak). */
+static int count_fds(void) {
+  int n = 0;
+  for (int fd = 0; fd < 4096; fd++)
+    if (fcntl(fd, F_GETFD) != -1) n++;
+  return n;
+}
+
+/* Runs the loop until it has nothing left, at most `turns` times (a handle leaked active
+ * would otherwise keep it running for ever). Returns what the last uv_run returned. */
+static int drain_bounded(uv_loop_t *loop, int turns) {
+  int alive = 1;
+  for (int i = 0; i < turns && alive; i++) alive = uv_run(loop, UV_RUN_NOWAIT);
+  return alive;
+}
+
+/* A socket listening on 127.0.0.1 on a port of the system's choosing; *port gets the port. */
+static int occupy_port(int *port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  assert_true(fd >= 0);
+  struct sockaddr_in a = loopback(0);
+  socklen_t len = sizeof a;
+  assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+  assert_int_equal(listen(fd, 4), 0);
+  assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
+static void log_into(void *arg, saga_log_level lvl, const char *msg) {
+  (void)lvl;
+  char *buf = arg;
+  size_t used = strlen(buf);
+  if (used + strlen(msg) + 2 < 2048) snprintf(buf + used, 2048 - used, "%s\n", msg);
+}
+
+/* A node whose TCP transport cannot listen (the port is taken) fails to open with the
+ * reason, and leaves nothing behind: no handle in the loop (uv_loop_close succeeds), no
+ * listening socket, no memory (ASan: no use after free, no leak). */
+static void test_open_port_in_use(void **state) {
+  int fds_before = count_fds();
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  int port;
+  int busy = occupy_port(&port);
+  char addr[32];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+  for (int round = 0; round < 2; round++) {
+    saga_transport *t = tcp_new(addr, addr, 0, 100); /* peers (timers) and a listener */
+    char log[2048] = "";
+    saga_node_config nc;
+    saga_node_config_init(&nc);
+    nc.name = "n";
+    nc.db_path = ":memory:"; /* a new database, whatever the config version */
+    nc.transport = t;
+    nc.log = log_into;
+    nc.log_arg = log;
+    saga_node *n = NULL;
+    char err[256] = "";
+    assert_int_equal(saga_node_open(&n, &loop, &nc, err, sizeof err), SAGA_ETRANSPORT);
+    assert_null(n);
+    assert_non_null(strstr(err, "failed to open"));
+    assert_non_null(strstr(log, "cannot listen on"));
+    assert_int_equal(drain_bounded(&loop, 1000), 0);
+  }
+  assert_int_equal(uv_loop_close(&loop), 0);
+  close(busy);
+  assert_int_equal(count_fds(), fds_before); /* no socket left open */
+}
+
+/* The transport's own contract: destroy() is safe at once after a failed open, and after a
+ * close whose handles are still closing (the node's open failing after the transport
+ * opened); the memory is freed once the loop ran the close callbacks, and nothing is
+ * reported to the host after destroy. */
+static void test_destroy_while_closing(void **state) {
+  int fds_before = count_fds();
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  int port;
+  int busy = occupy_port(&port);
+  char addr[32], free_addr[32];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+  snprintf(free_addr, sizeof free_addr, "127.0.0.1:%d", th_free_port());
+  rx R;
+  memset(&R, 0, sizeof R);
+  R.host = (saga__transport_host){.deliver = rx_deliver, .sent = rx_sent, .closed = rx_closed,
+                                  .log = rx_log, .ctx = &R};
+  /* A failed open, then destroy at once. */
+  R.t = tcp_new(addr, addr, 0, 100);
+  R.t->saga__host = &R.host;
+  assert_int_equal(R.t->methods->open(R.t, &loop), SAGA_ETRANSPORT);
+  assert_non_null(strstr(R.log, "cannot listen on"));
+  R.t->methods->destroy(R.t);
+  assert_int_equal(drain_bounded(&loop, 1000), 0);
+  assert_int_equal(R.closed, 0); /* never reported after destroy */
+  /* A failed open, then close (reported once its handles are closed), then destroy. */
+  R.t = tcp_new(addr, addr, 0, 100);
+  R.t->saga__host = &R.host;
+  assert_int_equal(R.t->methods->open(R.t, &loop), SAGA_ETRANSPORT);
+  R.t->methods->close(R.t);
+  assert_int_equal(drain_bounded(&loop, 1000), 0);
+  assert_int_equal(R.closed, 1);
+  R.t->methods->destroy(R.t);
+  R.closed = 0;
+  /* A good open with a message waiting for its peer (a connection under way), then close
+   * and destroy in the same breath. */
+  R.t = tcp_new(free_addr, addr, 0, 100);
+  R.t->saga__host = &R.host;
+  assert_int_equal(R.t->methods->open(R.t, &loop), SAGA_OK);
+  assert_int_equal(R.t->methods->subscribe(R.t, "ch"), SAGA_OK);
+  assert_int_equal(R.t->methods->send(R.t, "ch", "x", 1, 1), SAGA_OK);
+  R.t->methods->close(R.t);
+  R.t->methods->destroy(R.t);
+  assert_int_equal(drain_bounded(&loop, 1000), 0);
+  assert_int_equal(R.closed, 0);
+  assert_int_equal(uv_loop_close(&loop), 0);
+  close(busy);
+  assert_int_equal(count_fds(), fds_before); /* no socket left open */
+}
+
+/* ---- a listener out of memory waits and tries again ----------------------------------------- */
+
+static int oom, oom_failed; /* the allocator below fails while oom is set, and counts it */
+static void *oom_malloc(size_t n, void *ud) {
+  if (!oom) return malloc(n);
+  oom_failed++;
+  return NULL;
+}
+static void *oom_realloc(void *p, size_t n, void *ud) {
+  if (!oom) return realloc(p, n);
+  oom_failed++;
+  return NULL;
+}
+static int oom_hit(void *arg) { return oom_failed > 0; }
+static void oom_free(void *p, void *ud) { free(p); }
+
+static int accepted_one(void *arg) {
+  saga_tcp_stats st;
+  assert_int_equal(saga_tcp_stats_get(((rx *)arg)->t, &st), SAGA_OK);
+  return st.connections_accepted >= 1;
+}
+
+/* A connection that arrives while the transport has no memory for it cannot be accepted:
+ * libuv then pauses the listener until it is. The failure is logged and the accept tried
+ * again, so the connection is taken once memory is back (it used to stall the listener for
+ * good). */
+static void test_accept_retried_after_oom(void **state) {
+  uv_loop_t loop;
+  assert_int_equal(uv_loop_init(&loop), 0);
+  int port = th_free_port();
+  char addr[32];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+  saga_allocator a = {oom_malloc, oom_realloc, oom_free, NULL};
+  saga_tcp_config cfg;
+  saga_tcp_config_init(&cfg);
+  cfg.insecure_plaintext = 1; /* loopback only */
+  cfg.listen = addr;
+  cfg.alloc = &a;
+  cfg.handshake_timeout_ms = 100; /* the sweep (and so the retry) runs every 25 ms */
+  saga_transport *t = NULL;
+  assert_int_equal(saga_tcp_transport_new(&t, &cfg), SAGA_OK);
+  rx R;
+  rx_attach(&R, t, &loop, "ch");
+  oom = 1;
+  oom_failed = 0;
+  int fd = raw_connect(port);
+  assert_int_equal(th_run_real(&loop, oom_hit, NULL, 5000), 0); /* it tried to take it */
+  assert_false(accepted_one(&R));
+  oom = 0;
+  assert_int_equal(th_run_real(&loop, accepted_one, &R, 5000), 0);
+  assert_non_null(strstr(R.log, "cannot accept an inbound connection: out of memory"));
+  close(fd);
+  rx_close(&R, &loop);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
 }
 
 /* ---- two transports on two loops in two threads ------------------------------------------ */
@@ -374,6 +555,9 @@ int main(void) {
       cmocka_unit_test(test_reconnect_and_bound),
       cmocka_unit_test(test_queue_one_copy),
       cmocka_unit_test(test_bad_config),
+      cmocka_unit_test(test_open_port_in_use),
+      cmocka_unit_test(test_destroy_while_closing),
+      cmocka_unit_test(test_accept_retried_after_oom),
       cmocka_unit_test(test_poison_over_tcp),
       cmocka_unit_test(test_two_threads),
   };

@@ -6,6 +6,16 @@
  * hands each message to one of them, round robin. Messages for a channel nobody subscribes
  * to yet wait in the hub until someone does.
  *
+ * Bounds: the hub holds at most one copy of a message per sender and token (a node's outbox
+ * resends an unconfirmed message every resend_ms; a resend whose message the hub still holds
+ * adds nothing and succeeds, and the copy held is delivered in its place), and each channel
+ * holds at most SAGA_MEM_CHANNEL_MAX_MESSAGES messages and SAGA_MEM_CHANNEL_MAX_BYTES payload
+ * bytes, ready, delayed or waiting for a consumer (saga_mem_hub_set_limits() changes both).
+ * Beyond either, send() refuses with SAGA_EBUSY, a transient code: the node keeps the
+ * message in its outbox and resends it later; the hub logs this once through the sending
+ * node's log, and again only after the channel has emptied. An empty channel always takes
+ * one message, whatever its size. saga_mem_hub_queue_stats() shows what a channel holds.
+ *
  * Acknowledgement is end to end, as with a brokerless network: the sender's outbox row is
  * confirmed only when the receiving node has committed the message and acknowledged it. A
  * message dropped by the fault mode (or an acknowledgement dropped on its way back) is
@@ -49,6 +59,18 @@ typedef struct saga_mem_stats {
   uint64_t waiting; /**< messages held in the hub right now */
 } saga_mem_stats;
 
+/** Default per-channel bounds of a hub (see above). */
+#define SAGA_MEM_CHANNEL_MAX_MESSAGES 65536
+#define SAGA_MEM_CHANNEL_MAX_BYTES ((size_t)64 << 20)
+
+/** What a hub holds for a channel (or for all), and what it turned away. */
+typedef struct saga_mem_queue_stats {
+  uint64_t messages;     /**< held now: ready, delayed or waiting for a consumer */
+  uint64_t bytes;        /**< their payload bytes */
+  uint64_t deduplicated; /**< sends whose (sender, token) was still held: nothing added */
+  uint64_t refused;      /**< sends refused with SAGA_EBUSY at the channel's limit */
+} saga_mem_queue_stats;
+
 /**
  * Creates a hub on loop. clock may be NULL (the hub then makes a real clock of its own);
  * pass the nodes' manual clock for deterministic runs. faults may be NULL (no faults) and
@@ -69,6 +91,24 @@ SAGA_EXTERN void saga_mem_hub_set_faults(saga_mem_hub *hub, const saga_mem_fault
 
 /** Copies the hub's counters into *out. */
 SAGA_EXTERN void saga_mem_hub_stats(const saga_mem_hub *hub, saga_mem_stats *out);
+
+/**
+ * Sets the per-channel bounds: at most max_messages messages and max_bytes payload bytes held
+ * for one channel (0 = the default, SAGA_MEM_CHANNEL_MAX_MESSAGES / _BYTES). Lowering them
+ * drops nothing already held; sends are refused until the channel is back under them.
+ * Returns SAGA_OK, or SAGA_EINVAL for a NULL hub.
+ */
+SAGA_EXTERN int saga_mem_hub_set_limits(saga_mem_hub *hub, size_t max_messages,
+                                        size_t max_bytes);
+
+/**
+ * Copies what the hub holds for channel (NULL = all channels together) into *out, writing at
+ * most size bytes: pass sizeof *out (a program built against an older, smaller struct gets
+ * the fields it knows). A channel the hub never saw gives zeros. Returns SAGA_OK, or
+ * SAGA_EINVAL for a NULL hub or out.
+ */
+SAGA_EXTERN int saga_mem_hub_queue_stats(const saga_mem_hub *hub, const char *channel,
+                                         saga_mem_queue_stats *out, size_t size);
 
 /**
  * A new transport attached to hub, to be passed to saga_node_open() (which takes it).

@@ -12,6 +12,18 @@
  * Needs Redis >= 6.2 (XAUTOCLAIM); for durability run it with appendonly yes and appendfsync
  * always, since a confirmed message exists only in Redis until it is consumed.
  *
+ * One copy per token: a send() of a token whose XADD is still unanswered on the current
+ * command connection (queued while it connects, or written and waiting for the reply while
+ * the server is slow or stalled) returns SAGA_OK without another XADD (counted in
+ * sends_coalesced); that XADD's reply confirms it. Once the connection is lost, what it carried
+ * is forgotten and the next send() writes the token again on the new one.
+ *
+ * Broker down at open: open() succeeds and every connection retries forever (sends fail with
+ * SAGA_ETRANSPORT meanwhile, channels subscribed are read once their connection is up), unless
+ * fail_fast is set (config version 3): then open() first connects once, synchronously (up to 5
+ * s, with AUTH and PING), and fails with SAGA_ETRANSPORT when the server cannot be reached or
+ * refuses the credentials. saga_redis_connected() tells whether messages flow.
+ *
  * Security (config version 2; the trust model is in docs/security.md). With a password set,
  * every connection the adapter makes (reconnects included) sends AUTH first: "AUTH username
  * password" for a Redis 6+ ACL user, "AUTH password" for requirepass. A refused AUTH is logged
@@ -35,7 +47,7 @@
 extern "C" {
 #endif
 
-#define SAGA_REDIS_CONFIG_VERSION 2
+#define SAGA_REDIS_CONFIG_VERSION 3
 
 /** Configuration. Initialise with saga_redis_config_init(); a zero field means its default.
  * Strings are copied by saga_redis_transport_new(). */
@@ -62,12 +74,21 @@ typedef struct saga_redis_config {
                                   default user */
   const char *password;      /**< sent with AUTH on every connection; NULL or "" = no AUTH.
                                   Travels in clear (no TLS): see above */
+  /* ---- version 3 ---- */
+  int fail_fast;             /**< nonzero: open() fails with SAGA_ETRANSPORT when the server
+                                  cannot be reached or refuses the credentials (one
+                                  synchronous attempt). 0 (the default, and for version 1 and
+                                  2 configs): open() succeeds and the connections retry */
 } saga_redis_config;
 
 /** What a Redis transport counted since it was created (saga_redis_stats_get()). */
 typedef struct saga_redis_stats {
   uint64_t auth_failures;      /**< connections whose AUTH (or first command) was refused */
   uint64_t replies_unexpected; /**< XADD replies that were not an entry id (not confirmed) */
+  /* ---- appended (read with saga_redis_stats_get(), which passes the struct's size) ---- */
+  uint64_t xadds;              /**< XADD commands queued: copies of messages handed over */
+  uint64_t sends_coalesced;    /**< send() calls answered without an XADD: the token's XADD
+                                    was still unanswered on the same connection */
 } saga_redis_stats;
 
 /** Fills cfg with the defaults listed in saga_redis_config. Accepts NULL. */
@@ -75,19 +96,38 @@ SAGA_EXTERN void saga_redis_config_init(saga_redis_config *cfg);
 
 /**
  * Creates a Redis transport; hand it to saga_node_open(). Nothing connects before the node
- * opens it; the broker need not be up then (the connections retry forever). cfg may be NULL
- * (all defaults). While the broker is unreachable, sends fail with SAGA_ETRANSPORT and the
- * node's outbox sends them again later.
+ * opens it; the broker need not be up then (the connections retry forever), unless fail_fast
+ * is set. cfg may be NULL (all defaults). While the broker is unreachable, sends fail with
+ * SAGA_ETRANSPORT and the node's outbox sends them again later.
  * Returns SAGA_OK and sets *out; SAGA_EINVAL (out NULL, port out of range, reconnect_min_ms >
  * reconnect_max_ms, empty consumer, incomplete allocator, username without password),
- * SAGA_EVERSION (struct_version other than 1 or 2: a version 1 config is read without the
- * version 2 fields), SAGA_ENOMEM.
+ * SAGA_EVERSION (struct_version other than 1, 2 or 3: an older config is read without the
+ * later fields, which keep their defaults), SAGA_ENOMEM.
  */
 SAGA_EXTERN int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg);
 
-/** Copies t's counters (t must be a Redis transport). Returns SAGA_OK or SAGA_EINVAL.
- * Thread: t's loop. */
-SAGA_EXTERN int saga_redis_stats_get(saga_transport *t, saga_redis_stats *out);
+/**
+ * Copies t's counters (t must be a Redis transport), at most `size` bytes of them: pass
+ * sizeof *out. A program built against an older header, whose struct is shorter, gets the
+ * fields it knows and nothing is written past them. Returns SAGA_OK or SAGA_EINVAL.
+ * Thread: t's loop.
+ */
+SAGA_EXTERN int saga_redis_stats_get_sized(saga_transport *t, saga_redis_stats *out,
+                                           size_t size);
+
+/** The same for the first two counters only (what the struct held before it grew), kept for
+ * programs built against an older header; the macro below passes the size instead. */
+SAGA_EXTERN int(saga_redis_stats_get)(saga_transport *t, saga_redis_stats *out);
+#define saga_redis_stats_get(t, out) saga_redis_stats_get_sized((t), (out), sizeof(saga_redis_stats))
+
+/**
+ * 1 when t (a Redis transport) is open and its command connection and the reader connection
+ * of every subscribed channel are up (answered PING, after AUTH), so that messages flow; 0
+ * otherwise (broker unreachable, credentials refused, reconnecting, not open). For health
+ * checks ("transport not connected"). SAGA_EINVAL when t is not a Redis transport.
+ * Thread: t's loop.
+ */
+SAGA_EXTERN int saga_redis_connected(saga_transport *t);
 
 #ifdef __cplusplus
 }

@@ -22,8 +22,19 @@
  *
  * Stats: `acked` counts acknowledgements the hub received for deliveries it knew;
  * `acks_dropped` how many of those the fault mode lost on their way back.
+ *
+ * Bounds: a node's outbox resends every unconfirmed message each resend_ms, and a channel
+ * nobody consumes would otherwise collect a copy per resend. Every message the hub holds
+ * (ready, delayed or parked) is in a hash by (sender, token): send() of a token whose
+ * message is still held adds nothing and reports success (the copy held will be delivered
+ * and acknowledged in its place). Fault duplicates are made after that check, so the fault
+ * mode still duplicates. A channel holds at most max_messages messages and max_bytes payload
+ * bytes (saga_mem_hub_set_limits); past either, send() refuses with SAGA_EBUSY (transient:
+ * the node resends later) and logs it once until the channel empties. One message is always
+ * taken on an empty channel, so no message is refused for ever.
  */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "../internal.h"
@@ -36,6 +47,7 @@ typedef struct mem_tp mem_tp;
 
 struct mem_msg {
   mem_msg *next;
+  mem_msg *hnext; /* in the hub's hash of held messages */
   mem_chan *chan;
   uint64_t sender; /* transport id */
   uint64_t token;
@@ -59,6 +71,9 @@ struct mem_chan {
   size_t nsubs, cap;
   size_t rr;   /* index of the subscriber that gets the next message */
   mem_q parked; /* messages no subscriber took yet, in order */
+  size_t held, held_bytes; /* messages of this channel in the hub (ready, delayed, parked) */
+  uint64_t deduplicated, refused;
+  int full_logged; /* the limit was reported; again only once the channel emptied */
 };
 
 /* A delivery awaiting its ack (in the tag table), then a confirmation awaiting its report
@@ -99,6 +114,9 @@ struct saga_mem_hub {
   mem_rec *acks_head, *acks_tail; /* confirmations to report, in ack order */
   size_t nacks;
   mem_rec *spare;
+  mem_msg **held; /* (sender, token) -> messages held; power-of-two size */
+  size_t nheld_buckets, nheld;
+  size_t max_messages, max_bytes; /* per channel */
 };
 
 #define MEM_INITIAL_BUCKETS 64
@@ -198,8 +216,61 @@ static mem_tp *tp_find_open(saga_mem_hub *hub, uint64_t id) {
 /* Starts the idle handle while there is work, stops it otherwise. */
 static void idle_update(saga_mem_hub *hub);
 
+/* ---- messages held, by (sender, token) ------------------------------------------------- */
+
+static size_t held_slot(const saga_mem_hub *hub, uint64_t sender, uint64_t token) {
+  uint64_t k = token ^ (sender * 0x9e3779b97f4a7c15ULL);
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  return (size_t)k & (hub->nheld_buckets - 1);
+}
+
+static void held_grow(saga_mem_hub *hub) {
+  size_t n = hub->nheld_buckets * 2;
+  mem_msg **b = saga__calloc(&hub->alloc, n * sizeof *b);
+  if (b == NULL) return; /* longer chains, still correct */
+  mem_msg **old = hub->held;
+  size_t nold = hub->nheld_buckets;
+  hub->held = b;
+  hub->nheld_buckets = n;
+  for (size_t i = 0; i < nold; i++) {
+    mem_msg *m = old[i];
+    while (m != NULL) {
+      mem_msg *next = m->hnext;
+      size_t j = held_slot(hub, m->sender, m->token);
+      m->hnext = b[j];
+      b[j] = m;
+      m = next;
+    }
+  }
+  saga__free(&hub->alloc, old);
+}
+
+static int held_has(const saga_mem_hub *hub, uint64_t sender, uint64_t token) {
+  for (mem_msg *m = hub->held[held_slot(hub, sender, token)]; m != NULL; m = m->hnext)
+    if (m->sender == sender && m->token == token) return 1;
+  return 0;
+}
+
+static void held_remove(saga_mem_hub *hub, mem_msg *m) {
+  mem_msg **pp = &hub->held[held_slot(hub, m->sender, m->token)];
+  while (*pp != NULL && *pp != m) pp = &(*pp)->hnext;
+  if (*pp == m) *pp = m->hnext;
+  hub->nheld--;
+}
+
+/* Whether chan can take one more message of len bytes under the hub's limits. */
+static int chan_has_room(const saga_mem_hub *hub, const mem_chan *c, size_t len) {
+  if (c->held == 0) return 1; /* one message always fits: none is refused for ever */
+  return c->held < hub->max_messages && len <= hub->max_bytes &&
+         c->held_bytes <= hub->max_bytes - len;
+}
+
 /* ---- messages ------------------------------------------------------------------------- */
 
+/* A copy of data, held by the hub (counted on its channel, found by sender and token) until
+ * msg_free. */
 static mem_msg *msg_new(saga_mem_hub *hub, mem_chan *chan, uint64_t sender, uint64_t token,
                         const void *data, size_t len) {
   if (len > SIZE_MAX - sizeof(mem_msg)) return NULL;
@@ -211,11 +282,23 @@ static mem_msg *msg_new(saga_mem_hub *hub, mem_chan *chan, uint64_t sender, uint
   m->token = token;
   m->len = len;
   if (len > 0) memcpy(m->data, data, len);
+  if (hub->nheld >= hub->nheld_buckets) held_grow(hub);
+  size_t j = held_slot(hub, sender, token);
+  m->hnext = hub->held[j];
+  hub->held[j] = m;
+  hub->nheld++;
+  chan->held++;
+  chan->held_bytes += len;
   hub->stats.waiting++;
   return m;
 }
 
 static void msg_free(saga_mem_hub *hub, mem_msg *m) {
+  held_remove(hub, m);
+  mem_chan *c = m->chan;
+  c->held--;
+  c->held_bytes -= m->len;
+  if (c->held == 0) c->full_logged = 0;
   hub->stats.waiting--;
   saga__free(&hub->alloc, m);
 }
@@ -402,9 +485,17 @@ static void deliver_one(saga_mem_hub *hub, mem_msg *m) {
       msg_free(hub, m);
       return;
     }
-    /* Refused (the node is closing). Its close may already have dropped the record. */
+    /* Refused. Its close may already have dropped the record. */
     r = recs_take(hub, tag);
     if (r != NULL) rec_release(hub, r);
+    if (rc != SAGA_ECLOSED) {
+      /* An open node that could not take it now (out of memory, busy): this copy is
+       * dropped as a lost message would be, and the sender's outbox resends it. Parking it
+       * would hold the (sender, token) until the next subscribe and swallow every resend. */
+      hub->stats.dropped++;
+      msg_free(hub, m);
+      return;
+    }
     if (c->nsubs == 0) break;
   }
   q_push(&c->parked, m);
@@ -486,6 +577,24 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   if (tp->state != TP_OPEN) return tp->state == TP_CLOSED ? SAGA_ECLOSED : SAGA_ESTATE;
   mem_chan *c = chan_get(hub, channel);
   if (c == NULL) return SAGA_ENOMEM;
+  /* A resend of a message the hub still holds: that copy goes out in its place. */
+  if (held_has(hub, tp->id, token)) {
+    c->deduplicated++;
+    return SAGA_OK;
+  }
+  if (!chan_has_room(hub, c, len)) {
+    c->refused++;
+    if (!c->full_logged) {
+      c->full_logged = 1;
+      char msg[512];
+      snprintf(msg, sizeof msg, "mem hub: channel '%.120s' holds %zu messages (%zu bytes), its "
+               "limit (max_messages %zu, max_bytes %zu): sends to it are refused with "
+               "SAGA_EBUSY and resent later (logged once until the channel empties)",
+               c->name, c->held, c->held_bytes, hub->max_messages, hub->max_bytes);
+      saga_transport_log(t, SAGA_LOG_WARN, msg);
+    }
+    return SAGA_EBUSY;
+  }
   mem_msg *m = msg_new(hub, c, tp->id, token, data, len);
   if (m == NULL) return SAGA_ENOMEM;
   hub->stats.sent++;
@@ -495,8 +604,8 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
     return SAGA_OK;
   }
   mem_msg *dup = NULL;
-  if (roll(hub, hub->faults.duplicate)) {
-    /* Without memory for the copy the message is simply not duplicated. */
+  if (roll(hub, hub->faults.duplicate) && chan_has_room(hub, c, len)) {
+    /* Without memory (or room) for the copy the message is simply not duplicated. */
     dup = msg_new(hub, c, tp->id, token, data, len);
     if (dup != NULL) hub->stats.duplicated++;
   }
@@ -620,6 +729,11 @@ int saga_mem_hub_new(saga_mem_hub **out, uv_loop_t *loop, saga_clock *clock,
   hub->nbuckets = MEM_INITIAL_BUCKETS;
   hub->buckets = saga__calloc(&hub->alloc, hub->nbuckets * sizeof *hub->buckets);
   if (hub->buckets == NULL) goto fail;
+  hub->nheld_buckets = MEM_INITIAL_BUCKETS;
+  hub->held = saga__calloc(&hub->alloc, hub->nheld_buckets * sizeof *hub->held);
+  if (hub->held == NULL) goto fail;
+  hub->max_messages = SAGA_MEM_CHANNEL_MAX_MESSAGES;
+  hub->max_bytes = SAGA_MEM_CHANNEL_MAX_BYTES;
   if (clock == NULL) {
     rc = saga__clock_real_new(&clock, loop, &hub->alloc);
     if (rc != SAGA_OK) goto fail;
@@ -640,6 +754,7 @@ int saga_mem_hub_new(saga_mem_hub **out, uv_loop_t *loop, saga_clock *clock,
 fail:
   if (hub != NULL) {
     if (hub->own_clock) saga__clock_close(hub->clock);
+    saga__free(&hub->alloc, hub->held);
     saga__free(&hub->alloc, hub->buckets);
     saga__free(&hub->alloc, hub);
   }
@@ -677,6 +792,7 @@ static void hub_closed(uv_handle_t *h) {
   for (size_t i = 0; i < hub->nbuckets; i++) free_recs(hub, hub->buckets[i]);
   free_recs(hub, hub->acks_head);
   free_recs(hub, hub->spare);
+  saga__free(&hub->alloc, hub->held);
   saga__free(&hub->alloc, hub->buckets);
   saga_allocator a = hub->alloc;
   saga__free(&a, hub);
@@ -705,6 +821,31 @@ void saga_mem_hub_stats(const saga_mem_hub *hub, saga_mem_stats *out) {
     return;
   }
   *out = hub->stats;
+}
+
+int saga_mem_hub_set_limits(saga_mem_hub *hub, size_t max_messages, size_t max_bytes) {
+  if (hub == NULL) return SAGA_EINVAL;
+  hub->max_messages = max_messages ? max_messages : SAGA_MEM_CHANNEL_MAX_MESSAGES;
+  hub->max_bytes = max_bytes ? max_bytes : SAGA_MEM_CHANNEL_MAX_BYTES;
+  return SAGA_OK;
+}
+
+static void add_chan_stats(saga_mem_queue_stats *q, const mem_chan *c) {
+  q->messages += c->held;
+  q->bytes += c->held_bytes;
+  q->deduplicated += c->deduplicated;
+  q->refused += c->refused;
+}
+
+int saga_mem_hub_queue_stats(const saga_mem_hub *hub, const char *channel,
+                             saga_mem_queue_stats *out, size_t size) {
+  if (hub == NULL || out == NULL) return SAGA_EINVAL;
+  saga_mem_queue_stats q;
+  memset(&q, 0, sizeof q);
+  for (const mem_chan *c = hub->chans; c != NULL; c = c->next)
+    if (channel == NULL || strcmp(c->name, channel) == 0) add_chan_stats(&q, c);
+  memcpy(out, &q, size < sizeof q ? size : sizeof q);
+  return SAGA_OK;
 }
 
 int saga_mem_transport_new(saga_transport **out, saga_mem_hub *hub) {

@@ -35,8 +35,21 @@
  * a token sent on that same connection and not answered yet: each FIFO entry is popped once,
  * by the reply to its own command (the connection is ours alone; only the server, or someone
  * who can write into the TCP stream, could forge a reply: docs/security.md). A connection lost with XADDs unanswered reports
- * nothing for them: the node's outbox resends. While the command connection is down,
- * send() fails with SAGA_ETRANSPORT.
+ * nothing for them: the node's outbox resends. While the command connection is down, or
+ * connecting again after a failed attempt or a drop, send() fails with SAGA_ETRANSPORT; only
+ * during the first attempt after open are XADDs queued with the connect (dropped unconfirmed
+ * if it fails).
+ *
+ * One XADD per token and connection. The outbox resends a row every resend_ms until it is
+ * confirmed; while the server stalls (or a connect hangs) each resend used to queue one more
+ * XADD of it, all executed once the server answered: duplicate entries, delivered as
+ * duplicates. A link's `unanswered` set holds the tokens of its XADDs not answered yet, and
+ * send() of one of them adds nothing (the first XADD's reply confirms it). A connection lost
+ * takes its set with it, so the next send writes the token again on the new one.
+ *
+ * Opening. open() succeeds whether or not the broker is up (the connections retry forever),
+ * unless fail_fast is set: then one synchronous connection (AUTH, PING) must succeed first,
+ * before anything is linked into the loop, so that a failed open leaves nothing behind.
  *
  * Deliveries. Each delivered entry gets a record (tag -> channel, entry id) until the node
  * acknowledges the tag; ack() then sends XACK, resent on the next connection if the reply
@@ -95,6 +108,16 @@ typedef struct rd_fifo {
   size_t cap, head, len;
 } rd_fifo;
 
+/* A set of 64-bit values (open addressing, linear probing, no tombstones). */
+typedef struct rd_set_slot {
+  uint64_t v;
+  int used;
+} rd_set_slot;
+typedef struct rd_set {
+  rd_set_slot *s;
+  size_t cap, n;
+} rd_set;
+
 /* One hiredis context with its libuv glue. It lives until its poll handle closed, which is
  * after every callback of the context ran, so the FIFOs stay consistent per context. */
 typedef struct rd_link {
@@ -106,6 +129,7 @@ typedef struct rd_link {
   int closing;
   uint64_t epoch; /* unique per context */
   rd_fifo tokens; /* XADD tokens */
+  rd_set unanswered; /* the same tokens, to find one: at most one XADD per token here */
   rd_fifo acks;   /* XACK tags */
   int odd_logged; /* an XADD reply that was not an entry id was logged */
 } rd_link;
@@ -119,6 +143,7 @@ struct rd_conn {
   int state;
   int reading; /* an XREADGROUP is outstanding */
   int lost;    /* it was up once and went down: log when it comes back */
+  int failing; /* an attempt failed or the connection dropped, and it is not up again yet */
   uint32_t backoff_ms;
   uv_timer_t timer; /* backoff, connect watchdog, read watchdog, read retry */
 };
@@ -176,6 +201,7 @@ struct rd_tp {
   char *host, *prefix, *consumer;
   char *username, *password; /* NULL when not set */
   size_t consumerlen;
+  int fail_fast; /* open() connects once synchronously and fails when it cannot */
   int auth_failing; /* an authentication failure was logged at ERROR; cleared on success */
   saga_redis_stats stats;
   int port;
@@ -274,6 +300,63 @@ static int fifo_pop(rd_fifo *f, uint64_t *x) {
 
 static void fifo_unpush(rd_fifo *f) {
   if (f->len > 0) f->len--;
+}
+
+static size_t set_home(const rd_set *t, uint64_t v) {
+  return (size_t)((v * UINT64_C(0x9E3779B97F4A7C15)) >> 20) & (t->cap - 1);
+}
+
+static int set_has(const rd_set *t, uint64_t v) {
+  if (t->n == 0) return 0;
+  for (size_t i = set_home(t, v);; i = (i + 1) & (t->cap - 1)) {
+    if (!t->s[i].used) return 0;
+    if (t->s[i].v == v) return 1;
+  }
+}
+
+static int set_add(rd_tp *tp, rd_set *t, uint64_t v) {
+  if ((t->n + 1) * 2 > t->cap) {
+    size_t cap = t->cap ? t->cap * 2 : 64;
+    rd_set_slot *s = rd_malloc(tp, cap * sizeof *s);
+    if (s == NULL) return SAGA_ENOMEM;
+    memset(s, 0, cap * sizeof *s);
+    rd_set old = *t;
+    t->s = s;
+    t->cap = cap;
+    for (size_t i = 0; i < old.cap; i++) {
+      if (!old.s[i].used) continue;
+      size_t j = set_home(t, old.s[i].v);
+      while (s[j].used) j = (j + 1) & (cap - 1);
+      s[j] = old.s[i];
+    }
+    rd_free(tp, old.s);
+  }
+  size_t i = set_home(t, v);
+  while (t->s[i].used) i = (i + 1) & (t->cap - 1);
+  t->s[i].v = v;
+  t->s[i].used = 1;
+  t->n++;
+  return SAGA_OK;
+}
+
+/* Removes v if present, shifting back the entries after it in its probe run. */
+static void set_del(rd_set *t, uint64_t v) {
+  if (t->n == 0) return;
+  size_t mask = t->cap - 1, i = set_home(t, v);
+  for (;; i = (i + 1) & mask) {
+    if (!t->s[i].used) return;
+    if (t->s[i].v == v) break;
+  }
+  t->s[i].used = 0;
+  t->n--;
+  for (size_t j = (i + 1) & mask; t->s[j].used; j = (j + 1) & mask) {
+    size_t home = set_home(t, t->s[j].v);
+    if (((j - home) & mask) >= ((j - i) & mask)) {
+      t->s[i] = t->s[j];
+      t->s[j].used = 0;
+      i = j;
+    }
+  }
 }
 
 static void maybe_closed(rd_tp *tp);
@@ -379,6 +462,7 @@ static void link_closed(uv_handle_t *h) {
   rd_link *l = h->data;
   rd_tp *tp = l->tp;
   rd_free(tp, l->tokens.v);
+  rd_free(tp, l->unanswered.s);
   rd_free(tp, l->acks.v);
   rd_free(tp, l);
   tp->nhandles--;
@@ -563,6 +647,7 @@ static void reader_start(rd_chan *ch);
 
 static void conn_schedule(rd_conn *c) {
   rd_tp *tp = c->tp;
+  c->failing = 1;
   uint32_t b = c->backoff_ms;
   uint64_t delay = b / 2 + rd_rand(tp) % (b / 2 + 1);
   uint64_t next = (uint64_t)b * 2;
@@ -670,6 +755,7 @@ static void send_pending_acks(rd_tp *tp);
 static void conn_up(rd_conn *c) {
   rd_tp *tp = c->tp;
   c->state = C_UP;
+  c->failing = 0;
   c->backoff_ms = tp->reconnect_min_ms;
   uv_timer_stop(&c->timer);
   redisEnableKeepAlive(&c->ac->c);
@@ -1068,6 +1154,7 @@ static void xadd_cb(redisAsyncContext *ac, void *reply, void *privdata) {
   uint64_t token;
   (void)privdata;
   if (!fifo_pop(&l->tokens, &token)) return;
+  set_del(&l->unanswered, token);
   /* No reply (connection lost): unknown outcome, not confirmed; the outbox resends. */
   if (r == NULL || tp->state != TP_OPEN) return;
   if (r->type == REDIS_REPLY_ERROR) {
@@ -1128,10 +1215,76 @@ static rd_dest *dest_get(rd_tp *tp, const char *channel) {
 
 /* ---- the adapter methods -------------------------------------------------------------- */
 
+/*
+ * fail_fast: one synchronous connection (AUTH when configured, then PING), closed again,
+ * before anything is linked into the loop. Returns SAGA_OK when the server answered PING (or
+ * answered it is still loading its data: reachable, the real connections wait for it), or
+ * SAGA_ETRANSPORT with the reason logged.
+ */
+static int probe(rd_tp *tp) {
+  struct timeval tv = {RD_CONNECT_TIMEOUT_MS / 1000, (RD_CONNECT_TIMEOUT_MS % 1000) * 1000};
+  redisContext *c = redisConnectWithTimeout(tp->host, tp->port, tv);
+  if (c == NULL || c->err != 0) {
+    rd_log(tp, SAGA_LOG_ERROR, "redis at %s:%d cannot be reached: %s (fail_fast: open fails)",
+           tp->host, tp->port, c != NULL ? c->errstr : "out of memory");
+    if (c != NULL) redisFree(c);
+    return SAGA_ETRANSPORT;
+  }
+  redisSetTimeout(c, tv);
+  int rc = SAGA_OK;
+  redisReply *r = NULL;
+  if (tp->password != NULL) {
+    const char *argv[3];
+    size_t lens[3];
+    int argc = 0;
+    argv[argc] = "AUTH";
+    lens[argc++] = 4;
+    if (tp->username != NULL) {
+      argv[argc] = tp->username;
+      lens[argc++] = strlen(tp->username);
+    }
+    argv[argc] = tp->password;
+    lens[argc++] = strlen(tp->password);
+    r = redisCommandArgv(c, argc, argv, lens);
+  } else {
+    r = redisCommand(c, "PING");
+  }
+  if (r != NULL && r->type != REDIS_REPLY_ERROR && tp->password != NULL) {
+    freeReplyObject(r);
+    r = redisCommand(c, "PING");
+  }
+  if (r == NULL) {
+    rd_log(tp, SAGA_LOG_ERROR, "redis at %s:%d does not answer: %s (fail_fast: open fails)",
+           tp->host, tp->port, c->errstr);
+    rc = SAGA_ETRANSPORT;
+  } else if (r->type == REDIS_REPLY_ERROR && auth_error(r->str)) {
+    tp->stats.auth_failures++;
+    rd_log(tp, SAGA_LOG_ERROR,
+           "redis at %s:%d: authentication failed%s%s%s: %s (check username/password; "
+           "fail_fast: open fails)",
+           tp->host, tp->port, tp->username ? " for user '" : "",
+           tp->username ? tp->username : "", tp->username ? "'" : "", r->str);
+    rc = SAGA_ETRANSPORT;
+  } else if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "LOADING", 7) != 0) {
+    rd_log(tp, SAGA_LOG_ERROR, "redis at %s:%d refused PING: %s (fail_fast: open fails)",
+           tp->host, tp->port, r->str);
+    rc = SAGA_ETRANSPORT;
+  }
+  if (r != NULL) freeReplyObject(r);
+  redisFree(c);
+  return rc;
+}
+
+/* Nothing can fail once the first handle is initialised: a failed open leaves nothing in the
+ * loop and nothing allocated (destroy() frees the transport). */
 static int tp_open(saga_transport *t, uv_loop_t *loop) {
   rd_tp *tp = (rd_tp *)t;
   if (loop == NULL) return SAGA_EINVAL;
   if (tp->state != TP_NEW) return SAGA_ESTATE;
+  if (tp->fail_fast) {
+    int rc = probe(tp);
+    if (rc != SAGA_OK) return rc;
+  }
   tp->loop = loop;
   tp->rng ^= uv_hrtime();
   if (tp->rng == 0) tp->rng = 1;
@@ -1183,10 +1336,19 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   if (channel == NULL || channel[0] == '\0' || (data == NULL && len > 0)) return SAGA_EINVAL;
   if (tp->state != TP_OPEN) return tp->state == TP_NEW ? SAGA_ESTATE : SAGA_ECLOSED;
   rd_conn *c = &tp->cmd;
-  /* Down (waiting to reconnect): refuse now rather than accept what cannot be confirmed.
-   * While connecting, hiredis buffers the commands until the connection is up. */
-  if (c->ac == NULL) return SAGA_ETRANSPORT;
+  /* Down (waiting to reconnect), or connecting again after a failure (the broker is known to
+   * be away): refuse now rather than accept what cannot be confirmed; the outbox keeps it.
+   * While the first attempt connects (right after open, or after the connection was up),
+   * hiredis buffers the commands until the connection is up. */
+  if (c->ac == NULL || (c->state != C_UP && c->failing)) return SAGA_ETRANSPORT;
   rd_link *l = c->ac->data;
+  /* Its XADD is still unanswered on this connection (queued while it connects, or the server
+   * is slow): a second one could only add a duplicate entry. The first one's reply confirms
+   * it; if the connection is lost, the next send goes out on the new one. */
+  if (set_has(&l->unanswered, token)) {
+    tp->stats.sends_coalesced++;
+    return SAGA_OK;
+  }
   rd_dest *d = dest_get(tp, channel);
   if (d == NULL) return SAGA_ENOMEM;
   if (d->epoch != l->epoch) {
@@ -1197,13 +1359,19 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
       return SAGA_ETRANSPORT;
     d->epoch = l->epoch;
   }
-  if (fifo_push(tp, &l->tokens, token) != SAGA_OK) return SAGA_ENOMEM;
+  if (set_add(tp, &l->unanswered, token) != SAGA_OK) return SAGA_ENOMEM;
+  if (fifo_push(tp, &l->tokens, token) != SAGA_OK) {
+    set_del(&l->unanswered, token);
+    return SAGA_ENOMEM;
+  }
   const char *argv[] = {"XADD", d->key, "*", "d", len > 0 ? (const char *)data : ""};
   size_t lens[] = {4, d->keylen, 1, 1, len};
   if (redisAsyncCommandArgv(c->ac, xadd_cb, NULL, 5, argv, lens) != REDIS_OK) {
     fifo_unpush(&l->tokens);
+    set_del(&l->unanswered, token);
     return SAGA_ETRANSPORT;
   }
+  tp->stats.xadds++;
   return SAGA_OK;
 }
 
@@ -1291,6 +1459,13 @@ static void tp_destroy(saga_transport *t) {
   tp_free(tp);
 }
 
+static int tp_connected(const rd_tp *tp) {
+  if (tp->state != TP_OPEN || tp->cmd.state != C_UP) return 0;
+  for (const rd_chan *ch = tp->chans; ch != NULL; ch = ch->next)
+    if (ch->reader.state != C_UP) return 0;
+  return 1;
+}
+
 static const saga_transport_methods rd_methods = {
     .version = SAGA_TRANSPORT_VERSION,
     .name = "redis",
@@ -1324,6 +1499,8 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
   if (cfg != NULL) {
     if (cfg->struct_version == 1)
       memcpy(&c, cfg, offsetof(saga_redis_config, username)); /* the version 1 layout */
+    else if (cfg->struct_version == 2)
+      memcpy(&c, cfg, offsetof(saga_redis_config, fail_fast)); /* the version 2 layout */
     else if (cfg->struct_version == SAGA_REDIS_CONFIG_VERSION)
       c = *cfg;
     else
@@ -1376,6 +1553,7 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
   if (lu > 0) tp->username = memcpy(s + lh + lp + lc, c.username, lu);
   if (lw > 0) tp->password = memcpy(s + lh + lp + lc + lu, c.password, lw);
   tp->consumerlen = lc - 1;
+  tp->fail_fast = c.fail_fast != 0;
   tp->port = c.port;
   tp->claim_idle_ms = c.claim_idle_ms;
   tp->max_deliveries = c.max_deliveries;
@@ -1394,8 +1572,21 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
   return SAGA_OK;
 }
 
-int saga_redis_stats_get(saga_transport *t, saga_redis_stats *out) {
+int saga_redis_stats_get_sized(saga_transport *t, saga_redis_stats *out, size_t size) {
   if (t == NULL || out == NULL || t->methods != &rd_methods) return SAGA_EINVAL;
-  *out = ((rd_tp *)t)->stats;
+  const saga_redis_stats *st = &((rd_tp *)t)->stats;
+  memcpy(out, st, size < sizeof *st ? size : sizeof *st);
   return SAGA_OK;
+}
+
+/* The exported function behind the macro of the same name, for programs built before the
+ * struct grew: the two counters it had then. */
+#undef saga_redis_stats_get
+int(saga_redis_stats_get)(saga_transport *t, saga_redis_stats *out) {
+  return saga_redis_stats_get_sized(t, out, offsetof(saga_redis_stats, xadds));
+}
+
+int saga_redis_connected(saga_transport *t) {
+  if (t == NULL || t->methods != &rd_methods) return SAGA_EINVAL;
+  return tp_connected((const rd_tp *)t);
 }

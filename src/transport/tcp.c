@@ -97,6 +97,7 @@ struct peer {
   struct sockaddr_storage addr;
   lnk *lnk;
   uv_timer_t timer; /* reconnect backoff */
+  int timer_live;   /* initialised and not yet closed */
   int state;
   uint32_t backoff_ms;
   frame *head, *tail; /* waiting for a connection */
@@ -122,13 +123,17 @@ struct tcp_tr {
   uv_loop_t *loop;
   char *listen;
   struct sockaddr_storage listen_addr;
+  /* Each handle's flag says it was initialised and not yet handed to uv_close(): exactly
+   * those are closed by close(), destroy() or an open that fails half-way. */
   uv_tcp_t listener;
   int listening;
-  uv_timer_t sweep; /* handshake and idle deadlines */
+  uv_timer_t sweep; /* handshake and idle deadlines; also retries a stalled accept */
   int sweeping;
   uv_prepare_t before_poll; /* write gathered frames: before the loop waits, */
   uv_check_t after_poll;    /* and after the callbacks of its I/O */
-  int flushing;
+  int preparing, checking;
+  int accept_stalled;       /* a connection waits in the listener for memory to accept it */
+  uint64_t accept_warned_ms;
   lnk *dirty;               /* links with gathered frames */
   route *routes;
   size_t nroutes;
@@ -146,7 +151,12 @@ struct tcp_tr {
   uint32_t backoff_min, backoff_max;
   uint32_t max_conns, max_conns_ip, handshake_ms, idle_ms;
   saga_tcp_stats stats;
-  int closing, pending_closes, closed_reported;
+  /* Lifecycle. closing: no new I/O (close() was called, or open failed half-way).
+   * pending_closes: handles (and links) handed to uv_close() whose callback has not run;
+   * the memory they live in must stay until it has. close_called: the host asked for a
+   * close and gets saga_transport_closed() once pending_closes is 0. destroyed: the host
+   * let go (nothing may be reported to it any more); the last close callback frees all. */
+  int closing, close_called, destroyed, pending_closes, closed_reported;
 };
 
 /* ---- memory ------------------------------------------------------------------------------ */
@@ -337,10 +347,14 @@ static frame *make_frame(tcp_tr *t, int kind, uint64_t token, const char *channe
   return f;
 }
 
+static void link_fail(struct lnk *l, const char *why);
+
 static void write_done(uv_write_t *req, int status) {
   frame *f = req->data;
-  (void)status; /* a failed write also fails the read side: the connection is dropped */
+  lnk *l = (lnk *)req->handle; /* the link's uv_tcp_t is its first member */
   tr_free(f->t, f);
+  /* UV_ECANCELED: the link is being closed (its close callback has not run yet). */
+  if (status < 0 && status != UV_ECANCELED && !l->closing) link_fail(l, uv_strerror(status));
 }
 
 /* Hands f to the socket (taking f in every case). */
@@ -479,10 +493,18 @@ static const char *tls_reason(lnk *l, char *buf, size_t len) {
 
 /* ---- links: closing ----------------------------------------------------------------------- */
 
+static void tr_free_all(tcp_tr *t);
+
+/* After a handle's close callback (or a close or destroy call): once no handle is closing
+ * any more, frees everything if the host destroyed the transport, or reports a close it
+ * asked for. The last thing its callers do: t may be gone when it returns. */
 static void maybe_closed(tcp_tr *t) {
-  if (t->closing && t->pending_closes == 0 && !t->closed_reported) {
+  if (t->pending_closes > 0) return;
+  if (t->destroyed) {
+    tr_free_all(t);
+  } else if (t->close_called && !t->closed_reported) {
     t->closed_reported = 1;
-    saga_transport_closed(&t->base);
+    saga_transport_closed(&t->base); /* the host may destroy t from inside */
   }
 }
 
@@ -514,13 +536,20 @@ static void link_close(lnk *l) {
   uv_close((uv_handle_t *)&l->tcp, link_closed);
 }
 
-static lnk *link_new(tcp_tr *t, peer *p) {
+/* A link with its handle initialised, or NULL with *uverr set (0 when out of memory). */
+static lnk *link_new(tcp_tr *t, peer *p, int *uverr) {
+  *uverr = 0;
   lnk *l = tr_malloc(t, sizeof *l);
   if (l == NULL) return NULL;
   memset(l, 0, sizeof *l);
   l->tr = t;
   l->peer = p;
-  uv_tcp_init(t->loop, &l->tcp);
+  int rc = uv_tcp_init(t->loop, &l->tcp);
+  if (rc != 0) { /* a handle whose init failed is not linked into the loop: plain free */
+    *uverr = rc;
+    tr_free(t, l);
+    return NULL;
+  }
   l->tcp.data = l;
   l->opened_ms = l->active_ms = uv_now(t->loop);
   return l;
@@ -582,6 +611,22 @@ static void peer_retry_cb(uv_timer_t *h) {
   if (p->state == P_BACKOFF) peer_connect(p);
 }
 
+/* Schedules the next connection attempt after the backoff delay. */
+static void peer_backoff(peer *p) {
+  tcp_tr *t = p->tr;
+  p->state = P_BACKOFF;
+  /* Fails only for a closing timer (never while the transport is open) or a NULL callback;
+   * should it fail, the next send() connects instead. */
+  int rc = uv_timer_start(&p->timer, peer_retry_cb, p->backoff_ms, 0);
+  if (rc != 0) {
+    p->state = P_IDLE;
+    logf_(t, SAGA_LOG_ERROR, "tcp: cannot schedule a reconnect to %s: %s (the next send "
+          "connects)", p->address, uv_strerror(rc));
+    return;
+  }
+  p->backoff_ms = p->backoff_ms * 2 > t->backoff_max ? t->backoff_max : p->backoff_ms * 2;
+}
+
 /* Drops a peer's connection: its unconfirmed messages are the outbox's to resend. Reconnects
  * with backoff while messages wait, else on the next send. */
 static void peer_drop(peer *p, saga_log_level lvl, const char *why) {
@@ -597,9 +642,7 @@ static void peer_drop(peer *p, saga_log_level lvl, const char *why) {
     p->state = P_IDLE;
     return;
   }
-  p->state = P_BACKOFF;
-  uv_timer_start(&p->timer, peer_retry_cb, p->backoff_ms, 0);
-  p->backoff_ms = p->backoff_ms * 2 > t->backoff_max ? t->backoff_max : p->backoff_ms * 2;
+  peer_backoff(p);
 }
 
 /* Writes f on the peer's connection, remembering its token until confirmed. */
@@ -676,14 +719,25 @@ static void conn_drop(lnk *c, saga_log_level lvl, const char *why) {
     }
   if (why != NULL) {
     char ip[64] = "?";
+    int named = -1;
     if (c->from.ss_family == AF_INET6)
-      uv_ip6_name((const struct sockaddr_in6 *)&c->from, ip, sizeof ip);
+      named = uv_ip6_name((const struct sockaddr_in6 *)&c->from, ip, sizeof ip);
     else if (c->from.ss_family == AF_INET)
-      uv_ip4_name((const struct sockaddr_in *)&c->from, ip, sizeof ip);
+      named = uv_ip4_name((const struct sockaddr_in *)&c->from, ip, sizeof ip);
+    if (named != 0) snprintf(ip, sizeof ip, "?"); /* no address (yet), or not printable */
     logf_(t, lvl, "tcp: dropping inbound connection %u from %s%s%s%s: %s", c->id, ip,
           c->ident[0] ? " ('" : "", c->ident, c->ident[0] ? "')" : "", why);
   }
   link_close(c);
+}
+
+/* Drops a link that failed (a write, a socket option): its side's drop. */
+static void link_fail(lnk *l, const char *why) {
+  if (l->closing) return;
+  if (l->peer != NULL)
+    peer_drop(l->peer, SAGA_LOG_INFO, why); /* an open outbound link is its peer's link */
+  else
+    conn_drop(l, SAGA_LOG_WARN, why);
 }
 
 static int subscribed(tcp_tr *t, const char *channel) {
@@ -873,8 +927,10 @@ static void peer_connected(uv_connect_t *req, int status) {
     peer_drop(p, SAGA_LOG_INFO, uv_strerror(status));
     return;
   }
-  uv_tcp_nodelay(&l->tcp, 1);
-  int rc = uv_read_start((uv_stream_t *)&l->tcp, alloc_cb, link_read);
+  /* Without TCP_NODELAY small frames would wait for Nagle; a socket that refuses the option
+   * is broken (reset meanwhile): the connection is dropped and tried again. */
+  int rc = uv_tcp_nodelay(&l->tcp, 1);
+  if (rc == 0) rc = uv_read_start((uv_stream_t *)&l->tcp, alloc_cb, link_read);
   if (rc != 0) {
     peer_drop(p, SAGA_LOG_WARN, uv_strerror(rc));
     return;
@@ -896,10 +952,12 @@ static void peer_connected(uv_connect_t *req, int status) {
 
 static void peer_connect(peer *p) {
   tcp_tr *t = p->tr;
-  lnk *l = link_new(t, p);
+  int uverr;
+  lnk *l = link_new(t, p, &uverr);
   if (l == NULL) {
-    p->state = P_BACKOFF;
-    uv_timer_start(&p->timer, peer_retry_cb, p->backoff_ms, 0);
+    logf_(t, SAGA_LOG_WARN, "tcp: cannot connect to %s: %s; trying again later", p->address,
+          uverr != 0 ? uv_strerror(uverr) : "out of memory");
+    peer_backoff(p);
     return;
   }
   p->lnk = l;
@@ -928,7 +986,10 @@ static int tr_send(saga_transport *base, const char *channel, const void *data, 
   if (len > t->max_frame || strlen(channel) > SAGA_TCP_CHANNEL_MAX) return SAGA_ETOOBIG;
   /* A resend of a message still waiting for a connection adds nothing: the queue holds one
    * copy per token, however long the peer is away. */
-  if (p->state != P_CONNECTED && tokset_has(&p->queued, token)) return SAGA_OK;
+  if (p->state != P_CONNECTED && tokset_has(&p->queued, token)) {
+    if (p->state == P_IDLE) peer_connect(p); /* a reconnect that could not be scheduled */
+    return SAGA_OK;
+  }
   size_t waiting = p->queued_bytes + (p->lnk != NULL ? link_backlog(p->lnk) : 0);
   if (waiting + len > t->max_queued) return SAGA_EBUSY;
   frame *f = make_frame(t, SAGA_TCP_DATA, token, channel, data, len);
@@ -977,12 +1038,32 @@ static int admit(tcp_tr *t, lnk *c) {
   }
 }
 
-static void on_connection(uv_stream_t *server, int status) {
-  tcp_tr *t = server->data;
-  if (status < 0 || t->closing) return;
-  lnk *c = link_new(t, NULL);
-  if (c == NULL) return;
-  if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+/* Logs a trouble of the listener at most once a second (a flood of them, once). */
+static int accept_log_due(tcp_tr *t) {
+  uint64_t now = uv_now(t->loop);
+  if (t->accept_warned_ms != 0 && now - t->accept_warned_ms < 1000) return 0;
+  t->accept_warned_ms = now;
+  return 1;
+}
+
+/* Takes the connection waiting in the listener. Without memory for it, it stays there:
+ * libuv pauses the listener until it is taken, and the sweep timer tries again. */
+static void accept_one(tcp_tr *t) {
+  int uverr;
+  lnk *c = link_new(t, NULL, &uverr);
+  if (c == NULL) {
+    if (!t->accept_stalled || accept_log_due(t))
+      logf_(t, SAGA_LOG_ERROR, "tcp: cannot accept an inbound connection: %s; the listener "
+            "waits and tries again", uverr != 0 ? uv_strerror(uverr) : "out of memory");
+    t->accept_stalled = 1;
+    return;
+  }
+  t->accept_stalled = 0;
+  int rc = uv_accept((uv_stream_t *)&t->listener, (uv_stream_t *)&c->tcp);
+  if (rc != 0) { /* the socket is closed by libuv; the listener goes on */
+    if (accept_log_due(t))
+      logf_(t, SAGA_LOG_WARN, "tcp: accepting an inbound connection failed: %s",
+            uv_strerror(rc));
     link_close(c);
     return;
   }
@@ -1010,14 +1091,30 @@ static void on_connection(uv_stream_t *server, int status) {
   c->next = t->conns;
   t->conns = c;
   t->nconns++;
-  uv_tcp_nodelay(&c->tcp, 1);
+  rc = uv_tcp_nodelay(&c->tcp, 1); /* fails only for a socket that is broken already */
+  if (rc != 0) {
+    conn_drop(c, SAGA_LOG_WARN, uv_strerror(rc));
+    return;
+  }
   if (t->ctx != NULL && link_tls_start(c, 1) != SAGA_OK) {
     conn_drop(c, SAGA_LOG_WARN, "cannot start TLS (out of memory)");
     return;
   }
   c->ready = t->ctx == NULL;
-  int rc = uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, link_read);
+  rc = uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, link_read);
   if (rc != 0) conn_drop(c, SAGA_LOG_WARN, uv_strerror(rc));
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+  tcp_tr *t = server->data;
+  if (t->closing) return; /* closing the listener closes what waits in it */
+  if (status < 0) {       /* accept(2) failed (EMFILE, ENOBUFS, ...): the listener goes on */
+    if (accept_log_due(t))
+      logf_(t, SAGA_LOG_WARN, "tcp: accepting an inbound connection failed: %s",
+            uv_strerror(status));
+    return;
+  }
+  accept_one(t);
 }
 
 static void tr_ack(saga_transport *base, uint64_t tag) {
@@ -1034,9 +1131,10 @@ static void tr_ack(saga_transport *base, uint64_t tag) {
   /* The connection is gone: the sender resends and the node answers the duplicate. */
 }
 
-/* Handshake, connect and idle deadlines. */
+/* Handshake, connect and idle deadlines; a stalled accept tried again. */
 static void sweep_cb(uv_timer_t *h) {
   tcp_tr *t = h->data;
+  if (t->accept_stalled && t->listening && !t->closing) accept_one(t);
   uint64_t now = uv_now(t->loop);
   char why[96];
   for (lnk *c = t->conns, *next; c != NULL; c = next) {
@@ -1082,16 +1180,63 @@ static void after_poll_cb(uv_check_t *h) { flush_dirty(h->data); }
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
+/* Hands every handle the transport initialised to uv_close() (links too). Their memory
+ * stays until each close callback has run (pending_closes counts them down). */
+static void close_handles(tcp_tr *t) {
+  if (t->listening) {
+    t->listening = 0;
+    t->pending_closes++;
+    uv_close((uv_handle_t *)&t->listener, handle_closed);
+  }
+  if (t->sweeping) {
+    t->sweeping = 0;
+    t->pending_closes++;
+    uv_close((uv_handle_t *)&t->sweep, handle_closed);
+  }
+  if (t->preparing) {
+    t->preparing = 0;
+    t->pending_closes++;
+    uv_close((uv_handle_t *)&t->before_poll, handle_closed);
+  }
+  if (t->checking) {
+    t->checking = 0;
+    t->pending_closes++;
+    uv_close((uv_handle_t *)&t->after_poll, handle_closed);
+  }
+  while (t->conns != NULL) conn_drop(t->conns, SAGA_LOG_DEBUG, NULL);
+  for (size_t i = 0; i < t->npeers; i++) {
+    peer *p = t->peers[i];
+    peer_drop(p, SAGA_LOG_INFO, NULL); /* closing: no reconnect is scheduled */
+    if (p->timer_live) {
+      p->timer_live = 0;
+      t->pending_closes++;
+      p->timer.data = t;
+      uv_close((uv_handle_t *)&p->timer, handle_closed);
+    }
+  }
+}
+
+/*
+ * Starts the transport's handles on loop. Every libuv call is checked: one that fails is
+ * logged and the open fails with SAGA_ETRANSPORT, after handing each handle initialised so
+ * far to uv_close(). The memory stays valid until their close callbacks ran; destroy() may
+ * be called at once (it then frees once the loop has run them), and close() too.
+ */
 static int tr_open(saga_transport *base, uv_loop_t *loop) {
   tcp_tr *t = (tcp_tr *)base;
+  if (loop == NULL) return SAGA_EINVAL;
+  if (t->loop != NULL || t->closing) return SAGA_ESTATE; /* opened once only */
   t->loop = loop;
   /* A write to a connection the peer closed raises SIGPIPE, whose default action ends the
    * process. Only when nobody chose a disposition, make it an EPIPE error instead. */
   struct sigaction sa;
   if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
-    signal(SIGPIPE, SIG_IGN);
-    logf_(t, SAGA_LOG_INFO, "tcp: SIGPIPE was unhandled; now ignored (writes to closed "
-                            "connections fail with EPIPE instead of ending the process)");
+    if (signal(SIGPIPE, SIG_IGN) == SIG_ERR)
+      logf_(t, SAGA_LOG_WARN, "tcp: SIGPIPE is unhandled and cannot be ignored: a write to a "
+                              "closed connection will end the process");
+    else
+      logf_(t, SAGA_LOG_INFO, "tcp: SIGPIPE was unhandled; now ignored (writes to closed "
+                              "connections fail with EPIPE instead of ending the process)");
   }
   if (t->ctx == NULL)
     logf_(t, SAGA_LOG_WARN, "tcp: INSECURE PLAINTEXT (insecure_plaintext is set): no TLS, no "
@@ -1101,37 +1246,58 @@ static int tr_open(saga_transport *base, uv_loop_t *loop) {
   else if (t->listen != NULL && t->nallows == 0)
     logf_(t, SAGA_LOG_WARN, "tcp: the access list is empty: every message sent to %s will be "
           "refused", t->listen);
+  const char *what;
+  int rc;
   for (size_t i = 0; i < t->npeers; i++) {
-    uv_timer_init(loop, &t->peers[i]->timer);
-    t->peers[i]->timer.data = t->peers[i];
+    peer *p = t->peers[i];
+    what = "uv_timer_init";
+    if ((rc = uv_timer_init(loop, &p->timer)) != 0) goto fail;
+    p->timer_live = 1;
+    p->timer.data = p;
   }
-  uv_timer_init(loop, &t->sweep);
-  t->sweep.data = t;
+  what = "uv_timer_init";
+  if ((rc = uv_timer_init(loop, &t->sweep)) != 0) goto fail;
   t->sweeping = 1;
+  t->sweep.data = t;
   uint32_t period = t->handshake_ms;
   if (t->idle_ms > 0 && t->idle_ms < period) period = t->idle_ms;
   period /= 4;
   period = period < 10 ? 10 : period > 1000 ? 1000 : period;
-  uv_timer_start(&t->sweep, sweep_cb, period, period);
-  uv_prepare_init(loop, &t->before_poll);
-  uv_check_init(loop, &t->after_poll);
-  t->before_poll.data = t->after_poll.data = t;
-  uv_prepare_start(&t->before_poll, before_poll_cb);
-  uv_check_start(&t->after_poll, after_poll_cb);
+  what = "uv_timer_start";
+  if ((rc = uv_timer_start(&t->sweep, sweep_cb, period, period)) != 0) goto fail;
+  what = "uv_prepare_init";
+  if ((rc = uv_prepare_init(loop, &t->before_poll)) != 0) goto fail;
+  t->preparing = 1;
+  t->before_poll.data = t;
+  what = "uv_check_init";
+  if ((rc = uv_check_init(loop, &t->after_poll)) != 0) goto fail;
+  t->checking = 1;
+  t->after_poll.data = t;
+  what = "uv_prepare_start";
+  if ((rc = uv_prepare_start(&t->before_poll, before_poll_cb)) != 0) goto fail;
+  what = "uv_check_start";
+  if ((rc = uv_check_start(&t->after_poll, after_poll_cb)) != 0) goto fail;
   uv_unref((uv_handle_t *)&t->before_poll); /* they never keep a loop alive */
   uv_unref((uv_handle_t *)&t->after_poll);
-  t->flushing = 1;
   if (t->listen == NULL) return SAGA_OK;
-  uv_tcp_init(loop, &t->listener);
-  t->listener.data = t;
+  what = "uv_tcp_init";
+  if ((rc = uv_tcp_init(loop, &t->listener)) != 0) goto fail;
   t->listening = 1;
-  int rc = uv_tcp_bind(&t->listener, (const struct sockaddr *)&t->listen_addr, 0);
+  t->listener.data = t;
+  rc = uv_tcp_bind(&t->listener, (const struct sockaddr *)&t->listen_addr, 0);
+  /* A bind error may also be reported by uv_listen (libuv defers EADDRINUSE to it). */
   if (rc == 0) rc = uv_listen((uv_stream_t *)&t->listener, 128, on_connection);
   if (rc != 0) {
     logf_(t, SAGA_LOG_ERROR, "tcp: cannot listen on %s: %s", t->listen, uv_strerror(rc));
-    return SAGA_ETRANSPORT;
+    goto unwind;
   }
   return SAGA_OK;
+fail:
+  logf_(t, SAGA_LOG_ERROR, "tcp: cannot open: %s failed: %s", what, uv_strerror(rc));
+unwind:
+  t->closing = 1; /* no I/O from now on; close() and destroy() remain */
+  close_handles(t);
+  return SAGA_ETRANSPORT;
 }
 
 static int tr_subscribe(saga_transport *base, const char *channel) {
@@ -1146,38 +1312,15 @@ static int tr_subscribe(saga_transport *base, const char *channel) {
 
 static void tr_close(saga_transport *base) {
   tcp_tr *t = (tcp_tr *)base;
-  if (t->closing) return;
+  if (t->close_called || t->destroyed) return;
+  t->close_called = 1;
   t->closing = 1;
-  if (t->loop == NULL) { /* never opened */
-    maybe_closed(t);
-    return;
-  }
-  if (t->listening) {
-    t->pending_closes++;
-    uv_close((uv_handle_t *)&t->listener, handle_closed);
-  }
-  if (t->sweeping) {
-    t->pending_closes++;
-    uv_close((uv_handle_t *)&t->sweep, handle_closed);
-  }
-  if (t->flushing) {
-    t->pending_closes += 2;
-    uv_close((uv_handle_t *)&t->before_poll, handle_closed);
-    uv_close((uv_handle_t *)&t->after_poll, handle_closed);
-  }
-  while (t->conns != NULL) conn_drop(t->conns, SAGA_LOG_DEBUG, NULL);
-  for (size_t i = 0; i < t->npeers; i++) {
-    peer *p = t->peers[i];
-    peer_drop(p, SAGA_LOG_INFO, NULL);
-    t->pending_closes++;
-    p->timer.data = t;
-    uv_close((uv_handle_t *)&p->timer, handle_closed);
-  }
-  maybe_closed(t);
+  close_handles(t); /* nothing for a transport never opened, or whose open failed */
+  maybe_closed(t);  /* reports now, or when the last close callback ran */
 }
 
-static void tr_destroy(saga_transport *base) {
-  tcp_tr *t = (tcp_tr *)base;
+/* Frees everything: only once no handle is closing any more. */
+static void tr_free_all(tcp_tr *t) {
   for (size_t i = 0; i < t->npeers; i++) {
     peer *p = t->peers[i];
     while (p->head != NULL) {
@@ -1205,6 +1348,21 @@ static void tr_destroy(saga_transport *base) {
   if (t->ctx != NULL) SSL_CTX_free(t->ctx);
   saga_allocator a = t->alloc;
   a.free(t, a.ud);
+}
+
+/* Safe at any time: never opened, after a failed open, after close() whether or not its
+ * close completed, even while open (its handles are then closed here). Frees at once when no
+ * handle is closing, else from the last close callback; nothing is reported to the host
+ * after this call. */
+static void tr_destroy(saga_transport *base) {
+  tcp_tr *t = (tcp_tr *)base;
+  if (t->destroyed) return;
+  t->destroyed = 1;
+  if (!t->closing) {
+    t->closing = 1;
+    close_handles(t);
+  }
+  maybe_closed(t);
 }
 
 /* A channel is reachable when a route names it; without one, sending can never succeed. */
