@@ -65,6 +65,7 @@ typedef struct ms_state {
   ms_dead *dead;
   size_t ndead, cdead;
   uint64_t outbox_mark;
+  uint64_t purge_mark;
   int have_key;
   uint64_t key[2];
 } ms_state;
@@ -267,6 +268,7 @@ static int state_copy(ms_state *dst, const ms_state *src) {
     if (d->channel == NULL || d->msg_id == NULL || d->reason == NULL || d->body == NULL) bad = 1;
   });
   dst->outbox_mark = src->outbox_mark;
+  dst->purge_mark = src->purge_mark;
   dst->have_key = src->have_key;
   dst->key[0] = src->key[0];
   dst->key[1] = src->key[1];
@@ -593,6 +595,21 @@ static int m_hist_insert(saga__store *ss, const saga__hist_rec *rows, size_t cou
   }
   s->writes += (int64_t)count;
   return SAGA_OK;
+}
+
+static int m_hist_get(saga__store *ss, const char *saga_id, int64_t seq, int *type,
+                      saga__buf *detail) {
+  mem_store *s = MS(ss);
+  for (size_t k = 0; k < s->st.nhist; k++) {
+    const ms_hist *h = &s->st.hist[k];
+    if (h->r.seq != seq || strcmp(h->r.saga_id, saga_id) != 0) continue;
+    *type = h->r.type;
+    saga__buf_reset(detail);
+    if (saga__buf_append(detail, h->detail, strlen(h->detail) + 1) != SAGA_OK)
+      return fail(s, SAGA_ENOMEM, "out of memory");
+    return SAGA_OK;
+  }
+  return SAGA_ENOTFOUND;
 }
 
 /* ---- outbox ------------------------------------------------------------------------------- */
@@ -1023,6 +1040,20 @@ static int m_reply_key(saga__store *ss, const uint64_t fresh[2], uint64_t key[2]
   return SAGA_OK;
 }
 
+static int m_purge_mark(saga__store *ss, uint64_t *ms) {
+  *ms = MS(ss)->st.purge_mark;
+  return SAGA_OK;
+}
+
+static int m_purge_mark_raise(saga__store *ss, uint64_t ms) {
+  mem_store *s = MS(ss);
+  if (ms > s->st.purge_mark) {
+    s->st.purge_mark = ms;
+    s->writes++;
+  }
+  return SAGA_OK;
+}
+
 static const char *m_errmsg(saga__store *s) { return MS(s)->err; }
 static void *m_native(saga__store *s) { return NULL; }
 static void m_stats(saga__store *s, saga_node_stats *out) {}
@@ -1057,6 +1088,7 @@ static const saga__store_methods mem_methods = {
     .inst_unpark = m_inst_unpark,
     .inst_count = m_inst_count,
     .hist_insert = m_hist_insert,
+    .hist_get = m_hist_get,
     .outbox_max = m_outbox_max,
     .outbox_mark = m_outbox_mark,
     .outbox_insert = m_outbox_insert,
@@ -1074,6 +1106,8 @@ static const saga__store_methods mem_methods = {
     .finished_beyond = m_finished_beyond,
     .purge_saga = m_purge_saga,
     .sweep = m_sweep,
+    .purge_mark = m_purge_mark,
+    .purge_mark_raise = m_purge_mark_raise,
     .reply_key = m_reply_key,
     .errmsg = m_errmsg,
     .native = m_native,

@@ -1514,6 +1514,36 @@ static void big_reply(saga__buf *out, int keys) {
   saga_data_free(d);
 }
 
+/* Item 6 of the outage report: a peer that comes back after an outage answers every resend,
+ * so one saga gets hundreds of copies of a reply it no longer waits for. Each is counted, but
+ * only the first of each (phase, step, attempt) becomes a history row. */
+static void test_stale_storm_one_row(void **state) {
+  (void)state;
+  fx *f = fx_open();
+  start(f, "lin");
+  const saga_envelope *first = last_cmd(f);
+  assert_int_equal(ok(f), SAGA_OK); /* step 0 done: step 1 awaited */
+  load(f);
+  assert_int_equal(f->cur.step, 1);
+  size_t rows0 = mem_store_history_rows(f->s, f->id);
+  uint64_t stale0 = f->env.stats.stale_replies;
+  for (int k = 0; k < 300; k++) assert_int_equal(reply_to(f, first, 0, NULL), SAGA_OK);
+  assert_int_equal(f->env.stats.stale_replies, stale0 + 300);
+  assert_int_equal(mem_store_history_rows(f->s, f->id), rows0 + 1);
+  /* Another stale reply (a refusal of step 0, same attempt) is the same reply: still one row;
+   * a reply of an attempt never sent is a different one: one more row. */
+  saga_envelope other = *first;
+  other.attempt = first->attempt + 7;
+  for (int k = 0; k < 50; k++) assert_int_equal(reply_to(f, &other, 0, NULL), SAGA_OK);
+  assert_int_equal(f->env.stats.stale_replies, stale0 + 350);
+  assert_int_equal(mem_store_history_rows(f->s, f->id), rows0 + 2);
+  /* The saga goes on as if nothing happened. */
+  assert_int_equal(ok(f), SAGA_OK);
+  load(f);
+  assert_int_equal(f->cur.step, 2);
+  fx_close(f);
+}
+
 static void test_reply_data_refused(void **state) {
   saga__buf big;
   big_reply(&big, 300);
@@ -2179,6 +2209,7 @@ int main(void) {
       cmocka_unit_test(test_mem_store_tx),          cmocka_unit_test(test_mem_store_instances),
       cmocka_unit_test(test_mem_store_outbox),      cmocka_unit_test(test_mem_store_sweep),
       cmocka_unit_test(test_mem_store_faults),      cmocka_unit_test(test_reply_data_refused),
+      cmocka_unit_test(test_stale_storm_one_row),
       cmocka_unit_test(test_many_definitions),
   };
   for (size_t k = 0; k < sizeof more / sizeof more[0] && n < sizeof tests / sizeof tests[0]; k++)

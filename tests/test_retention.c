@@ -97,9 +97,35 @@ static void test_purge_by_age(void **state) {
   saga_node_stats_get(w.part, &st);
   assert_int_equal(st.purged_inbox, inbox);
   assert_int_equal(st.purged_steps, steps);
-  /* The FAILED saga can still be retried by an operator (its records are the orchestrator's;
-   * the participant answers a compensation it has no record of with a tombstone). */
   assert_int_equal(q(w.orch, "SELECT count(*) FROM saga_instance WHERE state = 5"), 1);
+
+  /* The FAILED saga is retried by an operator after the participant purged the record of its
+   * step 0, whose action applied and was never undone. The participant cannot tell that from
+   * a compensation that came before its action: it must not answer "compensated" (the saga
+   * would end COMPENSATED with the action still in force) but "record expired", and the saga
+   * stays FAILED with that reason. */
+  char id[40] = "";
+  sqlite3_stmt *st1 = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(w.orch), "SELECT id FROM saga_instance"
+                                      " WHERE state = 5", -1, &st1, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st1), SQLITE_ROW);
+  snprintf(id, sizeof id, "%s", (const char *)sqlite3_column_text(st1, 0));
+  sqlite3_finalize(st1);
+  w.comp_mode[0] = 'o'; /* the participant would now undo it, if it knew what to undo */
+  saga_node_stats_get(w.part, &st);
+  uint64_t expired0 = st.compensations_expired;
+  uint64_t terminal0 = w.terminal;
+  assert_int_equal(saga_retry_failed(w.orch, id, NULL, NULL), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, terminal0 + 1), 0);
+  assert_int_equal(q(w.orch, "SELECT state FROM saga_instance"), SAGA_FAILED);
+  assert_int_equal(q(w.orch, "SELECT instr(error, 'record of this step expired') > 0"
+                             " FROM saga_instance"), 1);
+  saga_node_stats_get(w.part, &st);
+  assert_int_equal(st.compensations_expired, expired0 + 1);
+  /* A saga started now (after the purge) still compensates as before. */
+  assert_int_equal(th_world_start_ex(&w, 20, NULL, 2, -1), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, terminal0 + 2), 0);
+  assert_int_equal(q(w.orch, "SELECT count(*) FROM saga_instance WHERE state = 4"), 1);
   th_world_free(&w);
 }
 

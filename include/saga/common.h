@@ -58,7 +58,8 @@ SAGA_EXTERN const char *saga_version(void);
   XX(ESCHEMA, -18, "database schema is newer than this library")                                 \
   XX(EIO, -19, "I/O error")                                                                      \
   XX(EBUSY, -20, "resource busy")                                                                \
-  XX(ECORRUPT, -21, "database file is damaged")
+  XX(ECORRUPT, -21, "database file is damaged")                                                \
+  XX(EEXPIRED, -22, "record expired")
 
 /** Error codes. All failures are negative. */
 typedef enum saga_error {

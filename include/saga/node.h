@@ -78,8 +78,9 @@ typedef enum saga_event_type {
   SAGA_EV_SAGA_COMPENSATED = 13,
   SAGA_EV_SAGA_FAILED = 14,
   SAGA_EV_STALE_REPLY = 15,     /**< a duplicate or late reply was ignored (a saga that
-                                     already COMPLETED or COMPENSATED records none: see
-                                     saga_node_stats.stale_replies) */
+                                     already COMPLETED or COMPENSATED records none, nor does
+                                     a copy of the reply recorded just before: every one is
+                                     counted in saga_node_stats.stale_replies) */
   SAGA_EV_DEFINITION_MISSING = 16 /**< an instance's definition version is not registered */
 } saga_event_type;
 
@@ -128,7 +129,8 @@ typedef struct saga_retention {
   /** Participant inbox records and step records are deleted once this old. Default 30 days;
    * 0 = never. It must exceed the longest a saga can run plus the transport's redelivery
    * horizon: a command arriving after its records were deleted runs its handler again, and a
-   * compensation arriving after them would find no record of its action and not undo it. */
+   * compensation arriving after them finds no record of its action: it is answered
+   * SAGA_EEXPIRED and its saga ends FAILED (docs/operating.md). */
   uint64_t inbox_ms;
   uint32_t batch;       /**< rows of each kind per purge transaction; default 1000 */
   uint32_t interval_ms; /**< between purge passes; default 60000 */
@@ -444,6 +446,10 @@ typedef struct saga_node_stats {
    * or ended the node's transaction themselves (COMMIT or ROLLBACK on saga_tx_db()). Each
    * is logged with the handler's name. */
   uint64_t handler_contract_errors;
+  /** Compensations answered SAGA_EEXPIRED: no record of the step, and the saga is older
+   * than the records retention deleted (saga_retention.inbox_ms), so whether its action
+   * applied is unknown; the orchestrator marks the saga FAILED instead of COMPENSATED. */
+  uint64_t compensations_expired;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

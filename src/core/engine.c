@@ -325,7 +325,10 @@ static int comp_fail(saga__engine *e, saga__inst *i, const saga_envelope *r, eve
                                    : (r && r->error[0] ? r->error : "compensation failed");
   int rc = ev(e, i, evt == E_TIMEOUT ? SAGA_EV_STEP_TIMED_OUT : SAGA_EV_STEP_FAILED, why);
   if (rc != SAGA_OK) return rc;
-  if (round_attempt(i) < comp_max(s)) return schedule_retry(e, i);
+  /* The participant no longer knows whether the action applied (its record of the step
+   * expired): asking again gives the same answer. FAILED, for an operator to decide. */
+  int expired = evt != E_TIMEOUT && r != NULL && r->status == SAGA_EEXPIRED;
+  if (!expired && round_attempt(i) < comp_max(s)) return schedule_retry(e, i);
   snprintf(i->error, sizeof i->error, "compensation of %s failed after %" PRIu32
            " attempts: %s", s->name, round_attempt(i), why);
   rc = ev(e, i, SAGA_EV_COMPENSATION_FAILED, why);
@@ -483,8 +486,18 @@ int saga__engine_reply(saga__engine *e, const saga_envelope *r) {
       return SAGA_OK;
     }
     char why[160];
-    snprintf(why, sizeof why, "reply for step %" PRIu32 " phase %d attempt %" PRIu32 " ignored",
-             r->step, (int)r->phase, r->attempt);
+    snprintf(why, sizeof why, "reply (status %d) for step %" PRIu32 " phase %d attempt %" PRIu32
+             " ignored", r->status, r->step, (int)r->phase, r->attempt);
+    /* A storm of copies of one reply (a peer back from an outage answers every resend)
+     * writes one history row: the same reply again right after it is counted only. */
+    int last = 0;
+    rc = saga__journal_last(e->journal, i, &last, &e->merged);
+    if (rc != SAGA_OK) return rc;
+    if (last == SAGA_EV_STALE_REPLY && strcmp((const char *)e->merged.data, why) == 0) {
+      saga__log(e->env, SAGA_LOG_DEBUG, "reply '%s' for saga '%s' ignored again", r->msg_id,
+                r->saga_id);
+      return SAGA_OK;
+    }
     rc = ev(e, i, SAGA_EV_STALE_REPLY, why);
     return rc == SAGA_OK ? inst_save(e, i) : rc;
   }

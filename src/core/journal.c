@@ -94,6 +94,30 @@ static int publish_event(saga__journal *j, saga_event_type type, const saga__ins
                               j->event_buf.len);
 }
 
+int saga__journal_last(saga__journal *j, const saga__inst *inst, int *type, saga__buf *detail) {
+  *type = 0;
+  if (inst->hseq <= 0) return SAGA_OK;
+  /* Rows of this transaction are not in the store yet: the newest are at the end. */
+  size_t n = j->hist.len / sizeof(saga__hist_rec);
+  const saga__hist_rec *rows = (const saga__hist_rec *)(const void *)j->hist.data;
+  for (size_t k = n; k-- > 0;) {
+    if (rows[k].seq != inst->hseq || strcmp(rows[k].saga_id, inst->id) != 0) continue;
+    const char *text = (const char *)j->hist_text.data + rows[k].detail_off;
+    saga__buf_reset(detail);
+    if (saga__buf_append(detail, text, strlen(text) + 1) != SAGA_OK)
+      return saga__fail(j->env, SAGA_ENOMEM, "out of memory reading history");
+    *type = rows[k].type;
+    return SAGA_OK;
+  }
+  saga__store *s = j->env->store;
+  int rc = s->m->hist_get(s, inst->id, inst->hseq, type, detail);
+  if (rc == SAGA_ENOTFOUND) { /* purged, or never written: nothing to compare with */
+    *type = 0;
+    return SAGA_OK;
+  }
+  return rc == SAGA_OK ? rc : saga__store_fail(j->env, rc, "reading history");
+}
+
 int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst, int step,
                         uint32_t attempt, const char *detail) {
   if (detail == NULL) detail = "";

@@ -59,6 +59,9 @@ void saga__journal_clear_events(saga__journal *j);
 /* Records a transition of inst (history row, event, published event); bumps inst->hseq. */
 int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst, int step,
                         uint32_t attempt, const char *detail);
+/* The type and detail of inst's latest history row (seq inst->hseq), recorded in this
+ * transaction or before: *type 0 when it has none. detail gets the text (NUL-terminated). */
+int saga__journal_last(saga__journal *j, const saga__inst *inst, int *type, saga__buf *detail);
 /* Keeps an event message from another node for dispatch after the commit (dropped when
  * nobody subscribed). */
 int saga__journal_remote_event(saga__journal *j, const void *data, size_t len);

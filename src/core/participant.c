@@ -347,6 +347,33 @@ static int put_pstep(saga__participant *p, const saga_envelope *env, int state,
   return rc == SAGA_OK ? SAGA_OK : saga__store_fail(p->env, rc, "writing participant step");
 }
 
+/*
+ * A compensation that finds no record of its step usually arrived before its action (which
+ * then never runs: a tombstone is written). But retention deletes step records older than
+ * inbox_ms, and a FAILED saga may be retried later than that: its applied action's record may
+ * be gone. A saga id starts with its start time (48 bits of ms), and a record is never older
+ * than its saga; the store keeps the mark below which records were deleted. Returns 1 when
+ * the saga started before that mark (its record may have been deleted), 0 when not, or a
+ * negative error.
+ */
+static int record_may_be_purged(saga__participant *p, const char *saga_id) {
+  uint64_t mark = 0;
+  saga__store *s = p->env->store;
+  int rc = s->m->purge_mark(s, &mark);
+  if (rc != SAGA_OK) return saga__store_fail(p->env, rc, "reading the purge mark");
+  if (mark == 0) return 0;
+  uint64_t started = 0;
+  for (int k = 0; k < 12; k++) {
+    int c = (unsigned char)saga_id[k], d;
+    if (c >= '0' && c <= '9') d = c - '0';
+    else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
+    else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
+    else return 1; /* not an id this library made: its age is unknown */
+    started = started << 4 | (uint64_t)d;
+  }
+  return started < mark;
+}
+
 /* Decides and runs the command given the participant's record of its step. */
 static int decide(saga__participant *p, const char *channel, const saga_envelope *env,
                   const raw_msg *raw, int pstate, uint32_t pattempt, const void *preply,
@@ -373,6 +400,13 @@ static int decide(saga__participant *p, const char *channel, const saga_envelope
     if (pstate == PS_APPLIED) {
       rc = run_handler(p, channel, env, raw, o);
       if (rc == SAGA_OK && o->status == SAGA_OK) o->pstate = PS_COMPENSATED;
+    } else if (pstate == PS_NONE && (rc = record_may_be_purged(p, env->saga_id)) != 0) {
+      if (rc < 0) return rc;
+      rc = SAGA_OK;
+      p->env->stats.compensations_expired++;
+      refuse(o, SAGA_EEXPIRED, "%s", "the participant's record of this step expired (older "
+             "than saga_retention.inbox_ms and purged): whether the action applied is unknown, "
+             "so it is not reported undone");
     } else if (pstate != PS_COMPENSATED && pstate != PS_TOMBSTONE) {
       o->pstate = PS_TOMBSTONE; /* nothing to undo; refuse the action should it come later */
     }

@@ -86,6 +86,9 @@ int saga__retention_pass(saga__retention *r, int *more) {
     rc = s->m->sweep(s, SAGA__SWEEP_INBOX, &r->sweeps[0], c->batch, cutoff, &inbox, more);
     if (rc == SAGA_OK)
       rc = s->m->sweep(s, SAGA__SWEEP_STEPS, &r->sweeps[1], c->batch, cutoff, &steps, more);
+    /* A compensation that later finds no record of its step must not take that as "never
+     * applied" when the record may be among those deleted (participant.c). */
+    if (rc == SAGA_OK && steps > 0) rc = s->m->purge_mark_raise(s, cutoff);
   }
   SAGA__HOOK(env, "purge.before_commit");
   if (rc == SAGA_OK) rc = s->m->commit(s);

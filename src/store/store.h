@@ -129,6 +129,11 @@ typedef struct saga__store_methods {
   int (*hist_insert)(saga__store *s, const saga__hist_rec *rows, size_t count,
                      const char *text);
 
+  /* The event type and detail (NUL-terminated, into detail) of history row (saga_id, seq).
+   * SAGA_ENOTFOUND when there is none. */
+  int (*hist_get)(saga__store *s, const char *saga_id, int64_t seq, int *type,
+                  saga__buf *detail);
+
   /* ---- outbox ---- */
   /* The largest outbox id ever used (also of rows deleted since): new ids go above it. */
   int (*outbox_max)(saga__store *s, uint64_t *max);
@@ -182,6 +187,12 @@ typedef struct saga__store_methods {
    * was walked). *deleted grows by the rows deleted. */
   int (*sweep)(saga__store *s, saga__sweep_table table, saga__sweep *c, size_t batch,
                uint64_t cutoff, uint64_t *deleted, int *more);
+
+  /* The step-record purge mark: every step record retention deleted was last written before
+   * *ms (0 when none was ever deleted). purge_mark_raise(ms) raises it to ms (never lowers),
+   * in the current transaction. */
+  int (*purge_mark)(saga__store *s, uint64_t *ms);
+  int (*purge_mark_raise)(saga__store *s, uint64_t ms);
 
   /* ---- the database ---- */
   /* The database's key for command tags: stored from fresh on first use, then read. */

@@ -684,6 +684,66 @@ static int sq_sweep(saga__store *ss, saga__sweep_table table, saga__sweep *c, si
   return SAGA_OK;
 }
 
+static int sq_hist_get(saga__store *ss, const char *saga_id, int64_t seq, int *type,
+                       saga__buf *detail) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(s->db, "SELECT event, detail FROM saga_history WHERE saga_id = ?1"
+                              " AND seq = ?2", -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    sqlite3_bind_text(st, 1, saga_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, seq);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+      *type = sqlite3_column_int(st, 0);
+      const void *d = sqlite3_column_text(st, 1);
+      size_t n = (size_t)sqlite3_column_bytes(st, 1);
+      saga__buf_reset(detail);
+      int brc = saga__buf_append(detail, d != NULL ? d : "", n);
+      if (brc == SAGA_OK) brc = saga__buf_append(detail, "", 1);
+      sqlite3_finalize(st);
+      return brc;
+    }
+    if (rc == SQLITE_DONE) {
+      sqlite3_finalize(st);
+      return SAGA_ENOTFOUND;
+    }
+  }
+  sqlite3_finalize(st);
+  return saga__sq_err(rc);
+}
+
+static int sq_purge_mark(saga__store *ss, uint64_t *ms) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  *ms = 0;
+  int rc = sqlite3_prepare_v2(s->db, "SELECT value FROM saga_meta WHERE key = 'pstep_purged_before'",
+                              -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+      *ms = (uint64_t)sqlite3_column_int64(st, 0);
+      rc = SQLITE_OK;
+    }
+  }
+  sqlite3_finalize(st);
+  return saga__sq_err(rc);
+}
+
+static int sq_purge_mark_raise(saga__store *ss, uint64_t ms) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  int rc = sqlite3_prepare_v2(s->db, "INSERT INTO saga_meta(key, value) VALUES"
+                              " ('pstep_purged_before', ?1) ON CONFLICT(key) DO UPDATE SET"
+                              " value = max(value, excluded.value)", -1, &st, NULL);
+  if (rc == SQLITE_OK) {
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)ms);
+    rc = sqlite3_step(st);
+  }
+  sqlite3_finalize(st);
+  return saga__sq_err(rc);
+}
+
 /* ---- the database ----------------------------------------------------------------------- */
 
 static int sq_reply_key(saga__store *ss, const uint64_t fresh[2], uint64_t key[2]) {
@@ -763,6 +823,7 @@ static const saga__store_methods sqlite_methods = {
     .inst_unpark = sq_inst_unpark,
     .inst_count = sq_inst_count,
     .hist_insert = sq_hist_insert,
+    .hist_get = sq_hist_get,
     .outbox_max = sq_outbox_max,
     .outbox_mark = sq_outbox_mark,
     .outbox_insert = sq_outbox_insert,
@@ -780,6 +841,8 @@ static const saga__store_methods sqlite_methods = {
     .finished_beyond = sq_finished_beyond,
     .purge_saga = sq_purge_saga,
     .sweep = sq_sweep,
+    .purge_mark = sq_purge_mark,
+    .purge_mark_raise = sq_purge_mark_raise,
     .reply_key = sq_reply_key,
     .errmsg = sq_errmsg,
     .native = sq_native,
