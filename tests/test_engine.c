@@ -547,6 +547,49 @@ static void test_version_pinning(void **state) {
   th_world_free(&w);
 }
 
+/* A reply for a saga whose definition version the orchestrator has not registered (a
+ * rolling upgrade that dropped it) is parked in the database and acknowledged: a broker
+ * would otherwise dead-letter it after max_deliveries and the saga would wait for ever. Once
+ * a node with that version registered starts on the database, the parked reply is applied. */
+static void test_reply_parked_until_registered(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 2; /* waits at step 2 */
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  step_ctx c = {&w, 2};
+  assert_int_equal(th_run_manual(&w.loop, w.clock, step_sent, &c, 60000), 0);
+  char id[40];
+  snprintf(id, sizeof id, "%s", w.last_id);
+  /* Restart with only version 2 registered (same steps); now step 2 is served and answered. */
+  w.o.version = 2;
+  w.o.skip_mask = 0;
+  assert_int_equal(th_world_reopen(&w), SAGA_OK);
+  th_world_settle(&w, 5000);
+  saga_node_stats st;
+  saga_node_stats_get(w.orch, &st);
+  assert_true(st.replies_parked >= 1); /* the answer to step 2, and any late copy before it */
+  /* Acknowledged: the participant holds nothing more to send (before: its reply stayed
+   * unconfirmed, resent for ever, and a broker dead-lettered it). */
+  assert_int_equal(saga_node_outbox_depth(w.part), 0);
+  assert_int_equal(th_fx_count(&w, id, 2, "do"), 1);
+  assert_int_equal(th_saga_state(&w, id), SAGA_RUNNING);
+  /* Version 1 is back: its parked reply is applied at start, nothing is asked again. */
+  w.o.version = 1;
+  assert_int_equal(th_world_reopen(&w), SAGA_OK);
+  assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
+  assert_int_equal(th_saga_state(&w, id), SAGA_COMPLETED);
+  assert_int_equal(th_fx_count(&w, id, 2, "do"), 1);
+  sqlite3_stmt *q = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(w.orch), "SELECT count(*) FROM"
+                                      " saga_parked_reply", -1, &q, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+  assert_int_equal(sqlite3_column_int(q, 0), 0);
+  sqlite3_finalize(q);
+  th_world_free(&w);
+}
+
 /* Group commit without a savepoint per item: an item that fails after writing makes the
  * node roll the transaction back and run it again with a savepoint per item. Here the
  * participant's first run of step 1 leaves a trigger that makes its reply's outbox insert
@@ -921,6 +964,7 @@ int main(void) {
       cmocka_unit_test(test_builder),
       cmocka_unit_test(test_duplicates),
       cmocka_unit_test(test_version_pinning),
+      cmocka_unit_test(test_reply_parked_until_registered),
       cmocka_unit_test(test_item_failure_replayed),
       cmocka_unit_test(test_due_isolated),
       cmocka_unit_test(test_outbox_ids_not_reused),

@@ -150,7 +150,7 @@ static void test_migrate_from_v1(void **state) {
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   /* Migration 3: the outbox keeps its rows, loses AUTOINCREMENT, and the id mark carries on
    * from sqlite_sequence (3, although row 3 was deleted). */
-  assert_int_equal(q_int(db, "PRAGMA user_version"), 5);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), 6);
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_outbox WHERE id IN (1, 2)"), 2);
   assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE name = 'saga_outbox'"
                              " AND sql LIKE '%AUTOINCREMENT%'"), 0);
@@ -225,7 +225,7 @@ static void test_migrate_from_v4(void **state) {
   assert_int_equal(try_open(path, SAGA_DB_OPEN_EXISTING, SAGA_DB_CHECK_QUICK, 0, err, sizeof err),
                    SAGA_OK);
   assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
-  assert_int_equal(q_int(db, "PRAGMA user_version"), 5);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), 6);
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   assert_int_equal(q_int(db, "SELECT rowid FROM saga_instance WHERE id = 'a' AND def_name ="
                              " 'alpha' AND def_version = 1 AND idem_key = 'k1' AND wait = 1"

@@ -450,6 +450,9 @@ typedef struct saga_node_stats {
    * than the records retention deleted (saga_retention.inbox_ms), so whether its action
    * applied is unknown; the orchestrator marks the saga FAILED instead of COMPENSATED. */
   uint64_t compensations_expired;
+  /** Replies for a saga whose definition version this node has not registered: stored and
+   * acknowledged, then applied by saga_node_start() once that version is registered. */
+  uint64_t replies_parked;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

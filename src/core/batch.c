@@ -9,11 +9,27 @@
  * after writing makes the whole transaction run again, from its start, with a savepoint per
  * item (a "replay"), so that only that item's writes are undone.
  */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "runtime.h"
+
+/* A reply for a saga whose definition version is not registered on this node: kept in the
+ * store and acknowledged (a broker would dead-letter it after its delivery cap, and the saga
+ * would wait for ever), applied by saga_node_start() once the version is registered. */
+static int park_reply(saga_node *n, const saga_envelope *env, const void *data, size_t len) {
+  saga__store *s = n->env.store;
+  char why[sizeof n->env.errmsg];
+  snprintf(why, sizeof why, "%s", n->env.errmsg);
+  int rc = s->m->parked_insert(s, env->saga_id, saga__now(&n->env), data, len);
+  if (rc != SAGA_OK) return saga__store_fail(&n->env, rc, "parking a reply");
+  n->env.stats.replies_parked++;
+  saga__log(&n->env, SAGA_LOG_WARN, "reply '%s' parked: %s; it is applied when a node started "
+            "with that version registered opens this database", env->msg_id, why);
+  return SAGA_OK;
+}
 
 /* Runs one delivered message inside the transaction. */
 static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
@@ -40,6 +56,7 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
     break;
   case SAGA_MSG_REPLY:
     rc = saga__engine_reply(&n->engine, env);
+    if (rc == SAGA_ENODEF) rc = park_reply(n, env, data, w->len2);
     break;
   default:
     rc = saga__journal_remote_event(&n->journal, data, w->len2);
@@ -388,6 +405,100 @@ void saga__batch_flush(saga_node *n) {
 
 /* ---- recovery --------------------------------------------------------------------------- */
 
+typedef struct parked_rows {
+  saga__buf *buf; /* per row: u64 id, u64 length, bytes */
+  int oom;
+} parked_rows;
+
+static void parked_row(void *arg, uint64_t id, const char *saga_id, const void *body,
+                       size_t len) {
+  (void)saga_id;
+  parked_rows *p = arg;
+  uint64_t hdr[2] = {id, (uint64_t)len};
+  if (saga__buf_append(p->buf, hdr, sizeof hdr) != SAGA_OK ||
+      saga__buf_append(p->buf, body, len) != SAGA_OK)
+    p->oom = 1;
+}
+
+/* Applies one parked reply under a savepoint: deleted when applied (or when it can never be:
+ * undecodable), kept when its definition is still missing or it failed. */
+static int apply_parked(saga_node *n, uint64_t id, const uint8_t *body, size_t len,
+                        size_t *applied) {
+  saga__store *s = n->env.store;
+  saga_envelope *env = NULL;
+  char err[256];
+  int rc = saga_envelope_decode(body, len, &n->env.limits, n->env.alloc, &env, err, sizeof err);
+  if (rc == SAGA_ENOMEM) return saga__fail(&n->env, rc, "out of memory decoding a parked reply");
+  if (rc != SAGA_OK) {
+    saga__log(&n->env, SAGA_LOG_WARN, "parked reply %" PRIu64 " does not decode (%s): dropped",
+              id, err);
+    rc = s->m->parked_delete(s, id);
+    return rc == SAGA_OK ? rc : saga__store_fail(&n->env, rc, "deleting a parked reply");
+  }
+  rc = s->m->savepoint(s, SAGA__SP_ITEM);
+  if (rc != SAGA_OK) {
+    saga_envelope_free(env);
+    return saga__store_fail(&n->env, rc, "opening savepoint");
+  }
+  saga__journal_mark mark = saga__journal_mark_get(&n->journal);
+  rc = env->kind == SAGA_MSG_REPLY ? saga__engine_reply(&n->engine, env) : SAGA_OK;
+  if (rc == SAGA_OK) rc = s->m->parked_delete(s, id);
+  if (rc == SAGA_OK) {
+    (*applied)++;
+    rc = s->m->release(s, SAGA__SP_ITEM);
+    saga_envelope_free(env);
+    return rc == SAGA_OK ? rc : saga__store_fail(&n->env, rc, "releasing savepoint");
+  }
+  if (rc != SAGA_ENODEF)
+    saga__log(&n->env, SAGA_LOG_WARN, "parked reply '%s' not applied (kept): %s", env->msg_id,
+              n->env.errmsg);
+  saga_envelope_free(env);
+  saga__journal_rewind(&n->journal, &mark);
+  rc = s->m->rollback_to(s, SAGA__SP_ITEM);
+  if (rc == SAGA_OK) rc = s->m->release(s, SAGA__SP_ITEM);
+  return rc == SAGA_OK ? rc : saga__store_fail(&n->env, rc, "rolling back to savepoint");
+}
+
+/* Applies the replies parked while their definition was missing. */
+static int apply_parked_all(saga_node *n) {
+  saga__store *s = n->env.store;
+  saga__buf buf;
+  saga__buf_init(&buf, n->env.alloc);
+  uint64_t after = 0;
+  size_t applied = 0, seen = 0;
+  int rc = SAGA_OK;
+  for (;;) {
+    saga__buf_reset(&buf);
+    parked_rows p = {&buf, 0};
+    size_t rows = 0;
+    rc = s->m->parked_after(s, after, 64, parked_row, &p, &rows);
+    if (rc != SAGA_OK) {
+      rc = saga__store_fail(&n->env, rc, "reading parked replies");
+      break;
+    }
+    if (p.oom) {
+      rc = saga__fail(&n->env, SAGA_ENOMEM, "out of memory reading parked replies");
+      break;
+    }
+    for (size_t off = 0; off < buf.len && rc == SAGA_OK;) {
+      uint64_t hdr[2];
+      memcpy(hdr, buf.data + off, sizeof hdr);
+      off += sizeof hdr;
+      rc = apply_parked(n, hdr[0], buf.data + off, (size_t)hdr[1], &applied);
+      off += (size_t)hdr[1];
+      after = hdr[0];
+      seen++;
+    }
+    if (rc != SAGA_OK || rows < 64) break;
+  }
+  saga__buf_free(&buf);
+  if (rc == SAGA_OK && seen > 0)
+    saga__log(&n->env, applied == seen ? SAGA_LOG_INFO : SAGA_LOG_WARN,
+              "%zu parked replies applied, %zu still wait for their definition", applied,
+              seen - applied);
+  return rc;
+}
+
 int saga__batch_recover(saga_node *n) {
   saga__store *s = n->env.store;
   int missing = 0;
@@ -397,6 +508,7 @@ int saga__batch_recover(saga_node *n) {
     saga__store_fail(&n->env, rc, "beginning recovery");
   } else {
     rc = saga__engine_unpark(&n->engine, &missing);
+    if (rc == SAGA_OK) rc = apply_parked_all(n);
     if (rc == SAGA_OK) rc = saga__journal_finish(&n->journal);
     if (rc == SAGA_OK) {
       rc = s->m->commit(s);

@@ -472,7 +472,10 @@ int saga__engine_reply(saga__engine *e, const saga_envelope *r) {
     return SAGA_OK;
   }
   if (rc != SAGA_OK) return rc;
-  if (i->def == NULL) return SAGA_ENODEF;
+  if (i->def == NULL)
+    return saga__fail(e->env, SAGA_ENODEF, "saga '%s' runs definition '%s' version %" PRIu32
+                      ", which this node has not registered", i->id, i->def_name,
+                      i->def_version);
   mode m = mode_of(i);
   int waiting = m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT;
   if (!waiting || r->phase != (saga_phase)i->phase || r->step != (uint32_t)i->step ||

@@ -168,6 +168,14 @@ typedef struct saga__store_methods {
   int (*pstep_put)(saga__store *s, const char *saga_id, uint32_t step, int state,
                    uint32_t attempt, const void *reply, size_t len, uint64_t now);
 
+  /* ---- replies parked until their definition is registered ---- */
+  int (*parked_insert)(saga__store *s, const char *saga_id, uint64_t now, const void *body,
+                       size_t len);
+  /* Visits up to max parked replies with id > after, in id order; *rows is how many. */
+  int (*parked_after)(saga__store *s, uint64_t after, size_t max, saga__outbox_fn fn,
+                      void *arg, size_t *rows);
+  int (*parked_delete)(saga__store *s, uint64_t id);
+
   /* ---- dead letters ---- */
   int (*dead_insert)(saga__store *s, uint64_t now, const char *channel, const char *msg_id,
                      const char *reason, const void *body, size_t len);

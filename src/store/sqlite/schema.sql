@@ -165,3 +165,15 @@ PRAGMA legacy_alter_table = OFF;
 CREATE INDEX saga_instance_deadline ON saga_instance(deadline_ms) WHERE deadline_ms IS NOT NULL;
 CREATE INDEX saga_instance_state ON saga_instance(state);
 CREATE INDEX saga_instance_done ON saga_instance(updated_ms) WHERE state IN (3, 4);
+
+-- migration 6
+-- Replies parked because their saga's definition version is not registered on this node yet
+-- (a rolling upgrade, a node started without one of its definitions). They are acknowledged
+-- to the transport (a broker would otherwise dead-letter them after its delivery cap) and
+-- applied by saga_node_start() once the version is registered.
+CREATE TABLE saga_parked_reply (
+  id       INTEGER PRIMARY KEY,
+  saga_id  TEXT NOT NULL,
+  at_ms    INTEGER NOT NULL,
+  body     BLOB NOT NULL
+);

@@ -568,6 +568,64 @@ static int sq_dead_insert(saga__store *ss, uint64_t now, const char *channel,
   return exec(s, ST_DEAD_INSERT);
 }
 
+/* ---- parked replies --------------------------------------------------------------------- */
+
+/* A one-off statement (these run rarely: not worth a prepared slot). */
+static int run_once(sq_store *s, const char *sql, sqlite3_stmt **out) {
+  return saga__sq_err(sqlite3_prepare_v2(s->db, sql, -1, out, NULL));
+}
+
+static int sq_parked_insert(saga__store *ss, const char *saga_id, uint64_t now,
+                            const void *body, size_t len) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  int rc = run_once(s, "INSERT INTO saga_parked_reply(saga_id, at_ms, body) VALUES(?1,?2,?3)",
+                    &st);
+  if (rc == SAGA_OK) {
+    bind_text(st, 1, saga_id);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)now);
+    bind_blob(st, 3, body, len);
+    rc = saga__sq_err(sqlite3_step(st));
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
+static int sq_parked_after(saga__store *ss, uint64_t after, size_t max, saga__outbox_fn fn,
+                           void *arg, size_t *rows) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  *rows = 0;
+  int rc = run_once(s, "SELECT id, saga_id, body FROM saga_parked_reply WHERE id > ?1"
+                       " ORDER BY id LIMIT ?2", &st);
+  if (rc == SAGA_OK) {
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)after);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)max);
+    int src;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+      const char *saga_id = (const char *)sqlite3_column_text(st, 1);
+      fn(arg, (uint64_t)sqlite3_column_int64(st, 0), saga_id != NULL ? saga_id : "",
+         sqlite3_column_blob(st, 2), (size_t)sqlite3_column_bytes(st, 2));
+      (*rows)++;
+    }
+    rc = saga__sq_err(src);
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
+static int sq_parked_delete(saga__store *ss, uint64_t id) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  int rc = run_once(s, "DELETE FROM saga_parked_reply WHERE id = ?1", &st);
+  if (rc == SAGA_OK) {
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)id);
+    rc = saga__sq_err(sqlite3_step(st));
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
 /* ---- retention -------------------------------------------------------------------------- */
 
 static int collect_ids(sqlite3_stmt *st, saga__buf *ids, size_t *count) {
@@ -836,6 +894,9 @@ static const saga__store_methods sqlite_methods = {
     .inbox_insert = sq_inbox_insert,
     .pstep_get = sq_pstep_get,
     .pstep_put = sq_pstep_put,
+    .parked_insert = sq_parked_insert,
+    .parked_after = sq_parked_after,
+    .parked_delete = sq_parked_delete,
     .dead_insert = sq_dead_insert,
     .finished_before = sq_finished_before,
     .finished_beyond = sq_finished_beyond,
