@@ -378,16 +378,17 @@ static void setup_orch(bench *b, saga_node *n) {
     steps[i].action = "b.do";
     steps[i].compensation = "b.undo";
   }
-  saga_definition def = {SAGA_DEFINITION_VERSION, "bench", 1, steps, (size_t)b->steps, 0};
+  saga_definition def = {SAGA_DEFINITION_VERSION, "bench", 1, steps, (size_t)b->steps, 0,
+                         sizeof(saga_step)};
   if (saga_node_register(n, &def) != SAGA_OK) die("register", saga_node_errmsg(n));
-  if (saga_node_start(n) < 0) die("start orchestrator", saga_node_errmsg(n));
+  if (saga_node_start(n, NULL) != SAGA_OK) die("start orchestrator", saga_node_errmsg(n));
 }
 
 static void setup_part(bench *b, saga_node *n) {
   if (saga_node_handle(n, "bench", "b.do", b_do, NULL) != SAGA_OK ||
       saga_node_handle(n, "bench", "b.undo", b_undo, NULL) != SAGA_OK)
     die("handle", saga_node_errmsg(n));
-  if (saga_node_start(n) < 0) die("start participant", saga_node_errmsg(n));
+  if (saga_node_start(n, NULL) != SAGA_OK) die("start participant", saga_node_errmsg(n));
 }
 
 static void closed(void *arg) { ((bench *)arg)->closed++; }
@@ -434,7 +435,7 @@ static int64_t db_bytes(saga_node *n);
 static void part_view_cb(saga_node *n, void *arg) {
   part_view *v = arg;
   if (n != NULL) {
-    saga_node_stats_get(n, &v->stats);
+    saga_node_stats_get(n, &v->stats, sizeof v->stats);
     v->changes = sqlite3_total_changes(saga_node_db(n));
     v->bytes = db_bytes(n);
   }
@@ -739,7 +740,7 @@ static void run_recovery(bench *b, char *summary, size_t len) {
   int64_t rss1 = rss_bytes(), sql1 = sqlite3_memory_used();
   int64_t outbox = saga_node_outbox_depth(b->orch);
   saga_node_stats sa;
-  saga_node_stats_get(b->orch, &sa);
+  saga_node_stats_get(b->orch, &sa, sizeof sa);
   close_nodes(b, b->orch, NULL);
   b->orch = NULL;
   double per = (double)(rss1 - rss0) / b->sagas, per_sql = (double)(sql1 - sql0) / b->sagas;
@@ -754,7 +755,7 @@ static void run_recovery(bench *b, char *summary, size_t len) {
   double open_ms = ms_since(t0);
   saga_node_stats s;
   for (;;) {
-    saga_node_stats_get(b->orch, &s);
+    saga_node_stats_get(b->orch, &s, sizeof s);
     if (s.sent + s.resent >= (uint64_t)b->sagas) break;
     if (uv_run(b->loop, UV_RUN_ONCE) == 0) break;
   }
@@ -764,7 +765,7 @@ static void run_recovery(bench *b, char *summary, size_t len) {
   setup_part(b, b->part);
   if (b->finished < b->sagas) uv_run(b->loop, UV_RUN_DEFAULT);
   double finish_ms = ms_since(t1);
-  saga_node_stats_get(b->orch, &s);
+  saga_node_stats_get(b->orch, &s, sizeof s);
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   printf("recovery of %d in-flight sagas, sync=%s, transport=%s\n", b->sagas, sync_name(b->sync),
@@ -812,7 +813,7 @@ static void run_throughput(bench *b, char *summary, size_t len) {
   int64_t bytes0 = db_bytes(b->orch) + pv0.bytes;
   int changes0 = sqlite3_total_changes(saga_node_db(b->orch)) + pv0.changes;
   saga_node_stats so0, sp0 = pv0.stats;
-  saga_node_stats_get(b->orch, &so0);
+  saga_node_stats_get(b->orch, &so0, sizeof so0);
   uint64_t t0 = uv_hrtime();
   for (int i = 0; i < b->inflight; i++) start_one(b);
   uv_run(b->loop, UV_RUN_DEFAULT);
@@ -820,7 +821,7 @@ static void run_throughput(bench *b, char *summary, size_t len) {
 
   part_read(b, &pv);
   saga_node_stats so, sp = pv.stats;
-  saga_node_stats_get(b->orch, &so);
+  saga_node_stats_get(b->orch, &so, sizeof so);
   uint64_t commits = so.transactions + sp.transactions - so0.transactions - sp0.transactions;
   uint64_t ckpt_bg = so.checkpoints + sp.checkpoints - so0.checkpoints - sp0.checkpoints;
   uint64_t ckpt_in = so.checkpoints_inline + sp.checkpoints_inline - so0.checkpoints_inline -

@@ -43,7 +43,7 @@ static const saga_step trip_steps[] = {
 };
 static const saga_definition trip = {.struct_version = SAGA_DEFINITION_VERSION,
                                      .name = "trip", .version = 1, .steps = trip_steps,
-                                     .nsteps = 3};
+                                     .nsteps = 3, .step_size = sizeof(saga_step)};
 
 static saga_mem_hub *hub;
 
@@ -95,7 +95,7 @@ int main(int argc, char **argv) {
       (rc = saga_node_handle(node, "travel", "hotel.book", book_hotel, NULL)) != SAGA_OK ||
       (rc = saga_node_handle(node, "travel", "hotel.cancel", cancel_hotel, NULL)) != SAGA_OK ||
       (rc = saga_node_handle(node, "payment", "card.charge", charge_card, NULL)) != SAGA_OK ||
-      (rc = saga_node_start(node)) < 0) {
+      (rc = saga_node_start(node, NULL)) != SAGA_OK) {
     fprintf(stderr, "setup: %s\n", saga_node_errmsg(node));
     return 1;
   }

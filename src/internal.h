@@ -42,6 +42,11 @@ void saga__buf_free(saga__buf *b);
 void saga__errf(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* The copy of a getter that takes the caller's size (docs/abi.md): writes exactly size bytes
+ * at out, the first min(size, have) from src and zeros after them (a caller built against a
+ * newer header than this library). */
+void saga__copy_sized(void *out, size_t size, const void *src, size_t have);
+
 /* Copies the len bytes of s for a log line or a dead letter's reason: at most out_len - 1
  * bytes (out_len >= 4), '?' for control bytes and NULs (s may come from the network),
  * ending in "..." when cut. */

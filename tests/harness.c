@@ -249,7 +249,7 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
       steps[i].compensation_retry = w->o.comp_retry[i];
     }
     saga_definition def = {SAGA_DEFINITION_VERSION, "test", w->o.version, steps,
-                           (size_t)w->o.nsteps, w->o.deadline_ms};
+                           (size_t)w->o.nsteps, w->o.deadline_ms, sizeof(saga_step)};
     rc = saga_node_register(n, &def);
     if (rc != SAGA_OK) return rc;
   }
@@ -258,8 +258,7 @@ static int th_open_node(th_world *w, saga_node **out, const char *name, unsigned
     if ((rc = saga_node_handle(n, th_channels[i], "do", th_do, w)) != SAGA_OK) return rc;
     if ((rc = saga_node_handle(n, th_channels[i], "undo", th_undo, w)) != SAGA_OK) return rc;
   }
-  rc = saga_node_start(n);
-  return rc < 0 ? rc : SAGA_OK;
+  return saga_node_start(n, NULL);
 }
 
 static int th_open_all(th_world *w) {

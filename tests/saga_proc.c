@@ -237,7 +237,7 @@ int main(int argc, char **argv) {
         {.name = "PAY", .channel = "pay", .action = "pay.charge", .kind = SAGA_STEP_PIVOT,
          .timeout_ms = 20000, .retry = {.max_attempts = 5, .backoff_ms = 100}},
     };
-    static const saga_definition def = {SAGA_DEFINITION_VERSION, "order", 1, steps, 3, 0};
+    static const saga_definition def = {SAGA_DEFINITION_VERSION, "order", 1, steps, 3, 0, sizeof(saga_step)};
     rc = saga_node_register(node, &def);
   } else {
     char *list = strdup(serve);
@@ -254,7 +254,7 @@ int main(int argc, char **argv) {
     sqlite3_exec(saga_node_db(node), "CREATE TABLE IF NOT EXISTS fx(saga_id TEXT, step INT, kind TEXT)",
                  NULL, NULL, NULL);
   }
-  if (rc == SAGA_OK) rc = saga_node_start(node) < 0 ? -1 : SAGA_OK;
+  if (rc == SAGA_OK) rc = saga_node_start(node, NULL) < 0 ? -1 : SAGA_OK;
   if (rc != SAGA_OK) {
     fprintf(stderr, "setup: %s\n", saga_node_errmsg(node));
     return 1;

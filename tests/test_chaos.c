@@ -218,7 +218,7 @@ static void chaos_run(uint64_t seed, int check, chaos_result *res) {
     res->ev_hash = (res->ev_hash ^ (uint64_t)(w->ev_step[k] + 2)) * UINT64_C(1099511628211);
   }
   res->terminal = w->terminal;
-  saga_mem_hub_stats(w->hub, &res->hub);
+  saga_mem_hub_stats(w->hub, &res->hub, sizeof res->hub);
   CHAOS_CHECK(db_state_counts(w, res) == 0, "cannot read saga states");
 
   if (check) {
@@ -277,7 +277,7 @@ static void chaos_run(uint64_t seed, int check, chaos_result *res) {
     res->resolves = th_count_events(w, SAGA_EV_RESOLVE_SENT, -2);
     res->cancels = th_count_events(w, SAGA_EV_CANCELLED, -2);
     saga_node_stats ps;
-    saga_node_stats_get(w->part, &ps);
+    saga_node_stats_get(w->part, &ps, sizeof ps);
     res->part_duplicates = ps.duplicates;
     /* Steps compensated without ever having been confirmed: their outcome was unknown. */
     res->uncertain = (uint64_t)db_int(

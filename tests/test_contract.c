@@ -30,13 +30,15 @@ typedef struct world {
   behaviour b;
   int runs, finished;
   int set_rc; /* what the last saga_reply_set* returned */
-  int logged_truthful, logged_nothing_applied;
+  int logged_truthful, logged_nothing_applied, logged_stuck;
 } world;
 
 static void on_log(void *arg, saga_log_level lvl, const char *msg) {
   world *w = arg;
   if (strstr(msg, "transaction ended by a handler") != NULL) w->logged_truthful++;
   if (strstr(msg, "nothing of it was applied") != NULL) w->logged_nothing_applied++;
+  if (lvl == SAGA_LOG_WARN && strstr(msg, "unconfirmed") != NULL && strstr(msg, "'pyment'"))
+    w->logged_stuck++;
 }
 
 static int pay(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
@@ -92,12 +94,12 @@ static void on_event(saga_node *n, const saga_event *ev, void *arg) {
 static const saga_step steps[] = {
     {.name = "PAY", .channel = "pay", .action = "pay.charge", .kind = SAGA_STEP_PIVOT},
 };
-static const saga_definition def = {SAGA_DEFINITION_VERSION, "buy", 1, steps, 1, 0};
+static const saga_definition def = {SAGA_DEFINITION_VERSION, "buy", 1, steps, 1, 0, sizeof(saga_step)};
 /* A typo in the channel: nobody serves "pyment". */
 static const saga_step typo_steps[] = {
     {.name = "PAY", .channel = "pyment", .action = "pay.charge"},
 };
-static const saga_definition typo_def = {SAGA_DEFINITION_VERSION, "typo", 1, typo_steps, 1, 0};
+static const saga_definition typo_def = {SAGA_DEFINITION_VERSION, "typo", 1, typo_steps, 1, 0, sizeof(saga_step)};
 
 static void open_world(world *w, behaviour b) {
   memset(w, 0, sizeof *w);
@@ -129,7 +131,7 @@ static void open_world(world *w, behaviour b) {
   assert_int_equal(saga_node_register(w->node, &def), SAGA_OK);
   assert_int_equal(saga_node_register(w->node, &typo_def), SAGA_OK);
   assert_int_equal(saga_node_handle(w->node, "pay", "pay.charge", pay, w), SAGA_OK);
-  assert_true(saga_node_start(w->node) >= 0);
+  assert_int_equal(saga_node_start(w->node, NULL), SAGA_OK);
 }
 
 static void close_world(world *w) {
@@ -179,7 +181,7 @@ static void test_busy_is_transient(void **state) {
   assert_int_equal(count(&w, "SELECT count(*) FROM fx"), 1); /* the first run rolled back */
   assert_int_equal(count(&w, "SELECT count(*) FROM saga_dead_letter"), 0);
   saga_node_stats st;
-  saga_node_stats_get(w.node, &st);
+  saga_node_stats_get(w.node, &st, sizeof st);
   assert_int_equal(st.handler_contract_errors, 1);
   close_world(&w);
 }
@@ -219,7 +221,7 @@ static void test_commit_in_handler(void **state) {
   assert_int_equal(w.logged_nothing_applied, 0);
   assert_int_equal(dead_letters_like(&w, "ended the node"), 1);
   saga_node_stats st;
-  saga_node_stats_get(w.node, &st);
+  saga_node_stats_get(w.node, &st, sizeof st);
   assert_true(st.handler_contract_errors >= 1);
   close_world(&w);
 }
@@ -309,6 +311,27 @@ static void test_input_too_big(void **state) {
 
 /* A step whose channel nobody serves, with no timeout set: the default timeout ends the wait
  * (before, the saga stayed RUNNING for good, silently). */
+static int stuck_logged(void *arg) { return ((world *)arg)->logged_stuck >= 1; }
+static int never(void *arg) {
+  (void)arg;
+  return 0;
+}
+
+typedef struct chan_seen {
+  int pyment, others;
+  uint64_t age;
+} chan_seen;
+
+static void note_channel(void *arg, const char *channel, int64_t count, uint64_t oldest_ms) {
+  chan_seen *s = arg;
+  if (strcmp(channel, "pyment") == 0 && count == 1) {
+    s->pyment++;
+    s->age = oldest_ms;
+  } else {
+    s->others++;
+  }
+}
+
 static void test_typo_channel_times_out(void **state) {
   world w;
   open_world(&w, B_BUSY_ONCE);
@@ -316,6 +339,19 @@ static void test_typo_channel_times_out(void **state) {
   assert_int_equal(th_run_manual(&w.loop, w.clock, finished, &w, 3600000), 0);
   assert_int_equal(state_of_only_saga(&w), SAGA_COMPENSATED);
   assert_true(saga_error_has(&w, "timed out"));
+  /* The command to "pyment" is never confirmed: a warning names the channel, once, and the
+   * metrics show it (oldest unconfirmed age, channels over SAGA_OUTBOX_WARN_MS). */
+  assert_int_equal(th_run_manual(&w.loop, w.clock, stuck_logged, &w, 3600000), 0);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, never, NULL, 5 * SAGA_OUTBOX_WARN_MS), -1);
+  assert_int_equal(w.logged_stuck, 1);
+  saga_node_stats st;
+  saga_node_stats_get(w.node, &st, sizeof st);
+  assert_int_equal(st.outbox_stuck_channels, 1);
+  assert_true(st.outbox_oldest_ms >= SAGA_OUTBOX_WARN_MS);
+  chan_seen seen = {0, 0, 0};
+  assert_int_equal(saga_node_outbox_channels(w.node, note_channel, &seen), SAGA_OK);
+  assert_int_equal(seen.pyment, 1);
+  assert_true(seen.age >= 5 * SAGA_OUTBOX_WARN_MS);
   close_world(&w);
 }
 

@@ -62,7 +62,7 @@ static void test_metrics(void **state) {
   assert_int_equal(saga_node_count_by_state(NULL, counts), SAGA_EINVAL);
   /* 3 replies of the first saga, then action 0, action 1 (refused), compensation 0. */
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_int_equal(st.step_latency_count, 6);
   uint64_t sum = 0;
   for (int b = 0; b < SAGA_LATENCY_BUCKETS; b++) sum += st.step_latency[b];
@@ -91,7 +91,7 @@ static void test_metrics_latency(void **state) {
   assert_int_equal(th_world_open_late(&w), SAGA_OK);
   assert_int_equal(th_world_run_until_terminal(&w, 1), 0);
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_int_equal(st.step_latency_count, 1);
   assert_true(st.step_latency_sum_ms >= 30);
   assert_int_equal(st.step_latency[5], 1); /* (25, 50] */
@@ -117,7 +117,7 @@ static void test_resend_paced(void **state) {
   for (int tick = 0; tick < 4; tick++) {
     assert_int_equal(saga_clock_advance(w.clock, o.resend_ms), SAGA_OK);
     th_world_settle(&w, 0);
-    saga_node_stats_get(w.orch, &st);
+    saga_node_stats_get(w.orch, &st, sizeof st);
     assert_int_equal(st.resent, want[tick]);
   }
   assert_int_equal(th_world_open_late(&w), SAGA_OK);
@@ -155,7 +155,7 @@ static void test_handler_error(void **state) {
   assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
   assert_int_equal(th_fx_count(&w, w.last_id, 1, "do"), 0);
   saga_node_stats st;
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_int_equal(st.dead_letters, 1);
   th_world_free(&w);
 }
@@ -171,7 +171,7 @@ static void test_transient_handler_error(void **state) {
   assert_int_equal(w.transient_left, 0);
   for (int s = 0; s < 3; s++) assert_int_equal(th_fx_count(&w, w.last_id, s, "do"), 1);
   saga_node_stats st;
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_int_equal(st.dead_letters, 0);
   assert_true(st.handler_runs >= 6);
   th_world_free(&w);
@@ -187,7 +187,7 @@ static void test_transient_cap(void **state) {
   assert_int_equal(th_saga_state(&w, w.last_id), SAGA_COMPENSATED);
   assert_int_equal(1000000 - w.transient_left, 10);
   saga_node_stats st;
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_int_equal(st.dead_letters, 1);
   th_world_free(&w);
 }
@@ -511,7 +511,7 @@ static void test_duplicates(void **state) {
   assert_int_equal(w.handler_calls, 60);
   assert_true(th_count_events(&w, SAGA_EV_STALE_REPLY, -2) > 0);
   saga_node_stats st;
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_true(st.duplicates > 0);
   assert_int_equal(th_check_invariants(&w, 1), 0);
   th_world_free(&w);
@@ -568,7 +568,7 @@ static void test_reply_parked_until_registered(void **state) {
   assert_int_equal(th_world_reopen(&w), SAGA_OK);
   th_world_settle(&w, 5000);
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_true(st.replies_parked >= 1); /* the answer to step 2, and any late copy before it */
   /* Acknowledged: the participant holds nothing more to send (before: its reply stayed
    * unconfirmed, resent for ever, and a broker dead-lettered it). */
@@ -630,10 +630,10 @@ static void test_item_failure_replayed(void **state) {
   /* Step 1's handler ran twice: once in the rolled-back try, once in the replay. */
   assert_int_equal(w.handler_calls, 4);
   saga_node_stats st;
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_int_equal(st.replayed_tx, 1);
   assert_int_equal(st.handler_runs, 3); /* counters are those of the committed try */
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_int_equal(st.replayed_tx, 0);
   assert_int_equal(th_check_invariants(&w, 1), 0);
   th_world_free(&w);
@@ -684,7 +684,7 @@ static void test_due_isolated(void **state) {
   assert_int_equal(th_run_manual(&w.loop, w.clock, terminal_reached, &c, 60000), 0);
   assert_true(th_count_events(&w, SAGA_EV_STEP_TIMED_OUT, 1) >= 2); /* the other two ran on */
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_int_equal(st.commit_failures, 0);
   sqlite3_stmt *q = NULL;
   assert_int_equal(sqlite3_prepare_v2(saga_node_db(w.orch),
@@ -726,8 +726,8 @@ static void test_background_checkpoint(void **state) {
   for (int i = 0; i < 60; i++) assert_int_equal(th_world_start(&w, i, NULL), SAGA_OK);
   assert_int_equal(th_world_run_until_terminal(&w, 60), 0);
   saga_node_stats so, sp;
-  saga_node_stats_get(w.orch, &so);
-  saga_node_stats_get(w.part, &sp);
+  saga_node_stats_get(w.orch, &so, sizeof so);
+  saga_node_stats_get(w.part, &sp, sizeof sp);
   assert_true(so.checkpoints >= 1);
   assert_true(sp.checkpoints >= 1);
   assert_int_equal(so.checkpoint_failures + sp.checkpoint_failures, 0);
@@ -745,7 +745,7 @@ static void test_api_errors(void **state) {
   assert_int_equal(saga_node_register(w.orch, NULL), SAGA_EINVAL);
   saga_step bad[2] = {{.name = "A", .channel = "c", .action = "a", .kind = SAGA_STEP_PIVOT},
                       {.name = "B", .channel = "c", .action = "b"}};
-  saga_definition d = {SAGA_DEFINITION_VERSION, "bad", 1, bad, 2, 0};
+  saga_definition d = {SAGA_DEFINITION_VERSION, "bad", 1, bad, 2, 0, sizeof(saga_step)};
   char err[200];
   assert_int_equal(saga_definition_validate(&d, err, sizeof err), SAGA_EDEFINITION);
   assert_non_null(strstr(err, "cannot follow the pivot"));

@@ -104,17 +104,17 @@ static void setup(world *w) {
   w->watch = open_node(w, "watch", NULL, NULL);
   static const saga_step outer[] = {{.name = "BEGIN", .channel = "orchq", .action = "begin",
                                      .kind = SAGA_STEP_PIVOT}};
-  static const saga_definition outer_def = {SAGA_DEFINITION_VERSION, "outer", 1, outer, 1, 0};
+  static const saga_definition outer_def = {SAGA_DEFINITION_VERSION, "outer", 1, outer, 1, 0, sizeof(saga_step)};
   static const saga_step inner[] = {{.name = "WORK", .local_action = inner_step}};
-  static const saga_definition inner_def = {SAGA_DEFINITION_VERSION, "inner", 1, inner, 1, 0};
+  static const saga_definition inner_def = {SAGA_DEFINITION_VERSION, "inner", 1, inner, 1, 0, sizeof(saga_step)};
   assert_int_equal(saga_node_register(w->client, &outer_def), SAGA_OK);
   assert_int_equal(saga_node_register(w->orch, &inner_def), SAGA_OK);
   assert_int_equal(saga_node_handle(w->orch, "orchq", "begin", begin, w), SAGA_OK);
   assert_int_equal(saga_node_subscribe_events(w->watch, "events", watch_event, w), SAGA_OK);
   assert_int_equal(saga_node_subscribe_events(w->watch, "events", watch_event, w), SAGA_EEXIST);
-  assert_true(saga_node_start(w->client) >= 0);
-  assert_true(saga_node_start(w->orch) >= 0);
-  assert_true(saga_node_start(w->watch) >= 0);
+  assert_int_equal(saga_node_start(w->client, NULL), SAGA_OK);
+  assert_int_equal(saga_node_start(w->orch, NULL), SAGA_OK);
+  assert_int_equal(saga_node_start(w->watch, NULL), SAGA_OK);
 }
 
 static void teardown(world *w) {

@@ -62,7 +62,7 @@ static const saga_step steps[] = {
     {.name = "LOCAL", .local_action = local},
     {.name = "PAY", .channel = "pay", .action = "pay.charge", .kind = SAGA_STEP_PIVOT},
 };
-static const saga_definition def = {SAGA_DEFINITION_VERSION, "buy", 1, steps, 2, 0};
+static const saga_definition def = {SAGA_DEFINITION_VERSION, "buy", 1, steps, 2, 0, sizeof(saga_step)};
 
 /* An allocator that never reuses memory: a freed block is zeroed and kept until the test ends,
  * so that a use after free reads zeros (a libuv handle with a NULL loop: a crash) instead of
@@ -164,20 +164,20 @@ static void test_start_retried(void **state) {
   world w;
   open_world(&w, NULL, NULL);
   w.refuse_pay = 1;
-  assert_int_equal(saga_node_start(w.node), SAGA_EIO);
+  assert_int_equal(saga_node_start(w.node, NULL), SAGA_EIO);
   assert_non_null(strstr(saga_node_errmsg(w.node), "'pay'"));
   assert_int_equal(saga_start(w.node, "buy", NULL, NULL, NULL, NULL), SAGA_ESTATE);
-  assert_int_equal(saga_node_start(w.node), 0);
+  assert_int_equal(saga_node_start(w.node, NULL), SAGA_OK);
   assert_int_equal(w.subs_pay, 1);
   assert_int_equal(w.subs_shop, 1); /* subscribed by the first try, not again */
-  assert_int_equal(saga_node_start(w.node), SAGA_ESTATE); /* started: not again */
+  assert_int_equal(saga_node_start(w.node, NULL), SAGA_ESTATE); /* started: not again */
   for (int i = 0; i < 3; i++)
     assert_int_equal(saga_start(w.node, "buy", NULL, NULL, NULL, NULL), SAGA_OK);
   assert_int_equal(th_run_manual(&w.loop, w.clock, all_done, &w, 60000), 0);
   assert_int_equal(w.local_runs, 3);
   assert_int_equal(w.pay_runs, 3);
   saga_node_stats st;
-  saga_node_stats_get(w.node, &st);
+  saga_node_stats_get(w.node, &st, sizeof st);
   assert_int_equal(st.duplicates, 0);
   close_world(&w);
 }
@@ -186,10 +186,10 @@ static void test_start_retried(void **state) {
 static void test_errmsg_cleared(void **state) {
   world w;
   open_world(&w, NULL, NULL);
-  static const saga_definition bad = {SAGA_DEFINITION_VERSION, "", 1, steps, 2, 0};
+  static const saga_definition bad = {SAGA_DEFINITION_VERSION, "", 1, steps, 2, 0, sizeof(saga_step)};
   assert_int_equal(saga_node_register(w.node, &bad), SAGA_EDEFINITION);
   assert_string_not_equal(saga_node_errmsg(w.node), "");
-  assert_true(saga_node_start(w.node) >= 0);
+  assert_int_equal(saga_node_start(w.node, NULL), SAGA_OK);
   assert_string_equal(saga_node_errmsg(w.node), "");
   assert_int_equal(saga_start(w.node, "nope", NULL, NULL, NULL, NULL), SAGA_ENODEF);
   assert_non_null(strstr(saga_node_errmsg(w.node), "nope"));
@@ -248,7 +248,7 @@ static void test_post_racing_close(void **state) {
   saga_allocator alloc = {q_malloc, q_realloc, q_free, &q};
   world w;
   open_world_alloc(&w, post_hook, &r, &alloc);
-  assert_true(saga_node_start(w.node) >= 0);
+  assert_int_equal(saga_node_start(w.node, NULL), SAGA_OK);
   r.node = w.node;
   pthread_t th;
   assert_int_equal(pthread_create(&th, NULL, poster, &r), 0);

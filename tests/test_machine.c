@@ -1579,12 +1579,12 @@ static void test_many_definitions(void **state) {
   for (int v = 2; v >= 1; v--) /* the higher version first: "latest" must not move back */
     for (int k = 0; k < NAMES; k++) {
       snprintf(name, sizeof name, "def%05d", k);
-      saga_definition d = {SAGA_DEFINITION_VERSION, name, (uint32_t)v, one, 1, 0};
+      saga_definition d = {SAGA_DEFINITION_VERSION, name, (uint32_t)v, one, 1, 0, sizeof(saga_step)};
       assert_int_equal(saga__engine_register(&f->e, &d), SAGA_OK);
     }
   printf("probes per registration: %.1f\n", (double)f->e.def_probes / (2 * NAMES));
   assert_true(f->e.def_probes < (uint64_t)40 * 2 * NAMES); /* linear: ~NAMES each */
-  saga_definition again = {SAGA_DEFINITION_VERSION, "def00042", 1, one, 1, 0};
+  saga_definition again = {SAGA_DEFINITION_VERSION, "def00042", 1, one, 1, 0, sizeof(saga_step)};
   assert_int_equal(saga__engine_register(&f->e, &again), SAGA_EEXIST);
   f->e.def_probes = 0;
   for (int k = 0; k < NAMES; k++) {

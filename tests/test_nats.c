@@ -1095,7 +1095,7 @@ static saga_node *nw_open(env *e, const char *dir, const char *name, int orchest
       assert_int_equal(saga_node_handle(n, nw_channels[i], "undo", nw_undo, w), SAGA_OK);
     }
   }
-  assert_true(saga_node_start(n) >= 0);
+  assert_int_equal(saga_node_start(n, NULL), SAGA_OK);
   return n;
 }
 
@@ -1240,7 +1240,7 @@ static int sec_open(env *e, const char *dir, const char *name, int orchestrate, 
       assert_int_equal(saga_node_handle(n, nw_channels[i], "undo", nw_undo, w), SAGA_OK);
     }
   }
-  assert_true(saga_node_start(n) >= 0);
+  assert_int_equal(saga_node_start(n, NULL), SAGA_OK);
   *out = n;
   return SAGA_OK;
 }

@@ -949,7 +949,7 @@ static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
       steps[i].action = "do";
       steps[i].compensation = "undo";
     }
-    saga_definition def = {SAGA_DEFINITION_VERSION, "test", 1, steps, 3, 0};
+    saga_definition def = {SAGA_DEFINITION_VERSION, "test", 1, steps, 3, 0, sizeof(saga_step)};
     assert_int_equal(saga_node_register(*out, &def), SAGA_OK);
   } else {
     for (int i = 0; i < 3; i++) {
@@ -957,7 +957,7 @@ static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
       assert_int_equal(saga_node_handle(*out, chans[i], "undo", undo_h, w), SAGA_OK);
     }
   }
-  assert_true(saga_node_start(*out) >= 0);
+  assert_int_equal(saga_node_start(*out, NULL), SAGA_OK);
 }
 
 static void started(saga_node *n, int status, const char *id, int existed, void *arg) {

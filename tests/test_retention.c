@@ -71,7 +71,7 @@ static void test_purge_by_age(void **state) {
   assert_int_equal(saga_clock_advance(w.clock, 5000), SAGA_OK);
   th_world_settle(&w, 3000);
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_true(st.purge_passes >= 2);
   assert_int_equal(st.purged_sagas, 0);
   assert_int_equal(q(w.orch, "SELECT count(*) FROM saga_instance"), 20);
@@ -79,7 +79,7 @@ static void test_purge_by_age(void **state) {
   /* Old enough: the 19 finished go, in batches of 4; the FAILED one stays with its history. */
   assert_int_equal(saga_clock_advance(w.clock, 6000), SAGA_OK);
   run_until(&w, w.orch, "SELECT count(*) FROM saga_instance", 1);
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_int_equal(st.purged_sagas, 19);
   assert_true(st.purge_passes >= 2 + 5); /* ceil(19 / 4) passes at least */
   assert_int_equal(q(w.orch, "SELECT state FROM saga_instance"), SAGA_FAILED);
@@ -94,7 +94,7 @@ static void test_purge_by_age(void **state) {
   assert_int_equal(saga_clock_advance(w.clock, 40000), SAGA_OK);
   run_until(&w, w.part, "SELECT count(*) FROM saga_inbox", 0);
   run_until(&w, w.part, "SELECT count(*) FROM saga_pstep", 0);
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_int_equal(st.purged_inbox, inbox);
   assert_int_equal(st.purged_steps, steps);
   assert_int_equal(q(w.orch, "SELECT count(*) FROM saga_instance WHERE state = 5"), 1);
@@ -112,7 +112,7 @@ static void test_purge_by_age(void **state) {
   snprintf(id, sizeof id, "%s", (const char *)sqlite3_column_text(st1, 0));
   sqlite3_finalize(st1);
   w.comp_mode[0] = 'o'; /* the participant would now undo it, if it knew what to undo */
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   uint64_t expired0 = st.compensations_expired;
   uint64_t terminal0 = w.terminal;
   assert_int_equal(saga_retry_failed(w.orch, id, NULL, NULL), SAGA_OK);
@@ -120,7 +120,7 @@ static void test_purge_by_age(void **state) {
   assert_int_equal(q(w.orch, "SELECT state FROM saga_instance"), SAGA_FAILED);
   assert_int_equal(q(w.orch, "SELECT instr(error, 'record of this step expired') > 0"
                              " FROM saga_instance"), 1);
-  saga_node_stats_get(w.part, &st);
+  saga_node_stats_get(w.part, &st, sizeof st);
   assert_int_equal(st.compensations_expired, expired0 + 1);
   /* A saga started now (after the purge) still compensates as before. */
   assert_int_equal(th_world_start_ex(&w, 20, NULL, 2, -1), SAGA_OK);
@@ -131,6 +131,42 @@ static void test_purge_by_age(void **state) {
 
 /* Inbox and step records newer than the cutoff survive the sweeps, whatever their position
  * in key order. */
+/* Dead letters are kept SAGA_DEAD_LETTER_MS and at most SAGA_DEAD_LETTER_MAX of them: the
+ * retention passes delete older ones and the oldest beyond the count, in batches. */
+static void test_dead_letters_purged(void **state) {
+  saga_retention r = {.inbox_ms = 0, .batch = 5000, .interval_ms = 1000};
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.retention = &r;
+  th_world w;
+  assert_int_equal(th_world_open(&w, &o), SAGA_OK);
+  sqlite3 *db = saga_node_db(w.part);
+  uint64_t now = saga_clock_now(w.clock);
+  uint64_t old = now - SAGA_DEAD_LETTER_MS - 1000;
+  /* 2,000 too old, then 12,000 recent ones (2,000 beyond the count). */
+  assert_int_equal(sqlite3_exec(db, "BEGIN", NULL, NULL, NULL), SQLITE_OK);
+  sqlite3_stmt *ins = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, "INSERT INTO saga_dead_letter(at_ms, channel, msg_id,"
+                                      " reason, body) VALUES(?1, 'p0', ?2, 'test', x'00')", -1,
+                                      &ins, NULL), SQLITE_OK);
+  for (int i = 0; i < 14000; i++) {
+    sqlite3_bind_int64(ins, 1, (sqlite3_int64)(i < 2000 ? old : now - 1000));
+    sqlite3_bind_int(ins, 2, i);
+    assert_int_equal(sqlite3_step(ins), SQLITE_DONE);
+    sqlite3_reset(ins);
+  }
+  sqlite3_finalize(ins);
+  assert_int_equal(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+  run_until(&w, w.part, "SELECT count(*) FROM saga_dead_letter", SAGA_DEAD_LETTER_MAX);
+  /* The newest are the ones kept. */
+  assert_int_equal(q(w.part, "SELECT min(CAST(msg_id AS INTEGER)) FROM saga_dead_letter"),
+                   14000 - SAGA_DEAD_LETTER_MAX);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st, sizeof st);
+  assert_int_equal(st.purged_dead_letters, 4000);
+  th_world_free(&w);
+}
+
 static void test_sweep_keeps_recent(void **state) {
   saga_retention r = {.inbox_ms = 10000, .batch = 3, .interval_ms = 1000};
   th_world_opts o;
@@ -208,7 +244,7 @@ static void test_running_kept(void **state) {
   th_world_settle(&w, 10000);
   assert_int_equal(q(w.orch, "SELECT count(*) FROM saga_instance WHERE state = 1"), 1);
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_true(st.purge_passes >= 5);
   assert_int_equal(st.purged_sagas, 0);
   th_world_free(&w);
@@ -217,6 +253,7 @@ static void test_running_kept(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_purge_by_age),
+      cmocka_unit_test(test_dead_letters_purged),
       cmocka_unit_test(test_sweep_keeps_recent),
       cmocka_unit_test(test_purge_by_count),
       cmocka_unit_test(test_running_kept),

@@ -85,7 +85,7 @@ static saga_transport *make(const opts *o) {
 
 static saga_tcp_stats stats(rx *r) {
   saga_tcp_stats s;
-  assert_int_equal(saga_tcp_stats_get(r->t, &s), SAGA_OK);
+  assert_int_equal(saga_tcp_stats_get(r->t, &s, sizeof s), SAGA_OK);
   return s;
 }
 

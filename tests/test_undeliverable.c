@@ -145,7 +145,7 @@ static int gn_open(gnode *gn, th_world *w, gate *g, const char *name,
   }
   assert_int_equal(saga_node_handle(gn->n, "q0", "do", gn_do, gn), SAGA_OK);
   if (def != NULL) assert_int_equal(saga_node_register(gn->n, def), SAGA_OK);
-  assert_true(saga_node_start(gn->n) >= 0);
+  assert_int_equal(saga_node_start(gn->n, NULL), SAGA_OK);
   return SAGA_OK;
 }
 
@@ -167,7 +167,7 @@ static int64_t q_int(saga_node *n, const char *sql, const char *arg) {
 
 static saga_node_stats stats_of(saga_node *n) {
   saga_node_stats s;
-  saga_node_stats_get(n, &s);
+  saga_node_stats_get(n, &s, sizeof s);
   return s;
 }
 
@@ -431,7 +431,7 @@ static void test_unsendable_command_fails_step(void **state) {
   steps[1].channel = "big";
   steps[1].action = "do";
   steps[1].compensation = "undo";
-  saga_definition def = {SAGA_DEFINITION_VERSION, "bigsaga", 1, steps, 2, 0};
+  saga_definition def = {SAGA_DEFINITION_VERSION, "bigsaga", 1, steps, 2, 0, sizeof(saga_step)};
   gnode gn;
   assert_int_equal(gn_open(&gn, &w, g, "go", &def), SAGA_OK);
   assert_int_equal(saga_start(gn.n, "bigsaga", NULL, NULL, NULL, NULL), SAGA_OK);

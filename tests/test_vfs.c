@@ -346,8 +346,8 @@ static int one_run(const kind *k, uint64_t at, int reopen, int *reported_by_star
   disarm();
 
   saga_node_stats so, sp;
-  saga_node_stats_get(w.orch, &so);
-  saga_node_stats_get(w.part, &sp);
+  saga_node_stats_get(w.orch, &so, sizeof so);
+  saga_node_stats_get(w.part, &sp, sizeof sp);
   if (fired) {
     int by_commit = so.commit_failures + sp.commit_failures > 0;
     int by_start = s.failed > 0;
@@ -429,15 +429,15 @@ static void test_shim_transparent(void **state) {
   assert_int_equal(s.ok, 8);
   check_nothing_lost(&w, &s);
   saga_node_stats a, b;
-  saga_node_stats_get(w.orch, &a);
-  saga_node_stats_get(w.part, &b);
+  saga_node_stats_get(w.orch, &a, sizeof a);
+  saga_node_stats_get(w.part, &b, sizeof b);
   printf("a fault-free run of 8 sagas: %llu writes, %llu syncs, %llu + %llu transactions\n",
          (unsigned long long)F.writes, (unsigned long long)F.syncs,
          (unsigned long long)a.transactions, (unsigned long long)b.transactions);
   assert_true(F.writes > 60 && F.syncs > 5);
   disarm();
   saga_node_stats st;
-  saga_node_stats_get(w.orch, &st);
+  saga_node_stats_get(w.orch, &st, sizeof st);
   assert_int_equal(st.commit_failures, 0);
   assert_string_equal(saga_node_errmsg(w.orch), "");
   assert_string_equal(saga_node_errmsg(w.part), "");

@@ -441,7 +441,7 @@ static int read_secret(const char *path, char *buf, size_t len) {
 /* /metrics: what the TCP transport refused (saga_tcp_stats_get). */
 static void tcp_metrics(shop_text *b, void *arg) {
   saga_tcp_stats st;
-  if (saga_tcp_stats_get(arg, &st) != SAGA_OK) return;
+  if (saga_tcp_stats_get(arg, &st, sizeof st) != SAGA_OK) return;
   static const struct {
     const char *name, *help;
     size_t off;
@@ -647,7 +647,7 @@ int main(int argc, char **argv) {
     }
   }
   for (int k = 0; k < a.nnodes; k++) {
-    if (saga_node_start(a.nodes[k]) < 0) {
+    if (saga_node_start(a.nodes[k], NULL) != SAGA_OK) {
       fprintf(stderr, "%s: %s\n", node_names[a.node_index[k]], saga_node_errmsg(a.nodes[k]));
       return 1;
     }

@@ -120,7 +120,7 @@ static void write_nodes(shop_metrics *m, shop_text *b) {
   int states_ok[MAX_NODES];
   int64_t depth[MAX_NODES];
   for (int i = 0; i < m->nnodes; i++) {
-    saga_node_stats_get(m->nodes[i].node, &st[i]);
+    saga_node_stats_get(m->nodes[i].node, &st[i], sizeof st[i]);
     states_ok[i] = saga_node_count_by_state(m->nodes[i].node, states[i]) == SAGA_OK;
     depth[i] = saga_node_outbox_depth(m->nodes[i].node);
   }

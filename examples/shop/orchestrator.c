@@ -98,6 +98,7 @@ static const saga_definition purchase_def = {
     .steps = purchase_steps,
     .nsteps = sizeof purchase_steps / sizeof purchase_steps[0],
     .deadline_ms = 0, /* no whole-saga deadline: the per-step timeouts bound it */
+    .step_size = sizeof(saga_step), /* the saga_step this program was built with */
 };
 
 /*

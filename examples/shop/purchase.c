@@ -881,6 +881,7 @@ static const saga_definition request_def = {
     .version = 1,
     .steps = request_steps,
     .nsteps = 1,
+    .step_size = sizeof(saga_step), /* the saga_step this program was built with */
 };
 
 int shop_purchase_init(shop_ctx *c, saga_node *node) {

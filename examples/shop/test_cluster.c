@@ -635,7 +635,7 @@ static void attacker_open(attacker *a, const char *what, const char *counter, co
   cfg.db_path = ":memory:";
   cfg.transport = a->t;
   assert_int_equal(saga_node_open(&a->node, &attack_loop, &cfg, err, sizeof err), SAGA_OK);
-  assert_true(saga_node_start(a->node) >= 0);
+  assert_int_equal(saga_node_start(a->node, NULL), SAGA_OK);
 }
 
 static void attacker_closed(void *arg) { ++*(int *)arg; }

@@ -267,7 +267,7 @@ static int setup(void **state) {
   }
   /* One node serves the three participants' channels, each service's tables in its file. */
   if (shop_product_init(&w.ctx, w.node) != 0 || shop_order_init(&w.ctx, w.node) != 0 ||
-      shop_payment_init(&w.ctx, w.node) != 0 || saga_node_start(w.node) < 0)
+      shop_payment_init(&w.ctx, w.node) != 0 || saga_node_start(w.node, NULL) != SAGA_OK)
     return -1;
   return 0;
 }

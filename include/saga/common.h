@@ -101,7 +101,9 @@ typedef enum saga_log_level {
 /** A log hook: msg is NUL-terminated and borrowed for the call. */
 typedef void (*saga_log_fn)(void *arg, saga_log_level level, const char *msg);
 
-/** Decoding limits used for every message and every saga data blob. */
+/** Decoding limits used for every message and every saga data blob. Embedded by value in
+ * saga_node_config and read through a pointer by saga_envelope_decode(), so its layout is
+ * frozen (docs/abi.md): it never grows. */
 typedef struct saga_limits {
   size_t max_message_bytes; /**< whole encoded envelope; default 1 MiB */
   size_t max_data_entries;  /**< keys in one saga data map; default 256 */

@@ -50,7 +50,11 @@ typedef struct saga_retry {
 /** timeout_ms that waits for a reply forever. */
 #define SAGA_STEP_NO_TIMEOUT UINT32_MAX
 
-/** One step. Strings are borrowed by the table and copied at registration. */
+/**
+ * One step. Strings are borrowed by the table and copied at registration. Fields are only
+ * ever appended; saga_definition.step_size tells the library the size the caller's table was
+ * built with (docs/abi.md). saga_retry, embedded by value, never grows.
+ */
 typedef struct saga_step {
   const char *name;         /**< shown in events and history, e.g. "CREATE_ORDER"; required */
   const char *channel;      /**< participant channel; NULL when local_action is set */
@@ -76,7 +80,8 @@ typedef struct saga_step {
 /** max_attempts that never gives up (for compensation_retry and retriable steps). */
 #define SAGA_RETRY_FOREVER UINT32_MAX
 
-#define SAGA_DEFINITION_VERSION 1
+/** Version 2 appended step_size. */
+#define SAGA_DEFINITION_VERSION 2
 
 /** A definition as a static table. Copied at registration; the table need not outlive it. */
 typedef struct saga_definition {
@@ -87,6 +92,15 @@ typedef struct saga_definition {
   size_t nsteps;          /**< 1..255 */
   uint32_t deadline_ms;   /**< whole-saga deadline before the pivot; 0 = none. Reached
                                before the pivot succeeded, the saga is compensated. */
+  /* ---- struct_version 2 ---- */
+  /**
+   * The distance in bytes between two steps of `steps`: sizeof(saga_step) as the caller
+   * compiled it. 0 (and every version-1 definition) = the first saga_step layout, the one of
+   * this header. A table built with an older, shorter saga_step is read field by field up to
+   * its size, the later fields taking their defaults; a larger value (each step the first
+   * member of a bigger struct of the caller's) skips the bytes after the saga_step.
+   */
+  size_t step_size;
 } saga_definition;
 
 /**

@@ -10,7 +10,7 @@
  *   saga_node_open(&node, loop, &cfg);         // opens/checks/migrates the database
  *   saga_node_register(node, &def);            // definitions this node orchestrates
  *   saga_node_handle(node, "order", "order.create", create_order, NULL);  // participants
- *   saga_node_start(node);                     // recovery: resume in-flight sagas, relay
+ *   saga_node_start(node, NULL);               // recovery: resume in-flight sagas, relay
  *   saga_start(node, "purchase", input, key, started_cb, arg);
  *   ... uv_run(loop, UV_RUN_DEFAULT) ...
  *   saga_node_close(node, closed_cb, arg);     // then let the loop run once more
@@ -118,6 +118,8 @@ typedef enum saga_sync {
  * each its own short transaction, so the loop never stalls; a pass that filled a batch
  * continues on the next loop turn. FAILED sagas and dead letters are never purged (they wait
  * for an operator). See docs/operating.md for the trade-offs.
+ * Embedded by value in saga_node_config, so its layout is frozen (docs/abi.md): a new setting
+ * is appended to saga_node_config under a new struct_version.
  */
 typedef struct saga_retention {
   /** COMPLETED and COMPENSATED sagas, with their history, are deleted once they finished
@@ -183,7 +185,10 @@ typedef enum saga_db_check {
 
 #define SAGA_NODE_CONFIG_VERSION 4
 
-/** Node configuration. Initialise with saga_node_config_init(), then set fields. */
+/** Node configuration. Initialise with saga_node_config_init(), then set fields. Fields are
+ * only ever appended, each group under a new struct_version; the version fixes the layout of
+ * the structs embedded by value (saga_limits, saga_retention), which never grow
+ * (docs/abi.md). */
 typedef struct saga_node_config {
   int struct_version;         /**< SAGA_NODE_CONFIG_VERSION */
   const char *name;           /**< required: node name; also its reply channel */
@@ -249,15 +254,24 @@ typedef struct saga_node_config {
   saga_db_check db_check;
 } saga_node_config;
 
+/**
+ * Fills the first `size` bytes of cfg with defaults and sets struct_version to the newest
+ * version whose fields fit in them: pass sizeof *cfg (the macro saga_node_config_init()
+ * does). A program built against an older header, whose struct is shorter, gets its own
+ * version and nothing is written past it (docs/abi.md). Returns SAGA_OK, or SAGA_EINVAL for
+ * a NULL cfg or a size below the version-1 struct (nothing written).
+ */
+SAGA_EXTERN int saga_node_config_init_sized(saga_node_config *cfg, size_t size);
 /** Fills cfg with defaults (struct_version set, everything optional at its default). */
-SAGA_EXTERN void saga_node_config_init(saga_node_config *cfg);
+#define saga_node_config_init(cfg) saga_node_config_init_sized((cfg), sizeof(saga_node_config))
 
 /**
  * Opens the database (creating it when cfg->db_mode says so, checking it as cfg->db_check
  * says, migrating it to this library's schema), and opens the transport on loop. The node
  * takes ownership of cfg->transport in every case. Strings in cfg are copied.
- * Returns SAGA_OK and sets *out; SAGA_EINVAL (missing name/db_path/transport, NULL loop),
- * SAGA_EVERSION (config or transport version unknown), SAGA_ENOTFOUND (no libsaga database
+ * Returns SAGA_OK and sets *out; SAGA_EINVAL (missing name/db_path/transport, NULL loop, an
+ * unknown db_mode or db_check), SAGA_EVERSION (config or transport version unknown),
+ * SAGA_ENOTFOUND (no libsaga database
  * at db_path: missing, empty or without libsaga's tables, and db_mode is not
  * SAGA_DB_CREATE), SAGA_ECORRUPT (the file failed the check, or is not a database),
  * SAGA_EREADONLY (the file can only be read: permissions, a read-only mount or VFS),
@@ -313,9 +327,10 @@ SAGA_EXTERN int saga_node_handle(saga_node *node, const char *channel, const cha
  * Recovery and start: subscribes the channels, re-arms every stored deadline, sends unsent
  * outbox rows, and reports (event SAGA_EV_DEFINITION_MISSING, once per instance) every
  * in-flight saga whose definition version is not registered — those are left untouched.
- * Returns the number of such instances (>= 0), or a negative error.
+ * Returns SAGA_OK and, when missing is not NULL, sets *missing to the number of such
+ * instances; or a negative error (*missing untouched). A failed start may be called again.
  */
-SAGA_EXTERN int saga_node_start(saga_node *node);
+SAGA_EXTERN int saga_node_start(saga_node *node, uint64_t *missing);
 
 /** Completion of saga_start(): status SAGA_OK and the saga id (borrowed for the call), or
  * a negative status and saga_id NULL. `existed` is 1 when the idempotency key matched an
@@ -453,6 +468,15 @@ typedef struct saga_node_stats {
   /** Replies for a saga whose definition version this node has not registered: stored and
    * acknowledged, then applied by saga_node_start() once that version is registered. */
   uint64_t replies_parked;
+  /** As of the last check (each resend tick, at most every SAGA_OUTBOX_CHECK_MS): the age
+   * in ms of the oldest unconfirmed outbox row, and how many channels have one older than
+   * SAGA_OUTBOX_WARN_MS (each such channel is logged once as a warning until it drains: a
+   * typo in a step's channel, or a participant that is down). 0 when the outbox is empty. */
+  uint64_t outbox_oldest_ms;
+  uint64_t outbox_stuck_channels;
+  /** Dead letters deleted by retention (older than SAGA_DEAD_LETTER_MS, or beyond the newest
+   * SAGA_DEAD_LETTER_MAX). */
+  uint64_t purged_dead_letters;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last
@@ -466,13 +490,45 @@ SAGA_EXTERN uint32_t saga_latency_bound_ms(int b);
  */
 SAGA_EXTERN int saga_node_count_by_state(saga_node *node, int64_t counts[6]);
 
-/** Copies the node's counters. */
-SAGA_EXTERN void saga_node_stats_get(const saga_node *node, saga_node_stats *out);
+/**
+ * Copies the node's counters into *out, writing exactly `size` bytes: pass sizeof *out. A
+ * program built against an older header (a shorter struct) gets the counters it knows and
+ * nothing past them is written; bytes beyond the counters this library has are zeroed
+ * (docs/abi.md). Returns SAGA_OK, or SAGA_EINVAL (nothing written) for a NULL node or out, or
+ * a size below the first version of the struct (the counters up to handler_runs).
+ */
+SAGA_EXTERN int saga_node_stats_get(const saga_node *node, saga_node_stats *out, size_t size);
 
 /**
  * Number of outbox rows not yet confirmed (reads the database). Negative on error.
  */
 SAGA_EXTERN int64_t saga_node_outbox_depth(saga_node *node);
+
+/** Dead letters: the bytes of a message a dead letter keeps (the rest is cut, and its reason
+ * says so), how long dead letters are kept, and how many at most (the oldest go first); the
+ * node's retention passes delete the rest (saga_node_stats.purged_dead_letters). At most
+ * SAGA_DEAD_LETTER_MAX x SAGA_DEAD_LETTER_BODY_MAX = 640 MiB of bodies, far less in practice. */
+#define SAGA_DEAD_LETTER_BODY_MAX 65536u
+#define SAGA_DEAD_LETTER_MS (UINT64_C(30) * 24 * 3600 * 1000)
+#define SAGA_DEAD_LETTER_MAX 10000u
+
+/** An outbox row unconfirmed this long is worth a warning (see saga_node_stats). */
+#define SAGA_OUTBOX_WARN_MS 60000u
+/** How often, at most, the outbox is read per channel for that warning. */
+#define SAGA_OUTBOX_CHECK_MS 5000u
+
+/** Called by saga_node_outbox_channels() once per channel with unconfirmed messages: how many
+ * there are and the age in ms of the oldest. channel is borrowed for the call. */
+typedef void (*saga_outbox_channel_cb)(void *arg, const char *channel, int64_t count,
+                                       uint64_t oldest_ms);
+
+/**
+ * Reports the unconfirmed outbox rows per channel (reads the database: one scan of the
+ * outbox). Use it for a metric such as "oldest unconfirmed message per channel": a channel
+ * whose messages stay unconfirmed is not consumed (a typo in a step's channel) or its
+ * consumer is down. Returns SAGA_OK, SAGA_EINVAL, or a store error. Thread: the node's loop.
+ */
+SAGA_EXTERN int saga_node_outbox_channels(saga_node *node, saga_outbox_channel_cb cb, void *arg);
 
 /** Nonzero when the node has queued work not yet committed (for test harnesses). */
 SAGA_EXTERN int saga_node_busy(const saga_node *node);

@@ -62,8 +62,10 @@ SAGA_EXTERN int saga_inproc_hub_set_limits(saga_inproc_hub *hub, size_t max_mess
                                            size_t max_bytes);
 
 /** Copies what the hub holds for channel (NULL = all channels together) into *out, writing
- * at most size bytes: pass sizeof *out. A channel the hub never saw gives zeros. Any thread.
- * Returns SAGA_OK, or SAGA_EINVAL for a NULL hub or out. */
+ * exactly size bytes: pass sizeof *out (docs/abi.md: an older, shorter struct gets the fields it
+ * knows; bytes past this library's are zeroed). A channel the hub never saw gives zeros. Any
+ * thread. Returns SAGA_OK, or SAGA_EINVAL for a NULL hub or out or a size below the struct's
+ * first version (all four counters). */
 SAGA_EXTERN int saga_inproc_hub_queue_stats(saga_inproc_hub *hub, const char *channel,
                                             saga_inproc_queue_stats *out, size_t size);
 

@@ -89,8 +89,13 @@ SAGA_EXTERN int saga_mem_hub_close(saga_mem_hub *hub);
 /** Replaces the fault settings (for example to heal the network before a final drain). */
 SAGA_EXTERN void saga_mem_hub_set_faults(saga_mem_hub *hub, const saga_mem_faults *faults);
 
-/** Copies the hub's counters into *out. */
-SAGA_EXTERN void saga_mem_hub_stats(const saga_mem_hub *hub, saga_mem_stats *out);
+/**
+ * Copies the hub's counters into *out, writing exactly `size` bytes: pass sizeof *out (a
+ * program built against an older, shorter struct gets the counters it knows; bytes past the
+ * counters of this library are zeroed). Returns SAGA_OK, or SAGA_EINVAL (nothing written) for
+ * a NULL hub or out or a size below the first version of the struct (up to `waiting`).
+ */
+SAGA_EXTERN int saga_mem_hub_stats(const saga_mem_hub *hub, saga_mem_stats *out, size_t size);
 
 /**
  * Sets the per-channel bounds: at most max_messages messages and max_bytes payload bytes held
@@ -102,10 +107,11 @@ SAGA_EXTERN int saga_mem_hub_set_limits(saga_mem_hub *hub, size_t max_messages,
                                         size_t max_bytes);
 
 /**
- * Copies what the hub holds for channel (NULL = all channels together) into *out, writing at
- * most size bytes: pass sizeof *out (a program built against an older, smaller struct gets
- * the fields it knows). A channel the hub never saw gives zeros. Returns SAGA_OK, or
- * SAGA_EINVAL for a NULL hub or out.
+ * Copies what the hub holds for channel (NULL = all channels together) into *out, writing
+ * exactly size bytes: pass sizeof *out (a program built against an older, smaller struct gets
+ * the fields it knows; bytes past this library's are zeroed). A channel the hub never saw
+ * gives zeros. Returns SAGA_OK, or SAGA_EINVAL for a NULL hub or out or a size below the
+ * struct's first version (all four counters).
  */
 SAGA_EXTERN int saga_mem_hub_queue_stats(const saga_mem_hub *hub, const char *channel,
                                          saga_mem_queue_stats *out, size_t size);

@@ -91,8 +91,16 @@ typedef struct saga_redis_stats {
                                     was still unanswered on the same connection */
 } saga_redis_stats;
 
-/** Fills cfg with the defaults listed in saga_redis_config. Accepts NULL. */
-SAGA_EXTERN void saga_redis_config_init(saga_redis_config *cfg);
+/**
+ * Fills the first `size` bytes of cfg with the defaults listed in saga_redis_config and sets
+ * struct_version to the newest version whose fields fit in them: pass sizeof *cfg (the macro
+ * saga_redis_config_init() does; a program built against an older, shorter struct gets its
+ * own version and nothing past it is written, docs/abi.md). Returns SAGA_OK, or SAGA_EINVAL
+ * for a NULL cfg or a size below the version-1 struct (nothing written).
+ */
+SAGA_EXTERN int saga_redis_config_init_sized(saga_redis_config *cfg, size_t size);
+/** Fills cfg with the defaults listed in saga_redis_config. */
+#define saga_redis_config_init(cfg) saga_redis_config_init_sized((cfg), sizeof(saga_redis_config))
 
 /**
  * Creates a Redis transport; hand it to saga_node_open(). Nothing connects before the node
@@ -107,9 +115,11 @@ SAGA_EXTERN void saga_redis_config_init(saga_redis_config *cfg);
 SAGA_EXTERN int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg);
 
 /**
- * Copies t's counters (t must be a Redis transport), at most `size` bytes of them: pass
- * sizeof *out. A program built against an older header, whose struct is shorter, gets the
- * fields it knows and nothing is written past them. Returns SAGA_OK or SAGA_EINVAL.
+ * Copies t's counters (t must be a Redis transport) into *out, writing exactly `size` bytes:
+ * pass sizeof *out. A program built against an older header, whose struct is shorter, gets the
+ * fields it knows and nothing is written past them; bytes past this library's counters are
+ * zeroed (docs/abi.md). Returns SAGA_OK, or SAGA_EINVAL (nothing written) for a NULL or
+ * non-Redis t, a NULL out or a size below the first version (the first two counters).
  * Thread: t's loop.
  */
 SAGA_EXTERN int saga_redis_stats_get_sized(saga_transport *t, saga_redis_stats *out,

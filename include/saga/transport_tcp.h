@@ -117,8 +117,16 @@ typedef struct saga_tcp_stats {
   uint64_t slow_readers_dropped;   /**< inbound connections over max_reply_queue_bytes */
 } saga_tcp_stats;
 
+/**
+ * Fills the first `size` bytes of cfg with the defaults and sets struct_version to the newest
+ * version whose fields fit in them: pass sizeof *cfg (the macro saga_tcp_config_init() does;
+ * a program built against an older, shorter struct gets its own version and nothing past it
+ * is written, docs/abi.md). Returns SAGA_OK, or SAGA_EINVAL for a NULL cfg or a size below
+ * the version-2 struct (the first one the transport accepts; nothing written).
+ */
+SAGA_EXTERN int saga_tcp_config_init_sized(saga_tcp_config *cfg, size_t size);
 /** Fills cfg with the defaults. */
-SAGA_EXTERN void saga_tcp_config_init(saga_tcp_config *cfg);
+#define saga_tcp_config_init(cfg) saga_tcp_config_init_sized((cfg), sizeof(saga_tcp_config))
 
 /**
  * Creates a TCP transport (not yet listening: the node opens it). The TLS files are read
@@ -133,8 +141,14 @@ SAGA_EXTERN int saga_tcp_transport_new2(saga_transport **out, const saga_tcp_con
 /** saga_tcp_transport_new2() without the reason. */
 SAGA_EXTERN int saga_tcp_transport_new(saga_transport **out, const saga_tcp_config *cfg);
 
-/** Copies t's counters (t must be a TCP transport). Returns SAGA_OK or SAGA_EINVAL. */
-SAGA_EXTERN int saga_tcp_stats_get(saga_transport *t, saga_tcp_stats *out);
+/**
+ * Copies t's counters (t must be a TCP transport) into *out, writing exactly `size` bytes:
+ * pass sizeof *out (an older, shorter struct gets the counters it knows; bytes past this
+ * library's counters are zeroed; docs/abi.md). Returns SAGA_OK, or SAGA_EINVAL (nothing
+ * written) for a NULL or non-TCP t, a NULL out or a size below the struct's first version
+ * (up to slow_readers_dropped).
+ */
+SAGA_EXTERN int saga_tcp_stats_get(saga_transport *t, saga_tcp_stats *out, size_t size);
 
 
 

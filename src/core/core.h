@@ -32,6 +32,7 @@ typedef struct saga__env {
   uint64_t rng_state; /* splitmix64 for retry jitter only: fast, guessable */
   saga__csprng ids;   /* OS CSPRNG output for saga and trace ids */
   char errmsg[512];   /* the last failure, for saga_node_errmsg() */
+  size_t dead_body_max; /* bytes of a dead letter's message kept (the rest is cut) */
 } saga__env;
 
 /* Sets up e (no store, clock or callbacks yet). */

@@ -10,14 +10,55 @@ static int valid_name(const char *s, size_t max) {
   return n > 0 && n <= max;
 }
 
+/* ---- the step table's layout (docs/abi.md) -------------------------------------------- */
+
+/* The first saga_step layout: what step_size 0 and every version-1 definition mean. Frozen:
+ * fields appended to saga_step later do not change it. */
+#define STEP_SIZE_V1 (offsetof(saga_step, compensation_retry) + sizeof(saga_retry))
+/* The shortest step read: the layout before compensation_retry was appended. */
+#define STEP_SIZE_MIN (offsetof(saga_step, local_arg) + sizeof(void *))
+/* A stride larger than this is taken for a mistake (255 steps must stay addressable). */
+#define STEP_SIZE_MAX ((size_t)1 << 20)
+
+/* The fields appended to saga_step after STEP_SIZE_MIN, in order: a caller's step shorter
+ * than a field's end lacks it, and it takes its default (zero). */
+static const struct {
+  size_t offset, size;
+} step_appended[] = {
+    {offsetof(saga_step, compensation_retry), sizeof(saga_retry)},
+};
+
+/* The distance between two steps of def's table (validated by saga_definition_validate). */
+static size_t step_stride(const saga_definition *def) {
+  if (def->struct_version < 2 || def->step_size == 0) return STEP_SIZE_V1;
+  return def->step_size;
+}
+
+/* Step i of def as this library's saga_step: the fields the caller's step has, the others
+ * zero. Reads exactly min(stride, sizeof(saga_step)) bytes of the caller's step. */
+static void step_read(const saga_definition *def, size_t i, saga_step *out) {
+  size_t stride = step_stride(def);
+  memset(out, 0, sizeof *out);
+  memcpy(out, (const char *)def->steps + i * stride, stride < sizeof *out ? stride : sizeof *out);
+  for (size_t k = 0; k < sizeof step_appended / sizeof step_appended[0]; k++)
+    if (stride < step_appended[k].offset + step_appended[k].size)
+      memset((char *)out + step_appended[k].offset, 0, sizeof *out - step_appended[k].offset);
+}
+
 int saga_definition_validate(const saga_definition *def, char *err, size_t errlen) {
   if (def == NULL) {
     saga__errf(err, errlen, "definition is NULL");
     return SAGA_EINVAL;
   }
-  if (def->struct_version != 0 && def->struct_version != SAGA_DEFINITION_VERSION) {
+  if (def->struct_version < 0 || def->struct_version > SAGA_DEFINITION_VERSION) {
     saga__errf(err, errlen, "definition struct_version %d is unknown", def->struct_version);
     return SAGA_EVERSION;
+  }
+  size_t stride = step_stride(def);
+  if (stride < STEP_SIZE_MIN || stride > STEP_SIZE_MAX) {
+    saga__errf(err, errlen, "definition step_size %zu is not a saga_step size (%zu..%zu)",
+               stride, (size_t)STEP_SIZE_MIN, (size_t)STEP_SIZE_MAX);
+    return SAGA_EDEFINITION;
   }
   if (!valid_name(def->name, 128)) {
     saga__errf(err, errlen, "definition name must be 1..128 bytes");
@@ -33,7 +74,9 @@ int saga_definition_validate(const saga_definition *def, char *err, size_t errle
   }
   int seen_pivot = 0, seen_retriable = 0;
   for (size_t i = 0; i < def->nsteps; i++) {
-    const saga_step *s = &def->steps[i];
+    saga_step copy;
+    step_read(def, i, &copy);
+    const saga_step *s = &copy;
     const char *nm = s->name ? s->name : "?";
     if (!valid_name(s->name, 128)) {
       saga__errf(err, errlen, "definition '%s' step %zu: name must be 1..128 bytes", def->name,
@@ -146,7 +189,9 @@ int saga__def_copy(saga__def *out, const saga_definition *def, const saga_alloca
   out->nsteps = out->steps ? def->nsteps : 0;
   out->pivot = (int)def->nsteps;
   for (size_t i = 0; i < out->nsteps; i++) {
-    const saga_step *s = &def->steps[i];
+    saga_step copy;
+    step_read(def, i, &copy);
+    const saga_step *s = &copy;
     saga__step *d = &out->steps[i];
     d->name = dup_opt(a, s->name, &oom);
     d->channel = dup_opt(a, s->channel, &oom);
@@ -219,6 +264,7 @@ int saga_def_builder_new(saga_def_builder **out, const char *name, uint32_t vers
     return SAGA_ENOMEM;
   }
   b->def.struct_version = SAGA_DEFINITION_VERSION;
+  b->def.step_size = sizeof(saga_step);
   b->def.name = b->name;
   b->def.version = version;
   *out = b;

@@ -12,6 +12,7 @@ void saga__env_init(saga__env *e, const saga_allocator *a) {
   memset(e, 0, sizeof *e);
   e->alloc = saga__alloc_resolve(a);
   saga_limits_init(&e->limits);
+  e->dead_body_max = SAGA_DEAD_LETTER_BODY_MAX;
   e->rng_state = saga__os_random();
   saga__csprng_init(&e->ids);
 }

@@ -241,6 +241,15 @@ int saga__journal_outbox(saga__journal *j, const char *channel, const char *saga
 int saga__journal_dead_letter(saga__journal *j, const char *channel, const char *msg_id,
                               const char *reason, const void *body, size_t len) {
   saga__store *s = j->env->store;
+  /* A dead letter is for an operator to read, not a second outbox: a large body is cut, and
+   * the reason says so (with the size it had). */
+  char cut[640];
+  if (len > j->env->dead_body_max) {
+    snprintf(cut, sizeof cut, "%s [message cut to its first %zu of %zu bytes]", reason,
+             j->env->dead_body_max, len);
+    reason = cut;
+    len = j->env->dead_body_max;
+  }
   int rc = s->m->dead_insert(s, saga__now(j->env), channel, msg_id, reason, body, len);
   if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "writing dead letter");
   j->env->stats.dead_letters++;

@@ -13,21 +13,40 @@
 static void finish_close(saga_node *n);
 static void start_close(saga_node *n);
 
-void saga_node_config_init(saga_node_config *cfg) {
-  if (cfg == NULL) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_version = SAGA_NODE_CONFIG_VERSION;
-  cfg->synchronous = SAGA_SYNC_FULL;
-  cfg->resend_ms = 1000;
-  cfg->batch_max = 1024;
-  cfg->busy_timeout_ms = 5000;
-  cfg->max_deliveries = 10;
-  saga_limits_init(&cfg->limits);
-  saga__retention_defaults(&cfg->retention);
-  cfg->checkpoint = SAGA_CHECKPOINT_INLINE;
-  cfg->checkpoint_pages = 1000;
-  cfg->db_mode = SAGA_DB_OPEN_EXISTING;
-  cfg->db_check = SAGA_DB_CHECK_QUICK;
+/* Where the fields of each struct_version of saga_node_config end (docs/abi.md): a config of
+ * version v is read up to config_end[v] and no further. Frozen: a new version appends its
+ * own end. The structs embedded by value (saga_limits, saga_retention) never grow, so these
+ * offsets never move. */
+static const size_t config_end[SAGA_NODE_CONFIG_VERSION + 1] = {
+    0,
+    offsetof(saga_node_config, retention),
+    offsetof(saga_node_config, checkpoint),
+    offsetof(saga_node_config, checkpoint_pages) + sizeof(uint32_t),
+    offsetof(saga_node_config, db_check) + sizeof(saga_db_check),
+};
+
+int saga_node_config_init_sized(saga_node_config *cfg, size_t size) {
+  if (cfg == NULL || size < config_end[1]) return SAGA_EINVAL;
+  int v = SAGA_NODE_CONFIG_VERSION;
+  while (config_end[v] > size) v--;
+  /* Fill a whole config of this library, then hand the caller the bytes it has room for:
+   * every field of version v (and any padding up to size); zeros past ours. */
+  saga_node_config c;
+  memset(&c, 0, sizeof c);
+  c.struct_version = v;
+  c.synchronous = SAGA_SYNC_FULL;
+  c.resend_ms = 1000;
+  c.batch_max = 1024;
+  c.busy_timeout_ms = 5000;
+  c.max_deliveries = 10;
+  saga_limits_init(&c.limits);
+  saga__retention_defaults(&c.retention);
+  c.checkpoint = SAGA_CHECKPOINT_INLINE;
+  c.checkpoint_pages = 1000;
+  c.db_mode = SAGA_DB_OPEN_EXISTING;
+  c.db_check = SAGA_DB_CHECK_QUICK;
+  saga__copy_sized(cfg, size, &c, sizeof c);
+  return SAGA_OK;
 }
 
 
@@ -78,6 +97,13 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
                cfg->struct_version);
     saga_transport_free(t);
     return SAGA_EVERSION;
+  }
+  if (cfg->struct_version >= 4 &&
+      ((unsigned)cfg->db_mode > SAGA_DB_CREATE || (unsigned)cfg->db_check > SAGA_DB_CHECK_FULL)) {
+    saga__errf(err, errlen, "config db_mode %d or db_check %d is unknown", (int)cfg->db_mode,
+               (int)cfg->db_check);
+    saga_transport_free(t);
+    return SAGA_EINVAL;
   }
   if (cfg->name == NULL || cfg->name[0] == '\0' || strlen(cfg->name) > 256 ||
       cfg->db_path == NULL || t == NULL || strcmp(cfg->name, SAGA__LOCAL_CHANNEL) == 0) {
@@ -285,7 +311,7 @@ static int subscribe_once(saga_node *n, const char *channel) {
   return rc;
 }
 
-int saga_node_start(saga_node *n) {
+int saga_node_start(saga_node *n, uint64_t *missing_out) {
   if (n == NULL) return SAGA_EINVAL;
   n->env.errmsg[0] = '\0';
   if (n->started || n->closing)
@@ -314,6 +340,7 @@ int saga_node_start(saga_node *n) {
   /* Recovery: report instances whose definition is missing, re-arm the rest. */
   int missing = saga__batch_recover(n);
   if (missing < 0) return missing;
+  if (missing_out != NULL) *missing_out = (uint64_t)missing;
   n->started = 1;
   n->relay_hwm = 0;
   saga__events_dispatch(n);
@@ -321,7 +348,7 @@ int saga_node_start(saga_node *n) {
   saga__batch_arm_deadline(n);
   if (saga__retention_enabled(&n->retention))
     saga__timer_arm(&n->purge_timer, saga__now(&n->env) + n->retention.cfg.interval_ms);
-  return missing;
+  return SAGA_OK;
 }
 
 /* ---- API that queues work --------------------------------------------------------------- */
@@ -451,6 +478,7 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->input_buf);
   saga__buf_free(&n->unsendable_channel);
   saga__buf_free(&n->unsendable_body);
+  saga__buf_free(&n->stuck_warned);
   saga__free(a, n->event_channel);
   saga__free(a, n->event_sub_channel);
   for (size_t i = 0; i < n->nsubscribed; i++) saga__free(a, n->subscribed[i]);
@@ -528,10 +556,14 @@ struct sqlite3 *saga_node_db(saga_node *n) {
 
 saga_clock *saga_node_clock(saga_node *n) { return n != NULL ? n->env.clock : NULL; }
 
-void saga_node_stats_get(const saga_node *n, saga_node_stats *out) {
-  if (n == NULL || out == NULL) return;
-  *out = n->env.stats;
-  if (n->env.store != NULL) n->env.store->m->stats(n->env.store, out);
+int saga_node_stats_get(const saga_node *n, saga_node_stats *out, size_t size) {
+  /* the first version of the struct ended after handler_runs */
+  if (n == NULL || out == NULL || size < offsetof(saga_node_stats, step_latency))
+    return SAGA_EINVAL;
+  saga_node_stats st = n->env.stats;
+  if (n->env.store != NULL) n->env.store->m->stats(n->env.store, &st);
+  saga__copy_sized(out, size, &st, sizeof st);
+  return SAGA_OK;
 }
 
 int saga_node_count_by_state(saga_node *n, int64_t counts[6]) {

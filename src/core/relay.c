@@ -133,6 +133,9 @@ void saga__relay_fresh(saga_node *n) {
     saga__timer_arm(&n->resend_timer, saga__now(&n->env) + n->resend_ms);
 }
 
+static void check_stuck(saga_node *n, uint64_t now);
+static void clear_stuck(saga_node *n);
+
 static void resend_timer_cb(saga__timer *t) {
   saga_node *n = t->data;
   if (n->closing) return;
@@ -147,7 +150,96 @@ static void resend_timer_cb(saga__timer *t) {
   n->env.stats.resent += sent;
   n->resend_cursor = sent < n->batch_max ? 0 : last;
   /* Keep resending while anything is unconfirmed; stop when the outbox is empty. */
-  if (saga_node_outbox_depth(n) > 0) saga__timer_arm(&n->resend_timer, now + n->resend_ms);
+  if (saga_node_outbox_depth(n) > 0) {
+    check_stuck(n, now);
+    saga__timer_arm(&n->resend_timer, now + n->resend_ms);
+  } else {
+    clear_stuck(n);
+  }
+}
+
+/* ---- channels whose messages stay unconfirmed -------------------------------------------- */
+
+typedef struct stuck_scan {
+  saga_node *n;
+  uint64_t now, oldest, channels;
+  saga__buf seen; /* channels over the threshold now (NUL-separated) */
+  int oom;
+} stuck_scan;
+
+static int name_in(const saga__buf *list, const char *name) {
+  for (size_t off = 0; off < list->len;) {
+    const char *c = (const char *)list->data + off;
+    if (strcmp(c, name) == 0) return 1;
+    off += strlen(c) + 1;
+  }
+  return 0;
+}
+
+static void stuck_row(void *arg, const char *channel, int64_t count, uint64_t oldest) {
+  stuck_scan *sc = arg;
+  uint64_t age = sc->now > oldest ? sc->now - oldest : 0;
+  if (age > sc->oldest) sc->oldest = age;
+  if (age < SAGA_OUTBOX_WARN_MS || strcmp(channel, SAGA__LOCAL_CHANNEL) == 0) return;
+  sc->channels++;
+  if (saga__buf_append(&sc->seen, channel, strlen(channel) + 1) != SAGA_OK) {
+    sc->oom = 1;
+    return;
+  }
+  if (name_in(&sc->n->stuck_warned, channel)) return;
+  char shown[131];
+  saga__printable(shown, sizeof shown, channel, strlen(channel));
+  saga__log(&sc->n->env, SAGA_LOG_WARN,
+            "%" PRId64 " message(s) to '%s' unconfirmed, the oldest for %" PRIu64 " s: is the "
+            "channel's name right, and is a node consuming it up? (warned once until it drains)",
+            count, shown, age / 1000);
+}
+
+/* Reads the outbox per channel: the metrics, and a warning for each channel newly stuck. */
+static void check_stuck(saga_node *n, uint64_t now) {
+  if (n->outbox_checked != 0 && now - n->outbox_checked < SAGA_OUTBOX_CHECK_MS) return;
+  n->outbox_checked = now;
+  saga__store *s = n->env.store;
+  stuck_scan sc;
+  memset(&sc, 0, sizeof sc);
+  sc.n = n;
+  sc.now = now;
+  saga__buf_init(&sc.seen, n->env.alloc);
+  int rc = s->m->outbox_channels(s, stuck_row, &sc);
+  if (rc == SAGA_OK && !sc.oom) {
+    n->env.stats.outbox_oldest_ms = sc.oldest;
+    n->env.stats.outbox_stuck_channels = sc.channels;
+    /* Forget channels that drained: warned again if they get stuck again. */
+    saga__buf tmp = n->stuck_warned;
+    n->stuck_warned = sc.seen;
+    sc.seen = tmp;
+  }
+  saga__buf_free(&sc.seen);
+}
+
+static void clear_stuck(saga_node *n) {
+  n->env.stats.outbox_oldest_ms = 0;
+  n->env.stats.outbox_stuck_channels = 0;
+  saga__buf_reset(&n->stuck_warned);
+  n->outbox_checked = 0;
+}
+
+typedef struct chan_report {
+  saga_outbox_channel_cb cb;
+  void *arg;
+  uint64_t now;
+} chan_report;
+
+static void report_row(void *arg, const char *channel, int64_t count, uint64_t oldest) {
+  chan_report *r = arg;
+  r->cb(r->arg, channel, count, r->now > oldest ? r->now - oldest : 0);
+}
+
+int saga_node_outbox_channels(saga_node *n, saga_outbox_channel_cb cb, void *arg) {
+  if (n == NULL || n->env.store == NULL || cb == NULL) return SAGA_EINVAL;
+  chan_report r = {cb, arg, saga__now(&n->env)};
+  int rc = n->env.store->m->outbox_channels(n->env.store, report_row, &r);
+  return rc == SAGA_OK ? rc : saga__store_fail(&n->env, rc, "reading outbox");
 }
 
 int64_t saga_node_outbox_depth(saga_node *n) {
@@ -161,6 +253,7 @@ void saga__relay_init(saga_node *n) {
   saga__timer_init(&n->resend_timer, n->env.clock, resend_timer_cb, n);
   saga__buf_init(&n->unsendable_channel, n->env.alloc);
   saga__buf_init(&n->unsendable_body, n->env.alloc);
+  saga__buf_init(&n->stuck_warned, n->env.alloc);
 }
 
 void saga__relay_stop(saga_node *n) { saga__timer_stop(&n->resend_timer); }

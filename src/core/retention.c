@@ -31,6 +31,8 @@ void saga__retention_init(saga__retention *r, saga__env *env, const saga_retenti
     saga__retention_defaults(&r->cfg);
   if (r->cfg.batch == 0) r->cfg.batch = 1000;
   if (r->cfg.interval_ms == 0) r->cfg.interval_ms = 60000;
+  r->dead_ms = SAGA_DEAD_LETTER_MS;
+  r->max_dead = SAGA_DEAD_LETTER_MAX;
   saga__buf_init(&r->ids, env->alloc);
   for (int i = 0; i < 2; i++) {
     saga__buf_init(&r->sweeps[i].key, env->alloc);
@@ -44,7 +46,8 @@ void saga__retention_free(saga__retention *r) {
 }
 
 int saga__retention_enabled(const saga__retention *r) {
-  return r->cfg.finished_ms != 0 || r->cfg.max_finished != 0 || r->cfg.inbox_ms != 0;
+  return r->cfg.finished_ms != 0 || r->cfg.max_finished != 0 || r->cfg.inbox_ms != 0 ||
+         r->dead_ms != 0 || r->max_dead != 0;
 }
 
 /* Deletes the listed sagas and their history. */
@@ -65,7 +68,7 @@ int saga__retention_pass(saga__retention *r, int *more) {
   saga__env *env = r->env;
   saga__store *s = env->store;
   uint64_t now = saga__now(env);
-  uint64_t sagas = 0, inbox = 0, steps = 0;
+  uint64_t sagas = 0, inbox = 0, steps = 0, dead = 0;
   *more = 0;
   int rc = s->m->begin(s);
   if (rc != SAGA_OK) return saga__store_fail(env, rc, "starting a purge");
@@ -90,6 +93,9 @@ int saga__retention_pass(saga__retention *r, int *more) {
      * applied" when the record may be among those deleted (participant.c). */
     if (rc == SAGA_OK && steps > 0) rc = s->m->purge_mark_raise(s, cutoff);
   }
+  if (rc == SAGA_OK && (r->dead_ms != 0 || r->max_dead != 0))
+    rc = s->m->dead_purge(s, r->dead_ms != 0 && now > r->dead_ms ? now - r->dead_ms : 0,
+                          r->max_dead, c->batch, &dead, more);
   SAGA__HOOK(env, "purge.before_commit");
   if (rc == SAGA_OK) rc = s->m->commit(s);
   if (rc != SAGA_OK) {
@@ -100,10 +106,11 @@ int saga__retention_pass(saga__retention *r, int *more) {
   env->stats.purged_sagas += sagas;
   env->stats.purged_inbox += inbox;
   env->stats.purged_steps += steps;
+  env->stats.purged_dead_letters += dead;
   env->stats.purge_passes++;
-  if (sagas + inbox + steps > 0)
+  if (sagas + inbox + steps + dead > 0)
     saga__log(env, SAGA_LOG_DEBUG,
-              "purged %" PRIu64 " sagas, %" PRIu64 " inbox and %" PRIu64 " step records", sagas,
-              inbox, steps);
+              "purged %" PRIu64 " sagas, %" PRIu64 " inbox and %" PRIu64 " step records, %" PRIu64
+              " dead letters", sagas, inbox, steps, dead);
   return SAGA_OK;
 }

@@ -12,6 +12,7 @@ typedef struct saga__retention {
   saga_retention cfg;
   saga__buf ids;          /* the sagas a pass deletes (NUL-separated) */
   saga__sweep sweeps[2];  /* cursors: inbox records, step records */
+  uint64_t dead_ms, max_dead; /* dead letters: age and count kept (0 = no limit) */
 } saga__retention;
 
 /* The documented defaults (7 days, 30 days, batches of 1000, every minute). */

@@ -114,6 +114,8 @@ struct saga_node {
   saga__buf sent_ids;  /* confirmed outbox ids of a transaction (uint64_t each) */
   saga__buf input_buf; /* saga_start: the encoded input */
   saga__buf unsendable_channel, unsendable_body; /* relay.c: a row being dead-lettered */
+  saga__buf stuck_warned; /* relay.c: channels warned about (NUL-separated) */
+  uint64_t outbox_checked; /* relay.c: time of the last per-channel check */
 };
 
 /* queue.c */

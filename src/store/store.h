@@ -153,6 +153,11 @@ typedef struct saga__store_methods {
   /* Copies one row: channel (NUL-terminated) and body. SAGA_ENOTFOUND when gone. */
   int (*outbox_get)(saga__store *s, uint64_t id, saga__buf *channel, saga__buf *body);
   int (*outbox_count)(saga__store *s, int64_t *count);
+  /* Visits each channel with outbox rows: fn(arg, channel, count, oldest created_ms). */
+  int (*outbox_channels)(saga__store *s,
+                         void (*fn)(void *arg, const char *channel, int64_t count,
+                                    uint64_t oldest),
+                         void *arg);
 
   /* ---- participant: inbox and step records ---- */
   /* The recorded reply to message msg_id and where it went: reply_to gets the channel
@@ -179,6 +184,11 @@ typedef struct saga__store_methods {
   /* ---- dead letters ---- */
   int (*dead_insert)(saga__store *s, uint64_t now, const char *channel, const char *msg_id,
                      const char *reason, const void *body, size_t len);
+  /* Deletes at most batch dead letters written before cutoff, then at most batch beyond the
+   * newest keep (0 = no count limit), oldest first; *deleted grows by how many, *more is set
+   * when a batch was filled. */
+  int (*dead_purge)(saga__store *s, uint64_t cutoff, uint64_t keep, size_t batch,
+                    uint64_t *deleted, int *more);
 
   /* ---- retention ---- */
   /* Appends to ids (NUL-separated) at most max finished sagas last updated before cutoff,

@@ -508,11 +508,10 @@ static int open_node(kit *c, saga_world *w, saga_node **out, const char *name,
         {.name = "TWO", .channel = "conf-ch", .action = "c.do", .compensation = "c.undo"},
         {.name = "THREE", .channel = "conf-ch", .action = "c.do", .kind = SAGA_STEP_PIVOT},
     };
-    static const saga_definition def = {SAGA_DEFINITION_VERSION, "conformance", 1, steps, 3, 0};
+    static const saga_definition def = {SAGA_DEFINITION_VERSION, "conformance", 1, steps, 3, 0, sizeof(saga_step)};
     if ((rc = saga_node_register(*out, &def)) != SAGA_OK) return rc;
   }
-  rc = saga_node_start(*out);
-  return rc < 0 ? rc : SAGA_OK;
+  return saga_node_start(*out, NULL);
 }
 
 static int count_fx(saga_node *n, const char *kind, int step) {

@@ -602,7 +602,9 @@ int saga_inproc_hub_set_limits(saga_inproc_hub *hub, size_t max_messages, size_t
 
 int saga_inproc_hub_queue_stats(saga_inproc_hub *hub, const char *channel,
                                 saga_inproc_queue_stats *out, size_t size) {
-  if (hub == NULL || out == NULL) return SAGA_EINVAL;
+  if (hub == NULL || out == NULL ||
+      size < offsetof(saga_inproc_queue_stats, refused) + sizeof(uint64_t))
+    return SAGA_EINVAL; /* below the first version of the struct */
   saga_inproc_queue_stats q;
   memset(&q, 0, sizeof q);
   uv_mutex_lock(&hub->mu);
@@ -614,7 +616,7 @@ int saga_inproc_hub_queue_stats(saga_inproc_hub *hub, const char *channel,
     q.refused += c->refused;
   }
   uv_mutex_unlock(&hub->mu);
-  memcpy(out, &q, size < sizeof q ? size : sizeof q);
+  saga__copy_sized(out, size, &q, sizeof q);
   return SAGA_OK;
 }
 

@@ -814,13 +814,12 @@ void saga_mem_hub_set_faults(saga_mem_hub *hub, const saga_mem_faults *faults) {
   if (hub != NULL) set_faults(hub, faults);
 }
 
-void saga_mem_hub_stats(const saga_mem_hub *hub, saga_mem_stats *out) {
-  if (out == NULL) return;
-  if (hub == NULL) {
-    memset(out, 0, sizeof *out);
-    return;
-  }
-  *out = hub->stats;
+int saga_mem_hub_stats(const saga_mem_hub *hub, saga_mem_stats *out, size_t size) {
+  /* the first version of the struct ended after `waiting` */
+  if (hub == NULL || out == NULL || size < offsetof(saga_mem_stats, waiting) + sizeof(uint64_t))
+    return SAGA_EINVAL;
+  saga__copy_sized(out, size, &hub->stats, sizeof hub->stats);
+  return SAGA_OK;
 }
 
 int saga_mem_hub_set_limits(saga_mem_hub *hub, size_t max_messages, size_t max_bytes) {
@@ -839,12 +838,14 @@ static void add_chan_stats(saga_mem_queue_stats *q, const mem_chan *c) {
 
 int saga_mem_hub_queue_stats(const saga_mem_hub *hub, const char *channel,
                              saga_mem_queue_stats *out, size_t size) {
-  if (hub == NULL || out == NULL) return SAGA_EINVAL;
+  if (hub == NULL || out == NULL ||
+      size < offsetof(saga_mem_queue_stats, refused) + sizeof(uint64_t))
+    return SAGA_EINVAL; /* below the first version of the struct */
   saga_mem_queue_stats q;
   memset(&q, 0, sizeof q);
   for (const mem_chan *c = hub->chans; c != NULL; c = c->next)
     if (channel == NULL || strcmp(c->name, channel) == 0) add_chan_stats(&q, c);
-  memcpy(out, &q, size < sizeof q ? size : sizeof q);
+  saga__copy_sized(out, size, &q, sizeof q);
   return SAGA_OK;
 }
 

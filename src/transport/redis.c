@@ -1479,17 +1479,38 @@ static const saga_transport_methods rd_methods = {
 
 /* ---- construction --------------------------------------------------------------------- */
 
-void saga_redis_config_init(saga_redis_config *cfg) {
-  if (cfg == NULL) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_version = SAGA_REDIS_CONFIG_VERSION;
-  cfg->host = "127.0.0.1";
-  cfg->port = 6379;
-  cfg->prefix = "saga";
-  cfg->claim_idle_ms = 30000;
-  cfg->max_deliveries = 10;
-  cfg->reconnect_min_ms = 50;
-  cfg->reconnect_max_ms = 5000;
+/* Writes exactly size bytes at out: min(size, have) from src, zeros after (docs/abi.md). */
+static void copy_sized(void *out, size_t size, const void *src, size_t have) {
+  size_t n = size < have ? size : have;
+  memcpy(out, src, n);
+  if (size > n) memset((char *)out + n, 0, size - n);
+}
+
+/* Where the fields of each struct_version of saga_redis_config end. Frozen: a new version
+ * appends its own end. */
+static const size_t config_end[SAGA_REDIS_CONFIG_VERSION + 1] = {
+    0,
+    offsetof(saga_redis_config, username),
+    offsetof(saga_redis_config, fail_fast),
+    offsetof(saga_redis_config, fail_fast) + sizeof(int),
+};
+
+int saga_redis_config_init_sized(saga_redis_config *cfg, size_t size) {
+  if (cfg == NULL || size < config_end[1]) return SAGA_EINVAL;
+  int v = SAGA_REDIS_CONFIG_VERSION;
+  while (config_end[v] > size) v--;
+  saga_redis_config c;
+  memset(&c, 0, sizeof c);
+  c.struct_version = v;
+  c.host = "127.0.0.1";
+  c.port = 6379;
+  c.prefix = "saga";
+  c.claim_idle_ms = 30000;
+  c.max_deliveries = 10;
+  c.reconnect_min_ms = 50;
+  c.reconnect_max_ms = 5000;
+  copy_sized(cfg, size, &c, sizeof c);
+  return SAGA_OK;
 }
 
 int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg) {
@@ -1573,9 +1594,10 @@ int saga_redis_transport_new(saga_transport **out, const saga_redis_config *cfg)
 }
 
 int saga_redis_stats_get_sized(saga_transport *t, saga_redis_stats *out, size_t size) {
-  if (t == NULL || out == NULL || t->methods != &rd_methods) return SAGA_EINVAL;
-  const saga_redis_stats *st = &((rd_tp *)t)->stats;
-  memcpy(out, st, size < sizeof *st ? size : sizeof *st);
+  if (t == NULL || out == NULL || t->methods != &rd_methods ||
+      size < offsetof(saga_redis_stats, xadds))
+    return SAGA_EINVAL; /* the first version of the struct: the first two counters */
+  copy_sized(out, size, &((rd_tp *)t)->stats, sizeof(saga_redis_stats));
   return SAGA_OK;
 }
 

@@ -1384,19 +1384,32 @@ static const saga_transport_methods tcp_methods = {
 
 /* ---- configuration ------------------------------------------------------------------------ */
 
-void saga_tcp_config_init(saga_tcp_config *cfg) {
-  if (cfg == NULL) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_version = SAGA_TCP_CONFIG_VERSION;
-  cfg->max_frame_bytes = (1u << 20) + 4096;
-  cfg->max_queued_bytes = (size_t)64 << 20;
-  cfg->reconnect_min_ms = 50;
-  cfg->reconnect_max_ms = 5000;
-  cfg->max_connections = 256;
-  cfg->max_connections_per_ip = 32;
-  cfg->handshake_timeout_ms = 5000;
-  cfg->idle_timeout_ms = 300000;
-  cfg->max_reply_queue_bytes = (size_t)1 << 20;
+/* Writes exactly size bytes at out: min(size, have) from src, zeros after (docs/abi.md). */
+static void copy_sized(void *out, size_t size, const void *src, size_t have) {
+  size_t n = size < have ? size : have;
+  memcpy(out, src, n);
+  if (size > n) memset((char *)out + n, 0, size - n);
+}
+
+int saga_tcp_config_init_sized(saga_tcp_config *cfg, size_t size) {
+  /* Version 2 (the only one accepted) ends after max_reply_queue_bytes. A later version
+   * appends fields and is given to callers whose size holds them. */
+  if (cfg == NULL || size < offsetof(saga_tcp_config, max_reply_queue_bytes) + sizeof(size_t))
+    return SAGA_EINVAL;
+  saga_tcp_config c;
+  memset(&c, 0, sizeof c);
+  c.struct_version = SAGA_TCP_CONFIG_VERSION;
+  c.max_frame_bytes = (1u << 20) + 4096;
+  c.max_queued_bytes = (size_t)64 << 20;
+  c.reconnect_min_ms = 50;
+  c.reconnect_max_ms = 5000;
+  c.max_connections = 256;
+  c.max_connections_per_ip = 32;
+  c.handshake_timeout_ms = 5000;
+  c.idle_timeout_ms = 300000;
+  c.max_reply_queue_bytes = (size_t)1 << 20;
+  copy_sized(cfg, size, &c, sizeof c);
+  return SAGA_OK;
 }
 
 static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
@@ -1585,8 +1598,10 @@ int saga_tcp_transport_new(saga_transport **out, const saga_tcp_config *cfg) {
   return saga_tcp_transport_new2(out, cfg, NULL, 0);
 }
 
-int saga_tcp_stats_get(saga_transport *base, saga_tcp_stats *out) {
-  if (base == NULL || out == NULL || base->methods != &tcp_methods) return SAGA_EINVAL;
-  *out = ((tcp_tr *)base)->stats;
+int saga_tcp_stats_get(saga_transport *base, saga_tcp_stats *out, size_t size) {
+  if (base == NULL || out == NULL || base->methods != &tcp_methods ||
+      size < offsetof(saga_tcp_stats, slow_readers_dropped) + sizeof(uint64_t))
+    return SAGA_EINVAL; /* the first version of the struct ended after slow_readers_dropped */
+  copy_sized(out, size, &((tcp_tr *)base)->stats, sizeof(saga_tcp_stats));
   return SAGA_OK;
 }

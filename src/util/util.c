@@ -143,6 +143,12 @@ void saga__errf(char *err, size_t errlen, const char *fmt, ...) {
   va_end(ap);
 }
 
+void saga__copy_sized(void *out, size_t size, const void *src, size_t have) {
+  size_t n = size < have ? size : have;
+  memcpy(out, src, n);
+  if (size > n) memset((char *)out + n, 0, size - n);
+}
+
 void saga__printable(char *out, size_t out_len, const char *s, size_t len) {
   size_t max = out_len - 1, k = 0;
   for (; k < len && k < max; k++)

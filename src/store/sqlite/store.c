@@ -568,6 +568,27 @@ static int sq_dead_insert(saga__store *ss, uint64_t now, const char *channel,
   return exec(s, ST_DEAD_INSERT);
 }
 
+static int sq_outbox_channels(saga__store *ss,
+                              void (*fn)(void *arg, const char *channel, int64_t count,
+                                         uint64_t oldest),
+                              void *arg) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  int rc = saga__sq_err(sqlite3_prepare_v2(s->db, "SELECT channel, count(*), min(created_ms)"
+                                           " FROM saga_outbox GROUP BY channel", -1, &st, NULL));
+  if (rc == SAGA_OK) {
+    int src;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+      const char *ch = (const char *)sqlite3_column_text(st, 0);
+      fn(arg, ch != NULL ? ch : "", sqlite3_column_int64(st, 1),
+         (uint64_t)sqlite3_column_int64(st, 2));
+    }
+    rc = saga__sq_err(src);
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
 /* ---- parked replies --------------------------------------------------------------------- */
 
 /* A one-off statement (these run rarely: not worth a prepared slot). */
@@ -624,6 +645,33 @@ static int sq_parked_delete(saga__store *ss, uint64_t id) {
   }
   sqlite3_finalize(st);
   return rc;
+}
+
+static int sq_dead_purge(saga__store *ss, uint64_t cutoff, uint64_t keep, size_t batch,
+                         uint64_t *deleted, int *more) {
+  sq_store *s = SQ(ss);
+  /* Ids grow with time: the oldest come first in id order, and the scan stops at the batch. */
+  static const char *const sql[2] = {
+      "DELETE FROM saga_dead_letter WHERE id IN (SELECT id FROM saga_dead_letter"
+      " WHERE at_ms < ?1 ORDER BY id LIMIT ?2)",
+      "DELETE FROM saga_dead_letter WHERE id IN (SELECT id FROM saga_dead_letter"
+      " ORDER BY id DESC LIMIT ?2 OFFSET ?1)"};
+  for (int k = 0; k < 2; k++) {
+    if (k == 1 && keep == 0) break;
+    sqlite3_stmt *st = NULL;
+    int rc = run_once(s, sql[k], &st);
+    if (rc == SAGA_OK) {
+      sqlite3_bind_int64(st, 1, (sqlite3_int64)(k == 0 ? cutoff : keep));
+      sqlite3_bind_int64(st, 2, (sqlite3_int64)batch);
+      rc = saga__sq_err(sqlite3_step(st));
+    }
+    sqlite3_finalize(st);
+    if (rc != SAGA_OK) return rc;
+    int n = sqlite3_changes(s->db);
+    *deleted += (uint64_t)n;
+    if ((size_t)n >= batch) *more = 1;
+  }
+  return SAGA_OK;
 }
 
 /* ---- retention -------------------------------------------------------------------------- */
@@ -894,10 +942,12 @@ static const saga__store_methods sqlite_methods = {
     .inbox_insert = sq_inbox_insert,
     .pstep_get = sq_pstep_get,
     .pstep_put = sq_pstep_put,
+    .outbox_channels = sq_outbox_channels,
     .parked_insert = sq_parked_insert,
     .parked_after = sq_parked_after,
     .parked_delete = sq_parked_delete,
     .dead_insert = sq_dead_insert,
+    .dead_purge = sq_dead_purge,
     .finished_before = sq_finished_before,
     .finished_beyond = sq_finished_beyond,
     .purge_saga = sq_purge_saga,

@@ -1,0 +1,424 @@
+/*
+ * libsaga — the node: one SQLite database, one transport, one libuv loop.
+ *
+ * A node hosts an orchestrator (it runs sagas of the definitions registered on it), the
+ * participants whose handlers are registered on it, or both. Lifecycle:
+ *
+ *   saga_node_config cfg; saga_node_config_init(&cfg);
+ *   cfg.name = "orders"; cfg.db_path = "orders.db"; cfg.transport = t;
+ *   saga_node_open(&node, loop, &cfg);         // opens/migrates the database
+ *   saga_node_register(node, &def);            // definitions this node orchestrates
+ *   saga_node_handle(node, "order", "order.create", create_order, NULL);  // participants
+ *   saga_node_start(node);                     // recovery: resume in-flight sagas, relay
+ *   saga_start(node, "purchase", input, key, started_cb, arg);
+ *   ... uv_run(loop, UV_RUN_DEFAULT) ...
+ *   saga_node_close(node, closed_cb, arg);     // then let the loop run once more
+ *
+ * Everything a node does in one loop turn (started sagas, replies, commands, timeouts) is
+ * group-committed in one SQLite transaction; each participant handler runs in its own
+ * savepoint inside it. After the commit, and only then: deliveries are acknowledged,
+ * callbacks and events run, and the new outbox rows are published.
+ *
+ * Errors: functions return SAGA_OK or a negative code; saga_node_errmsg() has the detail.
+ * Thread: every function must be called on the loop's thread, except saga_node_post().
+ * Fork: a node must not be used across fork() — open it in the process that runs it (its
+ * SQLite connection, loop and transport do not survive a fork). Its id generator refills
+ * from the OS in a child anyway, so a child never repeats its parent's ids.
+ *
+ * Ids: saga ids are 32 hex digits, 48 bits of milliseconds (so ids sort by start time, which
+ * keeps the store's B-trees compact) then 80 bits from the OS CSPRNG (getrandom): knowing
+ * some ids does not tell the next. Message ids and trace ids derive from them.
+ */
+#ifndef SAGA_NODE_H
+#define SAGA_NODE_H
+
+#include "clock.h"
+#include "common.h"
+#include "data.h"
+#include "definition.h"
+#include "participant.h"
+#include "transport.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
+struct sqlite3; /* from sqlite3.h, declared here so this header stands alone */
+
+typedef struct saga_node saga_node;
+
+/** Saga states. Terminal: COMPLETED, COMPENSATED, FAILED. */
+typedef enum saga_state {
+  SAGA_RUNNING = 1,
+  SAGA_COMPENSATING = 2,
+  SAGA_COMPLETED = 3,
+  SAGA_COMPENSATED = 4,
+  SAGA_FAILED = 5 /**< a compensation could not finish; needs an operator */
+} saga_state;
+
+/** Name of a state, e.g. "RUNNING"; "UNKNOWN" for other values. */
+SAGA_EXTERN const char *saga_state_name(int state);
+
+/** Transitions reported to the event hook and recorded in each saga's history. */
+typedef enum saga_event_type {
+  SAGA_EV_STARTED = 1,
+  SAGA_EV_STEP_SENT = 2,        /**< an action attempt was sent (STATUS_EXECUTE) */
+  SAGA_EV_STEP_SUCCEEDED = 3,
+  SAGA_EV_STEP_FAILED = 4,      /**< business refusal or technical failure; detail = reason */
+  SAGA_EV_STEP_TIMED_OUT = 5,
+  SAGA_EV_STEP_RETRY = 6,       /**< another attempt is scheduled */
+  SAGA_EV_COMPENSATION_SENT = 7,
+  SAGA_EV_COMPENSATED = 8,      /**< a step's compensation was confirmed */
+  SAGA_EV_COMPENSATION_FAILED = 9, /**< gave up compensating a step; the saga is FAILED */
+  SAGA_EV_RESOLVE_SENT = 10,    /**< asked the pivot's participant whether it applied */
+  SAGA_EV_CANCELLED = 11,       /**< cancel or saga deadline: compensation starts */
+  SAGA_EV_COMPLETED = 12,
+  SAGA_EV_SAGA_COMPENSATED = 13,
+  SAGA_EV_SAGA_FAILED = 14,
+  SAGA_EV_STALE_REPLY = 15,     /**< a duplicate or late reply was ignored (a saga that
+                                     already COMPLETED or COMPENSATED records none: see
+                                     saga_node_stats.stale_replies) */
+  SAGA_EV_DEFINITION_MISSING = 16 /**< an instance's definition version is not registered */
+} saga_event_type;
+
+/** Name of an event type, e.g. "STEP_SENT". */
+SAGA_EXTERN const char *saga_event_name(int type);
+
+/** One transition. Every pointer is borrowed for the duration of the hook call. */
+typedef struct saga_event {
+  saga_event_type type;
+  const char *saga_id;
+  const char *definition; /**< definition name */
+  uint32_t version;       /**< definition version */
+  int step;               /**< step index, -1 for saga-level events */
+  const char *step_name;  /**< "" for saga-level events */
+  uint32_t attempt;
+  saga_state state;       /**< saga state after the transition */
+  const char *detail;     /**< reason or note, "" when none */
+  uint64_t at_ms;         /**< clock time of the transition */
+  const saga_data *data;  /**< events received from another node (saga_node_subscribe_events):
+                               the saga's data at the transition; NULL for this node's own
+                               events (read it with saga_get()) */
+} saga_event;
+
+/** The event hook: called after the transition's transaction committed, on the loop. */
+typedef void (*saga_event_cb)(saga_node *node, const saga_event *ev, void *arg);
+
+typedef enum saga_sync {
+  SAGA_SYNC_OFF = 0,
+  SAGA_SYNC_NORMAL = 1,
+  SAGA_SYNC_FULL = 2 /**< default: every commit is durable */
+} saga_sync;
+
+/**
+ * Retention of finished work: nothing grows without bound. A node purges in small batches,
+ * each its own short transaction, so the loop never stalls; a pass that filled a batch
+ * continues on the next loop turn. FAILED sagas and dead letters are never purged (they wait
+ * for an operator). See docs/operating.md for the trade-offs.
+ */
+typedef struct saga_retention {
+  /** COMPLETED and COMPENSATED sagas, with their history, are deleted once they finished
+   * this long ago. Default 7 days; 0 = never by age. */
+  uint64_t finished_ms;
+  /** Keep at most this many COMPLETED/COMPENSATED sagas (the oldest go first). Default 0 =
+   * no limit. Each pass skips over this many index entries: cheap up to millions. */
+  uint64_t max_finished;
+  /** Participant inbox records and step records are deleted once this old. Default 30 days;
+   * 0 = never. It must exceed the longest a saga can run plus the transport's redelivery
+   * horizon: a command arriving after its records were deleted runs its handler again, and a
+   * compensation arriving after them would find no record of its action and not undo it. */
+  uint64_t inbox_ms;
+  uint32_t batch;       /**< rows of each kind per purge transaction; default 1000 */
+  uint32_t interval_ms; /**< between purge passes; default 60000 */
+} saga_retention;
+
+/** How a node checkpoints its WAL (copies it back into the database file so that the WAL can
+ * start over). */
+typedef enum saga_checkpoint_mode {
+  /** Default: SQLite's own auto-checkpoint, inside the commit that makes the WAL cross
+   * checkpoint_pages; that commit waits for the copy and its fsyncs. */
+  SAGA_CHECKPOINT_INLINE = 0,
+  /** In a thread of libuv's pool (the loop's threadpool, shared with the application), on a
+   * database connection of its own, every checkpoint_pages new WAL pages, so commits do not
+   * wait for the copy. A background pass cannot finish while commits keep adding pages, so
+   * once the WAL holds 4 x checkpoint_pages the node checkpoints inline between two
+   * transactions, which bounds the WAL. Measured (docs/performance.md): a few % more
+   * throughput under load, a slightly longer light-load tail (the background fsyncs compete
+   * with the commits'). The VFS, if any, must be usable from another thread. */
+  SAGA_CHECKPOINT_BACKGROUND = 1
+} saga_checkpoint_mode;
+
+#define SAGA_NODE_CONFIG_VERSION 3
+
+/** Node configuration. Initialise with saga_node_config_init(), then set fields. */
+typedef struct saga_node_config {
+  int struct_version;         /**< SAGA_NODE_CONFIG_VERSION */
+  const char *name;           /**< required: node name; also its reply channel */
+  const char *db_path;        /**< required: SQLite file (":memory:" for tests) */
+  const char *vfs;            /**< SQLite VFS name, NULL = default */
+  saga_sync synchronous;      /**< default SAGA_SYNC_FULL */
+  saga_transport *transport;  /**< required; taken by saga_node_open(), even on failure */
+  saga_clock *clock;          /**< NULL = a real clock of the node's own; borrowed */
+  const saga_allocator *alloc;/**< NULL = libc; copied */
+  saga_log_fn log;            /**< NULL = no logging */
+  void *log_arg;
+  /**
+   * FOR TESTS ONLY; production leaves it NULL. NULL: saga ids and trace ids come from the
+   * OS CSPRNG (getrandom), retry jitter from a fast generator seeded from it. Set: ids and
+   * jitter come from this function (deterministic runs), and ids are only as unpredictable
+   * as it is — with a seeded generator an outsider who sees one id can forge replies.
+   */
+  uint64_t (*random)(void *arg);
+  void *random_arg;
+  saga_event_cb on_event;     /**< NULL = none */
+  void *event_arg;
+  uint32_t resend_ms;         /**< outbox rows unconfirmed this long are sent again, at
+                                   most batch_max per resend_ms, oldest first, in turn;
+                                   default 1000 */
+  uint32_t batch_max;         /**< most work items in one transaction; default 1024 */
+  saga_limits limits;         /**< decoding limits; defaults from saga_limits_init() */
+  uint32_t busy_timeout_ms;   /**< SQLite busy timeout; default 5000 */
+  uint32_t max_deliveries;    /**< a command whose handler fails transiently (busy, I/O,
+                                   memory) this many times is dead-lettered and answered
+                                   with a failure; default 10 */
+  /**
+   * Fault-injection hook for crash tests (NULL in production): called at named points of
+   * the node's work, e.g. to _exit() the process there. Points: "tx.before_commit",
+   * "tx.after_commit" (committed, nothing acknowledged or published yet), "tx.after_ack",
+   * "outbox.after_insert", "relay.after_publish" (handed to the transport, not yet
+   * confirmed), "participant.after_handler", "participant.after_inbox" (inbox row written,
+   * not committed), "engine.after_transition".
+   */
+  void (*test_hook)(void *arg, const char *point);
+  void *test_hook_arg;
+  /**
+   * NULL, or a channel to which every transition of this node's sagas is also published, as
+   * an event message written in the transition's own transaction (so at least once, in
+   * order per saga). Other nodes receive them with saga_node_subscribe_events().
+   */
+  const char *event_channel;
+  /* ---- struct_version 2 ---- */
+  saga_retention retention; /**< defaults from saga_node_config_init() (version 1 configs:
+                                 the defaults) */
+  /* ---- struct_version 3 ---- (older configs: the defaults) */
+  saga_checkpoint_mode checkpoint; /**< default SAGA_CHECKPOINT_INLINE */
+  uint32_t checkpoint_pages;       /**< WAL pages that start a checkpoint; default 1000 */
+} saga_node_config;
+
+/** Fills cfg with defaults (struct_version set, everything optional at its default). */
+SAGA_EXTERN void saga_node_config_init(saga_node_config *cfg);
+
+/**
+ * Opens the database (creating it, or migrating it to this library's schema), and opens the
+ * transport on loop. The node takes ownership of cfg->transport in every case. Strings in
+ * cfg are copied.
+ * Returns SAGA_OK and sets *out; SAGA_EINVAL (missing name/db_path/transport, NULL loop),
+ * SAGA_EVERSION (config or transport version unknown), SAGA_ESCHEMA (database written by a
+ * newer libsaga), SAGA_ESTORE/SAGA_EIO/SAGA_EREADONLY (SQLite), SAGA_ENOMEM, or the
+ * transport's error. On failure nothing is left to free; if errmsg is not NULL a sentence
+ * describing the failure is copied into it (errlen bytes).
+ */
+SAGA_EXTERN int saga_node_open(saga_node **out, struct uv_loop_s *loop, const saga_node_config *cfg,
+                               char *errmsg, size_t errlen);
+
+/**
+ * Starts closing: stops timers and the transport; pending API callbacks get SAGA_ECLOSED.
+ * cb (may be NULL) runs on the loop once everything is released. The node must not be used
+ * after this call. Accepts NULL (cb is then not called).
+ */
+SAGA_EXTERN void saga_node_close(saga_node *node, void (*cb)(void *arg), void *arg);
+
+/** The detail of the latest error on this node (never NULL; "" when none). Every call that
+ * can fail (register, handle, subscribe, start, saga_start, saga_cancel, saga_retry_failed,
+ * saga_get, saga_tx_start) clears it first, so after a call that succeeded it is "". A failed
+ * transaction of the node's own work sets it too (and logs it). Borrowed until the next call
+ * on the node. */
+SAGA_EXTERN const char *saga_node_errmsg(const saga_node *node);
+
+/**
+ * The SQLite connection of the node, for the application's own statements between the node's
+ * transactions (on the loop thread, outside handlers): reads, and writes that belong to no
+ * saga (e.g. creating a product). Inside a handler use saga_tx_db() instead.
+ */
+SAGA_EXTERN struct sqlite3 *saga_node_db(saga_node *node);
+
+/** The node's clock. */
+SAGA_EXTERN saga_clock *saga_node_clock(saga_node *node);
+
+/**
+ * Registers a definition to orchestrate (copied). Several versions of one name may be
+ * registered; saga_start() uses the highest. Must be called before saga_node_start().
+ * Returns SAGA_OK, SAGA_EDEFINITION (invalid; errmsg says why), SAGA_EEXIST (same name and
+ * version already registered), SAGA_ESTATE (node already started), SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_node_register(saga_node *node, const saga_definition *def);
+
+/**
+ * Registers handler fn for command on channel (both copied) and subscribes to channel at
+ * saga_node_start(). Must be called before saga_node_start().
+ * Returns SAGA_OK, SAGA_EINVAL, SAGA_EEXIST (same channel and command), SAGA_ESTATE,
+ * SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_node_handle(saga_node *node, const char *channel, const char *command,
+                                 saga_handler fn, void *arg);
+
+/**
+ * Recovery and start: subscribes the channels, re-arms every stored deadline, sends unsent
+ * outbox rows, and reports (event SAGA_EV_DEFINITION_MISSING, once per instance) every
+ * in-flight saga whose definition version is not registered — those are left untouched.
+ * Returns the number of such instances (>= 0), or a negative error.
+ */
+SAGA_EXTERN int saga_node_start(saga_node *node);
+
+/** Completion of saga_start(): status SAGA_OK and the saga id (borrowed for the call), or
+ * a negative status and saga_id NULL. `existed` is 1 when the idempotency key matched an
+ * earlier saga (the same id is returned; nothing new started). */
+typedef void (*saga_start_cb)(saga_node *node, int status, const char *saga_id, int existed,
+                              void *arg);
+
+/**
+ * Starts a saga of the highest registered version of definition `name`, with a copy of
+ * input (may be NULL) as its data. idem_key (may be NULL) makes the start idempotent: a
+ * later start with the same key returns the first saga's id. The saga is durable when cb
+ * runs (after the commit). If this returns an error, cb never runs; otherwise it runs
+ * exactly once, on the loop.
+ * Returns SAGA_OK, SAGA_EINVAL, SAGA_ENODEF, SAGA_ESTATE (not started / closing),
+ * SAGA_ENOMEM, SAGA_ETOOBIG (input over the message limit).
+ */
+SAGA_EXTERN int saga_start(saga_node *node, const char *name, const saga_data *input,
+                           const char *idem_key, saga_start_cb cb, void *arg);
+
+/**
+ * Receives, from then on, the events other nodes publish to `channel` (their
+ * cfg.event_channel): cb runs on the loop, after the delivery was recorded, with ev->data set.
+ * Delivery is at least once: a receiver that must not show an event twice keeps the last
+ * (saga_id, at_ms, type) it saw. Must be called before saga_node_start(); one callback per
+ * node. Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE, SAGA_EEXIST, SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_node_subscribe_events(saga_node *node, const char *channel,
+                                           saga_event_cb cb, void *arg);
+
+/** Completion of an operator action: SAGA_OK or a negative status. */
+typedef void (*saga_done_cb)(saga_node *node, int status, void *arg);
+
+/**
+ * Aborts a RUNNING saga into compensation. Fails with SAGA_ESTATE (through cb) when the saga
+ * has passed its pivot or is not running, SAGA_ENOTFOUND when unknown. Async contract as for
+ * saga_start().
+ */
+SAGA_EXTERN int saga_cancel(saga_node *node, const char *saga_id, saga_done_cb cb, void *arg);
+
+/**
+ * Operator repair: resumes a FAILED saga's compensation from the step that failed, with a
+ * fresh attempt count. SAGA_ESTATE through cb when the saga is not FAILED.
+ */
+SAGA_EXTERN int saga_retry_failed(saga_node *node, const char *saga_id, saga_done_cb cb, void *arg);
+
+/** A snapshot of one saga, from saga_get(). All memory belongs to the struct. */
+typedef struct saga_info {
+  char id[40];
+  char *definition;
+  uint32_t version;
+  saga_state state;
+  int step;           /**< current step (action or compensation) */
+  uint32_t attempt;
+  char *error;        /**< last failure reason, "" when none */
+  saga_data *data;    /**< the saga data */
+  uint64_t created_ms, updated_ms;
+  uint64_t deadline_ms; /**< next timer, 0 when none */
+} saga_info;
+
+/**
+ * Reads the committed state of a saga. On SAGA_OK *out is a new snapshot to release with
+ * saga_info_free(). SAGA_ENOTFOUND, SAGA_EINVAL, SAGA_ESTORE, SAGA_ENOMEM.
+ */
+SAGA_EXTERN int saga_get(saga_node *node, const char *saga_id, saga_info **out);
+
+/** Frees a snapshot. Accepts NULL. */
+SAGA_EXTERN void saga_info_free(saga_info *info);
+
+/**
+ * The only thread-safe entry: runs fn(node, arg) on the loop thread soon. Returns SAGA_OK,
+ * SAGA_ECLOSED (node closing: fn will not run), SAGA_ENOMEM. If it returns SAGA_OK, fn runs
+ * exactly once — with node NULL when the node closed before fn could run.
+ *
+ * When other threads must stop: tell them to stop posting before calling saga_node_close().
+ * A post that races with the close is safe while the close is under way (it returns
+ * SAGA_ECLOSED, or SAGA_OK and fn runs with node NULL); the node's memory is freed right
+ * before the close callback runs, and a post made after that touches freed memory.
+ */
+SAGA_EXTERN int saga_node_post(saga_node *node, void (*fn)(saga_node *node, void *arg),
+                               void *arg);
+
+/** Buckets of the step-latency histogram (see saga_node_stats.step_latency). */
+#define SAGA_LATENCY_BUCKETS 14
+
+/** Counters of a node. */
+typedef struct saga_node_stats {
+  uint64_t transactions;   /**< group commits */
+  uint64_t work_items;     /**< items processed in them */
+  uint64_t commit_failures;
+  uint64_t sent, resent, acked_out; /**< outbox rows published / resent / confirmed */
+  uint64_t delivered, duplicates, dead_letters;
+  uint64_t handler_runs;
+  /** Orchestrator step latency: from the commit that sent a step's command (action,
+   * compensation or resolve) to the processing of its reply, in ms of the node's clock.
+   * step_latency[b] counts replies with latency <= saga_latency_bound_ms(b) and above the
+   * previous bound (not cumulative); the last bucket counts everything above the largest
+   * bound. Counted when the reply is processed (a transaction that then fails to commit
+   * still counted it). */
+  uint64_t step_latency[SAGA_LATENCY_BUCKETS];
+  uint64_t step_latency_count, step_latency_sum_ms;
+  /** Rows deleted by retention: finished sagas, inbox records, participant step records. */
+  uint64_t purged_sagas, purged_inbox, purged_steps;
+  uint64_t purge_passes;   /**< purge transactions committed */
+  /** Transactions run a second time with a savepoint per item, because an item failed after
+   * writing (a store error, out of memory): the first try has no per-item savepoints. */
+  uint64_t replayed_tx;
+  /** WAL checkpoints: run in the background, run inline because the WAL reached its bound,
+   * and failed (background or inline; logged). */
+  uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
+  /** Replies that matched no awaited step (duplicates, late or stale attempts), all of
+   * them, including those for finished sagas, which record no history. */
+  uint64_t stale_replies;
+  /** Commands refused because their reply_to cannot be reached by this node's transport
+   * (its can_send() said 0) or names the reserved local channel: dead-lettered and
+   * acknowledged, the handler not run. */
+  uint64_t reply_to_refused;
+  /** Outbox rows the transport refused for good (send() returned SAGA_EINVAL or
+   * SAGA_ETOOBIG): moved to the dead-letter table once, not resent. */
+  uint64_t unsendable;
+  /** Replies for the awaited step, phase and attempt whose id does not answer the command
+   * this node sent: each command's id carries a tag only this node can compute (a keyed
+   * hash, the key kept in its database), which the reply must echo. Such a reply was made
+   * by someone who never saw the command: ignored, logged and counted here. */
+  uint64_t forged_replies;
+} saga_node_stats;
+
+/** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last
+ * bucket and for b out of range. */
+SAGA_EXTERN uint32_t saga_latency_bound_ms(int b);
+
+/**
+ * Counts the sagas this node orchestrates by state (reads the database): counts[s] for each
+ * saga_state s (index 0 unused and set to 0). Returns SAGA_OK, or SAGA_EINVAL / a store
+ * error. Cost grows with the number of sagas kept (an index scan); fine for a scrape.
+ */
+SAGA_EXTERN int saga_node_count_by_state(saga_node *node, int64_t counts[6]);
+
+/** Copies the node's counters. */
+SAGA_EXTERN void saga_node_stats_get(const saga_node *node, saga_node_stats *out);
+
+/**
+ * Number of outbox rows not yet confirmed (reads the database). Negative on error.
+ */
+SAGA_EXTERN int64_t saga_node_outbox_depth(saga_node *node);
+
+/** Nonzero when the node has queued work not yet committed (for test harnesses). */
+SAGA_EXTERN int saga_node_busy(const saga_node *node);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAGA_NODE_H */
