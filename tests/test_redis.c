@@ -1031,9 +1031,14 @@ static void run_nodes(env *e, int late) {
     th_run_real(&e->loop, no_pred, NULL, 1000); /* sends are refused meanwhile */
     assert_int_equal(w->started_ok, 100);
     assert_int_equal(w->terminal, 0);
+    /* The health check's answer: transport not connected. */
+    assert_int_equal(saga_node_transport_connected(w->orch), 0);
+    assert_int_equal(saga_node_transport_connected(w->part), 0);
     restart_ready(e);
   }
   int rc = th_run_real(&e->loop, terminal_pred, w, 60000);
+  assert_int_equal(saga_node_transport_connected(w->orch), 1);
+  assert_int_equal(saga_node_transport_connected(w->part), 1);
   printf("100 sagas over redis: %d terminal in %.0f ms\n", (int)w->terminal,
          (double)(uv_hrtime() - t0) / 1e6);
   assert_int_equal(rc, 0);

@@ -15,10 +15,11 @@
  * services add (shop_metrics_add: the purchase service's request and stream counters).
  *
  * /healthz answers 200 {"status":"ok","service":...,"nodes":{name:{"open":true,
- * "outbox_depth":N}}} while the process serves and every node's database answers; 503 with
- * "status":"error" when a node's database cannot be read. Whether a transport is connected is
- * not visible through libsaga's API; a growing outbox_depth is the sign of a peer that does
- * not confirm.
+ * "outbox_depth":N,"transport":"connected"}}} while the process serves, every node's database
+ * answers and every node's transport is connected (saga_node_transport_connected); 503 with
+ * "status":"error" when a node's database cannot be read or its transport is "not connected"
+ * (a broker not reachable yet: the service runs, its messages wait in its outbox). A growing
+ * outbox_depth is the sign of a peer that does not confirm.
  */
 #include <inttypes.h>
 #include <stdarg.h>
@@ -199,10 +200,14 @@ static void get_healthz(shop_req *r, void *arg) {
   int ok = 1;
   for (int i = 0; i < m->nnodes; i++) {
     int64_t depth = saga_node_outbox_depth(m->nodes[i].node);
+    int connected = saga_node_transport_connected(m->nodes[i].node) == 1;
     json_t *n =
-        depth >= 0 ? json_pack("{s:b,s:I}", "open", 1, "outbox_depth", (json_int_t)depth)
+        depth >= 0 ? json_pack("{s:b,s:I,s:s}", "open", 1, "outbox_depth", (json_int_t)depth,
+                               "transport", connected ? "connected" : "not connected")
                    : json_pack("{s:b,s:s}", "open", 1, "error", saga_node_errmsg(m->nodes[i].node));
-    if (depth < 0) ok = 0;
+    /* A node whose broker is not reachable yet (or again) is not healthy: its messages wait
+     * in its outbox until it is. */
+    if (depth < 0 || !connected) ok = 0;
     json_object_set_new(nodes, m->nodes[i].name, n);
   }
   shop_reply_json(r, ok ? 200 : 503,

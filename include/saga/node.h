@@ -530,6 +530,16 @@ typedef void (*saga_outbox_channel_cb)(void *arg, const char *channel, int64_t c
  */
 SAGA_EXTERN int saga_node_outbox_channels(saga_node *node, saga_outbox_channel_cb cb, void *arg);
 
+/**
+ * 1 when the node's transport is open and connected (messages can flow), 0 when it is not:
+ * not open yet or closed, or opened while its broker was unreachable (NATS and Redis open
+ * anyway by default) and not connected yet, or reconnecting. Meanwhile sagas can be started
+ * and their messages wait in the outbox. For a health check ("transport not connected").
+ * Adapters without a connected() method (in-memory, in-process, TCP, where each peer
+ * connection is separate) count as connected once open. SAGA_EINVAL for a NULL node.
+ */
+SAGA_EXTERN int saga_node_transport_connected(saga_node *node);
+
 /** Nonzero when the node has queued work not yet committed (for test harnesses). */
 SAGA_EXTERN int saga_node_busy(const saga_node *node);
 

@@ -56,6 +56,13 @@ static void host_log(void *ctx, saga_log_level lvl, const char *msg) {
   saga__log(&((saga_node *)ctx)->env, lvl, "transport: %s", msg);
 }
 
+int saga_node_transport_connected(saga_node *n) {
+  if (n == NULL) return SAGA_EINVAL;
+  if (!n->transport_open || n->transport_closed) return 0;
+  if (n->tm.connected == NULL) return 1;
+  return n->tm.connected(n->transport) == 1;
+}
+
 int saga__host_can_send(void *ctx, const char *channel) {
   saga_node *n = ctx;
   if (n->tm.can_send == NULL || !n->transport_open || n->transport_closed) return 1;
@@ -80,6 +87,7 @@ int saga__host_attach(saga_node *n, saga_transport *t, char *err, size_t errlen)
   n->tm.close = m->close;
   n->tm.destroy = m->destroy;
   if (m->version >= 2) n->tm.can_send = m->can_send; /* version 1 has no can_send: NULL */
+  if (m->version >= 3) n->tm.connected = m->connected; /* older: connected when open */
   if (!n->tm.open || !n->tm.subscribe || !n->tm.send || !n->tm.ack || !n->tm.close ||
       !n->tm.destroy) {
     saga__errf(err, errlen, "transport '%s' lacks a required method", n->tm.name);

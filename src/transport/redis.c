@@ -1466,6 +1466,8 @@ static int tp_connected(const rd_tp *tp) {
   return 1;
 }
 
+static int tp_connected_method(saga_transport *t) { return tp_connected((const rd_tp *)t); }
+
 static const saga_transport_methods rd_methods = {
     .version = SAGA_TRANSPORT_VERSION,
     .name = "redis",
@@ -1475,6 +1477,7 @@ static const saga_transport_methods rd_methods = {
     .ack = tp_ack,
     .close = tp_close,
     .destroy = tp_destroy,
+    .connected = tp_connected_method,
 };
 
 /* ---- construction --------------------------------------------------------------------- */

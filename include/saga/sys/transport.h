@@ -21,7 +21,8 @@
  *
  * Versioning: `version` is the first field of the methods table. The core reads the fields
  * that exist in that version and refuses newer versions it does not know (SAGA_EVERSION).
- * New methods are only ever appended. Version 1: open .. destroy; version 2 adds can_send.
+ * New methods are only ever appended. Version 1: open .. destroy; version 2 adds can_send;
+ * version 3 adds connected.
  * Prefer designated initializers (.send = my_send) for the table: a positional one lacks
  * the appended fields when recompiled against a newer header (-Wmissing-field-initializers).
  *
@@ -43,9 +44,10 @@ extern "C" {
 struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 
 
-/* Version 2 appended can_send(). The core still accepts version-1 tables and reads only
- * their fields (a version-1 adapter is taken to reach every channel). */
-#define SAGA_TRANSPORT_VERSION 2
+/* Version 2 appended can_send(), version 3 connected(). The core still accepts older tables
+ * and reads only their fields (a version-1 adapter is taken to reach every channel, a version
+ * 1 or 2 adapter to be connected whenever it is open). */
+#define SAGA_TRANSPORT_VERSION 3
 
 typedef struct saga_transport_methods {
   int version;      /**< SAGA_TRANSPORT_VERSION the adapter was written for */
@@ -118,6 +120,17 @@ typedef struct saga_transport_methods {
    * in-memory channel nobody subscribes to yet) is reachable.
    */
   int (*can_send)(saga_transport *t, const char *channel);
+
+  /* ---- version 3 ---- */
+
+  /**
+   * Optional (NULL = connected whenever open). Returns 1 while messages can flow (connected
+   * to the broker, subscriptions in place), 0 while they cannot (opened while the broker was
+   * unreachable and not connected yet, or reconnecting). An adapter whose open() succeeds
+   * with its broker down should have it: saga_node_transport_connected() reports it for
+   * health checks. Called on the loop thread; must be quick and must not block.
+   */
+  int (*connected)(saga_transport *t);
 } saga_transport_methods;
 
 /**
