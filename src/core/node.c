@@ -83,6 +83,9 @@ static void purge_timer_cb(saga__timer *t) {
 
 /* ---- opening ---------------------------------------------------------------------------- */
 
+/* A node whose open failed after its async handle was made: freed once libuv let go of it. */
+static void free_after_async_close(uv_handle_t *h) { free_node(h->data); }
+
 int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg, char *err,
                    size_t errlen) {
   saga__errf(err, errlen, "%s", "");
@@ -215,11 +218,30 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
     saga__errf(err, errlen, "cannot create mutex");
     goto fail;
   }
-  uv_idle_init(loop, &n->idle);
-  n->idle.data = n;
-  uv_async_init(loop, &n->async, async_cb);
+  /* The async handle first: it is the one that can fail (it may need an eventfd), and when
+   * it does there is no handle in the loop yet to close. uv_idle_init cannot fail on the
+   * platforms libuv supports today; checked all the same, its failure closes the async
+   * handle and leaves the freeing of the node to the close callback. */
+  int uvrc = uv_async_init(loop, &n->async, async_cb);
+  if (uvrc != 0) {
+    rc = uvrc == UV_ENOMEM ? SAGA_ENOMEM : SAGA_EIO;
+    saga__errf(err, errlen, "cannot create the node's wakeup handle (uv_async_init): %s",
+               uv_strerror(uvrc));
+    goto fail;
+  }
   n->async.data = n;
   uv_unref((uv_handle_t *)&n->async);
+  uvrc = uv_idle_init(loop, &n->idle);
+  if (uvrc != 0) {
+    saga__errf(err, errlen, "cannot create the node's idle handle (uv_idle_init): %s",
+               uv_strerror(uvrc));
+    if (n->transport_open) n->tm.close(n->transport);
+    n->tm.destroy(n->transport);
+    n->transport = NULL;
+    uv_close((uv_handle_t *)&n->async, free_after_async_close);
+    return uvrc == UV_ENOMEM ? SAGA_ENOMEM : SAGA_EIO;
+  }
+  n->idle.data = n;
   *out = n;
   return SAGA_OK;
 fail:
