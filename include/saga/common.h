@@ -25,9 +25,9 @@ extern "C" {
 #endif
 
 #define SAGA_VERSION_MAJOR 0
-#define SAGA_VERSION_MINOR 1
+#define SAGA_VERSION_MINOR 2
 #define SAGA_VERSION_PATCH 0
-#define SAGA_VERSION_STRING "0.1.0"
+#define SAGA_VERSION_STRING "0.2.0"
 
 /** Returns SAGA_VERSION_STRING of the library actually linked. */
 SAGA_EXTERN const char *saga_version(void);
