@@ -903,6 +903,14 @@ static void on_event(saga_node *n, const saga_event *ev, void *arg) {
   if (ev->type == SAGA_EV_SAGA_COMPENSATED) w->handler_calls++; /* compensated count */
 }
 
+/* Lines "transport refused message" the nodes logged (rate-limited: see relay.c). */
+static int refusal_lines;
+static void count_refusals(void *arg, saga_log_level lvl, const char *msg) {
+  (void)arg;
+  (void)lvl;
+  if (strstr(msg, "transport refused message") != NULL) refusal_lines++;
+}
+
 static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
   th_world *w = ns->w;
   saga_redis_config rc;
@@ -928,6 +936,7 @@ static void open_node(nodes *ns, saga_node **out, const char *name, int orch) {
   cfg.synchronous = SAGA_SYNC_NORMAL;
   cfg.on_event = orch ? on_event : NULL;
   cfg.event_arg = w;
+  cfg.log = count_refusals;
   char err[256];
   int rc2 = saga_node_open(out, &ns->e->loop, &cfg, err, sizeof err);
   if (rc2 != SAGA_OK) printf("open %s: %s\n", name, err);
@@ -1016,6 +1025,7 @@ static void run_nodes(env *e, int late) {
   th_world_defaults(&w->o);
   w->dir = th_tmpdir();
   nodes ns = {w, e, 0};
+  refusal_lines = 0;
   open_node(&ns, &w->orch, "orch", 1);
   open_node(&ns, &w->part, "part", 0);
   uint64_t t0 = uv_hrtime();
@@ -1034,6 +1044,12 @@ static void run_nodes(env *e, int late) {
     /* The health check's answer: transport not connected. */
     assert_int_equal(saga_node_transport_connected(w->orch), 0);
     assert_int_equal(saga_node_transport_connected(w->part), 0);
+    /* Refusals while the broker is down are counted and logged at most once per 10 s. */
+    saga_node_stats st;
+    saga_node_stats_get(w->orch, &st, sizeof st);
+    printf("broker down 1 s: %" PRIu64 " refusals, %d log lines\n", st.send_refusals,
+           refusal_lines);
+    assert_true(refusal_lines <= 2);
     restart_ready(e);
   }
   int rc = th_run_real(&e->loop, terminal_pred, w, 60000);

@@ -477,6 +477,9 @@ typedef struct saga_node_stats {
   /** Dead letters deleted by retention (older than SAGA_DEAD_LETTER_MS, or beyond the newest
    * SAGA_DEAD_LETTER_MAX). */
   uint64_t purged_dead_letters;
+  /** send() calls the transport refused with a transient code (broker down, queue full): the
+   * rows stay in the outbox and are resent. Logged once, then at most every 10 s. */
+  uint64_t send_refusals;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

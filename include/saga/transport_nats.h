@@ -15,10 +15,16 @@
  *
  * A message is confirmed to the sender once JetStream stored it (publish ack), never before;
  * a publish made while disconnected is sent after the reconnect and confirmed only then. The
- * receiver acknowledges explicitly only after its transaction committed; an unacknowledged
- * message is redelivered after ack_wait_ms. A message delivered to the node max_deliveries
- * times without being acknowledged is, at its next delivery, handed to the node's dead-letter
- * table with the reason (and then acknowledged), so it neither blocks the channel nor loops.
+ * adapter holds at most one copy of an unconfirmed message (by the node's token): a send() of
+ * a token whose copy is on its way — written to the connection and awaiting its ack for less
+ * than 5 s, or waiting in libnats's reconnect buffer — returns SAGA_OK without another copy
+ * (counted in sends_coalesced). It publishes again when that copy may be lost: the connection
+ * it went out on dropped, JetStream answered that it did not store it, or no ack came within
+ * 5 s of a live connection. The receiver acknowledges explicitly only after its transaction
+ * committed; an unacknowledged message is redelivered after ack_wait_ms. A message delivered
+ * to the node max_deliveries times without being acknowledged is, at its next delivery, handed
+ * to the node's dead-letter table with the reason (and then acknowledged), so it neither
+ * blocks the channel nor loops.
  * The connection reconnects forever, every reconnect_wait_ms. A consumer the server leaves
  * stuck — messages waiting, none delivered though asked for, as nats-server before 2.10.25 can
  * after a crash — is deleted and created again (logged): its unacknowledged messages are then
@@ -26,8 +32,18 @@
  *
  * Channel names must be valid subject tokens ('.'-separated, no spaces, '*' or '>'): others
  * are refused with SAGA_EINVAL. open() and subscribe() wait for the server (connect up to 2 s,
- * each JetStream request up to 5 s) and fail with SAGA_ETRANSPORT when it cannot be reached;
- * the node's log hook has the detail.
+ * each JetStream request up to 5 s); the node's log hook has the detail of any failure.
+ *
+ * Broker down at open. When no server can be reached (refused, or no answer within 2 s), open()
+ * still succeeds (config version 3, fail_fast 0, the default): the transport connects in the
+ * background, every reconnect_wait_ms doubling up to 5 s, and sets up the stream and the
+ * consumers once a server answers; subscribe() calls made meanwhile are remembered and applied
+ * then. Until then send() returns SAGA_ETRANSPORT (transient: the node keeps the row in its
+ * outbox and sends it again) and saga_nats_connected() returns 0. With fail_fast set, open()
+ * fails with SAGA_ETRANSPORT instead, as versions 1 and 2 did. Either way a server that answers
+ * open() but refuses the credentials or the TLS handshake, or whose stream disagrees, makes
+ * open() fail: those are configuration errors that waiting does not fix. Found only by the
+ * background connect, a refusal is logged at ERROR (once per outage) and retried.
  *
  * Security (config version 2; the trust model is in docs/security.md). The adapter
  * authenticates to the server with a user and password, a token, an NKey, or a .creds file
@@ -37,8 +53,8 @@
  * credentials, or a failed TLS handshake, make open() fail with SAGA_ETRANSPORT and a log line
  * with libnats's reason; an authorization failure on a later reconnect is logged (once per
  * outage) and the transport keeps retrying — with new connections once libnats gave up on
- * the old one (it does after two refusals in a row). What a node may publish and subscribe to is the
- * server's business (per-user permissions): the adapter needs publish on "<prefix>.<channel>"
+ * the old one (it does after two refusals in a row). What a node may publish and subscribe to
+ * is the server's business (per-user permissions): the adapter needs publish on "<prefix>.<channel>"
  * for the channels it sends to and on "$JS.API.>" (or the stream's and its consumers' API
  * subjects) and "$JS.ACK.<stream>.>", and subscribe on "<inbox_prefix>.>". A publish
  * acknowledgement is accepted only for a publish this transport made and has not seen
@@ -55,7 +71,7 @@
 extern "C" {
 #endif
 
-#define SAGA_NATS_CONFIG_VERSION 2
+#define SAGA_NATS_CONFIG_VERSION 3
 
 typedef struct saga_nats_config {
   int struct_version;        /**< SAGA_NATS_CONFIG_VERSION */
@@ -93,6 +109,12 @@ typedef struct saga_nats_config {
                                    JetStream replies); default "_INBOX". A prefix per service
                                    ("_INBOX.payment") lets server permissions keep each
                                    service's replies to itself */
+  /* ---- version 3 ---- */
+  int fail_fast;              /**< nonzero: open() fails with SAGA_ETRANSPORT when no server
+                                   can be reached, for those who let a supervisor restart the
+                                   service. 0 (the default, and for version 1 and 2 configs):
+                                   open() succeeds and the transport connects when a server
+                                   appears */
 } saga_nats_config;
 
 /** What a NATS transport counted since it was created (saga_nats_stats_get()). */
@@ -105,6 +127,14 @@ typedef struct saga_nats_stats {
                                    the outbox resends them */
   uint64_t permission_errors; /**< the server refused a publish or subscription */
   uint64_t auth_errors;       /**< authentication or authorization failures at (re)connect */
+  /* ---- appended (read with saga_nats_stats_get(), which passes the struct's size) ---- */
+  uint64_t publishes;         /**< copies of messages handed to libnats (written to the
+                                   connection or to its reconnect buffer) */
+  uint64_t sends_coalesced;   /**< send() calls answered without a new copy: the token's copy
+                                   was still on its way */
+  uint64_t unconfirmed;       /**< now: tokens published and not confirmed yet */
+  uint64_t connects;          /**< connections set up (the first one, and new ones after
+                                   libnats gave one up), not counting libnats's reconnects */
 } saga_nats_stats;
 
 /** Fills cfg with the defaults listed in saga_nats_config. */
@@ -115,15 +145,32 @@ SAGA_EXTERN void saga_nats_config_init(saga_nats_config *cfg);
  * for the defaults; its strings are copied. Returns SAGA_OK and sets *out, SAGA_EINVAL
  * (invalid stream name, prefix or inbox prefix; two ways to authenticate; a password without
  * a user, an nkey without its seed file or the reverse, a certificate without its key or the
- * reverse), SAGA_EVERSION (struct_version other than 1 or 2: a version 1 config is read
- * without the version 2 fields), SAGA_ENOMEM. The files are read at open.
- * Thread: any; the transport is then used on its node's loop only.
+ * reverse), SAGA_EVERSION (struct_version other than 1, 2 or 3: an older config is read
+ * without the later fields, which keep their defaults), SAGA_ENOMEM. The files are read at
+ * open. Thread: any; the transport is then used on its node's loop only.
  */
 SAGA_EXTERN int saga_nats_transport_new(saga_transport **out, const saga_nats_config *cfg);
 
-/** Copies t's counters (t must be a NATS transport). Returns SAGA_OK or SAGA_EINVAL.
- * Thread: t's loop. */
-SAGA_EXTERN int saga_nats_stats_get(saga_transport *t, saga_nats_stats *out);
+/**
+ * Copies t's counters (t must be a NATS transport), at most `size` bytes of them: pass
+ * sizeof *out. A program built against an older header, whose struct is shorter, gets the
+ * fields it knows and nothing is written past them. Returns SAGA_OK or SAGA_EINVAL.
+ * Thread: t's loop.
+ */
+SAGA_EXTERN int saga_nats_stats_get_sized(saga_transport *t, saga_nats_stats *out, size_t size);
+
+/** The same for the first six counters only (what the struct held before it grew), kept for
+ * programs built against an older header; the macro below passes the size instead. */
+SAGA_EXTERN int(saga_nats_stats_get)(saga_transport *t, saga_nats_stats *out);
+#define saga_nats_stats_get(t, out) saga_nats_stats_get_sized((t), (out), sizeof(saga_nats_stats))
+
+/**
+ * 1 when t (a NATS transport) is connected with its stream and consumers set up, so that
+ * messages flow; 0 while it is not (opened while the server was unreachable and not connected
+ * yet, disconnected and reconnecting, or not open). For health checks ("transport not
+ * connected"). SAGA_EINVAL when t is not a NATS transport. Thread: t's loop.
+ */
+SAGA_EXTERN int saga_nats_connected(saga_transport *t);
 
 #ifdef __cplusplus
 }

@@ -34,8 +34,20 @@ static void publish(saga_node *n, uint64_t id, const char *channel, const void *
       return;
     }
   }
-  saga__log(&n->env, SAGA_LOG_WARN, "transport refused message %" PRIu64 " to '%s': %s", id,
-            channel, saga_strerror(rc));
+  /* A transient refusal (the broker is down, a queue is full) repeats for every unconfirmed
+   * row on every resend tick: one line, then at most one every 10 s with the count. */
+  n->env.stats.send_refusals++;
+  uint64_t now = saga__now(&n->env);
+  if (n->refusals_logged_at != 0 && now - n->refusals_logged_at < 10000) {
+    n->refusals_unlogged++;
+    return;
+  }
+  saga__log(&n->env, SAGA_LOG_WARN,
+            "transport refused message %" PRIu64 " to '%s': %s (%" PRIu64 " more refusals "
+            "since the last such line; kept in the outbox and resent)",
+            id, channel, saga_strerror(rc), n->refusals_unlogged);
+  n->refusals_logged_at = now;
+  n->refusals_unlogged = 0;
 }
 
 int saga__relay_unsendable(saga_node *n, uint64_t id, int code) {

@@ -116,6 +116,7 @@ struct saga_node {
   saga__buf unsendable_channel, unsendable_body; /* relay.c: a row being dead-lettered */
   saga__buf stuck_warned; /* relay.c: channels warned about (NUL-separated) */
   uint64_t outbox_checked; /* relay.c: time of the last per-channel check */
+  uint64_t refusals_logged_at, refusals_unlogged; /* relay.c: send refusals, rate-limited */
 };
 
 /* queue.c */

@@ -55,6 +55,17 @@
  * JetStream then stores it. When that buffer is full the publish is reported failed at once.
  * Either way the node's outbox resends what was not confirmed.
  *
+ * One copy per token. The node resends every unconfirmed row each resend_ms, and during an
+ * outage each resend used to add a copy to the reconnect buffer (tens of thousands for a few
+ * hundred rows in a minute, all delivered on reconnect). So the `pend` entry of a token also
+ * says which connection its latest copy goes out on (see current_gen: the current one, or the
+ * next one for a copy in the reconnect buffer), and send() makes no new copy while that one is
+ * on its way (pend_live): same connection or a later one, no negative ack, and on a live
+ * connection an ack not overdue (NT_REPUBLISH_MS). A copy written to a connection that dropped
+ * since, or refused by JetStream, or unanswered that long, may be lost: the next send publishes
+ * again. Races with libnats's own threads (a reconnect completing between the reads) can only
+ * make a copy look older than it is, so at worst one copy more, never one missing.
+ *
  * Confirmations. Anyone allowed to publish on the ack inbox's subjects could otherwise confirm
  * a message JetStream never stored, and the node would delete it from its outbox. So an ack
  * counts only when its mac is right (it names a reply subject this transport made: only those
@@ -68,6 +79,12 @@
  * authenticate or to complete the TLS handshake makes open() fail with libnats's reason in the
  * log. Later authorization failures and permission violations are counted and logged once per
  * change while the connection keeps retrying.
+ *
+ * Broker down at open. When the first connect finds no server (and fail_fast is off), open()
+ * succeeds without a connection and the first one is made as below, "starting over";
+ * subscribe() only remembers the channel then, and session_start() sets it up. A subscribe()
+ * made while libnats reconnects is remembered likewise and set up by subs_setup() once the
+ * connection is back.
  *
  * Closed for good. libnats gives up on its own after the server refused the credentials twice
  * in a row on reconnects (libnats 3.4 has no option against it) and closes the connection. The
@@ -115,6 +132,7 @@
 #define NT_PEND_TTL_MS 300000    /* an unconfirmed publish is forgotten after (outbox resends) */
 #define NT_PEND_SWEEP_MS 10000   /* how often the set is scanned for those */
 #define NT_MAC_HEX 16            /* hex digits of the mac in a reply subject */
+#define NT_REPUBLISH_MS 5000     /* a copy on a live connection unacked this long may be lost */
 
 /* A delivery tag: slot (12 bits), channel index (16 bits), slot generation (32 bits). The
  * generation makes a stale or repeated tag harmless; bit 63 stays clear (the core reserves
@@ -177,7 +195,9 @@ typedef struct nt_ack {
 /* A publish awaiting its ack (open addressing on the token; at == 0: free). */
 typedef struct nt_pend {
   uint64_t token;
-  uint64_t at; /* loop time of the latest send of it, plus 1 */
+  uint64_t at;  /* loop time of its latest copy handed to libnats, plus 1 */
+  uint64_t gen; /* the connection that copy goes out on (see pend_live) */
+  int nacked;   /* JetStream answered that it did not store it */
 } nt_pend;
 
 struct nats_tp {
@@ -221,6 +241,14 @@ struct nats_tp {
   nt_pend *pend; /* tokens published, not confirmed yet */
   size_t pend_cap, pend_count;
   uint64_t pend_swept;
+  natsStatistics *ncstats; /* for libnats's reconnect count (current_gen) */
+  uint64_t session;        /* natsConnections made after the first (starting over) */
+  uint64_t gen_seen;       /* current_gen() and whether up, as the loop last saw them ... */
+  uint64_t gen_since;      /* ... and the loop time it saw them change */
+  int fail_fast;      /* open() fails when no server can be reached */
+  size_t subs_waiting; /* subscriptions remembered during a reconnect, not set up yet */
+  uint64_t subs_tried; /* loop time subs_setup() last tried */
+  int ever_connected; /* a connection was set up once (for the log line) */
   saga_nats_stats stats; /* the fields below the mutex are counted under mu */
 
   /* Shared with libnats's and our threads, under mu. */
@@ -482,34 +510,88 @@ static int pend_grow(nats_tp *tp) {
   return SAGA_OK;
 }
 
-/* Records that token is being published now. *added tells whether it is new. */
-static int pend_add(nats_tp *tp, uint64_t token, int *added) {
-  uint64_t now = uv_now(tp->loop) + 1;
-  nt_pend *p = pend_find(tp, token);
-  *added = 0;
-  if (p != NULL) {
-    p->at = now;
-    return SAGA_OK;
+/* Adds a new entry for token (not in the set). Returns it, or NULL with *rc SAGA_EFULL or
+ * SAGA_ENOMEM. */
+static nt_pend *pend_add(nats_tp *tp, uint64_t token, int *rc) {
+  if (tp->pend_count >= NT_PEND_MAX) {
+    *rc = SAGA_EFULL;
+    return NULL;
   }
-  if (tp->pend_count >= NT_PEND_MAX) return SAGA_EFULL;
-  if ((tp->pend_count + 1) * 2 > tp->pend_cap && pend_grow(tp) != SAGA_OK) return SAGA_ENOMEM;
+  if ((tp->pend_count + 1) * 2 > tp->pend_cap && pend_grow(tp) != SAGA_OK) {
+    *rc = SAGA_ENOMEM;
+    return NULL;
+  }
   size_t i = pend_slot(tp, token);
   while (tp->pend[i].at != 0) i = (i + 1) & (tp->pend_cap - 1);
-  tp->pend[i].token = token;
-  tp->pend[i].at = now;
+  nt_pend *p = &tp->pend[i];
+  memset(p, 0, sizeof *p);
+  p->token = token;
+  p->at = uv_now(tp->loop) + 1;
   tp->pend_count++;
-  *added = 1;
-  return SAGA_OK;
+  return p;
 }
 
-/* Forgets publishes unconfirmed for NT_PEND_TTL_MS (their rows are resent, and added again). */
+/*
+ * Which socket connection a copy handed to libnats now goes out on, as a number that only
+ * grows: the natsConnection (`session`, counted by us: a new one after starting over) in the
+ * high half, and libnats's own count of its reconnections of it (taken with the connection's
+ * lock, incremented as soon as a new socket is up, before the reconnect buffer is flushed into
+ * it) in the low half — that count while connected (the copy is written to the current
+ * socket), one more while not (it waits in the reconnect buffer and goes out on the next
+ * socket; if that flush fails, libnats empties the buffer and the count has moved on, so the
+ * copy is seen lost). *up tells whether connected. Also notes the loop time it first sees a
+ * new connection or the connection come up (gen_since, for pend_live).
+ */
+static uint64_t current_gen(nats_tp *tp, int *up) {
+  *up = 0;
+  uint64_t r = 0;
+  int status = NATS_CONN_STATUS_CLOSED;
+  if (tp->nc != NULL && tp->ncstats != NULL &&
+      natsConnection_GetStats(tp->nc, tp->ncstats) == NATS_OK &&
+      natsStatistics_GetCounts(tp->ncstats, NULL, NULL, NULL, NULL, &r) == NATS_OK)
+    status = (int)natsConnection_Status(tp->nc);
+  /* The status is read after the count: a reconnect completing in between makes the copy
+   * look older than it is (at worst one copy more), never newer. */
+  uint64_t gen;
+  if (status == NATS_CONN_STATUS_CLOSED) {
+    gen = (tp->session + 1) << 32; /* no connection: whatever was on this one is gone */
+  } else {
+    *up = status == NATS_CONN_STATUS_CONNECTED;
+    gen = (tp->session << 32) + (r & 0x7fffffffu) + (*up ? 0 : 1);
+  }
+  uint64_t seen = gen * 2 + (uint64_t)*up;
+  if (seen != tp->gen_seen) {
+    tp->gen_seen = seen;
+    tp->gen_since = uv_now(tp->loop);
+  }
+  return gen;
+}
+
+/*
+ * Whether p's copy is still on its way, so that another copy would only be a duplicate: it
+ * goes out on the current connection or on the next one (a copy written to a connection that
+ * dropped since may be lost), JetStream did not refuse it, and, on a live connection, its ack
+ * is not overdue (NT_REPUBLISH_MS since the copy was written, or since the connection came up
+ * for a copy that waited in the reconnect buffer).
+ */
+static int pend_live(const nats_tp *tp, const nt_pend *p, uint64_t cur, int up, uint64_t now) {
+  if (p->nacked || p->gen < cur) return 0;
+  if (!up) return 1;
+  uint64_t since = p->at - 1 > tp->gen_since ? p->at - 1 : tp->gen_since;
+  return now - since < NT_REPUBLISH_MS;
+}
+
+/* Forgets publishes unconfirmed for NT_PEND_TTL_MS whose copy is not on its way any more
+ * (their rows are resent, and added again). A copy waiting for a reconnect is kept. */
 static void pend_sweep(nats_tp *tp) {
   uint64_t now = uv_now(tp->loop);
   if (tp->pend_count == 0 || now - tp->pend_swept < NT_PEND_SWEEP_MS) return;
   tp->pend_swept = now;
+  int up = 0;
+  uint64_t cur = current_gen(tp, &up);
   for (size_t i = 0; i < tp->pend_cap;) {
     nt_pend *p = &tp->pend[i];
-    if (p->at != 0 && now + 1 - p->at > NT_PEND_TTL_MS) {
+    if (p->at != 0 && now + 1 - p->at > NT_PEND_TTL_MS && !pend_live(tp, p, cur, up, now)) {
       pend_remove(tp, p); /* may move a later entry into i: look at i again */
       tp->stats.pending_dropped++;
       continue;
@@ -691,13 +773,32 @@ static void fetch_main(void *arg) {
     }
     uv_mutex_unlock(&tp->mu);
 
+    /*
+     * How many to ask for. libnats before 3.9 (Debian 12 ships 3.4.1) has a defect in its
+     * fetch (nats.c #749): it allocates an array of Batch messages, first takes what already
+     * waits in the subscription's queue (c messages: replies to an earlier pull request that
+     * came after that fetch had returned, e.g. once a server frozen past NT_FETCH_WAIT_MS
+     * answers), then asks the server for Batch - c and loops "until count == Batch - c". With
+     * c > Batch / 2 that never holds: it keeps storing past the array's end until a status or
+     * the timeout, and returns Count > Batch. That overran the array (ASan: heap-buffer-
+     * overflow reading list.Msgs here; without ASan a corrupt heap, "malloc(): invalid size")
+     * and pushed more than `room` messages into the ring, breaking inflight <= NT_MAX_INFLIGHT.
+     * A fetch of 1 cannot go wrong (it stops at count == 1), and a batch is safe when the
+     * queue is empty (c == 0). So: a batch only when nothing waits in the queue; otherwise
+     * fetches of 1, which take from the queue without asking the server. (A reply arriving in
+     * the microseconds between the two looks is the one case left, and needs more than half
+     * the batch to arrive then; the check below still keeps the ring within `room`.)
+     */
+    int queued = 0;
+    if (natsSubscription_GetPending(s->sub, &queued, NULL) != NATS_OK) queued = 1;
+    uint32_t want = more && queued == 0 ? (room < NT_FETCH_BATCH ? room : NT_FETCH_BATCH) : 1;
     natsMsgList list;
     memset(&list, 0, sizeof list);
     natsStatus st;
     if (more) {
       jsFetchRequest req;
       jsFetchRequest_Init(&req);
-      req.Batch = room < NT_FETCH_BATCH ? (int)room : NT_FETCH_BATCH;
+      req.Batch = (int)want;
       req.NoWait = true;
       req.Expires = (int64_t)NT_FETCH_WAIT_MS * 1000000;
       st = natsSubscription_FetchRequest(&list, s->sub, &req);
@@ -705,14 +806,27 @@ static void fetch_main(void *arg) {
       st = natsSubscription_Fetch(&list, s->sub, 1, NT_FETCH_WAIT_MS, NULL);
     }
     if (st == NATS_OK && list.Count > 0) {
+      uint32_t n = (uint32_t)list.Count;
+      if (n > want) {
+        /* The defect above after all: the entries past `want` lie outside the array; leave
+         * them (unacknowledged, JetStream redelivers them) and keep the ring within room. */
+        n = want;
+        list.Count = (int)want;
+        uv_mutex_lock(&tp->mu);
+        post_log_locked(tp, SAGA_LOG_ERROR,
+                        "libnats returned more messages than asked for from consumer '%s' "
+                        "(libnats < 3.9 fetch defect); upgrade libnats",
+                        s->consumer);
+        uv_mutex_unlock(&tp->mu);
+      }
       uv_mutex_lock(&tp->mu);
-      for (int i = 0; i < list.Count; i++) {
-        /* Count <= room, and only this thread adds: the ring has space. */
+      for (uint32_t i = 0; i < n; i++) {
+        /* n <= want <= room, and only this thread adds: the ring has space. */
         s->ring[(s->ring_head + s->ring_count) % NT_MAX_INFLIGHT] = list.Msgs[i];
         s->ring_count++;
         list.Msgs[i] = NULL;
       }
-      s->inflight += (uint32_t)list.Count;
+      s->inflight += n;
       if (failing != NATS_OK)
         post_log_locked(tp, SAGA_LOG_INFO, "fetching from consumer '%s' works again", s->consumer);
       wake_locked(tp);
@@ -903,7 +1017,9 @@ static void drain_acks(nats_tp *tp) {
         continue;
       }
       if (chunk[i].status != SAGA_OK) {
-        /* Not stored. It stays pending: a resend's ack may still come. */
+        /* Not stored. It stays pending (a resend's ack may still come), and the next send of
+         * it publishes again. */
+        p->nacked = 1;
         tp->stats.acks_negative++;
         saga_transport_sent(&tp->base, chunk[i].token, chunk[i].status);
         continue;
@@ -944,10 +1060,14 @@ static void drain_logs(nats_tp *tp) {
  * NT_MAX_INFLIGHT. A late ack(tag) of it is then ignored, and the redelivery is a duplicate
  * the node tolerates.
  */
+static void subs_setup(nats_tp *tp);
+
 static void on_sweep(uv_timer_t *h) {
   nats_tp *tp = h->data;
   if (tp->state != NT_OPEN) return;
   pend_sweep(tp);
+  subs_setup(tp);
+  if (tp->state != NT_OPEN) return;
   uint64_t now = uv_now(tp->loop);
   size_t released = 0;
   for (size_t i = 0; i < tp->nsubs; i++) {
@@ -971,7 +1091,10 @@ static void rb_check(nats_tp *tp);
 static void on_async(uv_async_t *h) {
   nats_tp *tp = h->data;
   if (tp->state == NT_OPEN) {
+    int up = 0;
+    current_gen(tp, &up); /* notes when a reconnect happened, for pend_live */
     drain_logs(tp);
+    if (up && tp->state == NT_OPEN) subs_setup(tp);
     if (tp->state == NT_OPEN) drain_acks(tp);
     for (size_t i = 0; i < tp->nsubs && tp->state == NT_OPEN; i++) drain_sub(tp, tp->subs[i]);
     if (tp->state == NT_OPEN) rb_check(tp);
@@ -1021,6 +1144,8 @@ static void release_nats(nats_tp *tp) {
   release_session(tp);
   natsOptions_Destroy(tp->opts);
   tp->opts = NULL;
+  natsStatistics_Destroy(tp->ncstats);
+  tp->ncstats = NULL;
 }
 
 static void free_tp(nats_tp *tp) {
@@ -1462,6 +1587,26 @@ static int sub_start(nats_tp *tp, nt_sub *s) {
   return SAGA_OK;
 }
 
+/* The INFO line saying where this transport is connected. */
+static void log_connected(nats_tp *tp) {
+  char where[256] = "";
+  natsConnection_GetConnectedUrl(tp->nc, where, sizeof where);
+  nt_log(tp, SAGA_LOG_INFO, "connected to NATS at %s (%s, %s), stream '%s', subjects '%s.>'",
+         where, tp->tls ? "TLS" : "plaintext", auth_mode(tp), tp->stream, tp->prefix);
+}
+
+static void rb_schedule(nats_tp *tp);
+
+/*
+ * Open: options, then a first connect attempt. When a server answers, the stream, the
+ * publish-ack subscription and its thread are set up now, as before. When none can be reached
+ * (refused, or no answer within the connect timeout) and fail_fast is off, open succeeds
+ * anyway and the transport connects in the background with the machinery that replaces a
+ * connection libnats gave up on (see "Closed for good"): its first connection is just a new
+ * connection. Any other failure fails open, and leaves nothing behind: the libuv handles are
+ * initialised last, once nothing can fail any more, and libnats is done with tp (its closed
+ * callback ran, our threads ended) before open returns.
+ */
 static int tp_open(saga_transport *t, uv_loop_t *loop) {
   nats_tp *tp = (nats_tp *)t;
   if (tp->state != NT_NEW) return SAGA_ESTATE;
@@ -1470,6 +1615,7 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
   int rc = SAGA_ETRANSPORT;
   natsStatus s;
   natsInbox *inbox = NULL;
+  int background = 0;
 
   if (uv_mutex_init(&tp->mu) != 0) return SAGA_ENOMEM;
   if (uv_cond_init(&tp->cv) != 0) {
@@ -1478,7 +1624,8 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
   }
   tp->sync_ready = 1;
 
-  s = natsOptions_Create(&tp->opts);
+  s = natsStatistics_Create(&tp->ncstats);
+  if (s == NATS_OK) s = natsOptions_Create(&tp->opts);
   if (s == NATS_OK) s = natsOptions_SetURL(tp->opts, tp->url);
   if (s == NATS_OK) s = natsOptions_SetName(tp->opts, "libsaga");
   if (s == NATS_OK) s = natsOptions_SetMaxReconnect(tp->opts, -1);
@@ -1512,6 +1659,27 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
     rc = SAGA_EIO;
     goto fail;
   }
+  /* The publish acks' inbox, before any connection (a background connect needs it too). */
+  s = natsInbox_Create(&inbox);
+  if (s != NATS_OK) {
+    nt_log(tp, SAGA_LOG_ERROR, "an inbox for publish acknowledgements: %s", nats_err(s));
+    rc = s == NATS_NO_MEMORY ? SAGA_ENOMEM : SAGA_ETRANSPORT;
+    goto fail;
+  }
+  {
+    /* "_INBOX.<unique>", or "<inbox_prefix>.<unique>". */
+    const char *unique = strchr(inbox, '.');
+    unique = unique != NULL ? unique + 1 : inbox;
+    const char *pre = tp->inbox_prefix != NULL ? tp->inbox_prefix : "_INBOX";
+    size_t n = strlen(pre) + strlen(unique) + 2;
+    tp->inbox = nt_malloc(&tp->alloc, n);
+    if (tp->inbox != NULL) snprintf(tp->inbox, n, "%s.%s", pre, unique);
+    natsInbox_Destroy(inbox);
+    if (tp->inbox == NULL) {
+      rc = SAGA_ENOMEM;
+      goto fail;
+    }
+  }
   /* Before the connect: a disconnection reported right after it must not be overwritten. */
   tp->connected = 1;
   s = natsConnection_Connect(&tp->nc, tp->opts);
@@ -1519,53 +1687,45 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
     const char *why = nats_err(s);
     int auth = s == NATS_NOT_PERMITTED || auth_text(why);
     if (auth) tp->stats.auth_errors++;
-    /* A server that refuses our client certificate just closes the connection, which libnats
-     * reports as a protocol error: with TLS on, any failure gets the TLS hint. */
-    nt_log(tp, SAGA_LOG_ERROR, "cannot connect to NATS at %s: %s%s", tp->url, why,
-           auth ? " (authentication refused: check the credentials)"
-           : tp->tls || s == NATS_SSL_ERROR || s == NATS_SECURE_CONNECTION_REQUIRED ||
-                   s == NATS_SECURE_CONNECTION_WANTED
-               ? " (TLS: check tls_ca_file, tls_cert_file/tls_key_file, tls_hostname and the "
-                 "server's tls settings; a server verifying clients closes the connection on "
-                 "a certificate it does not accept)"
-               : "");
     tp->nc = NULL;
-    goto fail;
-  }
-
-  jsOptions jo;
-  jsOptions_Init(&jo);
-  jo.Wait = NT_API_WAIT_MS;
-  s = natsConnection_JetStream(&tp->js, tp->nc, &jo);
-  if (s != NATS_OK) {
-    nt_log(tp, SAGA_LOG_ERROR, "JetStream context: %s", nats_err(s));
-    goto fail;
-  }
-  if ((rc = ensure_stream(tp)) != SAGA_OK) goto fail;
-  rc = SAGA_ETRANSPORT;
-
-  s = natsInbox_Create(&inbox);
-  if (s == NATS_OK) {
-    /* "_INBOX.<unique>", or "<inbox_prefix>.<unique>". */
-    const char *unique = strchr(inbox, '.');
-    unique = unique != NULL ? unique + 1 : inbox;
-    size_t n = strlen(tp->inbox_prefix != NULL ? tp->inbox_prefix : "_INBOX") + strlen(unique) + 2;
-    tp->inbox = nt_malloc(&tp->alloc, n);
-    if (tp->inbox != NULL)
-      snprintf(tp->inbox, n, "%s.%s", tp->inbox_prefix != NULL ? tp->inbox_prefix : "_INBOX",
-               unique);
-    natsInbox_Destroy(inbox);
-    if (tp->inbox == NULL) {
-      rc = SAGA_ENOMEM;
+    tp->connected = 0;
+    /* Nobody answered (refused, no route, or silence past the timeout): the server may come
+     * later. A server that answered and refused is a configuration error: fail. */
+    if (!auth && !tp->fail_fast && (s == NATS_NO_SERVER || s == NATS_TIMEOUT)) {
+      nt_log(tp, SAGA_LOG_WARN,
+             "cannot connect to NATS at %s: %s; opening anyway: the transport connects when a "
+             "server answers (trying every %" PRIu32 " ms, then every %d ms at most), and "
+             "messages wait in the outbox meanwhile",
+             tp->url, why, tp->reconnect_wait_ms, NT_RB_MAX_MS);
+      background = 1;
+    } else {
+      /* A server that refuses our client certificate just closes the connection, which
+       * libnats reports as a protocol error: with TLS on, any failure gets the TLS hint. */
+      nt_log(tp, SAGA_LOG_ERROR, "cannot connect to NATS at %s: %s%s", tp->url, why,
+             auth ? " (authentication refused: check the credentials)"
+             : tp->tls || s == NATS_SSL_ERROR || s == NATS_SECURE_CONNECTION_REQUIRED ||
+                     s == NATS_SECURE_CONNECTION_WANTED
+                 ? " (TLS: check tls_ca_file, tls_cert_file/tls_key_file, tls_hostname and the "
+                   "server's tls settings; a server verifying clients closes the connection on "
+                   "a certificate it does not accept)"
+                 : "");
       goto fail;
     }
   }
-  if (s != NATS_OK) {
-    nt_log(tp, SAGA_LOG_ERROR, "an inbox for publish acknowledgements: %s", nats_err(s));
-    goto fail;
+
+  if (!background) {
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = NT_API_WAIT_MS;
+    s = natsConnection_JetStream(&tp->js, tp->nc, &jo);
+    if (s != NATS_OK) {
+      nt_log(tp, SAGA_LOG_ERROR, "JetStream context: %s", nats_err(s));
+      goto fail;
+    }
+    if ((rc = ensure_stream(tp)) != SAGA_OK) goto fail;
+    if ((rc = acks_start(tp)) != SAGA_OK) goto fail;
+    rc = SAGA_ETRANSPORT;
   }
-  if ((rc = acks_start(tp)) != SAGA_OK) goto fail;
-  rc = SAGA_ETRANSPORT;
   /* Last: once initialised, the handle can only go through uv_close. */
   if (uv_async_init(loop, &tp->async, on_async) != 0) {
     rc = SAGA_EIO;
@@ -1586,12 +1746,15 @@ static int tp_open(saga_transport *t, uv_loop_t *loop) {
   if (tp->log_count > 0) wake_locked(tp);
   uv_mutex_unlock(&tp->mu);
   tp->state = NT_OPEN;
-  {
-    char where[256] = "";
-    natsConnection_GetConnectedUrl(tp->nc, where, sizeof where);
-    nt_log(tp, SAGA_LOG_INFO,
-           "connected to NATS at %s (%s, %s), stream '%s', subjects '%s.>'", where,
-           tp->tls ? "TLS" : "plaintext", auth_mode(tp), tp->stream, tp->prefix);
+  if (background) {
+    /* The first connection comes as a new one would after libnats gave one up. */
+    tp->rb_delay = tp->reconnect_wait_ms;
+    tp->rb_logged = 1; /* said above */
+    rb_schedule(tp);
+  } else {
+    tp->ever_connected = 1;
+    tp->stats.connects++;
+    log_connected(tp);
   }
   return SAGA_OK;
 
@@ -1612,11 +1775,49 @@ fail:
   return rc;
 }
 
+/* Whether libnats's connection is up now (loop thread). */
+static int nc_up(const nats_tp *tp) {
+  return tp->rb == RB_NONE && tp->nc != NULL &&
+         natsConnection_Status(tp->nc) == NATS_CONN_STATUS_CONNECTED;
+}
+
+/*
+ * Subscriptions remembered while there was no connection to set them up on (subscribe()
+ * during a reconnect): their consumer and fetch thread, now that the connection is back. On the
+ * loop, after wake-ups and sweeps while some wait, at most once a second; stops at the first
+ * failure (tried again later).
+ * Those remembered while starting over are set up by session_start() instead.
+ */
+static void subs_setup(nats_tp *tp) {
+  if (tp->subs_waiting == 0 || tp->state != NT_OPEN || !nc_up(tp)) return;
+  uint64_t now = uv_now(tp->loop);
+  if (tp->subs_tried != 0 && now - tp->subs_tried < 1000) return; /* at most once a second */
+  tp->subs_tried = now;
+  for (size_t i = 0; i < tp->nsubs; i++) {
+    nt_sub *s = tp->subs[i];
+    if (s->thread_started) continue;
+    int rc = ensure_consumer(tp, s->consumer, s->subject);
+    if (rc == SAGA_OK) rc = sub_start(tp, s);
+    if (rc != SAGA_OK) {
+      natsSubscription_Destroy(s->sub);
+      s->sub = NULL;
+      return;
+    }
+    tp->subs_waiting--;
+    nt_log(tp, SAGA_LOG_INFO, "consuming channel '%s' now that NATS is connected", s->channel);
+  }
+}
+
+/*
+ * Starts consuming a channel: its durable consumer, a pull subscription and a fetch thread.
+ * Without a connection (opened while no server answered, starting over, or reconnecting) the
+ * channel is remembered and set up once one is there; a consumer that exists with another
+ * configuration is then reported in the log rather than by this call.
+ */
 static int tp_subscribe(saga_transport *t, const char *channel) {
   nats_tp *tp = (nats_tp *)t;
   if (channel == NULL) return SAGA_EINVAL;
   if (tp->state != NT_OPEN) return tp->state == NT_NEW ? SAGA_ESTATE : SAGA_ECLOSED;
-  if (tp->rb != RB_NONE) return SAGA_ETRANSPORT; /* starting over: no connection to use */
   for (size_t i = 0; i < tp->nsubs; i++)
     if (strcmp(tp->subs[i]->channel, channel) == 0) return SAGA_OK;
   char subject[NT_SUBJECT_MAX + NT_NAME_MAX + 2];
@@ -1627,8 +1828,14 @@ static int tp_subscribe(saga_transport *t, const char *channel) {
   if (tp->nsubs >= NT_MAX_SUBS) return SAGA_EFULL;
   char name[NT_CONSUMER_KEEP + 16];
   consumer_name(channel, name, sizeof name);
-  int rc = ensure_consumer(tp, name, subject);
-  if (rc != SAGA_OK) return rc;
+  int now = nc_up(tp);
+  int rc = SAGA_OK;
+  if (now) {
+    rc = ensure_consumer(tp, name, subject);
+    /* The connection dropped during the request: remember it, as below. */
+    if (rc == SAGA_ETRANSPORT && !nc_up(tp)) now = 0;
+    else if (rc != SAGA_OK) return rc;
+  }
 
   if (tp->nsubs == tp->subs_cap) {
     size_t cap = tp->subs_cap ? tp->subs_cap * 2 : 4;
@@ -1651,7 +1858,13 @@ static int tp_subscribe(saga_transport *t, const char *channel) {
     rc = SAGA_ENOMEM;
     goto fail;
   }
-  if ((rc = sub_start(tp, s)) != SAGA_OK) goto fail;
+  if (now) {
+    if ((rc = sub_start(tp, s)) != SAGA_OK) goto fail;
+  } else {
+    if (tp->rb == RB_NONE) tp->subs_waiting++; /* else session_start() sets it up */
+    nt_log(tp, SAGA_LOG_INFO, "not connected to NATS: channel '%s' is consumed once connected",
+           channel);
+  }
   tp->subs[tp->nsubs++] = s;
   return SAGA_OK;
 
@@ -1723,6 +1936,7 @@ static int session_start(nats_tp *tp) {
     rc = ensure_consumer(tp, sb->consumer, sb->subject);
     if (rc == SAGA_OK) rc = sub_start(tp, sb);
   }
+  if (rc == SAGA_OK) tp->subs_waiting = 0; /* all of them set up */
   return rc;
 }
 
@@ -1733,9 +1947,13 @@ static void rb_after_cb(uv_work_t *w, int status) {
   natsConnection *nc = tp->rb_nc;
   tp->rb_nc = NULL;
   if (tp->state != NT_OPEN) {
-    /* Closed meanwhile: close what we got, synchronously, then finish the close. */
+    /* Closed meanwhile: close what we got, synchronously, then finish the close. close()
+     * found no connection and set nc_closed: wait for this one's own closed callback. */
     tp->nc = nc;
     if (nc != NULL) {
+      uv_mutex_lock(&tp->mu);
+      tp->nc_closed = 0;
+      uv_mutex_unlock(&tp->mu);
       natsConnection_Close(nc);
       uv_mutex_lock(&tp->mu);
       while (!tp->nc_closed) uv_cond_wait(&tp->cv, &tp->mu);
@@ -1770,6 +1988,7 @@ static void rb_after_cb(uv_work_t *w, int status) {
   tp->connected = 1;
   tp->reconnects++;
   uv_mutex_unlock(&tp->mu);
+  tp->session++; /* what the old connection held (its reconnect buffer too) is gone */
   if (session_start(tp) != SAGA_OK) {
     session_abort(tp);
     rb_schedule(tp);
@@ -1777,10 +1996,16 @@ static void rb_after_cb(uv_work_t *w, int status) {
   }
   tp->rb = RB_NONE;
   tp->rb_logged = 0;
+  tp->stats.connects++;
   uv_mutex_lock(&tp->mu);
   tp->auth_failing = 0;
   uv_mutex_unlock(&tp->mu);
-  nt_log(tp, SAGA_LOG_INFO, "reconnected to NATS (a new connection)");
+  if (tp->ever_connected) {
+    nt_log(tp, SAGA_LOG_INFO, "reconnected to NATS (a new connection)");
+  } else {
+    tp->ever_connected = 1;
+    log_connected(tp);
+  }
 }
 
 static void rb_timer_cb(uv_timer_t *h) {
@@ -1834,16 +2059,29 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   if (tp->rb != RB_NONE) return SAGA_ETRANSPORT; /* starting over: the outbox keeps it */
   int64_t max = natsConnection_GetMaxPayload(tp->nc);
   if (len > INT_MAX || (max > 0 && (int64_t)len > max)) return SAGA_ETOOBIG;
+  /* At most one copy on its way per token: a resend of one whose copy is still travelling (or
+   * waiting in the reconnect buffer) is taken without another copy; its ack confirms it. */
+  uint64_t now = uv_now(tp->loop);
+  int up = 0;
+  uint64_t cur = current_gen(tp, &up);
+  nt_pend *p = pend_find(tp, token);
+  if (p != NULL && pend_live(tp, p, cur, up, now)) {
+    tp->stats.sends_coalesced++;
+    return SAGA_OK;
+  }
   int added = 0;
-  int rc = pend_add(tp, token, &added);
-  if (rc != SAGA_OK) {
-    if (rc == SAGA_EFULL) {
-      tp->stats.pending_dropped++;
-      nt_log(tp, SAGA_LOG_DEBUG, "%zu publishes await their ack: send refused for now",
-             tp->pend_count);
-      return SAGA_ETRANSPORT;
+  if (p == NULL) {
+    int rc = SAGA_OK;
+    if ((p = pend_add(tp, token, &rc)) == NULL) {
+      if (rc == SAGA_EFULL) {
+        tp->stats.pending_dropped++;
+        nt_log(tp, SAGA_LOG_DEBUG, "%zu publishes await their ack: send refused for now",
+               tp->pend_count);
+        return SAGA_ETRANSPORT;
+      }
+      return rc;
     }
-    return rc;
+    added = 1;
   }
   char reply[NT_NAME_MAX + 64];
   snprintf(reply, sizeof reply, "%s.%" PRIu64 ".%016" PRIx64, tp->inbox, token,
@@ -1851,14 +2089,16 @@ static int tp_send(saga_transport *t, const char *channel, const void *data, siz
   natsStatus s =
       natsConnection_PublishRequest(tp->nc, subject, reply, len > 0 ? data : NULL, (int)len);
   if (s == NATS_OK) {
+    /* p still points at the entry: nothing was added or removed since it was found. */
+    p->at = now + 1;
+    p->gen = cur;
+    p->nacked = 0;
+    tp->stats.publishes++;
     tp->buffer_full_logged = 0;
     return SAGA_OK;
   }
-  /* Not sent: not pending either (unless an earlier send of it is). */
-  if (added) {
-    nt_pend *p = pend_find(tp, token);
-    if (p != NULL) pend_remove(tp, p);
-  }
+  /* Not sent: not pending either (unless an earlier copy of it is). */
+  if (added) pend_remove(tp, p);
   if (s == NATS_INSUFFICIENT_BUFFER) {
     /* Disconnected long enough to fill the reconnect buffer: the message is not sent, and
      * the outbox will resend it. Said once per outage, not once per message. */
@@ -1938,6 +2178,9 @@ static int tp_can_send(saga_transport *t, const char *channel) {
   return channel != NULL && make_subject(tp, channel, subject, sizeof subject) == SAGA_OK;
 }
 
+int saga_nats_connected(saga_transport *t);
+static int tp_connected_method(saga_transport *t) { return saga_nats_connected(t) == 1; }
+
 static const saga_transport_methods nats_methods = {
     .version = SAGA_TRANSPORT_VERSION,
     .name = "nats",
@@ -1948,6 +2191,7 @@ static const saga_transport_methods nats_methods = {
     .close = tp_close,
     .destroy = tp_destroy,
     .can_send = tp_can_send,
+    .connected = tp_connected_method,
 };
 
 /* ---- construction ----------------------------------------------------------------------- */
@@ -1983,6 +2227,8 @@ int saga_nats_transport_new(saga_transport **out, const saga_nats_config *in) {
   if (in != NULL) {
     if (in->struct_version == 1)
       memcpy(&c, in, offsetof(saga_nats_config, user)); /* the version 1 layout: no more */
+    else if (in->struct_version == 2)
+      memcpy(&c, in, offsetof(saga_nats_config, fail_fast)); /* the version 2 layout */
     else if (in->struct_version == SAGA_NATS_CONFIG_VERSION)
       c = *in;
     else
@@ -2014,6 +2260,7 @@ int saga_nats_transport_new(saga_transport **out, const saga_nats_config *in) {
   tp->ack_wait_ms = cfg->ack_wait_ms ? cfg->ack_wait_ms : 30000;
   tp->max_deliveries = cfg->max_deliveries ? cfg->max_deliveries : 10;
   tp->reconnect_wait_ms = cfg->reconnect_wait_ms ? cfg->reconnect_wait_ms : 250;
+  tp->fail_fast = c.fail_fast != 0;
   int ok = dup_opt(a, c.user, &tp->user) && dup_opt(a, c.password, &tp->password) &&
            dup_opt(a, c.token, &tp->token) && dup_opt(a, c.nkey, &tp->nkey) &&
            dup_opt(a, c.nkey_seed_file, &tp->nkey_seed_file) &&
@@ -2034,16 +2281,33 @@ int saga_nats_transport_new(saga_transport **out, const saga_nats_config *in) {
   return SAGA_OK;
 }
 
-int saga_nats_stats_get(saga_transport *t, saga_nats_stats *out) {
+int saga_nats_stats_get_sized(saga_transport *t, saga_nats_stats *out, size_t size) {
   if (t == NULL || out == NULL || t->methods != &nats_methods) return SAGA_EINVAL;
   nats_tp *tp = (nats_tp *)t;
-  *out = tp->stats;
+  saga_nats_stats st = tp->stats;
   if (tp->sync_ready) {
     uv_mutex_lock(&tp->mu);
-    out->acks_ignored += tp->acks_malformed;
-    out->permission_errors += tp->permission_errors;
-    out->auth_errors += tp->auth_errors;
+    st.acks_ignored += tp->acks_malformed;
+    st.permission_errors += tp->permission_errors;
+    st.auth_errors += tp->auth_errors;
     uv_mutex_unlock(&tp->mu);
   }
+  st.unconfirmed = tp->pend_count;
+  memcpy(out, &st, size < sizeof st ? size : sizeof st);
   return SAGA_OK;
+}
+
+/* The exported function behind the macro of the same name, for programs built before the
+ * struct grew: the six counters it had then. */
+#undef saga_nats_stats_get
+int(saga_nats_stats_get)(saga_transport *t, saga_nats_stats *out) {
+  return saga_nats_stats_get_sized(t, out, offsetof(saga_nats_stats, publishes));
+}
+
+int saga_nats_connected(saga_transport *t) {
+  if (t == NULL || t->methods != &nats_methods) return SAGA_EINVAL;
+  nats_tp *tp = (nats_tp *)t;
+  if (tp->state != NT_OPEN || !nc_up(tp)) return 0;
+  /* Channels remembered during a reconnect are not consumed yet. */
+  return tp->subs_waiting == 0;
 }
