@@ -1306,6 +1306,13 @@ void e2e_check_metrics(shop_client *c, const char *path, const char *service, co
     expect_sample(text, path, series);
     snprintf(series, sizeof series, "libsaga_transactions_total{node=\"%s\"}", node);
     expect_sample(text, path, series);
+    snprintf(series, sizeof series, "libsaga_transport_connected{node=\"%s\"}", node);
+    if (sample(text, series) != 1) {
+      print_error("GET %s: %s is not 1 in\n%s\n", path, series, text);
+      fail();
+    }
+    snprintf(series, sizeof series, "libsaga_stale_replies_total{node=\"%s\"}", node);
+    expect_sample(text, path, series);
     /* The histogram: buckets cumulative (never decreasing), +Inf equal to _count. */
     char prefix[128];
     snprintf(prefix, sizeof prefix, "libsaga_step_latency_ms_bucket{node=\"%s\",le=\"", node);

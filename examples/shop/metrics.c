@@ -10,6 +10,8 @@
  *    commit that sent a step's command to the processing of its reply (libsaga keeps
  *    per-bucket counts; Prometheus buckets are cumulative, so they are summed here);
  *  - libsaga_outbox_depth{node}: outbox rows not yet confirmed by the transport;
+ *  - libsaga_outbox_oldest_seconds{node,channel}: the oldest unconfirmed row per channel;
+ *  - libsaga_transport_connected{node}: 1 when messages can flow;
  *  - the node's counters (transactions, outbox rows sent, deliveries, duplicates, ...).
  * Per process: shop_up{service} 1 and shop_http_responses_total{service,code}. Then what the
  * services add (shop_metrics_add: the purchase service's request and stream counters).
@@ -112,7 +114,31 @@ static const struct {
      offsetof(saga_node_stats, dead_letters)},
     {"libsaga_handler_runs_total", "Participant handler runs.",
      offsetof(saga_node_stats, handler_runs)},
+    {"libsaga_stale_replies_total", "Replies that matched no awaited step (late, duplicated).",
+     offsetof(saga_node_stats, stale_replies)},
+    {"libsaga_send_refusals_total", "Sends the transport refused for now (resent later).",
+     offsetof(saga_node_stats, send_refusals)},
+    {"libsaga_replies_parked_total", "Replies kept until their definition version is registered.",
+     offsetof(saga_node_stats, replies_parked)},
+    {"libsaga_compensations_expired_total",
+     "Compensations answered 'record expired' (their saga ends FAILED).",
+     offsetof(saga_node_stats, compensations_expired)},
+    {"libsaga_handler_contract_errors_total", "Handlers that broke their contract.",
+     offsetof(saga_node_stats, handler_contract_errors)},
 };
+
+typedef struct chan_ctx {
+  shop_text *b;
+  const char *node;
+} chan_ctx;
+
+static void write_channel(void *arg, const char *channel, int64_t count, uint64_t oldest_ms) {
+  chan_ctx *c = arg;
+  (void)count;
+  /* Channel names are the application's own ([A-Za-z0-9._-]): no escaping needed. */
+  shop_text_printf(c->b, "libsaga_outbox_oldest_seconds{node=\"%s\",channel=\"%s\"} %.3f\n",
+                   c->node, channel, (double)oldest_ms / 1000.0);
+}
 
 static void write_nodes(shop_metrics *m, shop_text *b) {
   if (m->nnodes == 0) return;
@@ -157,6 +183,19 @@ static void write_nodes(shop_metrics *m, shop_text *b) {
     if (depth[i] >= 0)
       shop_text_printf(b, "libsaga_outbox_depth{node=\"%s\"} %" PRId64 "\n", m->nodes[i].name,
                        depth[i]);
+
+  head(b, "libsaga_outbox_oldest_seconds", "gauge",
+       "Age of the oldest unconfirmed outbox row, per channel (a channel nobody consumes grows).");
+  for (int i = 0; i < m->nnodes; i++) {
+    chan_ctx cc = {b, m->nodes[i].name};
+    saga_node_outbox_channels(m->nodes[i].node, write_channel, &cc);
+  }
+
+  head(b, "libsaga_transport_connected", "gauge",
+       "1 when the node's transport is connected (messages can flow), else 0.");
+  for (int i = 0; i < m->nnodes; i++)
+    shop_text_printf(b, "libsaga_transport_connected{node=\"%s\"} %d\n", m->nodes[i].name,
+                     saga_node_transport_connected(m->nodes[i].node) == 1);
 
   for (size_t k = 0; k < sizeof counters / sizeof counters[0]; k++) {
     head(b, counters[k].name, "counter", counters[k].help);
