@@ -590,6 +590,109 @@ static void test_reply_parked_until_registered(void **state) {
   th_world_free(&w);
 }
 
+/* ---- saga_node_watch ----------------------------------------------------------------------- */
+
+typedef struct watched {
+  int calls, status;
+  saga_state state;
+  char id[40];
+} watched;
+
+static void on_watch(saga_node *n, int status, const char *saga_id, saga_state state,
+                     void *arg) {
+  (void)n;
+  watched *w = arg;
+  w->calls++;
+  w->status = status;
+  w->state = state;
+  snprintf(w->id, sizeof w->id, "%s", saga_id);
+}
+
+static int watch_told(void *arg) { return ((watched *)arg)->calls > 0; }
+
+/* A watcher is told once, after the commit, of the terminal state its saga reached; for a
+ * saga that is terminal already, on a later loop turn (never inside the call). */
+static void test_watch(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 1; /* waits at step 1 until the late node serves it */
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, NULL), SAGA_OK);
+  step_ctx c = {&w, 1};
+  assert_int_equal(th_run_manual(&w.loop, w.clock, step_sent, &c, 60000), 0);
+  char id[40];
+  snprintf(id, sizeof id, "%s", w.last_id);
+  watched a = {0}, b = {0}, none = {0};
+  assert_int_equal(saga_node_watch(w.orch, id, on_watch, &a), SAGA_OK);
+  assert_int_equal(saga_node_watch(w.orch, id, on_watch, &b), SAGA_OK);
+  assert_int_equal(saga_node_watch(w.orch, "00000000000000000000000000000000", on_watch,
+                                   &none), SAGA_ENOTFOUND);
+  assert_int_equal(saga_node_watch(w.orch, id, NULL, NULL), SAGA_EINVAL);
+  th_world_settle(&w, 2000);
+  assert_int_equal(a.calls, 0); /* still running */
+  assert_int_equal(th_world_open_late(&w), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, watch_told, &b, 60000), 0);
+  assert_int_equal(a.calls, 1);
+  assert_int_equal(b.calls, 1);
+  assert_int_equal(a.status, SAGA_OK);
+  assert_int_equal(a.state, SAGA_COMPLETED);
+  assert_string_equal(a.id, id);
+  /* Terminal already: told on a later turn, not inside the call. */
+  watched late = {0};
+  assert_int_equal(saga_node_watch(w.orch, id, on_watch, &late), SAGA_OK);
+  assert_int_equal(late.calls, 0);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, watch_told, &late, 60000), 0);
+  assert_int_equal(late.calls, 1);
+  assert_int_equal(late.state, SAGA_COMPLETED);
+  /* A compensated saga. */
+  watched comp = {0};
+  assert_int_equal(th_world_start_ex(&w, 2, NULL, 0, -1), SAGA_OK);
+  th_world_settle(&w, 0);
+  assert_int_equal(saga_node_watch(w.orch, w.last_id, on_watch, &comp), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, watch_told, &comp, 60000), 0);
+  assert_int_equal(comp.state, SAGA_COMPENSATED);
+  /* Told once only. */
+  th_world_settle(&w, 5000);
+  assert_int_equal(a.calls + b.calls + late.calls + comp.calls, 4);
+  th_world_free(&w);
+}
+
+/* The pattern for a service that restarts: a watch is not durable; the saga is found again
+ * by its idempotency key and watched again. A watcher left when the node closes is told
+ * SAGA_ECLOSED. */
+static void test_watch_across_restart(void **state) {
+  th_world_opts o;
+  th_world_defaults(&o);
+  o.skip_mask = 1u << 1;
+  th_world w;
+  open_world(&w, &o);
+  assert_int_equal(th_world_start(&w, 1, "order-7"), SAGA_OK);
+  step_ctx c = {&w, 1};
+  assert_int_equal(th_run_manual(&w.loop, w.clock, step_sent, &c, 60000), 0);
+  char id[40];
+  snprintf(id, sizeof id, "%s", w.last_id);
+  watched before = {0};
+  assert_int_equal(saga_node_watch(w.orch, id, on_watch, &before), SAGA_OK);
+  /* The service stops (its watcher hears of it) and comes back serving step 1. */
+  w.o.skip_mask = 0;
+  assert_int_equal(th_world_reopen(&w), SAGA_OK);
+  assert_int_equal(before.calls, 1);
+  assert_int_equal(before.status, SAGA_ECLOSED);
+  /* Found again by its key (the same saga, not a new one), then watched again. */
+  w.last_id[0] = '\0';
+  assert_int_equal(th_world_start(&w, 1, "order-7"), SAGA_OK);
+  th_world_settle(&w, 0);
+  assert_string_equal(w.last_id, id);
+  watched after = {0};
+  assert_int_equal(saga_node_watch(w.orch, id, on_watch, &after), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, watch_told, &after, 60000), 0);
+  assert_int_equal(after.status, SAGA_OK);
+  assert_int_equal(after.state, SAGA_COMPLETED);
+  assert_int_equal(th_fx_count(&w, id, 1, "do"), 1);
+  th_world_free(&w);
+}
+
 /* Group commit without a savepoint per item: an item that fails after writing makes the
  * node roll the transaction back and run it again with a savepoint per item. Here the
  * participant's first run of step 1 leaves a trigger that makes its reply's outbox insert
@@ -965,6 +1068,8 @@ int main(void) {
       cmocka_unit_test(test_duplicates),
       cmocka_unit_test(test_version_pinning),
       cmocka_unit_test(test_reply_parked_until_registered),
+      cmocka_unit_test(test_watch),
+      cmocka_unit_test(test_watch_across_restart),
       cmocka_unit_test(test_item_failure_replayed),
       cmocka_unit_test(test_due_isolated),
       cmocka_unit_test(test_outbox_ids_not_reused),

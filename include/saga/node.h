@@ -377,6 +377,27 @@ SAGA_EXTERN int saga_cancel(saga_node *node, const char *saga_id, saga_done_cb c
  */
 SAGA_EXTERN int saga_retry_failed(saga_node *node, const char *saga_id, saga_done_cb cb, void *arg);
 
+/** Completion of saga_node_watch(): status SAGA_OK and the terminal state the saga reached
+ * (SAGA_COMPLETED, SAGA_COMPENSATED or SAGA_FAILED), or SAGA_ECLOSED (state 0) when the node
+ * closed first. saga_id is borrowed for the call. */
+typedef void (*saga_watch_cb)(saga_node *node, int status, const char *saga_id,
+                              saga_state state, void *arg);
+
+/**
+ * Waits for one saga of this node (as orchestrator) to reach a terminal state: cb runs once,
+ * on the loop, after the transaction that recorded the state committed — on a later loop
+ * turn if the saga is terminal already (never inside this call). FAILED counts as terminal
+ * (an operator's saga_retry_failed() may move it on later: watch again). Any number of
+ * watchers per saga. A watch is not durable: after a restart, watch again (start sagas with
+ * an idempotency key, so that a restarted service finds its saga by key, then watch it;
+ * docs/operating.md, "Waiting for a saga"). Call it on the loop thread, not from a handler.
+ * Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE (not started / closing), SAGA_ENOTFOUND (no such
+ * saga in this node's database), SAGA_ENOMEM, or a store error; if it returns an error, cb
+ * never runs.
+ */
+SAGA_EXTERN int saga_node_watch(saga_node *node, const char *saga_id, saga_watch_cb cb,
+                                void *arg);
+
 /** A snapshot of one saga, from saga_get(). All memory belongs to the struct. */
 typedef struct saga_info {
   char id[40];

@@ -62,12 +62,102 @@ void saga__events_dispatch_remote(saga_node *n) {
   }
 }
 
+/* ---- saga_node_watch ----------------------------------------------------------------------- */
+
+static int is_final_event(saga_event_type t) {
+  return t == SAGA_EV_COMPLETED || t == SAGA_EV_SAGA_COMPENSATED || t == SAGA_EV_SAGA_FAILED;
+}
+
+static int is_terminal(int state) {
+  return state == SAGA_COMPLETED || state == SAGA_COMPENSATED || state == SAGA_FAILED;
+}
+
+int saga_node_watch(saga_node *n, const char *saga_id, saga_watch_cb cb, void *arg) {
+  if (n == NULL || saga_id == NULL || cb == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
+  if (n->closing) return saga__fail(&n->env, SAGA_ECLOSED, "node is closing");
+  if (!n->started) return saga__fail(&n->env, SAGA_ESTATE, "node not started");
+  if (strlen(saga_id) >= sizeof n->waiters[0].id)
+    return saga__fail(&n->env, SAGA_ENOTFOUND, "saga '%.60s...' not found (id too long)",
+                      saga_id);
+  /* The committed state: a transition in flight is told through the events after its commit
+   * (single thread: none can commit between this read and the registration). */
+  saga__store *s = n->env.store;
+  saga__inst i;
+  saga__inst_init(&i, n->env.alloc);
+  int rc = s->m->inst_load(s, saga_id, &i);
+  int state = i.state;
+  saga__inst_free(&i);
+  if (rc == SAGA_ENOTFOUND) return saga__fail(&n->env, rc, "saga '%s' not found", saga_id);
+  if (rc != SAGA_OK) return saga__store_fail(&n->env, rc, "reading saga");
+  if (n->nwaiters == n->waiters_cap) {
+    size_t cap = n->waiters_cap ? n->waiters_cap * 2 : 8;
+    saga__waiter *w = saga__realloc(n->env.alloc, n->waiters, cap * sizeof *w);
+    if (w == NULL) return saga__fail(&n->env, SAGA_ENOMEM, "out of memory adding a watcher");
+    n->waiters = w;
+    n->waiters_cap = cap;
+  }
+  saga__waiter *w = &n->waiters[n->nwaiters++];
+  memset(w, 0, sizeof *w);
+  snprintf(w->id, sizeof w->id, "%s", saga_id);
+  w->cb = cb;
+  w->arg = arg;
+  /* Transitions are buffered as events from now on, so the terminal one is seen. */
+  n->journal.keep_events = 1;
+  if (is_terminal(state)) {
+    w->state = state;
+    n->waiters_ready++;
+    saga__queue_schedule(n); /* told on the next loop turn */
+  }
+  return SAGA_OK;
+}
+
+/* Marks the watchers of a saga that reached state. */
+static void waiters_reached(saga_node *n, const char *saga_id, int state) {
+  for (size_t k = 0; k < n->nwaiters; k++) {
+    saga__waiter *w = &n->waiters[k];
+    if (w->state == 0 && strcmp(w->id, saga_id) == 0) {
+      w->state = state;
+      n->waiters_ready++;
+    }
+  }
+}
+
+void saga__waiters_fire(saga_node *n) {
+  /* One at a time, taken out of the list before its callback: the callback may watch again
+   * (the list may move) or close the node. */
+  while (n->waiters_ready > 0 && !n->closing) {
+    size_t k = 0;
+    while (k < n->nwaiters && n->waiters[k].state == 0) k++;
+    if (k == n->nwaiters) {
+      n->waiters_ready = 0;
+      break;
+    }
+    saga__waiter w = n->waiters[k];
+    n->waiters[k] = n->waiters[--n->nwaiters];
+    n->waiters_ready--;
+    w.cb(n, SAGA_OK, w.id, (saga_state)w.state, w.arg);
+  }
+}
+
+void saga__waiters_close(saga_node *n) {
+  while (n->nwaiters > 0) {
+    saga__waiter w = n->waiters[--n->nwaiters];
+    w.cb(n, SAGA_ECLOSED, w.id, (saga_state)0, w.arg);
+  }
+  n->waiters_ready = 0;
+  saga__free(n->env.alloc, n->waiters);
+  n->waiters = NULL;
+  n->waiters_cap = 0;
+}
+
 void saga__events_dispatch(saga_node *n) {
   saga__journal *j = &n->journal;
   saga__events_dispatch_remote(n); /* any not handed out yet */
   for (size_t i = 0; i < j->nevents; i++) {
     const saga__event_rec *r = &j->events[i];
     if (r->type == 0) continue; /* a remote event, handed out already */
+    if (n->nwaiters > 0 && is_final_event(r->type)) waiters_reached(n, r->saga_id, r->state);
     if (n->on_event == NULL) continue;
     saga_event ev;
     const char *text = (const char *)j->event_text.data;
@@ -87,4 +177,5 @@ void saga__events_dispatch(saga_node *n) {
     n->on_event(n, &ev, n->event_arg);
   }
   saga__journal_clear_events(j);
+  saga__waiters_fire(n);
 }

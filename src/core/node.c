@@ -502,6 +502,7 @@ static void free_node(saga_node *n) {
   saga__buf_free(&n->unsendable_body);
   saga__buf_free(&n->stuck_warned);
   saga__free(a, n->event_channel);
+  saga__free(a, n->waiters);
   saga__free(a, n->event_sub_channel);
   for (size_t i = 0; i < n->nsubscribed; i++) saga__free(a, n->subscribed[i]);
   saga__free(a, n->subscribed);
@@ -560,6 +561,7 @@ void saga_node_close(saga_node *n, void (*cb)(void *), void *arg) {
   uv_mutex_unlock(&n->post_mu);
   n->close_cb = cb;
   n->close_arg = arg;
+  saga__waiters_close(n); /* nothing more will be told: the watchers learn it now */
   if (n->in_flush) { /* the flush finishes its transaction, then closes */
     n->close_after_flush = 1;
     return;

@@ -60,6 +60,14 @@ typedef struct saga__post {
   struct saga__post *next;
 } saga__post;
 
+/* A saga_node_watch() waiting for its saga (events.c). state != 0: reached, to be told. */
+typedef struct saga__waiter {
+  char id[40];
+  saga_watch_cb cb;
+  void *arg;
+  int state;
+} saga__waiter;
+
 struct saga_node {
   saga_allocator alloc_copy;
   saga__env env; /* allocator, clock, store, limits, stats, log, errmsg */
@@ -115,6 +123,8 @@ struct saga_node {
   saga__buf input_buf; /* saga_start: the encoded input */
   saga__buf unsendable_channel, unsendable_body; /* relay.c: a row being dead-lettered */
   saga__buf stuck_warned; /* relay.c: channels warned about (NUL-separated) */
+  saga__waiter *waiters;  /* events.c: saga_node_watch */
+  size_t nwaiters, waiters_cap, waiters_ready;
   uint64_t outbox_checked; /* relay.c: time of the last per-channel check */
   uint64_t refusals_logged_at, refusals_unlogged; /* relay.c: send refusals, rate-limited */
 };
@@ -162,5 +172,9 @@ void saga__events_dispatch_remote(saga_node *n);
 /* Hands the events of the committed transaction to the application (remote ones first, if
  * not yet), then forgets them. */
 void saga__events_dispatch(saga_node *n);
+/* Tells the watchers whose saga reached a terminal state (events.c). */
+void saga__waiters_fire(saga_node *n);
+/* Tells every watcher left that the node closes (SAGA_ECLOSED), and frees the list. */
+void saga__waiters_close(saga_node *n);
 
 #endif /* SAGA_SRC_CORE_RUNTIME_H */
