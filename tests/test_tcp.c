@@ -338,9 +338,11 @@ static void test_outage_one_copy(void **state) {
          sp.handler_runs, sp.duplicates, so.stale_replies, stale_rows);
   assert_true(resent_down > 20 * 50); /* the outbox did resend, many times */
   assert_int_equal(w.terminal, 20);
-  /* One copy per message waited for the peer: a few duplicates at most, not one per resend. */
-  assert_true(sp.duplicates <= 40);
-  assert_true(stale_rows <= 40);
+  /* One copy per message waited for the peer: a few duplicates at most, not one per resend
+   * of the outage (about 3,000 with a copy per resend). Once connected, a slow machine (ASan,
+   * other jobs) may still see the 20 ms resends of messages in flight: a handful per saga. */
+  assert_true(sp.duplicates <= 10 * 20);
+  assert_true(stale_rows <= 5 * 20);
   saga_node_close(orch, poison_closed, &w);
   saga_node_close(part, poison_closed, &w);
   assert_int_equal(th_run_real(&loop, poison_closed_all, &w, 5000), 0);
