@@ -3,16 +3,12 @@
  * (every node, one block per node, told apart by the "node" label) and each distributed
  * service (its one node; account has none).
  *
- * /metrics is Prometheus text (format 0.0.4). Per node:
- *  - libsaga_sagas{node,state}: sagas the node orchestrates, by state (a gauge read from its
- *    database with saga_node_count_by_state);
- *  - libsaga_step_latency_ms{node}: a histogram of the orchestrator's step latency, from the
- *    commit that sent a step's command to the processing of its reply (libsaga keeps
- *    per-bucket counts; Prometheus buckets are cumulative, so they are summed here);
- *  - libsaga_outbox_depth{node}: outbox rows not yet confirmed by the transport;
- *  - libsaga_outbox_oldest_seconds{node,channel}: the oldest unconfirmed row per channel;
- *  - libsaga_transport_connected{node}: 1 when messages can flow;
- *  - the node's counters (transactions, outbox rows sent, deliveries, duplicates, ...).
+ * /metrics is Prometheus text (format 0.0.4). Per node, what libsaga writes
+ * (saga_nodes_metrics, docs/operating.md): libsaga_sagas{node,state} and
+ * libsaga_sagas_by_definition{node,definition,state}, the libsaga_step_latency_ms{node}
+ * histogram, libsaga_outbox_depth{node} and per channel its depth and oldest age,
+ * libsaga_transport_connected{node}, and the node's counters (transactions, outbox rows sent,
+ * deliveries, duplicates, stale replies, ...).
  * Per process: shop_up{service} 1 and shop_http_responses_total{service,code}. Then what the
  * services add (shop_metrics_add: the purchase service's request and stream counters).
  *
@@ -90,121 +86,20 @@ void shop_text_metric(shop_text *b, const char *name, const char *type, const ch
 
 /* ---- /metrics ------------------------------------------------------------------------------ */
 
-/* The node counters, by their offset in saga_node_stats. */
-static const struct {
-  const char *name, *help;
-  size_t off;
-} counters[] = {
-    {"libsaga_transactions_total", "Group commits of the node.",
-     offsetof(saga_node_stats, transactions)},
-    {"libsaga_work_items_total", "Work items processed in them.",
-     offsetof(saga_node_stats, work_items)},
-    {"libsaga_commit_failures_total", "Transactions that failed to commit.",
-     offsetof(saga_node_stats, commit_failures)},
-    {"libsaga_outbox_sent_total", "Outbox rows published.", offsetof(saga_node_stats, sent)},
-    {"libsaga_outbox_resent_total", "Outbox rows published again (unconfirmed in time).",
-     offsetof(saga_node_stats, resent)},
-    {"libsaga_outbox_acked_total", "Outbox rows confirmed by the transport.",
-     offsetof(saga_node_stats, acked_out)},
-    {"libsaga_delivered_total", "Messages delivered to the node.",
-     offsetof(saga_node_stats, delivered)},
-    {"libsaga_duplicates_total", "Duplicate messages answered from the inbox.",
-     offsetof(saga_node_stats, duplicates)},
-    {"libsaga_dead_letters_total", "Messages dead-lettered.",
-     offsetof(saga_node_stats, dead_letters)},
-    {"libsaga_handler_runs_total", "Participant handler runs.",
-     offsetof(saga_node_stats, handler_runs)},
-    {"libsaga_stale_replies_total", "Replies that matched no awaited step (late, duplicated).",
-     offsetof(saga_node_stats, stale_replies)},
-    {"libsaga_send_refusals_total", "Sends the transport refused for now (resent later).",
-     offsetof(saga_node_stats, send_refusals)},
-    {"libsaga_replies_parked_total", "Replies kept until their definition version is registered.",
-     offsetof(saga_node_stats, replies_parked)},
-    {"libsaga_compensations_expired_total",
-     "Compensations answered 'record expired' (their saga ends FAILED).",
-     offsetof(saga_node_stats, compensations_expired)},
-    {"libsaga_handler_contract_errors_total", "Handlers that broke their contract.",
-     offsetof(saga_node_stats, handler_contract_errors)},
-};
-
-typedef struct chan_ctx {
-  shop_text *b;
-  const char *node;
-} chan_ctx;
-
-static void write_channel(void *arg, const char *channel, int64_t count, uint64_t oldest_ms) {
-  chan_ctx *c = arg;
-  (void)count;
-  /* Channel names are the application's own ([A-Za-z0-9._-]): no escaping needed. */
-  shop_text_printf(c->b, "libsaga_outbox_oldest_seconds{node=\"%s\",channel=\"%s\"} %.3f\n",
-                   c->node, channel, (double)oldest_ms / 1000.0);
-}
-
+/* The libsaga_* block of every node, written by the library (saga_nodes_metrics: each
+ * metric's HELP and TYPE once, then its series of every node). */
 static void write_nodes(shop_metrics *m, shop_text *b) {
   if (m->nnodes == 0) return;
-  saga_node_stats st[MAX_NODES];
-  int64_t states[MAX_NODES][6];
-  int states_ok[MAX_NODES];
-  int64_t depth[MAX_NODES];
-  for (int i = 0; i < m->nnodes; i++) {
-    saga_node_stats_get(m->nodes[i].node, &st[i], sizeof st[i]);
-    states_ok[i] = saga_node_count_by_state(m->nodes[i].node, states[i]) == SAGA_OK;
-    depth[i] = saga_node_outbox_depth(m->nodes[i].node);
+  saga_node *nodes[MAX_NODES];
+  for (int i = 0; i < m->nnodes; i++) nodes[i] = m->nodes[i].node;
+  char *text = NULL;
+  int rc = saga_nodes_metrics(nodes, (size_t)m->nnodes, &text, NULL);
+  if (rc != SAGA_OK) {
+    if (rc == SAGA_ENOMEM) b->oom = 1;
+    return;
   }
-
-  head(b, "libsaga_sagas", "gauge", "Sagas this node orchestrates, by state.");
-  for (int i = 0; i < m->nnodes; i++)
-    for (int s = SAGA_RUNNING; states_ok[i] && s <= SAGA_FAILED; s++)
-      shop_text_printf(b, "libsaga_sagas{node=\"%s\",state=\"%s\"} %" PRId64 "\n", m->nodes[i].name,
-                       saga_state_name(s), states[i][s]);
-
-  head(b, "libsaga_step_latency_ms", "histogram",
-       "Orchestrator step latency: command sent (committed) to its reply processed, in ms.");
-  for (int i = 0; i < m->nnodes; i++) {
-    uint64_t cum = 0;
-    for (int k = 0; k < SAGA_LATENCY_BUCKETS; k++) {
-      cum += st[i].step_latency[k];
-      uint32_t bound = saga_latency_bound_ms(k);
-      if (bound == UINT32_MAX) continue; /* the last bucket is +Inf, written below */
-      shop_text_printf(
-          b, "libsaga_step_latency_ms_bucket{node=\"%s\",le=\"%" PRIu32 "\"} %" PRIu64 "\n",
-          m->nodes[i].name, bound, cum);
-    }
-    shop_text_printf(b, "libsaga_step_latency_ms_bucket{node=\"%s\",le=\"+Inf\"} %" PRIu64 "\n",
-                     m->nodes[i].name, st[i].step_latency_count);
-    shop_text_printf(b, "libsaga_step_latency_ms_sum{node=\"%s\"} %" PRIu64 "\n", m->nodes[i].name,
-                     st[i].step_latency_sum_ms);
-    shop_text_printf(b, "libsaga_step_latency_ms_count{node=\"%s\"} %" PRIu64 "\n",
-                     m->nodes[i].name, st[i].step_latency_count);
-  }
-
-  head(b, "libsaga_outbox_depth", "gauge", "Outbox rows not yet confirmed by the transport.");
-  for (int i = 0; i < m->nnodes; i++)
-    if (depth[i] >= 0)
-      shop_text_printf(b, "libsaga_outbox_depth{node=\"%s\"} %" PRId64 "\n", m->nodes[i].name,
-                       depth[i]);
-
-  head(b, "libsaga_outbox_oldest_seconds", "gauge",
-       "Age of the oldest unconfirmed outbox row, per channel (a channel nobody consumes grows).");
-  for (int i = 0; i < m->nnodes; i++) {
-    chan_ctx cc = {b, m->nodes[i].name};
-    saga_node_outbox_channels(m->nodes[i].node, write_channel, &cc);
-  }
-
-  head(b, "libsaga_transport_connected", "gauge",
-       "1 when the node's transport is connected (messages can flow), else 0.");
-  for (int i = 0; i < m->nnodes; i++)
-    shop_text_printf(b, "libsaga_transport_connected{node=\"%s\"} %d\n", m->nodes[i].name,
-                     saga_node_transport_connected(m->nodes[i].node) == 1);
-
-  for (size_t k = 0; k < sizeof counters / sizeof counters[0]; k++) {
-    head(b, counters[k].name, "counter", counters[k].help);
-    for (int i = 0; i < m->nnodes; i++) {
-      uint64_t v;
-      memcpy(&v, (const char *)&st[i] + counters[k].off, sizeof v);
-      shop_text_printf(b, "%s{node=\"%s\"} %" PRIu64 "\n", counters[k].name, m->nodes[i].name, v);
-    }
-  }
+  shop_text_printf(b, "%s", text);
+  saga_free(NULL, text); /* the nodes use libc's allocator */
 }
 
 static void get_metrics(shop_req *r, void *arg) {

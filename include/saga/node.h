@@ -555,6 +555,39 @@ typedef void (*saga_outbox_channel_cb)(void *arg, const char *channel, int64_t c
 SAGA_EXTERN int saga_node_outbox_channels(saga_node *node, saga_outbox_channel_cb cb, void *arg);
 
 /**
+ * Writes the node's metrics in the Prometheus text exposition format (version 0.0.4): HELP
+ * and TYPE lines, series named libsaga_* with a node="<node name>" label (label values
+ * escaped as the format says). Written:
+ *  - libsaga_sagas{node,state} (gauge, all five states) and
+ *    libsaga_sagas_by_definition{node,definition,state} (gauge, the pairs that have sagas);
+ *  - libsaga_step_latency_ms{node} (histogram, cumulative buckets in ms): the node-wide
+ *    step-latency histogram of saga_node_stats (not per step);
+ *  - libsaga_outbox_depth{node}, libsaga_outbox_channel_depth{node,channel},
+ *    libsaga_outbox_oldest_seconds{node,channel} (gauges: unconfirmed outbox rows, per
+ *    channel, and the age of the oldest), libsaga_outbox_stuck_channels{node};
+ *  - libsaga_transport_connected{node} (1 or 0);
+ *  - every counter of saga_node_stats as libsaga_<name>_total{node} (transactions, commit
+ *    failures, sent, resent, dead letters, stale replies, send refusals, ...);
+ *  - libsaga_metrics_read_errors{node}: database reads that failed for this text (their
+ *    series are left out; the call still succeeds).
+ * Reads the database: the counts by state and definition and the outbox per channel are one
+ * scan each (fine for a scrape every few seconds). *out gets a NUL-terminated text allocated
+ * with the node's allocator: free it with saga_free(<the allocator of the node's config>,
+ * *out), saga_free(NULL, *out) when the config set none. *len (len may be NULL) gets its
+ * length. Returns SAGA_OK, SAGA_EINVAL, SAGA_ENOMEM. Thread: the node's loop.
+ */
+SAGA_EXTERN int saga_node_metrics(saga_node *node, char **out, size_t *len);
+
+/**
+ * The same for count nodes in one text: each metric's HELP and TYPE once, then its series of
+ * every node (the format allows a metric's block only once, so two texts of
+ * saga_node_metrics() are not valid when concatenated). Allocated with the allocator of
+ * nodes[0]. Every node must run on the calling thread's loop.
+ */
+SAGA_EXTERN int saga_nodes_metrics(saga_node *const *nodes, size_t count, char **out,
+                                   size_t *len);
+
+/**
  * 1 when the node's transport is open and connected (messages can flow), 0 when it is not:
  * not open yet or closed, or opened while its broker was unreachable (NATS and Redis open
  * anyway by default) and not connected yet, or reconnecting. Meanwhile sagas can be started

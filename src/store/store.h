@@ -123,6 +123,13 @@ typedef struct saga__store_methods {
   int (*inst_unpark)(saga__store *s, const char *id);
   /* counts[state] for each saga_state 1..5; counts[0] = 0. */
   int (*inst_count)(saga__store *s, int64_t counts[6]);
+  /* Visits each (definition name, state) that has instances: fn(arg, def_name, state,
+   * count). A full scan of the instances (for metrics). May be NULL in a backend without
+   * it. */
+  int (*inst_count_by_def)(saga__store *s,
+                           void (*fn)(void *arg, const char *def_name, int state,
+                                      int64_t count),
+                           void *arg);
 
   /* ---- history ---- */
   /* Appends count rows (text holds their details). */

@@ -379,6 +379,27 @@ static int sq_inst_count(saga__store *ss, int64_t counts[6]) {
   return done(st, rc);
 }
 
+static int sq_inst_count_by_def(saga__store *ss,
+                                void (*fn)(void *arg, const char *def_name, int state,
+                                           int64_t count),
+                                void *arg) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = NULL;
+  int rc = saga__sq_err(sqlite3_prepare_v2(s->db, "SELECT def_name, state, count(*)"
+                                           " FROM saga_instance GROUP BY def_name, state",
+                                           -1, &st, NULL));
+  if (rc == SAGA_OK) {
+    int src;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+      const char *name = (const char *)sqlite3_column_text(st, 0);
+      fn(arg, name != NULL ? name : "", sqlite3_column_int(st, 1), sqlite3_column_int64(st, 2));
+    }
+    rc = saga__sq_err(src);
+  }
+  sqlite3_finalize(st);
+  return rc;
+}
+
 /* ---- history ---------------------------------------------------------------------------- */
 
 /* Multi-row INSERTs: one statement per 8 rows instead of one per row. */
@@ -928,6 +949,7 @@ static const saga__store_methods sqlite_methods = {
     .inst_inflight = sq_inst_inflight,
     .inst_unpark = sq_inst_unpark,
     .inst_count = sq_inst_count,
+    .inst_count_by_def = sq_inst_count_by_def,
     .hist_insert = sq_hist_insert,
     .hist_get = sq_hist_get,
     .outbox_max = sq_outbox_max,
