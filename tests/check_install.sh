@@ -30,4 +30,17 @@ echo "pkg-config --cflags --libs libsaga: $pc"
 # shellcheck disable=SC2086 # word splitting of the flags is intended
 "$cc" $cflags -o "$tmp/consumer-pc" "$src/main.c" $pc
 LD_LIBRARY_PATH=$prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$tmp/consumer-pc"
+
+echo "--- one .pc per adapter"
+for pcfile in "$prefix/$libdir"/pkgconfig/libsaga-*.pc; do
+  name=$(basename "$pcfile" .pc)
+  pkg-config --exists "$name" || { echo "$name: pkg-config cannot use it" >&2; exit 1; }
+  echo "pkg-config --libs $name: $(pkg-config --libs "$name")"
+done
+if [ -f "$prefix/$libdir/pkgconfig/libsaga-tcp.pc" ]; then
+  pc=$(pkg-config --cflags --libs libsaga-tcp)
+  # shellcheck disable=SC2086 # word splitting of the flags is intended
+  "$cc" $cflags -o "$tmp/consumer-tcp" "$src/main_tcp.c" $pc
+  LD_LIBRARY_PATH=$prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$tmp/consumer-tcp"
+fi
 echo "test_install: ok"
