@@ -8,7 +8,8 @@ set -euo pipefail
 build=$1 cc=$2 libdir=$3 cflags=${4:-}
 src=$(cd "$(dirname "$0")/install" && pwd)
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
 prefix=$tmp/prefix
 unset DESTDIR
 
@@ -42,5 +43,42 @@ if [ -f "$prefix/$libdir/pkgconfig/libsaga-tcp.pc" ]; then
   # shellcheck disable=SC2086 # word splitting of the flags is intended
   "$cc" $cflags -o "$tmp/consumer-tcp" "$src/main_tcp.c" $pc
   LD_LIBRARY_PATH=$prefix/$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$tmp/consumer-tcp"
+fi
+if [ -f "$prefix/$libdir/pkgconfig/libsaga-tcp.pc" ]; then
+  echo "--- the quickstart (docs/quickstart.md): built against the install, run in 3 processes"
+  qs_src=$(cd "$(dirname "$0")/../examples/quickstart" && pwd)
+  cmake -S "$qs_src" -B "$tmp/qs" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_C_COMPILER="$cc" \
+    -DCMAKE_C_FLAGS="$cflags -Wall -Wextra -Werror" >/dev/null
+  cmake --build "$tmp/qs" >/dev/null
+  run=$tmp/qs-run
+  mkdir -p "$run"
+  ok=0
+  for try in 1 2 3; do # random ports: another try if one was taken
+    base=$((20000 + RANDOM % 30000))
+    o=127.0.0.1:$base i=127.0.0.1:$((base + 1)) p=127.0.0.1:$((base + 2))
+    rm -f "$run"/*.db*
+    "$tmp/qs/participant" inventory "$i" "$o" "$run/inventory.db" >"$run/inventory.log" 2>&1 &
+    inv=$!
+    "$tmp/qs/participant" payment "$p" "$o" "$run/payment.db" >"$run/payment.log" 2>&1 &
+    pay=$!
+    pids=("$inv" "$pay")
+    if timeout 30 "$tmp/qs/orchestrator" "$o" "$i" "$p" "$run/orders.db" 10 >"$run/orders.log" 2>&1 &&
+       timeout 30 "$tmp/qs/orchestrator" "$o" "$i" "$p" "$run/orders.db" 10 >"$run/orders2.log" 2>&1
+    then ok=1; fi
+    kill -TERM "$inv" "$pay"
+    wait "$inv" "$pay" || { echo "a participant did not exit cleanly" >&2; ok=0; }
+    pids=()
+    [ $ok = 1 ] && break
+    echo "try $try failed:" >&2
+    cat "$run"/*.log >&2
+  done
+  [ $ok = 1 ] || { echo "the quickstart did not run" >&2; exit 1; }
+  tail -1 "$run/orders.log"
+  grep -q "10 of 10 sagas completed" "$run/orders.log"
+  # The second run found the same 10 sagas by their keys and ran nothing again.
+  [ "$(grep -c "found again by its key" "$run/orders2.log")" = 10 ]
+  [ "$(grep -c "inventory.do" "$run/inventory.log")" = 10 ]
+  [ "$(grep -c "payment.do" "$run/payment.log")" = 10 ]
+  echo "quickstart: 10 sagas completed over TCP in 3 processes; rerun found them, ran nothing twice"
 fi
 echo "test_install: ok"
