@@ -121,7 +121,7 @@ void saga__timer_init(saga__timer *t, saga_clock *c, void (*cb)(saga__timer *), 
 void saga__timer_arm(saga__timer *t, uint64_t deadline);
 void saga__timer_stop(saga__timer *t);
 
-/* ---- transports (src/transport/transport.c) ------------------------------------------- */
+/* ---- transports (src/core/transport.c) ------------------------------------------- */
 
 /* What the core plugs into saga_transport.saga__host. */
 typedef struct saga__transport_host {

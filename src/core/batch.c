@@ -392,6 +392,7 @@ void saga__batch_flush(saga_node *n) {
   saga__buf_reset(&q->arena);
   n->in_flush = 0;
   if (n->closing) return; /* node.c finishes the close */
+  saga__waiters_fire(n); /* watchers of sagas that were terminal already when watched */
   saga__relay_fresh(n);
   saga__batch_arm_deadline(n);
   if (failed || n->due_failed) {

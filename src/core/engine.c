@@ -472,10 +472,23 @@ int saga__engine_reply(saga__engine *e, const saga_envelope *r) {
     return SAGA_OK;
   }
   if (rc != SAGA_OK) return rc;
-  if (i->def == NULL)
+  if (i->def == NULL) {
+    /* Kept for later (batch.c parks it) only when it answers the command this node sent
+     * last: a forged or stale reply must not fill the database while the version is away. */
+    char sent[128];
+    command_id(e, i, sent, sizeof sent - 2);
+    strcat(sent, "/r");
+    if (strcmp(r->msg_id, sent) != 0) {
+      e->env->stats.stale_replies++;
+      saga__log(e->env, SAGA_LOG_WARN, "reply for saga '%s' (definition '%s' version %" PRIu32
+                " not registered) does not answer its last command: ignored", r->saga_id,
+                i->def_name, i->def_version);
+      return SAGA_OK;
+    }
     return saga__fail(e->env, SAGA_ENODEF, "saga '%s' runs definition '%s' version %" PRIu32
                       ", which this node has not registered", i->id, i->def_name,
                       i->def_version);
+  }
   mode m = mode_of(i);
   int waiting = m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT;
   if (!waiting || r->phase != (saga_phase)i->phase || r->step != (uint32_t)i->step ||

@@ -11,7 +11,6 @@ static void idle_cb(uv_idle_t *h) {
   uv_idle_stop(h);
   n->idle_active = 0;
   n->flush(n);
-  saga__waiters_fire(n); /* watchers of sagas that were terminal already */
 }
 
 void saga__queue_schedule(saga_node *n) {

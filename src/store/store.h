@@ -181,6 +181,8 @@ typedef struct saga__store_methods {
                    uint32_t attempt, const void *reply, size_t len, uint64_t now);
 
   /* ---- replies parked until their definition is registered ---- */
+  /* Keeps a reply for saga_id; a second one for the same saga (a redelivery of the same
+   * answer) is ignored. */
   int (*parked_insert)(saga__store *s, const char *saga_id, uint64_t now, const void *body,
                        size_t len);
   /* Visits up to max parked replies with id > after, in id order; *rows is how many. */

@@ -173,7 +173,7 @@ CREATE INDEX saga_instance_done ON saga_instance(updated_ms) WHERE state IN (3, 
 -- applied by saga_node_start() once the version is registered.
 CREATE TABLE saga_parked_reply (
   id       INTEGER PRIMARY KEY,
-  saga_id  TEXT NOT NULL,
+  saga_id  TEXT NOT NULL UNIQUE,   -- one: the answer to the saga's last command
   at_ms    INTEGER NOT NULL,
   body     BLOB NOT NULL
 );

@@ -621,7 +621,7 @@ static int sq_parked_insert(saga__store *ss, const char *saga_id, uint64_t now,
                             const void *body, size_t len) {
   sq_store *s = SQ(ss);
   sqlite3_stmt *st = NULL;
-  int rc = run_once(s, "INSERT INTO saga_parked_reply(saga_id, at_ms, body) VALUES(?1,?2,?3)",
+  int rc = run_once(s, "INSERT OR IGNORE INTO saga_parked_reply(saga_id, at_ms, body) VALUES(?1,?2,?3)",
                     &st);
   if (rc == SAGA_OK) {
     bind_text(st, 1, saga_id);
