@@ -104,6 +104,9 @@ static void test_newer_schema_refused(void **state) {
   th_rmdir(dir);
 }
 
+/* The number of the last migration in schema.sql: what a database is brought to. */
+#define SCHEMA_LATEST 7
+
 static int64_t q_int(sqlite3 *db, const char *sql) {
   sqlite3_stmt *st = NULL;
   assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
@@ -150,8 +153,13 @@ static void test_migrate_from_v1(void **state) {
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   /* Migration 3: the outbox keeps its rows, loses AUTOINCREMENT, and the id mark carries on
    * from sqlite_sequence (3, although row 3 was deleted). */
-  assert_int_equal(q_int(db, "PRAGMA user_version"), 6);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), SCHEMA_LATEST);
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_outbox WHERE id IN (1, 2)"), 2);
+  /* Migration 7: the views name states and phases of rows written long before them. */
+  assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance_view WHERE"
+                             " (id = 'a' AND state = 'COMPLETED' AND phase = 'ACTION') OR"
+                             " (id = 'b' AND state = 'COMPENSATED' AND phase = 'COMPENSATION') OR"
+                             " (id = 'c' AND state = 'FAILED' AND waiting_for = 'NONE')"), 3);
   assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE name = 'saga_outbox'"
                              " AND sql LIKE '%AUTOINCREMENT%'"), 0);
   assert_int_equal(q_int(db, "SELECT value FROM saga_meta WHERE key = 'outbox_id'"), 3);
@@ -225,7 +233,7 @@ static void test_migrate_from_v4(void **state) {
   assert_int_equal(try_open(path, SAGA_DB_OPEN_EXISTING, SAGA_DB_CHECK_QUICK, 0, err, sizeof err),
                    SAGA_OK);
   assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
-  assert_int_equal(q_int(db, "PRAGMA user_version"), 6);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), SCHEMA_LATEST);
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   assert_int_equal(q_int(db, "SELECT rowid FROM saga_instance WHERE id = 'a' AND def_name ="
                              " 'alpha' AND def_version = 1 AND idem_key = 'k1' AND wait = 1"

@@ -81,7 +81,10 @@ typedef enum saga_event_type {
                                      already COMPLETED or COMPENSATED records none, nor does
                                      a copy of the reply recorded just before: every one is
                                      counted in saga_node_stats.stale_replies) */
-  SAGA_EV_DEFINITION_MISSING = 16 /**< an instance's definition version is not registered */
+  SAGA_EV_DEFINITION_MISSING = 16, /**< an instance's definition version is not registered */
+  SAGA_EV_OPERATOR_REQUEST = 17 /**< an operator's request (sagactl retry or cancel, see
+                                     docs/operating.md) is being carried out; detail names the
+                                     request, the next events are its effect */
 } saga_event_type;
 
 /** Name of an event type, e.g. "STEP_SENT". */

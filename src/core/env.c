@@ -106,5 +106,5 @@ static const char *const event_names[] = {
     "STEP_FAILED",       "STEP_TIMED_OUT",   "STEP_RETRY",       "COMPENSATION_SENT",
     "COMPENSATED",       "COMPENSATION_FAILED", "RESOLVE_SENT",  "CANCELLED",
     "COMPLETED",         "SAGA_COMPENSATED", "SAGA_FAILED",      "STALE_REPLY",
-    "DEFINITION_MISSING"};
-const char *saga_event_name(int t) { return t >= 1 && t <= 16 ? event_names[t] : "UNKNOWN"; }
+    "DEFINITION_MISSING", "OPERATOR_REQUEST"};
+const char *saga_event_name(int t) { return t >= 1 && t <= 17 ? event_names[t] : "UNKNOWN"; }

@@ -177,3 +177,110 @@ CREATE TABLE saga_parked_reply (
   at_ms    INTEGER NOT NULL,
   body     BLOB NOT NULL
 );
+
+-- migration 7
+-- What an operator's tools need to read a node's database on their own: the definitions as
+-- registered (name, version, steps), durable operator requests that the node carries out in
+-- its own transactions, and views with readable names. saga_node_start() records every
+-- registered definition (replacing the recorded steps of a name and version registered again).
+CREATE TABLE saga_definition (
+  name          TEXT NOT NULL,
+  version       INTEGER NOT NULL,
+  nsteps        INTEGER NOT NULL,
+  deadline_ms   INTEGER NOT NULL,  -- whole-saga deadline before the pivot; 0 = none
+  registered_ms INTEGER NOT NULL,  -- last saga_node_start() that recorded it
+  PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+
+-- One row per step of a recorded definition. kind: 0 COMPENSATABLE, 1 PIVOT, 2 RETRIABLE.
+-- channel is '' and local 1 for a step run on the orchestrator's own node. Retry columns as
+-- saga_retry, resolved (0 for the action's max_attempts means 1; comp_* is the compensation's
+-- policy after defaults; 4294967295 = forever). timeout_ms 4294967295 = no timeout.
+CREATE TABLE saga_definition_step (
+  def_name          TEXT NOT NULL,
+  def_version       INTEGER NOT NULL,
+  step              INTEGER NOT NULL,
+  name              TEXT NOT NULL,
+  kind              INTEGER NOT NULL,
+  channel           TEXT NOT NULL,
+  action            TEXT NOT NULL,
+  compensation      TEXT NOT NULL,   -- '' = nothing to undo
+  local             INTEGER NOT NULL,
+  has_local_compensation INTEGER NOT NULL,
+  max_attempts      INTEGER NOT NULL,
+  backoff_ms        INTEGER NOT NULL,
+  multiplier        REAL NOT NULL,
+  cap_ms            INTEGER NOT NULL,
+  jitter            REAL NOT NULL,
+  retry_before_compensate INTEGER NOT NULL,
+  timeout_ms        INTEGER NOT NULL,
+  comp_max_attempts INTEGER NOT NULL,
+  comp_backoff_ms   INTEGER NOT NULL,
+  comp_multiplier   REAL NOT NULL,
+  comp_cap_ms       INTEGER NOT NULL,
+  comp_jitter       REAL NOT NULL,
+  PRIMARY KEY (def_name, def_version, step)
+) WITHOUT ROWID;
+
+-- Repairs an operator asked for (sagactl retry / cancel / dead-letters replay / purge). A tool
+-- inserts a row with state 0; a node opening this database carries it out in its own
+-- transaction (within a second while it runs, at its next start otherwise) and sets state
+-- 1 (done) or 2 (refused, with the reason in result), done_ms and result in the same
+-- transaction as the repair itself. action: 'retry' and 'cancel' (target = a saga id),
+-- 'replay' and 'purge' (target = a dead letter id, or '*' for every dead letter with purge).
+CREATE TABLE saga_operator_request (
+  id           INTEGER PRIMARY KEY,
+  at_ms        INTEGER NOT NULL,
+  action       TEXT NOT NULL,
+  target       TEXT NOT NULL,
+  requested_by TEXT NOT NULL DEFAULT '',
+  state        INTEGER NOT NULL DEFAULT 0,  -- 0 pending, 1 done, 2 refused
+  result       TEXT NOT NULL DEFAULT '',
+  done_ms      INTEGER
+);
+CREATE INDEX saga_operator_request_pending ON saga_operator_request(id) WHERE state = 0;
+CREATE INDEX saga_operator_request_target ON saga_operator_request(target);
+
+CREATE VIEW saga_instance_view AS
+SELECT i.id, i.def_name AS definition, i.def_version AS version, i.idem_key,
+       CASE i.state WHEN 1 THEN 'RUNNING' WHEN 2 THEN 'COMPENSATING' WHEN 3 THEN 'COMPLETED'
+                    WHEN 4 THEN 'COMPENSATED' WHEN 5 THEN 'FAILED' ELSE 'UNKNOWN' END AS state,
+       i.step, coalesce(s.name, '') AS step_name,
+       CASE i.phase WHEN 0 THEN 'ACTION' WHEN 1 THEN 'COMPENSATION' WHEN 2 THEN 'RESOLVE'
+                    ELSE 'UNKNOWN' END AS phase,
+       i.attempt,
+       CASE i.wait WHEN 0 THEN 'NONE' WHEN 1 THEN 'REPLY' WHEN 2 THEN 'BACKOFF'
+                   ELSE 'UNKNOWN' END AS waiting_for,
+       i.parked, i.error, length(i.data) AS data_bytes,
+       strftime('%Y-%m-%dT%H:%M:%fZ', i.created_ms / 1000.0, 'unixepoch') AS created,
+       strftime('%Y-%m-%dT%H:%M:%fZ', i.updated_ms / 1000.0, 'unixepoch') AS updated,
+       i.created_ms, i.updated_ms, i.deadline_ms
+FROM saga_instance i
+LEFT JOIN saga_definition_step s
+  ON s.def_name = i.def_name AND s.def_version = i.def_version AND s.step = i.step;
+
+CREATE VIEW saga_history_view AS
+SELECT h.saga_id, h.seq,
+       strftime('%Y-%m-%dT%H:%M:%fZ', h.at_ms / 1000.0, 'unixepoch') AS at,
+       CASE h.event WHEN 1 THEN 'STARTED' WHEN 2 THEN 'STEP_SENT' WHEN 3 THEN 'STEP_SUCCEEDED'
+         WHEN 4 THEN 'STEP_FAILED' WHEN 5 THEN 'STEP_TIMED_OUT' WHEN 6 THEN 'STEP_RETRY'
+         WHEN 7 THEN 'COMPENSATION_SENT' WHEN 8 THEN 'COMPENSATED'
+         WHEN 9 THEN 'COMPENSATION_FAILED' WHEN 10 THEN 'RESOLVE_SENT' WHEN 11 THEN 'CANCELLED'
+         WHEN 12 THEN 'COMPLETED' WHEN 13 THEN 'SAGA_COMPENSATED' WHEN 14 THEN 'SAGA_FAILED'
+         WHEN 15 THEN 'STALE_REPLY' WHEN 16 THEN 'DEFINITION_MISSING'
+         WHEN 17 THEN 'OPERATOR_REQUEST' ELSE 'UNKNOWN' END AS event,
+       h.step, coalesce(s.name, '') AS step_name, h.attempt, h.detail, h.at_ms
+FROM saga_history h
+LEFT JOIN saga_instance i ON i.id = h.saga_id
+LEFT JOIN saga_definition_step s
+  ON s.def_name = i.def_name AND s.def_version = i.def_version AND s.step = h.step;
+
+CREATE VIEW saga_operator_request_view AS
+SELECT id, strftime('%Y-%m-%dT%H:%M:%fZ', at_ms / 1000.0, 'unixepoch') AS requested,
+       action, target, requested_by,
+       CASE state WHEN 0 THEN 'PENDING' WHEN 1 THEN 'DONE' WHEN 2 THEN 'REFUSED'
+                  ELSE 'UNKNOWN' END AS state,
+       result,
+       CASE WHEN done_ms IS NULL THEN NULL
+            ELSE strftime('%Y-%m-%dT%H:%M:%fZ', done_ms / 1000.0, 'unixepoch') END AS done
+FROM saga_operator_request;
