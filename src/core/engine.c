@@ -875,7 +875,7 @@ static int def_grow(saga__engine *e) {
 static uint64_t ss_hash(const char *def_name, const char *step_name) {
   uint64_t h = 1469598103934665603ull;
   for (const char *c = def_name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
-  h = (h ^ 0xffu) * 1099511628211ull; /* a byte no name has: ("ab","c") is not ("a","bc") */
+  h = (h ^ 0xffu) * 1099511628211ull; /* a separator: ("ab","c") and ("a","bc") differ */
   for (const char *c = step_name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
   h *= 0x9e3779b97f4a7c15ull;
   return h ^ (h >> 29);
