@@ -226,6 +226,7 @@ static void tx_begin(fx *f) {
 static int tx_end(fx *f, int rc) {
   if (rc == SAGA_OK) rc = saga__journal_finish(&f->j);
   if (rc == SAGA_OK) rc = f->s->m->commit(f->s);
+  if (rc == SAGA_OK) saga__engine_stats_commit(&f->e);
   if (rc != SAGA_OK && f->s->m->in_tx(f->s)) assert_int_equal(f->s->m->rollback(f->s), SAGA_OK);
   saga__journal_clear_events(&f->j);
   assert_int_equal(f->s->m->in_tx(f->s), 0);
@@ -589,6 +590,11 @@ static void c_act_wait_ok(fx *f) {
   at(f, 100);
   enter(f, T_ACT_WAIT);
   fired(f, T_OK);
+  const saga__def *d = saga__engine_find(&f->e, "lin", 0);
+  const saga__step_stats *s0 = &f->e.step_stats[d->steps[0].stats];
+  const saga__step_stats *s1 = &f->e.step_stats[d->steps[1].stats];
+  assert_ptr_not_equal(s0, s1);
+  saga__step_stats b0 = *s0, b1 = *s1;
   assert_int_equal(ok(f), SAGA_OK);
   expect(f, &(want){.state = SAGA_RUNNING,
                     .phase = SAGA_PHASE_ACTION,
@@ -605,6 +611,18 @@ static void c_act_wait_ok(fx *f) {
   /* The step's latency: from its command (at 0) to the reply (at 100). */
   assert_int_equal(f->env.stats.step_latency_count, f->st0.step_latency_count + 1);
   assert_int_equal(f->env.stats.step_latency_sum_ms, f->st0.step_latency_sum_ms + 100);
+  /* Per step: step 0's action histogram (100 ms: the bucket of bound 100), its success; step
+   * 1's first attempt. */
+  assert_int_equal(saga_latency_bound_ms(6), 100);
+  assert_int_equal(s0->latency[SAGA_PHASE_ACTION][6], b0.latency[SAGA_PHASE_ACTION][6] + 1);
+  assert_int_equal(s0->latency_count[SAGA_PHASE_ACTION], b0.latency_count[SAGA_PHASE_ACTION] + 1);
+  assert_int_equal(s0->latency_sum_ms[SAGA_PHASE_ACTION],
+                   b0.latency_sum_ms[SAGA_PHASE_ACTION] + 100);
+  assert_int_equal(s0->successes, b0.successes + 1);
+  assert_int_equal(s1->attempts, b1.attempts + 1);
+  assert_int_equal(s1->retries, b1.retries);
+  assert_int_equal(s0->latency_count[SAGA_PHASE_COMPENSATION],
+                   b0.latency_count[SAGA_PHASE_COMPENSATION]);
 }
 
 static void c_act_wait_fail(fx *f) {

@@ -573,7 +573,16 @@ SAGA_EXTERN int saga_node_outbox_channels(saga_node *node, saga_outbox_channel_c
  *  - libsaga_sagas{node,state} (gauge, all five states) and
  *    libsaga_sagas_by_definition{node,definition,state} (gauge, the pairs that have sagas);
  *  - libsaga_step_latency_ms{node} (histogram, cumulative buckets in ms): the node-wide
- *    step-latency histogram of saga_node_stats (not per step);
+ *    step-latency histogram of saga_node_stats;
+ *  - per step of the registered definitions, labelled {node,definition,step} (the names; the
+ *    versions of a definition added up per step name): the histogram
+ *    libsaga_step_duration_ms{...,phase} (phase "action", "compensation" for steps with a
+ *    compensation, "resolve" for the pivot; the same buckets; every reply is in one of them)
+ *    and the counters libsaga_step_attempts_total (action commands sent), _retries_total
+ *    (of them after the first), _successes_total, _failures_total (failure replies, unsendable
+ *    commands, a pivot not applied), _timeouts_total, _compensation_attempts_total,
+ *    _compensations_total (succeeded) and _compensation_failures_total (failed or timed out).
+ *    Kept in memory from the node's open, counted when their transaction commits;
  *  - libsaga_outbox_depth{node}, libsaga_outbox_channel_depth{node,channel},
  *    libsaga_outbox_oldest_seconds{node,channel} (gauges: unconfirmed outbox rows, per
  *    channel, and the age of the oldest), libsaga_outbox_stuck_channels{node};

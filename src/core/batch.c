@@ -326,6 +326,7 @@ static int try_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int with
     SAGA__HOOK(&n->env, "tx.before_commit");
     rc = s->m->commit(s);
     if (rc == SAGA_OK) {
+      saga__engine_stats_commit(&n->engine);
       SAGA__HOOK(&n->env, "tx.after_commit");
       return SAGA_OK;
     }
@@ -519,6 +520,7 @@ int saga__batch_recover(saga_node *n) {
     if (rc == SAGA_OK) {
       rc = s->m->commit(s);
       if (rc != SAGA_OK) saga__store_fail(&n->env, rc, "committing recovery");
+      else saga__engine_stats_commit(&n->engine);
     }
   }
   if (rc != SAGA_OK) {

@@ -69,6 +69,8 @@ uint64_t saga__rand(saga__env *e);
 int saga__id_bytes(saga__env *e, void *out, size_t len);
 /* Records one step latency (ms) in the histogram of e->stats. */
 void saga__latency(saga__env *e, uint64_t ms);
+/* The bucket of the latency histograms that counts ms (see saga_latency_bound_ms). */
+int saga__latency_bucket(uint64_t ms);
 
 /* ---- definitions (definition.c) --------------------------------------------------------- */
 
@@ -80,6 +82,7 @@ typedef struct saga__step {
   uint32_t timeout_ms;
   saga_handler local_action, local_compensation;
   void *local_arg;
+  uint32_t stats; /* its (definition name, step name) slot of per-step metrics (engine.h) */
 } saga__step;
 
 typedef struct saga__def {

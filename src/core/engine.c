@@ -76,12 +76,81 @@ static int inst_save(saga__engine *e, saga__inst *i) {
   return SAGA_OK;
 }
 
+/* ---- per-step metrics (engine.h) -------------------------------------------------------- */
+
+/* What an update recorded in the journal counts (saga__step_stat_rec.kind); SS_LATENCY + phase
+ * is a reply's latency in that phase. */
+enum {
+  SS_SENT,         /* value: the attempt number */
+  SS_SUCCEEDED,
+  SS_FAILED,
+  SS_TIMED_OUT,
+  SS_COMP_SENT,
+  SS_COMPENSATED,
+  SS_COMP_FAILED,
+  SS_LATENCY       /* + phase; value: ms */
+};
+
+static int step_stat(saga__engine *e, const saga__inst *i, uint32_t kind, uint64_t value) {
+  return saga__journal_step_stat(e->journal, i->def->steps[i->step].stats, kind, value);
+}
+
+/* The per-step counter a transition of i's current step moves, if any (-1: none). */
+static int stat_kind(const saga__inst *i, saga_event_type t) {
+  int comp = i->phase == SAGA_PHASE_COMPENSATION;
+  switch (t) {
+  case SAGA_EV_STEP_SENT: return SS_SENT;
+  case SAGA_EV_STEP_SUCCEEDED: return SS_SUCCEEDED;
+  case SAGA_EV_STEP_FAILED: return comp ? SS_COMP_FAILED : SS_FAILED;
+  case SAGA_EV_STEP_TIMED_OUT: return comp ? SS_COMP_FAILED : SS_TIMED_OUT;
+  case SAGA_EV_COMPENSATION_SENT: return SS_COMP_SENT;
+  case SAGA_EV_COMPENSATED: return SS_COMPENSATED;
+  default: return -1;
+  }
+}
+
+void saga__engine_stats_commit(saga__engine *e) {
+  saga__buf *b = &e->journal->step_stats;
+  size_t count = b->len / sizeof(saga__step_stat_rec);
+  for (size_t k = 0; k < count; k++) {
+    saga__step_stat_rec r;
+    memcpy(&r, b->data + k * sizeof r, sizeof r);
+    if (r.slot >= e->nstep_stats) continue;
+    saga__step_stats *s = &e->step_stats[r.slot];
+    switch (r.kind) {
+    case SS_SENT:
+      s->attempts++;
+      if (r.value > 1) s->retries++;
+      break;
+    case SS_SUCCEEDED: s->successes++; break;
+    case SS_FAILED: s->failures++; break;
+    case SS_TIMED_OUT: s->timeouts++; break;
+    case SS_COMP_SENT: s->comp_attempts++; break;
+    case SS_COMPENSATED: s->compensations++; break;
+    case SS_COMP_FAILED: s->comp_failures++; break;
+    default:
+      if (r.kind >= SS_LATENCY && r.kind < SS_LATENCY + SAGA__PHASES) {
+        unsigned p = r.kind - SS_LATENCY;
+        s->latency[p][saga__latency_bucket(r.value)]++;
+        s->latency_count[p]++;
+        s->latency_sum_ms[p] += r.value;
+      }
+    }
+  }
+  saga__buf_reset(b);
+}
+
 static int ev(saga__engine *e, saga__inst *i, saga_event_type t, const char *detail) {
   int step = t == SAGA_EV_STARTED || t == SAGA_EV_COMPLETED || t == SAGA_EV_SAGA_COMPENSATED ||
                      t == SAGA_EV_SAGA_FAILED || t == SAGA_EV_CANCELLED ||
                      t == SAGA_EV_DEFINITION_MISSING || t == SAGA_EV_OPERATOR_REQUEST
                  ? -1
                  : i->step;
+  int kind = step >= 0 && i->def != NULL ? stat_kind(i, t) : -1;
+  if (kind >= 0) {
+    int rc = step_stat(e, i, (uint32_t)kind, i->attempt);
+    if (rc != SAGA_OK) return rc;
+  }
   return saga__journal_event(e->journal, t, i, step, i->attempt, detail);
 }
 
@@ -529,8 +598,10 @@ int saga__engine_reply(saga__engine *e, const saga_envelope *r) {
     return SAGA_OK;
   }
   uint64_t now = saga__now(e->env);
-  saga__latency(e->env, now > i->updated_ms ? now - i->updated_ms : 0);
-  return step(e, i, r->status == 0 ? E_OK : E_FAIL, r);
+  uint64_t ms = now > i->updated_ms ? now - i->updated_ms : 0;
+  saga__latency(e->env, ms);
+  rc = step_stat(e, i, SS_LATENCY + (uint32_t)i->phase, ms);
+  return rc != SAGA_OK ? rc : step(e, i, r->status == 0 ? E_OK : E_FAIL, r);
 }
 
 int saga__engine_undeliverable(saga__engine *e, const saga_envelope *cmd, int code,
@@ -755,6 +826,11 @@ void saga__engine_free(saga__engine *e) {
   saga__free(e->env->alloc, e->defs);
   saga__free(e->env->alloc, e->def_slots);
   saga__free(e->env->alloc, e->def_latest);
+  saga__free(e->env->alloc, e->step_stats);
+  saga__free(e->env->alloc, e->ss_slots);
+  e->step_stats = NULL;
+  e->ss_slots = NULL;
+  e->nstep_stats = e->step_stats_cap = e->ss_cap = 0;
   e->defs = NULL;
   e->def_slots = NULL;
   e->def_latest = NULL;
@@ -830,6 +906,90 @@ static int def_grow(saga__engine *e) {
   return SAGA_OK;
 }
 
+/* The per-step metrics are found by (definition name, step name) through an open-addressing
+ * hash like the definitions' (a slot holds an index + 1), so that every version of a
+ * definition shares one set per step name. */
+static uint64_t ss_hash(const char *def_name, const char *step_name) {
+  uint64_t h = 1469598103934665603ull;
+  for (const char *c = def_name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+  h = (h ^ 0xffu) * 1099511628211ull; /* a separator: ("ab","c") and ("a","bc") differ */
+  for (const char *c = step_name; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+  h *= 0x9e3779b97f4a7c15ull;
+  return h ^ (h >> 29);
+}
+
+/* The slot of the pair: the one holding it, or the empty one where it would go. */
+static size_t ss_slot(const saga__engine *e, const char *def_name, const char *step_name) {
+  size_t mask = e->ss_cap - 1, k = (size_t)ss_hash(def_name, step_name) & mask;
+  for (;; k = (k + 1) & mask) {
+    uint32_t v = e->ss_slots[k];
+    if (v == 0) return k;
+    const saga__step_stats *s = &e->step_stats[v - 1];
+    if (strcmp(s->def_name, def_name) == 0 && strcmp(s->step_name, step_name) == 0) return k;
+  }
+}
+
+/* Makes room for `more` new pairs (array and hash, the hash at most half full): all the
+ * allocation a registration's metrics need, done before anything is registered. */
+static int ss_reserve(saga__engine *e, size_t more) {
+  size_t need = e->nstep_stats + more;
+  if (need >= UINT32_MAX) return SAGA_ENOMEM;
+  if (need > e->step_stats_cap) {
+    size_t cap = e->step_stats_cap ? e->step_stats_cap : 16;
+    while (cap < need) cap *= 2;
+    saga__step_stats *p = saga__realloc(e->env->alloc, e->step_stats, cap * sizeof *p);
+    if (p == NULL) return SAGA_ENOMEM;
+    e->step_stats = p;
+    e->step_stats_cap = cap;
+  }
+  if (need * 2 <= e->ss_cap) return SAGA_OK;
+  size_t cap = e->ss_cap ? e->ss_cap : 64;
+  while (need * 2 > cap) cap *= 2;
+  uint32_t *slots = saga__calloc(e->env->alloc, cap * sizeof *slots);
+  if (slots == NULL) return SAGA_ENOMEM;
+  saga__free(e->env->alloc, e->ss_slots);
+  e->ss_slots = slots;
+  e->ss_cap = cap;
+  for (size_t k = 0; k < e->nstep_stats; k++) {
+    const saga__step_stats *s = &e->step_stats[k];
+    e->ss_slots[ss_slot(e, s->def_name, s->step_name)] = (uint32_t)k + 1;
+  }
+  return SAGA_OK;
+}
+
+/* How many pairs of d are not known yet (a step name repeated in d counts once). */
+static size_t ss_new(const saga__engine *e, const saga__def *d) {
+  size_t count = 0;
+  for (size_t k = 0; k < d->nsteps; k++) {
+    const char *nm = d->steps[k].name;
+    if (e->ss_cap != 0 && e->ss_slots[ss_slot(e, d->name, nm)] != 0) continue;
+    size_t j = 0;
+    while (j < k && strcmp(d->steps[j].name, nm) != 0) j++;
+    if (j == k) count++;
+  }
+  return count;
+}
+
+/* Gives each step of d (registered, room reserved) its pair's metrics, new ones zeroed. */
+static void ss_assign(saga__engine *e, saga__def *d) {
+  for (size_t k = 0; k < d->nsteps; k++) {
+    saga__step *st = &d->steps[k];
+    size_t slot = ss_slot(e, d->name, st->name);
+    if (e->ss_slots[slot] == 0) {
+      saga__step_stats *s = &e->step_stats[e->nstep_stats];
+      memset(s, 0, sizeof *s);
+      s->def_name = d->name;
+      s->step_name = st->name;
+      e->ss_slots[slot] = (uint32_t)++e->nstep_stats;
+    }
+    st->stats = e->ss_slots[slot] - 1;
+    saga__step_stats *s = &e->step_stats[st->stats];
+    s->phases |= 1u << SAGA_PHASE_ACTION;
+    if (has_compensation(st)) s->phases |= 1u << SAGA_PHASE_COMPENSATION;
+    if (st->kind == SAGA_STEP_PIVOT) s->phases |= 1u << SAGA_PHASE_RESOLVE;
+  }
+}
+
 int saga__engine_register(saga__engine *e, const saga_definition *def) {
   if (def->name != NULL && saga__engine_find(e, def->name, def->version) != NULL)
     return saga__fail(e->env, SAGA_EEXIST, "definition '%s' version %u is already registered",
@@ -839,6 +999,7 @@ int saga__engine_register(saga__engine *e, const saga_definition *def) {
   if (rc != SAGA_OK) return rc;
   saga__def *p = NULL;
   if (e->ndefs >= UINT32_MAX - 1 || def_grow(e) != SAGA_OK ||
+      ss_reserve(e, ss_new(e, &copy)) != SAGA_OK ||
       (p = saga__realloc(e->env->alloc, e->defs, (e->ndefs + 1) * sizeof *p)) == NULL) {
     saga__def_free(&copy, e->env->alloc);
     return saga__fail(e->env, SAGA_ENOMEM, "out of memory registering definition");
@@ -846,6 +1007,7 @@ int saga__engine_register(saga__engine *e, const saga_definition *def) {
   e->defs = p;
   size_t idx = e->ndefs++;
   e->defs[idx] = copy;
+  ss_assign(e, &e->defs[idx]);
   def_put(e, copy.name, copy.version, idx);
   const saga__def *latest = saga__engine_find(e, copy.name, 0);
   if (latest == NULL || latest->version < copy.version) def_put(e, copy.name, 0, idx);

@@ -10,6 +10,27 @@
 
 #include "journal.h"
 
+/* Phases of a step's commands, as saga_phase numbers them: action, compensation, resolve. */
+#define SAGA__PHASES 3
+
+/* The per-step metrics of one (definition name, step name) pair, summed over every registered
+ * version of the definition that has a step of that name. Counted when the transaction that
+ * made the transition commits (the updates wait in the journal until then). */
+typedef struct saga__step_stats {
+  const char *def_name, *step_name; /* borrowed from the first definition with the pair */
+  unsigned phases;                  /* bit p: some version's step sends commands of phase p */
+  uint64_t attempts;      /* action commands sent, first attempts and retries */
+  uint64_t retries;       /* of which attempt > 1 */
+  uint64_t successes;     /* the action succeeded (the saga went on past the step) */
+  uint64_t failures;      /* the action failed: failure reply, unsendable, pivot not applied */
+  uint64_t timeouts;      /* an action attempt or a resolve got no reply in time */
+  uint64_t comp_attempts; /* compensation commands sent */
+  uint64_t compensations; /* compensations that succeeded */
+  uint64_t comp_failures; /* compensation attempts that failed or timed out */
+  uint64_t latency[SAGA__PHASES][SAGA_LATENCY_BUCKETS]; /* as saga_node_stats.step_latency */
+  uint64_t latency_count[SAGA__PHASES], latency_sum_ms[SAGA__PHASES];
+} saga__step_stats;
+
 typedef struct saga__engine {
   saga__env *env;
   saga__journal *journal;
@@ -21,6 +42,10 @@ typedef struct saga__engine {
   uint8_t *def_latest;  /* the slot stands for (name, highest version) */
   size_t def_cap;       /* slots, a power of two */
   uint64_t def_probes;  /* slots looked at by lookups, for tests */
+  saga__step_stats *step_stats; /* one per (definition name, step name), registration order */
+  size_t nstep_stats, step_stats_cap;
+  uint32_t *ss_slots; /* hash of (definition name, step name) -> index + 1 */
+  size_t ss_cap;      /* slots, a power of two (0: none yet) */
   saga__inst inst; /* the instance being processed */
   saga__buf cmd;   /* encoding of a command */
   saga__buf ids;   /* due or recovering instances */
@@ -31,6 +56,9 @@ void saga__engine_init(saga__engine *e, saga__env *env, saga__journal *j, const 
 void saga__engine_free(saga__engine *e);
 /* Validates and copies def. SAGA_EEXIST when that name and version are registered. */
 int saga__engine_register(saga__engine *e, const saga_definition *def);
+/* Applies the per-step metric updates of the transaction that just committed (recorded in
+ * the journal by the transitions), and forgets them. */
+void saga__engine_stats_commit(saga__engine *e);
 /* The definition name at version (0 = the highest registered), or NULL. */
 const saga__def *saga__engine_find(const saga__engine *e, const char *name, uint32_t version);
 

@@ -89,10 +89,14 @@ uint32_t saga_latency_bound_ms(int b) {
   return b >= 0 && b < SAGA_LATENCY_BUCKETS - 1 ? latency_bounds[b] : UINT32_MAX;
 }
 
-void saga__latency(saga__env *e, uint64_t ms) {
+int saga__latency_bucket(uint64_t ms) {
   int b = 0;
   while (b < SAGA_LATENCY_BUCKETS - 1 && ms > latency_bounds[b]) b++;
-  e->stats.step_latency[b]++;
+  return b;
+}
+
+void saga__latency(saga__env *e, uint64_t ms) {
+  e->stats.step_latency[saga__latency_bucket(ms)]++;
   e->stats.step_latency_count++;
   e->stats.step_latency_sum_ms += ms;
 }

@@ -16,6 +16,7 @@ void saga__journal_init(saga__journal *j, saga__env *env) {
   saga__buf_init(&j->event_buf, env->alloc);
   saga__buf_init(&j->hist, env->alloc);
   saga__buf_init(&j->hist_text, env->alloc);
+  saga__buf_init(&j->step_stats, env->alloc);
 }
 
 void saga__journal_free(saga__journal *j) {
@@ -26,11 +27,12 @@ void saga__journal_free(saga__journal *j) {
   saga__buf_free(&j->event_buf);
   saga__buf_free(&j->hist);
   saga__buf_free(&j->hist_text);
+  saga__buf_free(&j->step_stats);
 }
 
 saga__journal_mark saga__journal_mark_get(const saga__journal *j) {
-  saga__journal_mark m = {j->nevents, j->event_text.len, j->remote_events.len, j->hist.len,
-                          j->hist_text.len};
+  saga__journal_mark m = {j->nevents,    j->event_text.len, j->remote_events.len,
+                          j->hist.len,   j->hist_text.len,  j->step_stats.len};
   return m;
 }
 
@@ -40,6 +42,7 @@ void saga__journal_rewind(saga__journal *j, const saga__journal_mark *m) {
   j->remote_events.len = m->remote;
   j->hist.len = m->hist;
   j->hist_text.len = m->hist_text;
+  j->step_stats.len = m->step_stats;
 }
 
 void saga__journal_clear_events(saga__journal *j) {
@@ -165,6 +168,13 @@ int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst
   return SAGA_OK;
 }
 
+int saga__journal_step_stat(saga__journal *j, uint32_t slot, uint32_t kind, uint64_t value) {
+  saga__step_stat_rec r = {slot, kind, value};
+  if (saga__buf_append(&j->step_stats, &r, sizeof r) != SAGA_OK)
+    return saga__fail(j->env, SAGA_ENOMEM, "out of memory recording step metrics");
+  return SAGA_OK;
+}
+
 int saga__journal_remote_event(saga__journal *j, const void *data, size_t len) {
   if (!j->keep_remote) return SAGA_OK;
   int rc = grow_events(j);
@@ -187,6 +197,7 @@ int saga__journal_remote_event(saga__journal *j, const void *data, size_t len) {
 void saga__journal_begin(saga__journal *j) {
   saga__buf_reset(&j->hist);
   saga__buf_reset(&j->hist_text);
+  saga__buf_reset(&j->step_stats);
   j->outbox_next_valid = 0;
   j->outbox_used = 0;
 }

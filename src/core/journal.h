@@ -34,6 +34,7 @@ typedef struct saga__journal {
   saga__buf remote_events;    /* received event messages: u64 length, bytes */
   saga__buf event_buf;        /* encoding of a published event */
   saga__buf hist, hist_text;  /* history rows of the transaction (saga__hist_rec each) */
+  saga__buf step_stats;       /* per-step metric updates of the transaction (below) */
   uint64_t outbox_next;       /* next outbox id */
   int outbox_next_valid;      /* outbox_next checked against the store in this transaction */
   int outbox_used;            /* ids taken in this transaction (the mark to update) */
@@ -42,12 +43,20 @@ typedef struct saga__journal {
 
 /* Where the journal stood: rewinding to it forgets what was recorded since. */
 typedef struct saga__journal_mark {
-  size_t nevents, event_text, remote, hist, hist_text;
+  size_t nevents, event_text, remote, hist, hist_text, step_stats;
 } saga__journal_mark;
+
+/* One update of a per-step metric, kept until the commit: slot and kind are the engine's
+ * (engine.c), value a latency in ms or an attempt number. */
+typedef struct saga__step_stat_rec {
+  uint32_t slot, kind;
+  uint64_t value;
+} saga__step_stat_rec;
 
 void saga__journal_init(saga__journal *j, saga__env *env);
 void saga__journal_free(saga__journal *j);
-/* After every BEGIN: forgets the history of an earlier try and re-reads the outbox mark. */
+/* After every BEGIN: forgets the history and step metric updates of an earlier try and
+ * re-reads the outbox mark. */
 void saga__journal_begin(saga__journal *j);
 /* Before every COMMIT: writes the buffered history rows (emptied either way) and the outbox
  * mark. */
@@ -63,6 +72,10 @@ int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst
 /* The type and detail of inst's latest history row (seq inst->hseq), recorded in this
  * transaction or before: *type 0 when it has none. detail gets the text (NUL-terminated). */
 int saga__journal_last(saga__journal *j, const saga__inst *inst, int *type, saga__buf *detail);
+/* Records an update of a per-step metric, applied by the engine after the commit
+ * (saga__engine_stats_commit); forgotten with the rest on a rewind or a rollback. SAGA_OK or
+ * SAGA_ENOMEM (errmsg set). */
+int saga__journal_step_stat(saga__journal *j, uint32_t slot, uint32_t kind, uint64_t value);
 /* Keeps an event message from another node for dispatch after the commit (dropped when
  * nobody subscribed). */
 int saga__journal_remote_event(saga__journal *j, const void *data, size_t len);

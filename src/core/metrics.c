@@ -2,8 +2,9 @@
  * The node's metrics in the Prometheus text exposition format (version 0.0.4):
  * saga_node_metrics() and saga_nodes_metrics(). Reads what the public readers of node.c and
  * relay.c read (counters, counts by state, the outbox), plus the counts by definition through
- * the store interface. Each metric's HELP and TYPE lines are written once, then its series
- * of every node, since the format allows a metric's block only once per text.
+ * the store interface and the engine's per-step metrics (in memory, engine.h). Each metric's
+ * HELP and TYPE lines are written once, then its series of every node, since the format allows
+ * a metric's block only once per text.
  */
 #include <inttypes.h>
 #include <stdarg.h>
@@ -141,6 +142,64 @@ static const struct {
      offsetof(saga_node_stats, checkpoint_failures)},
 };
 
+/* The per-step counters (engine.h), by offset in saga__step_stats. */
+static const struct {
+  const char *name, *help;
+  size_t off;
+} step_counters[] = {
+    {"libsaga_step_attempts_total",
+     "Commands sent for the step's action, first attempts and retries.",
+     offsetof(saga__step_stats, attempts)},
+    {"libsaga_step_retries_total", "Commands sent for the step's action after its first attempt.",
+     offsetof(saga__step_stats, retries)},
+    {"libsaga_step_successes_total", "Times the step's action succeeded.",
+     offsetof(saga__step_stats, successes)},
+    {"libsaga_step_failures_total",
+     "Action attempts that failed (a failure reply, unsendable, a pivot found not applied).",
+     offsetof(saga__step_stats, failures)},
+    {"libsaga_step_timeouts_total",
+     "Action attempts (and pivot resolves) that got no reply within the step's timeout.",
+     offsetof(saga__step_stats, timeouts)},
+    {"libsaga_step_compensation_attempts_total", "Commands sent for the step's compensation.",
+     offsetof(saga__step_stats, comp_attempts)},
+    {"libsaga_step_compensations_total", "Times the step's compensation succeeded.",
+     offsetof(saga__step_stats, compensations)},
+    {"libsaga_step_compensation_failures_total",
+     "Compensation attempts that failed or got no reply in time.",
+     offsetof(saga__step_stats, comp_failures)},
+};
+
+static const char *const phase_names[SAGA__PHASES] = {"action", "compensation", "resolve"};
+
+/* Starts a per-step series: name{node="...",definition="...",step="..." (the caller ends it). */
+static void step_series(mtext *t, const char *name, const saga_node *n,
+                        const saga__step_stats *s) {
+  series(t, name, n);
+  put(t, ",definition=\"");
+  put_value(t, s->def_name);
+  put(t, "\",step=\"");
+  put_value(t, s->step_name);
+  put(t, "\"");
+}
+
+/* The per-step histogram of s's phase p. */
+static void step_histogram(mtext *t, const saga_node *n, const saga__step_stats *s, int p) {
+  uint64_t cum = 0;
+  for (int k = 0; k < SAGA_LATENCY_BUCKETS; k++) {
+    cum += s->latency[p][k];
+    uint32_t bound = saga_latency_bound_ms(k);
+    if (bound == UINT32_MAX) continue; /* +Inf, below */
+    step_series(t, "libsaga_step_duration_ms_bucket", n, s);
+    put(t, ",phase=\"%s\",le=\"%" PRIu32 "\"} %" PRIu64 "\n", phase_names[p], bound, cum);
+  }
+  step_series(t, "libsaga_step_duration_ms_bucket", n, s);
+  put(t, ",phase=\"%s\",le=\"+Inf\"} %" PRIu64 "\n", phase_names[p], s->latency_count[p]);
+  step_series(t, "libsaga_step_duration_ms_sum", n, s);
+  put(t, ",phase=\"%s\"} %" PRIu64 "\n", phase_names[p], s->latency_sum_ms[p]);
+  step_series(t, "libsaga_step_duration_ms_count", n, s);
+  put(t, ",phase=\"%s\"} %" PRIu64 "\n", phase_names[p], s->latency_count[p]);
+}
+
 typedef struct row_ctx {
   mtext *t;
   const saga_node *n;
@@ -219,6 +278,28 @@ static void write_all(mtext *t, snap *sn, size_t count) {
     put(t, "} %" PRIu64 "\n", st->step_latency_sum_ms);
     series(t, "libsaga_step_latency_ms_count", sn[i].n);
     put(t, "} %" PRIu64 "\n", st->step_latency_count);
+  }
+
+  head(t, "libsaga_step_duration_ms", "histogram",
+       "Orchestrator step latency per definition, step and phase (action, compensation, "
+       "resolve): command sent (committed) to its reply processed, in ms.");
+  for (size_t i = 0; i < count; i++) {
+    const saga__engine *e = &sn[i].n->engine;
+    for (size_t k = 0; k < e->nstep_stats; k++)
+      for (int p = 0; p < SAGA__PHASES; p++)
+        if (e->step_stats[k].phases & (1u << p)) step_histogram(t, sn[i].n, &e->step_stats[k], p);
+  }
+  for (size_t c = 0; c < sizeof step_counters / sizeof step_counters[0]; c++) {
+    head(t, step_counters[c].name, "counter", step_counters[c].help);
+    for (size_t i = 0; i < count; i++) {
+      const saga__engine *e = &sn[i].n->engine;
+      for (size_t k = 0; k < e->nstep_stats; k++) {
+        uint64_t v;
+        memcpy(&v, (const char *)&e->step_stats[k] + step_counters[c].off, sizeof v);
+        step_series(t, step_counters[c].name, sn[i].n, &e->step_stats[k]);
+        put(t, "} %" PRIu64 "\n", v);
+      }
+    }
   }
 
   head(t, "libsaga_outbox_depth", "gauge", "Outbox rows not yet confirmed by the transport.");
