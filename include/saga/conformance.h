@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the transport conformance kit.
  *
  * Runs a fixed set of checks against any transport adapter, so that a user who writes an
@@ -47,6 +48,8 @@ extern "C" {
 
 struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 
+/** How the kit makes transports on the medium under test, and what the medium promises.
+ * Frozen (docs/abi.md). */
 typedef struct saga_conformance_medium {
   /** Creates a new transport for node `node` ("conf-a" or "conf-b"). */
   int (*create)(void *ctx, const char *node, saga_transport **out);
@@ -55,7 +58,7 @@ typedef struct saga_conformance_medium {
   int (*stop)(void *ctx);
   /** Optional: makes it available again and returns when it is up. */
   int (*restart)(void *ctx);
-  void *ctx;
+  void *ctx;               /**< passed to create, stop and restart */
   int ordered;             /**< the adapter promises per-channel order */
   uint32_t redelivery_ms;  /**< how long a broker takes to redeliver an unacknowledged
                                 message; 0 for brokerless adapters */
