@@ -42,8 +42,9 @@
  *  - order: (only when the medium promises it) 200 messages on one channel arrive in the order
  *    sent, duplicates aside.
  *  - consumer-crash: the consumer of "conf-ch" gets a message and is torn down at once,
- *    without acknowledging it (closed from the very loop turn of the delivery, its delivery
- *    records dropped: all a killed process leaves behind), and a new consumer for "conf-b"
+ *    without acknowledging it (closed before the loop runs again after the delivery — for a
+ *    broker, once the message is also confirmed —, its delivery records dropped: all a
+ *    killed process leaves behind), and a new consumer for "conf-b"
  *    starts. The new consumer must get the message and, once it acknowledges, the sender must
  *    be told it is safe. Brokerless: the sender must not have been told before (the kit, as
  *    the sender's outbox would, resends every 200 ms while it is not, and the resend reaches
