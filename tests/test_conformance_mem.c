@@ -157,10 +157,11 @@ static void run_kit(run *r, int (*create)(void *, const char *, saga_transport *
   th_rmdir(dir);
 }
 
-static const char *const all_checks[] = {
-    "PASS delivery\n", "PASS ack\n",     "PASS unacked\n",        "PASS duplicates\n",
-    "PASS order\n",    "PASS consumer-crash\n", "PASS peer-gone\n", "PASS close\n",
-    "PASS sagas\n",    "PASS sagas-crash\n"};
+static const char *const all_checks[] = {"PASS delivery\n",  "PASS ack\n",
+                                         "PASS unacked\n",   "PASS duplicates\n",
+                                         "PASS order\n",     "PASS consumer-crash\n",
+                                         "PASS peer-gone\n", "PASS close\n",
+                                         "PASS sagas\n",     "PASS sagas-crash\n"};
 
 static void test_mem_conformance(void **state) {
   run r;

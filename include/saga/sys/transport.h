@@ -46,8 +46,9 @@ struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 
 
 /** The version of the methods table this header describes. Version 2 appended can_send(),
- * version 3 connected(). The core still accepts older tables and reads only their fields (a version-1 adapter is taken to reach every channel, a version
- * 1 or 2 adapter to be connected whenever it is open). */
+ * version 3 connected(). The core still accepts older tables and reads only their fields (a
+ * version-1 adapter is taken to reach every channel, a version 1 or 2 adapter to be
+ * connected whenever it is open). */
 #define SAGA_TRANSPORT_VERSION 3
 
 /** An adapter's methods: one constant table per adapter, pointed to by
