@@ -16,7 +16,7 @@
  *
  * The medium's kind (saga_medium_kind) says who keeps a message between its sender and its
  * receiver, and so what the checks expect of confirmations and redeliveries:
- *  - SAGA_MEDIUM_BROKERLESS (TCP, in-memory, the example UDP adapter): nothing keeps it. The
+ *  - SAGA_MEDIUM_BROKERLESS (TCP, in-memory, in-process, the example UDP adapter): nothing keeps it. The
  *    sender is told a message is safe only once the receiving node acknowledged it; a
  *    delivery left unacknowledged is lost with its consumer, and the sender's outbox, never
  *    told, sends it again until a consumer acknowledges it.
@@ -43,10 +43,9 @@
  *    sent, duplicates aside.
  *  - consumer-crash: the consumer of "conf-ch" gets a message and is torn down at once,
  *    without acknowledging it (closed before the loop runs again after the delivery — for a
- *    broker, once the message is also confirmed —, its delivery records dropped: all a
- *    killed process leaves behind), and a new consumer for "conf-b"
- *    starts. The new consumer must get the message and, once it acknowledges, the sender must
- *    be told it is safe. Brokerless: the sender must not have been told before (the kit, as
+ *    broker, once the message is also confirmed —, its delivery records dropped: all a killed
+ *    process leaves behind), and a new consumer for "conf-b" starts. The new consumer must get
+ *    the message and, once it acknowledges, the sender must be told it is safe. Brokerless: the sender must not have been told before (the kit, as
  *    the sender's outbox would, resends every 200 ms while it is not, and the resend reaches
  *    the new consumer). Broker: the broker stored and confirmed it before the crash and
  *    redelivers it with no resend. Store-and-forward: what was confirmed comes again with no
@@ -58,13 +57,14 @@
  *  - outage: (only when the medium can stop) while the medium is stopped nothing is confirmed;
  *    after it restarts, a resend is delivered and confirmed.
  *  - close: closing sender and receiver with messages in flight calls
- *    saga_transport_closed() exactly once each and nothing after it.
+ *    saga_transport_closed() exactly once each and nothing after it, and so did every
+ *    earlier close of the run.
  *  - sagas: 60 sagas over two nodes on this medium (a third of them compensated) all finish,
  *    each step's effect exactly once.
  *  - sagas-crash: 60 more sagas; once the participant node ("conf-b") ran 70 handlers (every
  *    first step and some second ones, of 200 runs in all), it is closed with the rest of its
- *    work in flight and opened again on the same database with a
- *    new transport. Every saga still finishes, each step's effect exactly once.
+ *    work in flight and opened again on the same database with a new transport. Every saga
+ *    still finishes, each step's effect exactly once.
  *
  * Thread: everything runs on the loop given, which the kit runs itself (uv_run); the loop must
  * have no other active handles. The kit uses real time: allow it several seconds (a broker's
