@@ -16,10 +16,10 @@
  *
  * The medium's kind (saga_medium_kind) says who keeps a message between its sender and its
  * receiver, and so what the checks expect of confirmations and redeliveries:
- *  - SAGA_MEDIUM_BROKERLESS (TCP, in-memory, in-process, the example UDP adapter): nothing keeps it. The
- *    sender is told a message is safe only once the receiving node acknowledged it; a
- *    delivery left unacknowledged is lost with its consumer, and the sender's outbox, never
- *    told, sends it again until a consumer acknowledges it.
+ *  - SAGA_MEDIUM_BROKERLESS (TCP, in-memory, in-process, the example UDP adapter): nothing
+ *    keeps it. The sender is told a message is safe only once the receiving node acknowledged
+ *    it; a delivery left unacknowledged is lost with its consumer, and the sender's outbox,
+ *    never told, sends it again until a consumer acknowledges it.
  *  - SAGA_MEDIUM_BROKER (NATS JetStream, Redis Streams): the medium stores every message and
  *    confirms it once stored, whether or not a consumer is there; it delivers again any
  *    delivery left unacknowledged (after redelivery_ms), to whichever consumer of the channel
@@ -45,11 +45,12 @@
  *    without acknowledging it (closed before the loop runs again after the delivery — for a
  *    broker, once the message is also confirmed —, its delivery records dropped: all a killed
  *    process leaves behind), and a new consumer for "conf-b" starts. The new consumer must get
- *    the message and, once it acknowledges, the sender must be told it is safe. Brokerless: the sender must not have been told before (the kit, as
- *    the sender's outbox would, resends every 200 ms while it is not, and the resend reaches
- *    the new consumer). Broker: the broker stored and confirmed it before the crash and
- *    redelivers it with no resend. Store-and-forward: what was confirmed comes again with no
- *    resend, what was not comes through the resends.
+ *    the message and, once it acknowledges, the sender must be told it is safe. Brokerless:
+ *    the sender must not have been told before (the kit, as the sender's outbox would,
+ *    resends every 200 ms while it is not, and the resend reaches the new consumer). Broker:
+ *    the broker stored and confirmed it before the crash and redelivers it with no resend.
+ *    Store-and-forward: what was confirmed comes again with no resend, what was not comes
+ *    through the resends.
  *  - peer-gone: a message sent while the receiver is away reaches it when it is back.
  *    Brokerless: not confirmed while the receiver is away, delivered by the resends. Broker:
  *    confirmed while the receiver is away, delivered with no resend. Store-and-forward:
