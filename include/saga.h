@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — an embeddable saga-orchestration engine. Umbrella header.
  *
  * Start with saga/node.h. Adapter authors: saga/sys/transport.h.

@@ -84,8 +84,10 @@ static void test_redis_conformance(void **state) {
   assert_int_equal(th_server_start(&md.srv, "redis"), 0);
   live_server = &md.srv;
   char *dir = th_tmpdir();
-  saga_conformance_medium m;
+  saga_conformance_medium2 m;
   memset(&m, 0, sizeof m);
+  m.struct_version = SAGA_CONFORMANCE_MEDIUM_VERSION;
+  m.kind = SAGA_MEDIUM_BROKER;
   m.create = redis_create;
   m.stop = redis_stop;
   m.restart = redis_restart;
@@ -95,10 +97,13 @@ static void test_redis_conformance(void **state) {
   m.db_dir = dir;
   char report[4096];
   uint64_t t0 = uv_hrtime();
-  int failed = saga_conformance_run(&loop, &m, report, sizeof report);
+  int failed = saga_conformance_run2(&loop, &m, report, sizeof report);
   printf("%s(%.0f ms)\n", report, (double)(uv_hrtime() - t0) / 1e6);
   assert_int_equal(failed, 0);
-  assert_non_null(strstr(report, "PASS sagas"));
+  assert_non_null(strstr(report, "PASS sagas\n"));
+  assert_non_null(strstr(report, "PASS consumer-crash"));
+  assert_non_null(strstr(report, "PASS sagas-crash"));
+  assert_non_null(strstr(report, "PASS peer-gone"));
   assert_non_null(strstr(report, "PASS outage"));
   assert_non_null(strstr(report, "PASS unacked"));
   th_drain(&loop);

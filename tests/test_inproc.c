@@ -21,17 +21,22 @@ static void test_inproc_conformance(void **state) {
   saga_inproc_hub *hub = NULL;
   assert_int_equal(saga_inproc_hub_new(&hub, NULL), SAGA_OK);
   char *dir = th_tmpdir();
-  saga_conformance_medium m;
+  saga_conformance_medium2 m;
   memset(&m, 0, sizeof m);
+  m.struct_version = SAGA_CONFORMANCE_MEDIUM_VERSION;
+  m.kind = SAGA_MEDIUM_BROKERLESS; /* confirmed when the receiver acknowledged */
   m.create = ip_create;
   m.ctx = hub;
   m.ordered = 1;
   m.db_dir = dir;
   char report[4096];
-  int failed = saga_conformance_run(&loop, &m, report, sizeof report);
+  int failed = saga_conformance_run2(&loop, &m, report, sizeof report);
   printf("%s", report);
   assert_int_equal(failed, 0);
-  assert_non_null(strstr(report, "PASS sagas"));
+  assert_non_null(strstr(report, "PASS sagas\n"));
+  assert_non_null(strstr(report, "PASS consumer-crash"));
+  assert_non_null(strstr(report, "PASS sagas-crash"));
+  assert_non_null(strstr(report, "PASS peer-gone"));
   th_drain(&loop);
   assert_int_equal(saga_inproc_hub_free(hub), SAGA_OK);
   assert_int_equal(uv_loop_close(&loop), 0);

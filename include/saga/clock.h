@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — clocks.
  *
  * Every time libsaga reads and every timer it arms goes through a saga_clock. By default
@@ -30,6 +31,8 @@
 extern "C" {
 #endif
 
+/** A clock: the real one (a node's default) or a manual one made by saga_clock_manual_new().
+ * Opaque. */
 typedef struct saga_clock saga_clock;
 
 /**

@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — common definitions: version, export macro, error codes, allocator hooks.
  *
  * Every function of libsaga that can fail returns an int: SAGA_OK (0) on success or one of the
@@ -16,6 +17,9 @@
 extern "C" {
 #endif
 
+/** @def SAGA_EXTERN
+ * Marks a function the library exports (default visibility; dllexport when building it on
+ * Windows). Every public function is declared with it. */
 #if defined(_WIN32) && defined(SAGA_BUILDING)
 #define SAGA_EXTERN __declspec(dllexport)
 #elif defined(__GNUC__) && __GNUC__ >= 4
@@ -24,17 +28,18 @@ extern "C" {
 #define SAGA_EXTERN
 #endif
 
-#define SAGA_VERSION_MAJOR 0
-#define SAGA_VERSION_MINOR 2
-#define SAGA_VERSION_PATCH 0
-#define SAGA_VERSION_STRING "0.2.0"
+#define SAGA_VERSION_MAJOR 0         /**< major version of these headers */
+#define SAGA_VERSION_MINOR 2         /**< minor version of these headers */
+#define SAGA_VERSION_PATCH 0         /**< patch version of these headers */
+#define SAGA_VERSION_STRING "0.2.0" /**< "major.minor.patch" of these headers */
 
 /** Returns SAGA_VERSION_STRING of the library actually linked. */
 SAGA_EXTERN const char *saga_version(void);
 
-/*
- * The error table. XX(NAME, value, "message"). Produces the saga_error enum, saga_strerror()
- * and saga_err_name() from one list, so the three cannot disagree.
+/**
+ * The error table: one XX(NAME, value, "message") per code. Produces the saga_error enum,
+ * saga_strerror() and saga_err_name() from one list, so the three cannot disagree; a binding
+ * may expand it too. Codes are only appended, never renumbered or reused.
  */
 #define SAGA_ERRNO_MAP(XX)                                                                       \
   XX(OK, 0, "success")                                                                           \
@@ -84,10 +89,14 @@ SAGA_EXTERN const char *saga_err_name(int code);
  * Pass NULL wherever an allocator is accepted to use the C library's.
  */
 typedef struct saga_allocator {
+  /** Allocates size bytes, like malloc(); returns NULL when out of memory. */
   void *(*malloc)(size_t size, void *ud);
+  /** Resizes ptr (NULL: allocates) to size bytes, like realloc(); NULL when out of memory,
+   * leaving ptr untouched. */
   void *(*realloc)(void *ptr, size_t size, void *ud);
+  /** Frees ptr, like free(); free(NULL) must do nothing. */
   void (*free)(void *ptr, void *ud);
-  void *ud;
+  void *ud; /**< passed as the last argument of each of the three functions */
 } saga_allocator;
 
 /** Log levels for the log hooks of configs. */

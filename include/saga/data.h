@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — saga data: a small map of string keys to byte-string values.
  *
  * The saga's data starts as the input given to saga_start() and is extended by each step's
@@ -17,6 +18,8 @@
 extern "C" {
 #endif
 
+/** A saga's data: string keys to byte-string values, kept in key order. Opaque; made by
+ * saga_data_new() and freed by saga_data_free(). */
 typedef struct saga_data saga_data;
 
 /**

@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — saga definitions: a named, versioned table of steps.
  *
  * Order rule (checked by saga_definition_validate() and at registration): zero or more
@@ -21,6 +22,8 @@
 extern "C" {
 #endif
 
+/** What a step is in the saga's plan: steps run in the order compensatable*, pivot (at most
+ * one), retriable*. */
 typedef enum saga_step_kind {
   SAGA_STEP_COMPENSATABLE = 0, /**< default; undone by its compensation on failure */
   SAGA_STEP_PIVOT = 1,         /**< the go/no-go step; once it succeeds the saga goes forward */
@@ -60,8 +63,9 @@ typedef struct saga_step {
   const char *channel;      /**< participant channel; NULL when local_action is set */
   const char *action;       /**< command name; required for a channel step */
   const char *compensation; /**< compensation command; NULL = nothing to undo */
-  saga_step_kind kind;
-  saga_retry retry;
+  saga_step_kind kind;      /**< SAGA_STEP_COMPENSATABLE (0, the default), PIVOT or
+                                 RETRIABLE */
+  saga_retry retry;         /**< retries of the action; all zero = one attempt */
   uint32_t timeout_ms;      /**< reply timeout of one attempt; 0 = the default,
                                  SAGA_STEP_TIMEOUT_DEFAULT_MS; SAGA_STEP_NO_TIMEOUT = wait
                                  forever (a step whose channel nobody serves then waits for
@@ -88,7 +92,7 @@ typedef struct saga_definition {
   int struct_version;     /**< SAGA_DEFINITION_VERSION; 0 is taken as 1 */
   const char *name;       /**< required, 1..128 bytes */
   uint32_t version;       /**< >= 1; instances finish on the version they started with */
-  const saga_step *steps;
+  const saga_step *steps;  /**< the steps in order, step_size bytes apart */
   size_t nsteps;          /**< 1..255 */
   uint32_t deadline_ms;   /**< whole-saga deadline before the pivot; 0 = none. Reached
                                before the pivot succeeded, the saga is compensated. */
@@ -110,9 +114,9 @@ typedef struct saga_definition {
  */
 SAGA_EXTERN int saga_definition_validate(const saga_definition *def, char *err, size_t errlen);
 
-/*
+/**
  * A run-time builder for the same thing, for language bindings: no structs by value, no
- * variadic calls. The builder owns copies of all strings.
+ * variadic calls. The builder owns copies of all strings. Opaque.
  */
 typedef struct saga_def_builder saga_def_builder;
 

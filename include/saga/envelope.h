@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the message envelope and its msgpack codec.
  *
  * Every message libsaga sends is one envelope, encoded as a msgpack array:
@@ -21,23 +22,28 @@
 extern "C" {
 #endif
 
+/** The wire envelope's version: encoded in every message, and a decoder refuses others
+ * (SAGA_EVERSION). Versioned separately from the library (docs/abi.md). */
 #define SAGA_ENVELOPE_VERSION 1
 
+/** What a message is. */
 typedef enum saga_msg_kind {
-  SAGA_MSG_COMMAND = 1,
-  SAGA_MSG_REPLY = 2,
-  SAGA_MSG_EVENT = 3
+  SAGA_MSG_COMMAND = 1, /**< orchestrator to participant: run an action or compensation */
+  SAGA_MSG_REPLY = 2,   /**< participant to orchestrator: the outcome of a command */
+  SAGA_MSG_EVENT = 3    /**< a saga's transition, published to an event channel */
 } saga_msg_kind;
 
+/** Which side of a step a command (and its reply) is about. */
 typedef enum saga_phase {
-  SAGA_PHASE_ACTION = 0,
-  SAGA_PHASE_COMPENSATION = 1,
+  SAGA_PHASE_ACTION = 0,       /**< the step's action */
+  SAGA_PHASE_COMPENSATION = 1, /**< the step's compensation, undoing its action */
   SAGA_PHASE_RESOLVE = 2 /**< "did the pivot's action apply?" asked after its timeouts */
 } saga_phase;
 
+/** One header entry of a message (e.g. W3C trace context). Frozen (docs/abi.md). */
 typedef struct saga_header {
-  const char *name;
-  const char *value;
+  const char *name;  /**< header name, NUL-terminated */
+  const char *value; /**< header value, NUL-terminated */
 } saga_header;
 
 /**
@@ -47,20 +53,21 @@ typedef struct saga_header {
  */
 typedef struct saga_envelope {
   uint32_t version;     /**< SAGA_ENVELOPE_VERSION */
-  saga_msg_kind kind;
-  const char *msg_id;
-  const char *saga_id;
-  uint32_t step;
-  uint32_t attempt;
-  saga_phase phase;
+  saga_msg_kind kind;   /**< command, reply or event */
+  const char *msg_id;   /**< unique per saga, step, phase and attempt; a reply's is its
+                             command's followed by "/r" */
+  const char *saga_id;  /**< the saga the message belongs to (32 hex digits) */
+  uint32_t step;        /**< index of the step in the saga's definition */
+  uint32_t attempt;     /**< attempt number of the step's action or compensation */
+  saga_phase phase;     /**< action, compensation or resolve */
   const char *name;     /**< command name (commands), definition name (events) */
   const char *reply_to; /**< channel to send the reply to (commands) */
   int32_t status;       /**< replies: 0 success, otherwise a SAGA_E* code */
   const char *error;    /**< replies: failure reason, "" on success */
-  const saga_header *headers;
-  size_t nheaders;
+  const saga_header *headers; /**< nheaders header entries (may be NULL when 0) */
+  size_t nheaders;      /**< number of entries in headers */
   const void *payload;  /**< msgpack map of saga data (see data.h), may be empty */
-  size_t payload_len;
+  size_t payload_len;   /**< bytes at payload */
 } saga_envelope;
 
 /**

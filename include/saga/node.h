@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the node: one SQLite database, one transport, one libuv loop.
  *
  * A node hosts an orchestrator (it runs sagas of the definitions registered on it), the
@@ -47,6 +48,8 @@ extern "C" {
 struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 struct sqlite3; /* from sqlite3.h, declared here so this header stands alone */
 
+/** A node: one database, one transport, one loop (see the file's description). Opaque; made
+ * by saga_node_open(), ended by saga_node_close(). */
 typedef struct saga_node saga_node;
 
 /** Saga states. Terminal: COMPLETED, COMPENSATED, FAILED. */
@@ -92,13 +95,13 @@ SAGA_EXTERN const char *saga_event_name(int type);
 
 /** One transition. Every pointer is borrowed for the duration of the hook call. */
 typedef struct saga_event {
-  saga_event_type type;
-  const char *saga_id;
+  saga_event_type type;   /**< what happened */
+  const char *saga_id;    /**< the saga it happened to */
   const char *definition; /**< definition name */
   uint32_t version;       /**< definition version */
   int step;               /**< step index, -1 for saga-level events */
   const char *step_name;  /**< "" for saga-level events */
-  uint32_t attempt;
+  uint32_t attempt;       /**< attempt number of the step's action or compensation */
   saga_state state;       /**< saga state after the transition */
   const char *detail;     /**< reason or note, "" when none */
   uint64_t at_ms;         /**< clock time of the transition */
@@ -110,9 +113,11 @@ typedef struct saga_event {
 /** The event hook: called after the transition's transaction committed, on the loop. */
 typedef void (*saga_event_cb)(saga_node *node, const saga_event *ev, void *arg);
 
+/** Durability of commits: SQLite's PRAGMA synchronous of the node's database (in WAL mode). */
 typedef enum saga_sync {
-  SAGA_SYNC_OFF = 0,
-  SAGA_SYNC_NORMAL = 1,
+  SAGA_SYNC_OFF = 0,    /**< no fsync: a power loss or OS crash may lose or damage the file */
+  SAGA_SYNC_NORMAL = 1, /**< fsync at checkpoints: a power loss may lose the latest commits,
+                             never damages the file; a process crash loses nothing */
   SAGA_SYNC_FULL = 2 /**< default: every commit is durable */
 } saga_sync;
 
@@ -186,6 +191,7 @@ typedef enum saga_db_check {
   SAGA_DB_CHECK_FULL = 2
 } saga_db_check;
 
+/** The newest saga_node_config.struct_version (docs/abi.md lists each version's fields). */
 #define SAGA_NODE_CONFIG_VERSION 4
 
 /** Node configuration. Initialise with saga_node_config_init(), then set fields. Fields are
@@ -202,7 +208,7 @@ typedef struct saga_node_config {
   saga_clock *clock;          /**< NULL = a real clock of the node's own; borrowed */
   const saga_allocator *alloc;/**< NULL = libc; copied */
   saga_log_fn log;            /**< NULL = no logging */
-  void *log_arg;
+  void *log_arg;              /**< passed to log as its first argument */
   /**
    * FOR TESTS ONLY; production leaves it NULL. NULL: saga ids and trace ids come from the
    * OS CSPRNG (getrandom), retry jitter from a fast generator seeded from it. Set: ids and
@@ -210,9 +216,9 @@ typedef struct saga_node_config {
    * as it is — with a seeded generator an outsider who sees one id can forge replies.
    */
   uint64_t (*random)(void *arg);
-  void *random_arg;
+  void *random_arg;           /**< passed to random */
   saga_event_cb on_event;     /**< NULL = none */
-  void *event_arg;
+  void *event_arg;            /**< passed to on_event as its last argument */
   uint32_t resend_ms;         /**< outbox rows unconfirmed this long are sent again, at
                                    most batch_max per resend_ms, oldest first, in turn;
                                    default 1000 */
@@ -231,7 +237,7 @@ typedef struct saga_node_config {
    * not committed), "engine.after_transition".
    */
   void (*test_hook)(void *arg, const char *point);
-  void *test_hook_arg;
+  void *test_hook_arg;        /**< passed to test_hook */
   /**
    * NULL, or a channel to which every transition of this node's sagas is also published, as
    * an event message written in the transition's own transaction (so at least once, in
@@ -403,15 +409,16 @@ SAGA_EXTERN int saga_node_watch(saga_node *node, const char *saga_id, saga_watch
 
 /** A snapshot of one saga, from saga_get(). All memory belongs to the struct. */
 typedef struct saga_info {
-  char id[40];
-  char *definition;
-  uint32_t version;
-  saga_state state;
+  char id[40];        /**< the saga id, NUL-terminated (32 hex digits) */
+  char *definition;   /**< definition name */
+  uint32_t version;   /**< definition version the saga runs on */
+  saga_state state;   /**< current state */
   int step;           /**< current step (action or compensation) */
-  uint32_t attempt;
+  uint32_t attempt;   /**< attempt number of the current step's action or compensation */
   char *error;        /**< last failure reason, "" when none */
   saga_data *data;    /**< the saga data */
-  uint64_t created_ms, updated_ms;
+  uint64_t created_ms; /**< clock time the saga was started */
+  uint64_t updated_ms; /**< clock time of its latest transition */
   uint64_t deadline_ms; /**< next timer, 0 when none */
 } saga_info;
 
@@ -444,10 +451,14 @@ SAGA_EXTERN int saga_node_post(saga_node *node, void (*fn)(saga_node *node, void
 typedef struct saga_node_stats {
   uint64_t transactions;   /**< group commits */
   uint64_t work_items;     /**< items processed in them */
-  uint64_t commit_failures;
-  uint64_t sent, resent, acked_out; /**< outbox rows published / resent / confirmed */
-  uint64_t delivered, duplicates, dead_letters;
-  uint64_t handler_runs;
+  uint64_t commit_failures; /**< transactions that failed to commit */
+  uint64_t sent;           /**< outbox rows published */
+  uint64_t resent;         /**< outbox rows published again (unconfirmed in time) */
+  uint64_t acked_out;      /**< outbox rows confirmed by the transport */
+  uint64_t delivered;      /**< messages delivered to the node */
+  uint64_t duplicates;     /**< duplicate messages, answered from the inbox */
+  uint64_t dead_letters;   /**< messages dead-lettered */
+  uint64_t handler_runs;   /**< participant handler runs */
   /** Orchestrator step latency: from the commit that sent a step's command (action,
    * compensation or resolve) to the processing of its reply, in ms of the node's clock.
    * step_latency[b] counts replies with latency <= saga_latency_bound_ms(b) and above the
@@ -455,16 +466,19 @@ typedef struct saga_node_stats {
    * bound. Counted when the reply is processed (a transaction that then fails to commit
    * still counted it). */
   uint64_t step_latency[SAGA_LATENCY_BUCKETS];
-  uint64_t step_latency_count, step_latency_sum_ms;
-  /** Rows deleted by retention: finished sagas, inbox records, participant step records. */
-  uint64_t purged_sagas, purged_inbox, purged_steps;
+  uint64_t step_latency_count;  /**< replies counted in step_latency, all buckets */
+  uint64_t step_latency_sum_ms; /**< sum of their latencies, in ms */
+  uint64_t purged_sagas;   /**< finished sagas deleted by retention */
+  uint64_t purged_inbox;   /**< inbox records deleted by retention */
+  uint64_t purged_steps;   /**< participant step records deleted by retention */
   uint64_t purge_passes;   /**< purge transactions committed */
   /** Transactions run a second time with a savepoint per item, because an item failed after
    * writing (a store error, out of memory): the first try has no per-item savepoints. */
   uint64_t replayed_tx;
-  /** WAL checkpoints: run in the background, run inline because the WAL reached its bound,
-   * and failed (background or inline; logged). */
-  uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
+  uint64_t checkpoints;        /**< WAL checkpoints run in the background */
+  uint64_t checkpoints_inline; /**< WAL checkpoints run inline: the WAL reached its bound */
+  uint64_t checkpoint_failures; /**< WAL checkpoints that failed, background or inline
+                                     (each logged) */
   /** Replies that matched no awaited step (duplicates, late or stale attempts), all of
    * them, including those for finished sagas, which record no history. */
   uint64_t stale_replies;
@@ -497,6 +511,7 @@ typedef struct saga_node_stats {
    * SAGA_OUTBOX_WARN_MS (each such channel is logged once as a warning until it drains: a
    * typo in a step's channel, or a participant that is down). 0 when the outbox is empty. */
   uint64_t outbox_oldest_ms;
+  /** As of the same check: channels with an outbox row older than SAGA_OUTBOX_WARN_MS. */
   uint64_t outbox_stuck_channels;
   /** Dead letters deleted by retention (older than SAGA_DEAD_LETTER_MS, or beyond the newest
    * SAGA_DEAD_LETTER_MAX). */
@@ -536,7 +551,9 @@ SAGA_EXTERN int64_t saga_node_outbox_depth(saga_node *node);
  * node's retention passes delete the rest (saga_node_stats.purged_dead_letters). At most
  * SAGA_DEAD_LETTER_MAX x SAGA_DEAD_LETTER_BODY_MAX = 640 MiB of bodies, far less in practice. */
 #define SAGA_DEAD_LETTER_BODY_MAX 65536u
+/** Dead letters older than this (30 days, in ms) are deleted by retention. */
 #define SAGA_DEAD_LETTER_MS (UINT64_C(30) * 24 * 3600 * 1000)
+/** At most this many dead letters are kept; retention deletes the oldest beyond it. */
 #define SAGA_DEAD_LETTER_MAX 10000u
 
 /** An outbox row unconfirmed this long is worth a warning (see saga_node_stats). */

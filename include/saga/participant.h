@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — participants: handlers for commands, run inside the participant's transaction.
  *
  * A handler is registered per (channel, command) with saga_node_handle(). When a command
@@ -57,8 +58,11 @@ extern "C" {
 struct sqlite3; /* from sqlite3.h, declared here so this header stands alone */
 
 
+/** The node's transaction a handler runs in (opaque): saga_tx_db() is its database. */
 typedef struct saga_tx saga_tx;
+/** The command a handler serves (opaque; read with the saga_msg_* functions). */
 typedef struct saga_msg saga_msg;
+/** The reply a handler builds (opaque; written with the saga_reply_* functions). */
 typedef struct saga_reply saga_reply;
 
 /** A command handler. See the file comment for the return values. */

@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — transports, as seen by an application.
  *
  * A transport moves encoded envelopes between nodes. An application creates one with an
@@ -15,6 +16,9 @@
 extern "C" {
 #endif
 
+/** A transport: an adapter object (in-memory, TCP, NATS, Redis or your own) whose head is
+ * declared in saga/sys/transport.h. Opaque to an application, which makes one with an
+ * adapter's constructor and hands it to saga_node_open(). */
 typedef struct saga_transport saga_transport;
 
 /**

@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the in-process transport across threads.
  *
  * A hub connects nodes of one process that run on different libuv loops, each on its own
@@ -33,10 +34,13 @@
 extern "C" {
 #endif
 
+/** An in-process hub: routes messages between nodes whose loops run on different threads.
+ * Opaque. */
 typedef struct saga_inproc_hub saga_inproc_hub;
 
 /** Default per-channel bounds of a hub (see above). */
 #define SAGA_INPROC_CHANNEL_MAX_MESSAGES 65536
+/** Default bound of the payload bytes a hub holds per channel (64 MiB). */
 #define SAGA_INPROC_CHANNEL_MAX_BYTES ((size_t)64 << 20)
 
 /** What a hub holds for a channel (or for all), and what it turned away. */

@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the in-memory transport, with seeded fault injection.
  *
  * A hub is a tiny in-process broker for every node on one libuv loop. Each node gets its own
@@ -40,6 +41,8 @@ extern "C" {
 
 struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 
+/** An in-memory hub: routes messages between the nodes of one loop, with optional faults.
+ * Opaque. */
 typedef struct saga_mem_hub saga_mem_hub;
 
 /** Fault probabilities, each 0..1. All zero (the default) is a perfect network. */
@@ -49,18 +52,26 @@ typedef struct saga_mem_faults {
   double duplicate;    /**< message delivered twice */
   double reorder;      /**< message jumps ahead of ones already waiting */
   double delay;        /**< message held back up to delay_max_ms */
-  uint32_t delay_max_ms;
+  uint32_t delay_max_ms; /**< longest hold of a delayed message, in ms */
   double drop_ack;     /**< acknowledgement lost on its way back to the sender */
 } saga_mem_faults;
 
 /** Counters of what the hub did. */
 typedef struct saga_mem_stats {
-  uint64_t sent, delivered, dropped, duplicated, reordered, delayed, acked, acks_dropped;
+  uint64_t sent;         /**< messages taken by send() */
+  uint64_t delivered;    /**< messages handed to a subscriber */
+  uint64_t dropped;      /**< messages lost: by the drop fault or refused by a node */
+  uint64_t duplicated;   /**< extra copies made by the duplicate fault */
+  uint64_t reordered;    /**< messages moved ahead by the reorder fault */
+  uint64_t delayed;      /**< messages held back by the delay fault */
+  uint64_t acked;        /**< acknowledgements made by the receivers */
+  uint64_t acks_dropped; /**< of those, lost by the drop_ack fault */
   uint64_t waiting; /**< messages held in the hub right now */
 } saga_mem_stats;
 
 /** Default per-channel bounds of a hub (see above). */
 #define SAGA_MEM_CHANNEL_MAX_MESSAGES 65536
+/** Default bound of the payload bytes a hub holds per channel (64 MiB). */
 #define SAGA_MEM_CHANNEL_MAX_BYTES ((size_t)64 << 20)
 
 /** What a hub holds for a channel (or for all), and what it turned away. */

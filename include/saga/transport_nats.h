@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the NATS JetStream transport (libnats). Link -lsaga_nats (CMake target
  * libsaga::nats).
  *
@@ -71,8 +72,11 @@
 extern "C" {
 #endif
 
+/** The newest saga_nats_config.struct_version (the fields of each are marked below). */
 #define SAGA_NATS_CONFIG_VERSION 3
 
+/** Configuration of a NATS JetStream transport. Initialise with saga_nats_config_init(); a
+ * zero field means its default. Strings are copied by saga_nats_transport_new(). */
 typedef struct saga_nats_config {
   int struct_version;        /**< SAGA_NATS_CONFIG_VERSION */
   const char *url;           /**< e.g. "nats://127.0.0.1:4222" (the default); a comma-separated
@@ -162,6 +166,8 @@ SAGA_EXTERN int saga_nats_stats_get_sized(saga_transport *t, saga_nats_stats *ou
 /** The same for the first six counters only (what the struct held before it grew), kept for
  * programs built against an older header; the macro below passes the size instead. */
 SAGA_EXTERN int(saga_nats_stats_get)(saga_transport *t, saga_nats_stats *out);
+/** saga_nats_stats_get(t, out): saga_nats_stats_get_sized() with the size of this header's
+ * struct. */
 #define saga_nats_stats_get(t, out) saga_nats_stats_get_sized((t), (out), sizeof(saga_nats_stats))
 
 /**

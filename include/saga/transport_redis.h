@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the Redis Streams transport (hiredis). Link -lsaga_redis (CMake target
  * libsaga::redis).
  *
@@ -47,6 +48,7 @@
 extern "C" {
 #endif
 
+/** The newest saga_redis_config.struct_version (docs/abi.md lists each version's fields). */
 #define SAGA_REDIS_CONFIG_VERSION 3
 
 /** Configuration. Initialise with saga_redis_config_init(); a zero field means its default.
@@ -66,7 +68,8 @@ typedef struct saga_redis_config {
                                   time; default 30000 */
   uint32_t max_deliveries;   /**< an entry delivered this many times without an ack is
                                   dead-lettered instead; default 10 */
-  uint32_t reconnect_min_ms, reconnect_max_ms; /**< reconnect backoff; default 50, 5000 */
+  uint32_t reconnect_min_ms; /**< first reconnect delay; default 50 */
+  uint32_t reconnect_max_ms; /**< cap of the doubling reconnect delay; default 5000 */
   const saga_allocator *alloc; /**< for the adapter's own memory (hiredis keeps its own);
                                     NULL = libc; copied */
   /* ---- version 2 ---- */
@@ -128,6 +131,8 @@ SAGA_EXTERN int saga_redis_stats_get_sized(saga_transport *t, saga_redis_stats *
 /** The same for the first two counters only (what the struct held before it grew), kept for
  * programs built against an older header; the macro below passes the size instead. */
 SAGA_EXTERN int(saga_redis_stats_get)(saga_transport *t, saga_redis_stats *out);
+/** saga_redis_stats_get(t, out): saga_redis_stats_get_sized() with the size of this header's
+ * struct. */
 #define saga_redis_stats_get(t, out) saga_redis_stats_get_sized((t), (out), sizeof(saga_redis_stats))
 
 /**

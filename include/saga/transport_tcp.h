@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the TCP transport (brokerless, libuv). Link -lsaga_tcp (CMake target
  * libsaga::tcp).
  *
@@ -51,9 +52,9 @@ extern "C" {
  * the CA signed; name it in production (docs/security.md).
  */
 typedef struct saga_tcp_route {
-  const char *channel;
-  const char *address;
-  const char *identity;
+  const char *channel;  /**< a channel name, as the node sends to it */
+  const char *address;  /**< "host:port" of the node that consumes it */
+  const char *identity; /**< TLS: the name that node's certificate must carry; NULL = any */
 } saga_tcp_route;
 
 /**
@@ -63,17 +64,20 @@ typedef struct saga_tcp_route {
  * signed; "*" as channel means every channel this node serves.
  */
 typedef struct saga_tcp_allow {
-  const char *identity;
-  const char *channel;
+  const char *identity; /**< the peer's proven name, or "*" for any peer the CA signed */
+  const char *channel;  /**< one of this node's channels, or "*" for all of them */
 } saga_tcp_allow;
 
+/** The saga_tcp_config.struct_version of this header (version 1 is refused). */
 #define SAGA_TCP_CONFIG_VERSION 2
 
+/** Configuration of a TCP transport. Initialise with saga_tcp_config_init(); a zero field
+ * means its default. */
 typedef struct saga_tcp_config {
   int struct_version;            /**< SAGA_TCP_CONFIG_VERSION (version 1 is refused) */
   const char *listen;            /**< "host:port" to accept on; NULL = send only */
-  const saga_tcp_route *routes;  /**< copied */
-  size_t nroutes;
+  const saga_tcp_route *routes;  /**< where each channel this node sends to lives; copied */
+  size_t nroutes;                /**< entries in routes */
   size_t max_frame_bytes;        /**< default 1 MiB + 4 KiB */
   size_t max_queued_bytes;       /**< per peer, unsent and unconfirmed; default 64 MiB */
   uint32_t reconnect_min_ms;     /**< first reconnect delay; default 50 */
@@ -84,12 +88,12 @@ typedef struct saga_tcp_config {
   /** Mutual TLS 1.3: the CA file (PEM) that signs every peer, and this node's certificate
    *  chain and private key (PEM). All three are required unless insecure_plaintext is set. */
   const char *tls_ca_file;
-  const char *tls_cert_file;
-  const char *tls_key_file;
+  const char *tls_cert_file; /**< this node's certificate chain (PEM) */
+  const char *tls_key_file;  /**< its private key (PEM) */
   /** Who may send to which of this node's channels (copied). Required with TLS on a node
    *  that listens: an empty list refuses every message. Ignored in plaintext. */
   const saga_tcp_allow *allow;
-  size_t nallow;
+  size_t nallow;                 /**< entries in allow */
   /** 1 = no TLS, no peer identities, no access list: anyone who reaches the port can send
    *  any command or reply. For loopback tests and demos only; the log says so at open. */
   int insecure_plaintext;
@@ -103,7 +107,7 @@ typedef struct saga_tcp_config {
                                          default 1 MiB */
 } saga_tcp_config;
 
-/** What a TCP transport refused or dropped since it was created (saga_tcp_stats()). */
+/** What a TCP transport refused or dropped since it was created (saga_tcp_stats_get()). */
 typedef struct saga_tcp_stats {
   uint64_t connections_accepted;   /**< inbound connections taken */
   uint64_t connections_refused;    /**< over max_connections or max_connections_per_ip */

@@ -1,4 +1,5 @@
-/*
+/**
+ * @file
  * libsaga — the transport adapter interface, for adapter authors.
  *
  * An adapter is a struct whose first member is a `saga_transport`, plus a constant table of
@@ -44,11 +45,14 @@ extern "C" {
 struct uv_loop_s; /* from uv.h, declared here so this header stands alone */
 
 
-/* Version 2 appended can_send(), version 3 connected(). The core still accepts older tables
- * and reads only their fields (a version-1 adapter is taken to reach every channel, a version
- * 1 or 2 adapter to be connected whenever it is open). */
+/** The version of the methods table this header describes. Version 2 appended can_send(),
+ * version 3 connected(). The core still accepts older tables and reads only their fields (a
+ * version-1 adapter is taken to reach every channel, a version 1 or 2 adapter to be
+ * connected whenever it is open). */
 #define SAGA_TRANSPORT_VERSION 3
 
+/** An adapter's methods: one constant table per adapter, pointed to by
+ * saga_transport.methods. Versioned by its first field; methods are only appended. */
 typedef struct saga_transport_methods {
   int version;      /**< SAGA_TRANSPORT_VERSION the adapter was written for */
   const char *name; /**< short adapter name for logs, e.g. "mem", "tcp" */
@@ -137,7 +141,7 @@ typedef struct saga_transport_methods {
  * The head of every adapter object. The adapter sets `methods`; the core owns the rest.
  */
 struct saga_transport {
-  const saga_transport_methods *methods;
+  const saga_transport_methods *methods; /**< the adapter's table, set by its constructor */
   void *saga__host; /**< the core's; do not touch */
 };
 
