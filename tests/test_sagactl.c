@@ -134,6 +134,11 @@ static int ctl_argv(ctl_run *r, const char *const *args) {
   uv_run(g_loop, UV_RUN_NOWAIT);
   if (r->o.p == NULL) r->o.p = calloc(1, 1);
   if (r->e.p == NULL) r->e.p = calloc(1, 1);
+  if (getenv("SAGACTL_TRACE") != NULL) { /* every call and its output, for debugging */
+    printf("$ sagactl");
+    for (int i = 1; argv[i] != NULL; i++) printf(" %s", argv[i]);
+    printf("   [exit %d]\n%s%s\n", (int)r->status, r->o.p, r->e.p);
+  }
   /* sagactl itself must be clean: under ASan, a report fails the test. */
   assert_null(strstr(r->e.p, "Sanitizer"));
   assert_null(strstr(r->e.p, "runtime error:"));
