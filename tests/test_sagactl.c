@@ -664,12 +664,20 @@ static void test_live(void **state) {
   for (int i = 0; i < 4; i++) wait_state(f[i], 5);
   assert_int_equal(th_run_real(&W.loop, at_wait_pred, run1, 20000), 0);
 
-  /* Two dead letters on the participant: a command it has no handler for, and garbage. */
+  /* Three dead letters on the participant: a command it has no handler for, garbage, and
+   * garbage of 100 KB (kept cut to 64 KiB). */
   send_audit();
   static const char garbage[] = "\x1b[2Jnot msgpack at all";
   tester_send("acct", garbage, sizeof garbage - 1);
-  int two = 2;
+  int three = 3;
+  int two = 2; /* in this order: ids follow it */
   assert_int_equal(th_run_real(&W.loop, dead_pred, &two, 20000), 0);
+  char *big = malloc(100000);
+  assert_non_null(big);
+  memset(big, 0xc1, 100000); /* 0xc1: never used by msgpack */
+  tester_send("acct", big, 100000);
+  free(big);
+  assert_int_equal(th_run_real(&W.loop, dead_pred, &three, 20000), 0);
 
   /* ---- list ---- */
   assert_int_equal(CTL(&r, "list", W.orch_path), 0);
@@ -770,15 +778,20 @@ static void test_live(void **state) {
   ctl_free(&r);
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "list", "--json"), 0);
   j = parse_json(&r);
-  assert_int_equal(json_array_size(j), 2);
-  /* Newest first: the garbage, then the audit command. */
-  int64_t dl_garbage = json_integer_value(json_object_get(json_array_get(j, 0), "id"));
-  int64_t dl_audit = json_integer_value(json_object_get(json_array_get(j, 1), "id"));
-  assert_string_equal(json_string_value(json_object_get(json_array_get(j, 1), "msg_id")),
+  assert_int_equal(json_array_size(j), 3);
+  /* Newest first: the big one (cut), the garbage, the audit command. */
+  int64_t dl_big = json_integer_value(json_object_get(json_array_get(j, 0), "id"));
+  int64_t dl_garbage = json_integer_value(json_object_get(json_array_get(j, 1), "id"));
+  int64_t dl_audit = json_integer_value(json_object_get(json_array_get(j, 2), "id"));
+  assert_string_equal(json_string_value(json_object_get(json_array_get(j, 2), "msg_id")),
                       "audit-1");
+  assert_true(json_is_true(json_object_get(json_array_get(j, 0), "cut")));
+  assert_int_equal(json_integer_value(json_object_get(json_array_get(j, 0), "bytes")), 65536);
+  assert_true(json_is_false(json_object_get(json_array_get(j, 1), "cut")));
   json_decref(j);
   ctl_free(&r);
-  char id_audit[24], id_garbage[24];
+  char id_audit[24], id_garbage[24], id_big[24];
+  snprintf(id_big, sizeof id_big, "%lld", (long long)dl_big);
   snprintf(id_audit, sizeof id_audit, "%lld", (long long)dl_audit);
   snprintf(id_garbage, sizeof id_garbage, "%lld", (long long)dl_garbage);
   assert_int_equal(CTL(&r, "dead-letters", "show", W.part_path, id_audit), 0);
@@ -795,6 +808,31 @@ static void test_live(void **state) {
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "show", id_garbage), 0);
   expect_out(&r, "not decodable");
   assert_null(strchr(r.o.p, '\x1b'));
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "show", id_big), 0);
+  expect_out(&r, "65536 bytes, cut");
+  expect_out(&r, "of 100000 bytes");
+  expect_out(&r, "not decodable");
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "show", id_big, "--json"), 0);
+  j = parse_json(&r);
+  assert_true(json_is_true(json_object_get(j, "cut")));
+  assert_true(json_is_null(json_object_get(j, "envelope")));
+  assert_non_null(json_string_value(json_object_get(j, "decode_error")));
+  json_decref(j);
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "show", id_audit, "--json"), 0);
+  j = parse_json(&r);
+  json_t *env = json_object_get(j, "envelope");
+  assert_string_equal(json_string_value(json_object_get(env, "kind")), "COMMAND");
+  assert_string_equal(json_string_value(json_object_get(env, "name")), "acct.audit");
+  assert_string_equal(json_string_value(json_object_get(
+                          json_array_get(json_object_get(env, "headers"), 1), "value")),
+                      "line1\nline2\x1b[31mred"); /* JSON escapes it; the text is intact */
+  assert_string_equal(json_string_value(json_object_get(
+                          json_array_get(json_object_get(env, "data"), 0), "key")),
+                      "amount");
+  json_decref(j);
   ctl_free(&r);
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "show", "99999"), 1);
   expect_err(&r, "no dead letter 99999");
@@ -891,11 +929,12 @@ static void test_live(void **state) {
   expect_out(&r, "DONE");
   ctl_free(&r);
   assert_int_equal(W.audits, 1);
-  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_dead_letter", NULL), 1);
+  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_dead_letter", NULL), 2);
   /* Purge: --all is a dry run first. */
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "purge", "--all"), 0);
   expect_out(&r, "dry run");
   expect_out(&r, id_garbage);
+  expect_out(&r, id_big);
   ctl_free(&r);
   assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_operator_request", NULL), 1);
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "purge", "--all", "--yes", "--wait=30"), 0);
