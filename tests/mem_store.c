@@ -75,7 +75,7 @@ typedef struct ms_fault {
   int code;
 } ms_fault;
 
-#define MS_NSP 2 /* SAGA__SP_ITEM, SAGA__SP_HANDLER */
+#define MS_NSP 3 /* SAGA__SP_ITEM, SAGA__SP_HANDLER, SAGA__SP_OPERATOR */
 
 typedef struct mem_store {
   saga__store base;
@@ -327,7 +327,7 @@ static int m_rollback(saga__store *ss) {
 
 static int m_in_tx(saga__store *ss) { return MS(ss)->in_tx; }
 
-static int sp_index(saga__savepoint sp) { return sp == SAGA__SP_ITEM ? 0 : 1; }
+static int sp_index(saga__savepoint sp) { return sp == SAGA__SP_ITEM ? 0 : sp == SAGA__SP_HANDLER ? 1 : 2; }
 
 static int m_savepoint(saga__store *ss, saga__savepoint sp) {
   mem_store *s = MS(ss);

@@ -544,6 +544,15 @@ SAGA_EXTERN int64_t saga_node_outbox_depth(saga_node *node);
 /** How often, at most, the outbox is read per channel for that warning. */
 #define SAGA_OUTBOX_CHECK_MS 5000u
 
+/**
+ * How often a running node looks for operator requests (rows an operator's tool such as
+ * sagactl wrote into saga_operator_request: retry or cancel a saga, replay or purge dead
+ * letters). A started node carries each one out in its own transaction, the request's result
+ * written in the same transaction; saga_node_start() takes those written while no node ran.
+ * See docs/operating.md.
+ */
+#define SAGA_OPERATOR_POLL_MS 500u
+
 /** Called by saga_node_outbox_channels() once per channel with unconfirmed messages: how many
  * there are and the age in ms of the oldest. channel is borrowed for the call. */
 typedef void (*saga_outbox_channel_cb)(void *arg, const char *channel, int64_t count,

@@ -191,6 +191,8 @@ static int item_fn(saga_node *n, void *arg) {
   }
   case W_UNSENDABLE:
     return saga__relay_unsendable(n, w->tag, w->code);
+  case W_OPREQ:
+    return saga__operator_apply(n, (int64_t)w->tag);
   default: /* W_SENT: delete_sent() */
     return SAGA_OK;
   }
@@ -265,6 +267,9 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
     case W_CANCEL:
     case W_RETRY:
       if (w->cb != NULL) ((saga_done_cb)w->cb)(n, status, w->cb_arg);
+      break;
+    case W_OPREQ:
+      saga__operator_done(n, (int64_t)w->tag, status);
       break;
     case W_SENT:
     case W_UNSENDABLE:

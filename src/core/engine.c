@@ -79,7 +79,7 @@ static int inst_save(saga__engine *e, saga__inst *i) {
 static int ev(saga__engine *e, saga__inst *i, saga_event_type t, const char *detail) {
   int step = t == SAGA_EV_STARTED || t == SAGA_EV_COMPLETED || t == SAGA_EV_SAGA_COMPENSATED ||
                      t == SAGA_EV_SAGA_FAILED || t == SAGA_EV_CANCELLED ||
-                     t == SAGA_EV_DEFINITION_MISSING
+                     t == SAGA_EV_DEFINITION_MISSING || t == SAGA_EV_OPERATOR_REQUEST
                  ? -1
                  : i->step;
   return saga__journal_event(e->journal, t, i, step, i->attempt, detail);
@@ -627,7 +627,19 @@ int saga__engine_cancel(saga__engine *e, const char *id) {
   return step(e, i, E_CANCEL, NULL);
 }
 
-int saga__engine_retry(saga__engine *e, const char *id) {
+/* Resumes the compensation of a FAILED saga (loaded into i) with a new round of attempts. */
+static int retry_failed(saga__engine *e, saga__inst *i) {
+  i->state = SAGA_COMPENSATING;
+  i->phase = SAGA_PHASE_COMPENSATION;
+  i->flags = (int)(i->attempt << ROUND_SHIFT);
+  i->attempt++;
+  i->error[0] = '\0';
+  int rc = send_command(e, i);
+  return rc != SAGA_OK ? rc : inst_save(e, i);
+}
+
+/* Loads saga id into e->inst for a retry: it must exist, have its definition and be FAILED. */
+static int load_failed(saga__engine *e, const char *id) {
   saga__inst *i = &e->inst;
   int rc = inst_load(e, id, i);
   if (rc != SAGA_OK) return rc;
@@ -637,13 +649,38 @@ int saga__engine_retry(saga__engine *e, const char *id) {
   if (i->state != SAGA_FAILED)
     return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is %s, not FAILED", id,
                            saga_state_name(i->state));
-  i->state = SAGA_COMPENSATING;
-  i->phase = SAGA_PHASE_COMPENSATION;
-  i->flags = (int)(i->attempt << ROUND_SHIFT);
-  i->attempt++;
-  i->error[0] = '\0';
-  rc = send_command(e, i);
-  return rc != SAGA_OK ? rc : inst_save(e, i);
+  return SAGA_OK;
+}
+
+int saga__engine_retry(saga__engine *e, const char *id) {
+  int rc = load_failed(e, id);
+  return rc != SAGA_OK ? rc : retry_failed(e, &e->inst);
+}
+
+int saga__engine_operator(saga__engine *e, const char *id, int cancel, const char *note) {
+  saga__inst *i = &e->inst;
+  int rc;
+  if (cancel) {
+    rc = inst_load(e, id, i);
+    if (rc != SAGA_OK) return rc;
+    if (i->def == NULL)
+      return saga__fail(e->env, SAGA_ENODEF, "definition '%s' version %u is not registered",
+                             i->def_name, i->def_version);
+    if (machine[mode_of(i)][E_CANCEL] == NULL) {
+      if (i->state == SAGA_RUNNING)
+        return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is past its pivot (step %d, '%s'):"
+                          " it runs to completion and can no longer be cancelled", id,
+                          i->step, i->def->steps[i->step].name);
+      return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is %s: cancel applies to a RUNNING saga"
+                        " before its pivot", id, saga_state_name(i->state));
+    }
+  } else {
+    rc = load_failed(e, id);
+    if (rc != SAGA_OK) return rc;
+  }
+  rc = ev(e, i, SAGA_EV_OPERATOR_REQUEST, note);
+  if (rc != SAGA_OK) return rc;
+  return cancel ? step(e, i, E_CANCEL, NULL) : retry_failed(e, i);
 }
 
 typedef struct recovery {

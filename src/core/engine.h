@@ -52,6 +52,10 @@ int saga__engine_due_one(saga__engine *e, const char *saga_id, uint64_t now);
 int saga__engine_cancel(saga__engine *e, const char *saga_id);
 /* saga_retry_failed: compensates a FAILED saga again. */
 int saga__engine_retry(saga__engine *e, const char *saga_id);
+/* An operator's request (a row of saga_operator_request): records SAGA_EV_OPERATOR_REQUEST
+ * with note, then cancels (cancel = 1) or retries the saga, in the current transaction.
+ * SAGA_ESTATE (with a message saying why) when the request does not apply. */
+int saga__engine_operator(saga__engine *e, const char *saga_id, int cancel, const char *note);
 /* Recovery at start: unparks instances whose definition is now registered, parks and counts
  * in *missing those whose definition is not. */
 int saga__engine_unpark(saga__engine *e, int *missing);

@@ -253,6 +253,7 @@ int saga__journal_dead_letter(saga__journal *j, const char *channel, const char 
   int rc = s->m->dead_insert(s, saga__now(j->env), channel, msg_id, reason, body, len);
   if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "writing dead letter");
   j->env->stats.dead_letters++;
+  snprintf(j->dead_reason, sizeof j->dead_reason, "%s", reason);
   saga__log(j->env, SAGA_LOG_WARN, "dead letter on '%s' (msg '%s'): %s", channel,
             msg_id ? msg_id : "", reason);
   return SAGA_OK;

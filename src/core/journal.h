@@ -37,6 +37,7 @@ typedef struct saga__journal {
   uint64_t outbox_next;       /* next outbox id */
   int outbox_next_valid;      /* outbox_next checked against the store in this transaction */
   int outbox_used;            /* ids taken in this transaction (the mark to update) */
+  char dead_reason[640];      /* the reason of the last dead letter written */
 } saga__journal;
 
 /* Where the journal stood: rewinding to it forgets what was recorded since. */

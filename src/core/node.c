@@ -176,6 +176,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   saga__batch_init(n);
   saga__relay_init(n);
   saga__timer_init(&n->purge_timer, n->env.clock, purge_timer_cb, n);
+  saga__operator_init(n);
   saga__sqlite_config sc;
   memset(&sc, 0, sizeof sc);
   sc.path = cfg->db_path;
@@ -362,6 +363,9 @@ int saga_node_start(saga_node *n, uint64_t *missing_out) {
   /* Recovery: report instances whose definition is missing, re-arm the rest. */
   int missing = saga__batch_recover(n);
   if (missing < 0) return missing;
+  /* Definitions recorded for tools; operator requests written while no node ran. */
+  rc = saga__operator_start(n);
+  if (rc != SAGA_OK) return rc;
   if (missing_out != NULL) *missing_out = (uint64_t)missing;
   n->started = 1;
   n->relay_hwm = 0;
@@ -539,6 +543,7 @@ static void start_close(saga_node *n) {
   saga__batch_stop(n);
   saga__relay_stop(n);
   saga__timer_stop(&n->purge_timer);
+  saga__operator_stop(n);
   saga__batch_fail(n, &n->queues[0], SAGA_ECLOSED);
   saga__batch_fail(n, &n->queues[1], SAGA_ECLOSED);
   saga__journal_clear_events(&n->journal);

@@ -9,7 +9,9 @@
  *   host.c   the transport: attaching it and the callbacks it calls (deliveries, confirms)
  *   events.c handing events to the application after a commit
  *   queue.c  the work queue the others push into
- * Calls run one way: node.c -> batch.c -> relay.c -> queue.c, host.c -> queue.c, and all of
+ *   operator.c operators' requests (sagactl) carried out by the node; definitions recorded
+ * Calls run one way: node.c -> batch.c -> relay.c -> queue.c, host.c -> queue.c,
+ * node.c and batch.c -> operator.c -> queue.c, and all of
  * them to the parts below (engine, participant, journal, retention, store). Where a lower file
  * must make a higher one act (a flush to run, a close to finish), it calls through a function
  * pointer the higher one set.
@@ -29,7 +31,8 @@ typedef enum saga__work_type {
   W_RETRY,
   W_SENT,
   W_DEAD, /* a message the transport gave up on: keep it, then acknowledge it */
-  W_UNSENDABLE /* an outbox row send() refused for good: dead-letter it, fail its step */
+  W_UNSENDABLE, /* an outbox row send() refused for good: dead-letter it, fail its step */
+  W_OPREQ       /* an operator request (tag = its id), operator.c */
 } saga__work_type;
 
 /* One queued item. Variable-length bytes live in the queue's arena, referenced by offset. */
@@ -112,6 +115,8 @@ struct saga_node {
   saga__timer retry_timer;    /* flush again after a failed commit (batch.c) */
   saga__timer resend_timer;   /* relay.c */
   saga__timer purge_timer;    /* node.c */
+  saga__timer opreq_timer;    /* operator.c: looks for operator requests */
+  int opreq_queued;           /* operator.c: requests queued, not yet through a transaction */
   int timers_due;
   int due_failed;         /* timers of sagas that failed in the last flush (batch.c) */
   uint64_t relay_hwm;     /* highest outbox id handed to the transport */
@@ -163,6 +168,18 @@ void saga__relay_stop(saga_node *n);
 int saga__host_attach(saga_node *n, saga_transport *t, char *err, size_t errlen);
 /* Whether a message to channel can ever leave through the transport (participant.c). */
 int saga__host_can_send(void *node, const char *channel);
+
+/* operator.c */
+void saga__operator_init(saga_node *n);
+/* At saga_node_start(): records the registered definitions, queues the pending operator
+ * requests and starts looking for new ones. */
+int saga__operator_start(saga_node *n);
+void saga__operator_stop(saga_node *n);
+/* Inside a transaction: carries out operator request id and writes its result. Returns < 0
+ * only when it should be tried again (the database failed). */
+int saga__operator_apply(saga_node *n, int64_t id);
+/* After the transaction that ran request id (status < 0: it failed, it stays pending). */
+void saga__operator_done(saga_node *n, int64_t id, int status);
 
 /* events.c */
 /* Hands the events received from other nodes to the subscriber: after the commit and before

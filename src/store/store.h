@@ -71,8 +71,27 @@ typedef struct saga__sweep {
 
 typedef enum saga__sweep_table { SAGA__SWEEP_INBOX, SAGA__SWEEP_STEPS } saga__sweep_table;
 
-/* Savepoints inside a transaction: one around a work item, one around a handler. */
-typedef enum saga__savepoint { SAGA__SP_ITEM, SAGA__SP_HANDLER } saga__savepoint;
+/* Savepoints inside a transaction: one around a work item, one around a handler, one around
+ * an operator's repair (which may run handlers inside it). */
+typedef enum saga__savepoint { SAGA__SP_ITEM, SAGA__SP_HANDLER, SAGA__SP_OPERATOR } saga__savepoint;
+
+/* A step of a registered definition as recorded for tools (saga_definition_step). */
+typedef struct saga__def_step_rec {
+  const char *name, *channel, *action, *compensation; /* "" when none */
+  int kind, local, local_compensation;
+  saga_retry retry, comp_retry;
+  uint32_t timeout_ms;
+} saga__def_step_rec;
+
+/* A pending operator request (saga_operator_request), as read by opreq_get. Text longer than
+ * a field is cut (and then refused by the node: no valid target is that long). */
+typedef struct saga__opreq {
+  int64_t id;
+  int state; /* 0 pending, 1 done, 2 refused */
+  char action[16];
+  char target[64];
+  char by[128];
+} saga__opreq;
 
 /* Called for each outbox row read by outbox_after / outbox_stale. */
 typedef void (*saga__outbox_fn)(void *arg, uint64_t id, const char *channel, const void *body,
@@ -198,6 +217,26 @@ typedef struct saga__store_methods {
    * when a batch was filled. */
   int (*dead_purge)(saga__store *s, uint64_t cutoff, uint64_t keep, size_t batch,
                     uint64_t *deleted, int *more);
+
+  /* The dead letter id: channel and reason (NUL-terminated) and the kept body.
+   * SAGA_ENOTFOUND when there is none. */
+  int (*dead_get)(saga__store *s, int64_t id, saga__buf *channel, saga__buf *reason,
+                  saga__buf *body);
+  /* Deletes dead letter id (id < 0: every one); *deleted is how many went. */
+  int (*dead_delete)(saga__store *s, int64_t id, uint64_t *deleted);
+
+  /* ---- definitions and operator requests (for tools; may be NULL in a backend) ---- */
+  /* Records a registered definition, replacing the steps recorded for its name and version,
+   * in the current transaction. */
+  int (*def_put)(saga__store *s, const char *name, uint32_t version, uint32_t deadline_ms,
+                 const saga__def_step_rec *steps, size_t nsteps, uint64_t now);
+  /* Appends to ids at most max pending request ids, oldest first; *count is how many. */
+  int (*opreq_pending)(saga__store *s, size_t max, int64_t *ids, size_t *count);
+  /* Reads request id. SAGA_ENOTFOUND when there is none. */
+  int (*opreq_get)(saga__store *s, int64_t id, saga__opreq *out);
+  /* Sets request id's state (1 done, 2 refused), result and done time, in the current
+   * transaction. */
+  int (*opreq_finish)(saga__store *s, int64_t id, int state, const char *result, uint64_t now);
 
   /* ---- retention ---- */
   /* Appends to ids (NUL-separated) at most max finished sagas last updated before cutoff,

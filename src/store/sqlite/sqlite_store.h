@@ -20,6 +20,9 @@ typedef enum sq_stmt_id {
   ST_SP_HANDLER,
   ST_SP_HANDLER_RELEASE,
   ST_SP_HANDLER_ROLLBACK,
+  ST_SP_OPERATOR,
+  ST_SP_OPERATOR_RELEASE,
+  ST_SP_OPERATOR_ROLLBACK,
   ST_INST_INSERT,
   ST_INST_GET,
   ST_INST_BY_KEY,
@@ -81,6 +84,17 @@ typedef struct sq_store {
   void *stop_arg;
   uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
 } sq_store;
+
+/* operator.c: the store methods for operators' tools (see ../store.h). */
+int saga__sq_def_put(saga__store *s, const char *name, uint32_t version, uint32_t deadline_ms,
+                     const saga__def_step_rec *steps, size_t nsteps, uint64_t now);
+int saga__sq_opreq_pending(saga__store *s, size_t max, int64_t *ids, size_t *count);
+int saga__sq_opreq_get(saga__store *s, int64_t id, saga__opreq *out);
+int saga__sq_opreq_finish(saga__store *s, int64_t id, int state, const char *result,
+                          uint64_t now);
+int saga__sq_dead_get(saga__store *s, int64_t id, saga__buf *channel, saga__buf *reason,
+                      saga__buf *body);
+int saga__sq_dead_delete(saga__store *s, int64_t id, uint64_t *deleted);
 
 /* Maps a SQLite result code to a SAGA_E* code. */
 int saga__sq_err(int sqlite_rc);

@@ -21,6 +21,9 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_SP_HANDLER] = "SAVEPOINT saga_handler",
     [ST_SP_HANDLER_RELEASE] = "RELEASE saga_handler",
     [ST_SP_HANDLER_ROLLBACK] = "ROLLBACK TO saga_handler",
+    [ST_SP_OPERATOR] = "SAVEPOINT saga_operator",
+    [ST_SP_OPERATOR_RELEASE] = "RELEASE saga_operator",
+    [ST_SP_OPERATOR_ROLLBACK] = "ROLLBACK TO saga_operator",
     [ST_INST_INSERT] =
         "INSERT INTO saga_instance(id, def_name, def_version, idem_key, state, phase, step,"
         " attempt, wait, flags, hseq, data, error, trace_span, created_ms, updated_ms,"
@@ -206,13 +209,19 @@ static int sq_rollback(saga__store *s) { return exec(SQ(s), ST_ROLLBACK); }
 static int sq_in_tx(saga__store *s) { return !sqlite3_get_autocommit(SQ(s)->db); }
 
 static int sq_savepoint(saga__store *s, saga__savepoint sp) {
-  return exec(SQ(s), sp == SAGA__SP_ITEM ? ST_SP_ITEM : ST_SP_HANDLER);
+  return exec(SQ(s), sp == SAGA__SP_ITEM      ? ST_SP_ITEM
+                     : sp == SAGA__SP_HANDLER ? ST_SP_HANDLER
+                                              : ST_SP_OPERATOR);
 }
 static int sq_release(saga__store *s, saga__savepoint sp) {
-  return exec(SQ(s), sp == SAGA__SP_ITEM ? ST_SP_ITEM_RELEASE : ST_SP_HANDLER_RELEASE);
+  return exec(SQ(s), sp == SAGA__SP_ITEM      ? ST_SP_ITEM_RELEASE
+                     : sp == SAGA__SP_HANDLER ? ST_SP_HANDLER_RELEASE
+                                              : ST_SP_OPERATOR_RELEASE);
 }
 static int sq_rollback_to(saga__store *s, saga__savepoint sp) {
-  return exec(SQ(s), sp == SAGA__SP_ITEM ? ST_SP_ITEM_ROLLBACK : ST_SP_HANDLER_ROLLBACK);
+  return exec(SQ(s), sp == SAGA__SP_ITEM      ? ST_SP_ITEM_ROLLBACK
+                     : sp == SAGA__SP_HANDLER ? ST_SP_HANDLER_ROLLBACK
+                                              : ST_SP_OPERATOR_ROLLBACK);
 }
 static int64_t sq_writes(saga__store *s) { return sqlite3_total_changes64(SQ(s)->db); }
 
@@ -969,6 +978,12 @@ static const saga__store_methods sqlite_methods = {
     .parked_after = sq_parked_after,
     .parked_delete = sq_parked_delete,
     .dead_insert = sq_dead_insert,
+    .dead_get = saga__sq_dead_get,
+    .dead_delete = saga__sq_dead_delete,
+    .def_put = saga__sq_def_put,
+    .opreq_pending = saga__sq_opreq_pending,
+    .opreq_get = saga__sq_opreq_get,
+    .opreq_finish = saga__sq_opreq_finish,
     .dead_purge = sq_dead_purge,
     .finished_before = sq_finished_before,
     .finished_beyond = sq_finished_beyond,
