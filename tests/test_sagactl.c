@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -397,10 +398,9 @@ static void tester_send(const char *channel, const void *data, size_t len) {
   assert_int_equal(T.t->methods->send(T.t, channel, data, len, ++T.token), SAGA_OK);
 }
 
-/* A command for acct.audit, which the participant has no handler for at first: it becomes a
- * dead letter. Its header and saga id carry control characters that must never reach a
- * terminal raw. */
-static void send_audit(void) {
+/* A command for acct.audit, which the participant has no handler for at first. Its header
+ * carries control characters that must never reach a terminal raw. Free with saga_free. */
+static void encode_audit(const char *msg_id, const char *saga_id, void **buf, size_t *len) {
   saga_header hdr[2] = {{"traceparent", "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"},
                         {"note", "line1\nline2\x1b[31mred"}};
   saga_data *d = NULL;
@@ -414,8 +414,8 @@ static void send_audit(void) {
   memset(&e, 0, sizeof e);
   e.version = SAGA_ENVELOPE_VERSION;
   e.kind = SAGA_MSG_COMMAND;
-  e.msg_id = "audit-1";
-  e.saga_id = "0123456789abcdef0123456789abcdef";
+  e.msg_id = msg_id;
+  e.saga_id = saga_id;
   e.step = 0;
   e.attempt = 1;
   e.name = "acct.audit";
@@ -424,12 +424,43 @@ static void send_audit(void) {
   e.nheaders = 2;
   e.payload = payload.data;
   e.payload_len = payload.len;
+  assert_int_equal(saga_envelope_encode(&e, NULL, buf, len), SAGA_OK);
+  saga__buf_free(&payload);
+}
+
+/* Delivered to a participant without the handler: it answers the sender with the failure
+ * and keeps the command as a dead letter (answered: replaying it would change nothing). */
+static void send_audit(void) {
   void *buf = NULL;
   size_t len = 0;
-  assert_int_equal(saga_envelope_encode(&e, NULL, &buf, &len), SAGA_OK);
+  encode_audit("audit-1", "0123456789abcdef0123456789abcdef", &buf, &len);
   tester_send("acct", buf, len);
   saga_free(NULL, buf);
-  saga__buf_free(&payload);
+}
+
+/* A command a transport gave up delivering (a broker's delivery cap: it acknowledged it and
+ * kept it as a dead letter), never handled. With the in-memory hub that cannot happen, so
+ * the test writes the row as such a transport would, with the participant closed. */
+static int64_t dead_letter_undelivered(void) {
+  void *buf = NULL;
+  size_t len = 0;
+  encode_audit("audit-2", "fedcba9876543210fedcba9876543210", &buf, &len);
+  sqlite3 *db = NULL;
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_open_v2(W.part_path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_prepare_v2(db, "INSERT INTO saga_dead_letter(at_ms, channel, msg_id, "
+                                          "reason, body) VALUES (?1, 'acct', 'audit-2', "
+                                          "'delivered 10 times without an acknowledgement', ?2)",
+                                      -1, &st, NULL),
+                   SQLITE_OK);
+  sqlite3_bind_int64(st, 1, (sqlite3_int64)time(NULL) * 1000);
+  sqlite3_bind_blob(st, 2, buf, (int)len, SQLITE_TRANSIENT);
+  assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+  int64_t id = sqlite3_last_insert_rowid(db);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  saga_free(NULL, buf);
+  return id;
 }
 
 static int dead_pred(void *arg) {
@@ -921,25 +952,55 @@ static void test_live(void **state) {
   assert_int_equal(count_json(W.orch_path, "requests", "--pending"), 0);
 
   /* ---- dead letters: replay once the handler is registered, purge the rest ---- */
+  /* A cut one is refused by sagactl itself, nothing written. */
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "replay", id_big), 1);
+  expect_err(&r, "cannot be replayed");
+  ctl_free(&r);
+  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_operator_request", NULL), 0);
+  close_node(&W, &W.part);
+  int64_t dl_undelivered = dead_letter_undelivered();
+  char id_undelivered[24];
+  snprintf(id_undelivered, sizeof id_undelivered, "%lld", (long long)dl_undelivered);
+  open_part(&W);
+  /* The cause is still there (no handler): the node refuses it the same way, and sagactl
+   * reports the refusal with exit 1. */
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "replay", id_undelivered, "--wait=30"), 1);
+  expect_out(&r, "REFUSED");
+  expect_out(&r, "no handler for command 'acct.audit'");
+  expect_err(&r, "1 of 1 request was refused");
+  ctl_free(&r);
+  /* Fixed: the participant serves acct.audit now. */
   close_node(&W, &W.part);
   W.audit_registered = 1;
   open_part(&W);
   assert_int_equal(W.audits, 0);
-  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "replay", id_audit, "--wait=30"), 0);
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "replay", id_undelivered, "--wait=30"), 0);
   expect_out(&r, "DONE");
   ctl_free(&r);
   assert_int_equal(W.audits, 1);
-  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_dead_letter", NULL), 2);
+  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_dead_letter WHERE id = ?1",
+                          id_undelivered),
+                   0);
+  /* The one the participant answered already (without a handler) is refused by the node:
+   * running it now would not reach its sender's saga. */
+  assert_int_equal(CTL(&r, "dead-letters", W.part_path, "replay", id_audit, "--wait=30"), 1);
+  expect_out(&r, "answered already");
+  ctl_free(&r);
+  assert_int_equal(W.audits, 1);
+  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_dead_letter", NULL), 3);
   /* Purge: --all is a dry run first. */
+  int64_t preq = db_int(W.part_path, "SELECT count(*) FROM saga_operator_request", NULL);
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "purge", "--all"), 0);
   expect_out(&r, "dry run");
-  expect_out(&r, id_garbage);
-  expect_out(&r, id_big);
+  expect_out(&r, "of 3 dead letters");
   ctl_free(&r);
-  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_operator_request", NULL), 1);
+  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_operator_request", NULL), preq);
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "purge", "--all", "--yes", "--wait=30"), 0);
   expect_out(&r, "DONE");
+  expect_out(&r, "3 dead letters deleted");
   ctl_free(&r);
+  assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_operator_request", NULL),
+                   preq + 1); /* one request: '*' */
   assert_int_equal(db_int(W.part_path, "SELECT count(*) FROM saga_dead_letter", NULL), 0);
   assert_int_equal(CTL(&r, "dead-letters", W.part_path, "replay", id_garbage), 1);
   expect_err(&r, "no dead letter");

@@ -280,15 +280,22 @@ static char *check_dead(sqlite3 *db, const char *target, void *arg) {
       free(safe);
       return why;
     }
-    if (sqlite3_prepare_v2(db, "SELECT 1 FROM saga_dead_letter WHERE id = ?1", -1, &st, NULL) !=
-        SQLITE_OK)
+    if (sqlite3_prepare_v2(db, "SELECT instr(reason, '" CUT_MARK "') > 0 FROM saga_dead_letter "
+                               "WHERE id = ?1",
+                           -1, &st, NULL) != SQLITE_OK)
       return sctl_fmt("reading the database: %s", sqlite3_errmsg(db));
     sqlite3_bind_int64(st, 1, id);
     int r = sqlite3_step(st);
+    int cut = r == SQLITE_ROW && sqlite3_column_int(st, 0);
     sqlite3_finalize(st);
     st = NULL;
     if (r == SQLITE_DONE) return sctl_fmt("no dead letter %lld", (long long)id);
     if (r != SQLITE_ROW) return sctl_fmt("reading the database: %s", sqlite3_errmsg(db));
+    /* Only the start of a large message was kept: there is nothing whole to handle again. */
+    if (cut && strcmp(action, "replay") == 0)
+      return sctl_fmt("dead letter %lld kept only the start of its message (it was too large): "
+                      "it cannot be replayed; purge it",
+                      (long long)id);
   }
   if (sqlite3_prepare_v2(db, "SELECT id FROM saga_operator_request WHERE target = ?1 AND "
                              "action = ?2 AND state = 0 LIMIT 1",

@@ -173,6 +173,21 @@ static int load_steps(sqlite3 *db, const char *name, long long version, gstep **
     free(v);
     return sctl_db_error(db, "reading the definition's steps");
   }
+  /* saga_retry's zeros mean its defaults (definition.h): shown as what the engine does. A
+   * timeout of 0 is the engine's own "none" (the step's SAGA_STEP_NO_TIMEOUT; a step given 0
+   * gets the 60 s default before it is recorded). */
+  for (int i = 0; i < cnt; i++) {
+    gstep *s = &v[i];
+    if (s->max_attempts == 0) s->max_attempts = 1;
+    if (s->backoff_ms == 0) s->backoff_ms = 100;
+    if (s->multiplier == 0) s->multiplier = 2;
+    if (s->cap_ms == 0) s->cap_ms = 30000;
+    if (s->c_max_attempts == 0) s->c_max_attempts = 1;
+    if (s->c_backoff_ms == 0) s->c_backoff_ms = 100;
+    if (s->c_multiplier == 0) s->c_multiplier = 2;
+    if (s->c_cap_ms == 0) s->c_cap_ms = 30000;
+    if (s->timeout_ms == 0) s->timeout_ms = FOREVER;
+  }
   *out = v, *n = cnt;
   return SCTL_OK;
 }
