@@ -264,11 +264,13 @@ void sctl_table_print(const sctl_table *t, FILE *f) {
       if (x > w[c]) w[c] = x;
     }
   for (size_t r = 0; r < t->nrows; r++) {
-    for (int c = 0; c < t->ncols; c++) {
-      const char *cell = t->cells[r * (size_t)t->ncols + (size_t)c];
-      fputs(cell, f);
-      if (c + 1 < t->ncols)
-        for (size_t pad = width(cell); pad < w[c] + 2; pad++) fputc(' ', f);
+    char **row = t->cells + r * (size_t)t->ncols;
+    int last = t->ncols - 1; /* no padding after the last cell that has text */
+    while (last > 0 && row[last][0] == '\0') last--;
+    for (int c = 0; c <= last; c++) {
+      fputs(row[c], f);
+      if (c < last)
+        for (size_t pad = width(row[c]); pad < w[c] + 2; pad++) fputc(' ', f);
     }
     fputc('\n', f);
   }
