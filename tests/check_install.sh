@@ -16,6 +16,14 @@ unset DESTDIR
 echo "--- cmake --install $build --prefix $prefix"
 cmake --install "$build" --prefix "$prefix" >/dev/null
 
+if [ -f "$build/CMakeCache.txt" ] && grep -q '^SAGA_BUILD_TOOLS:BOOL=ON' "$build/CMakeCache.txt"; then
+  echo "--- sagactl installed, finding the installed libsaga by itself, with its man page"
+  # No LD_LIBRARY_PATH: its RPATH ($ORIGIN/../lib) must find the library next to it.
+  env -u LD_LIBRARY_PATH "$prefix/bin/sagactl" --version | grep -q '^sagactl (libsaga ' ||
+    { echo "installed sagactl does not run" >&2; exit 1; }
+  [ -f "$prefix/share/man/man1/sagactl.1" ] || { echo "sagactl.1 not installed" >&2; exit 1; }
+fi
+
 echo "--- consumer via find_package(libsaga)"
 cmake -S "$src" -B "$tmp/cmake" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_C_COMPILER="$cc" \
   -DCMAKE_C_FLAGS="$cflags" >/dev/null

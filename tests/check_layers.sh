@@ -2,7 +2,9 @@
 # test_layers: the rules of the source layout (docs/architecture.md) hold.
 #  1. Only src/store/ calls sqlite3_* or includes sqlite3.h. The one exception is
 #     src/transport/conformance.c, the adapter conformance kit: its handlers write business rows
-#     through saga_tx_db(), exactly as an application's handlers do (that is what it checks).
+#     through saga_tx_db(), exactly as an application's handlers do (that is what it checks);
+#     and src/tools/, programs of their own (sagactl) that read a node's database file with
+#     SQLite directly, as an operator's sqlite3 shell would, outside any node.
 #  2. The parts below the node (env, journal, engine, participant, retention) never include the
 #     node's runtime header (runtime.h, the struct saga_node), and the store never includes the
 #     core's headers: calls run one way.
@@ -10,7 +12,7 @@
 set -euo pipefail
 src=$1/src
 fail=0
-allowed='^src/transport/conformance\.c:'
+allowed='^(src/transport/conformance\.c|src/tools/[^:]*):'
 
 cd "$1"
 hits=$(grep -rnE 'sqlite3_[a-z_0-9]+|<sqlite3\.h>' src --include='*.c' --include='*.h' |
