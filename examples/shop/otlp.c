@@ -3,8 +3,9 @@
  *
  * The nodes' span hook (saga_node_config.on_span) runs on the loop: it copies each ended span
  * into a bounded ring (a short mutex, no allocation, no I/O) and returns. A thread of the
- * exporter's own takes what the ring holds, at least every EXPORT_INTERVAL_MS or as soon as a
- * batch is full, builds an ExportTraceServiceRequest in its JSON mapping with jansson and POSTs
+ * exporter's own takes what the ring holds, at least every EXPORT_INTERVAL_MS (200 ms; the
+ * environment variable SHOP_OTLP_INTERVAL_MS sets another, 10 ms to 1 h) or as soon as a batch
+ * is full, builds an ExportTraceServiceRequest in its JSON mapping with jansson and POSTs
  * it to <url>/v1/traces with libcurl. So the saga loop never waits for the collector: when the
  * ring is full (the collector slow or away) a span is dropped and counted, never queued
  * without bound. A batch the collector refuses or that times out is dropped and counted too
@@ -29,7 +30,7 @@
 
 #define RING 4096               /* spans waiting at most */
 #define BATCH 512               /* spans per request at most */
-#define EXPORT_INTERVAL_MS 200  /* the longest a span waits for its batch */
+#define EXPORT_INTERVAL_MS 200  /* the longest a span waits for its batch (by default) */
 #define REQUEST_TIMEOUT_MS 5000 /* one POST */
 #define MAX_SOURCES 8
 
@@ -64,6 +65,7 @@ struct shop_otlp {
   /* counters (under mu) */
   uint64_t exported, dropped, failed_spans, failed_requests, unsampled;
   int failure_logged;
+  long interval_ms; /* EXPORT_INTERVAL_MS, or $SHOP_OTLP_INTERVAL_MS (10 ms .. 1 h) */
 };
 
 /* ---- the hook (loop thread) ---------------------------------------------------------------- */
@@ -199,7 +201,8 @@ static void *run(void *arg) {
     if (o->count < BATCH && !o->stop) {
       struct timespec until;
       clock_gettime(CLOCK_REALTIME, &until);
-      until.tv_nsec += EXPORT_INTERVAL_MS * 1000000L;
+      until.tv_sec += o->interval_ms / 1000;
+      until.tv_nsec += (o->interval_ms % 1000) * 1000000L;
       if (until.tv_nsec >= 1000000000L) {
         until.tv_sec++;
         until.tv_nsec -= 1000000000L;
@@ -267,6 +270,13 @@ int shop_otlp_new(shop_otlp **out, const char *base_url, const char *service) {
   }
   snprintf(o->url, sizeof o->url, "%.*s/v1/traces", (int)len, base_url);
   snprintf(o->service, sizeof o->service, "%s", service);
+  o->interval_ms = EXPORT_INTERVAL_MS;
+  const char *env = getenv("SHOP_OTLP_INTERVAL_MS");
+  if (env != NULL) {
+    char *end;
+    long v = strtol(env, &end, 10);
+    if (*end == '\0' && v >= 10 && v <= 3600000) o->interval_ms = v;
+  }
   pthread_mutex_init(&o->mu, NULL);
   pthread_cond_init(&o->cond, NULL);
   if (pthread_create(&o->thread, NULL, run, o) != 0) {
