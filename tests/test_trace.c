@@ -52,6 +52,7 @@ typedef struct world {
   int terminal;    /* terminal events of "trip" seen on orch */
   int child_done;  /* terminal events of "child" seen on part */
   char event_tp[64]; /* the traceparent of orch's last COMPLETED/COMPENSATED event */
+  char remote_tp[64]; /* the same event as received by part (orch's event channel) */
   int start_status;
   char started[48];
 } world;
@@ -104,6 +105,13 @@ static void on_event_part(saga_node *n, const saga_event *ev, void *arg) {
   (void)n;
   world *w = arg;
   if (ev->type == SAGA_EV_COMPLETED && strcmp(ev->definition, "child") == 0) w->child_done++;
+}
+
+static void on_remote_event(saga_node *n, const saga_event *ev, void *arg) {
+  (void)n;
+  world *w = arg;
+  if (ev->type == SAGA_EV_COMPLETED || ev->type == SAGA_EV_SAGA_COMPENSATED)
+    snprintf(w->remote_tp, sizeof w->remote_tp, "%s", ev->traceparent);
 }
 
 static void see(world *w, const saga_msg *cmd) {
@@ -185,6 +193,7 @@ static saga_node *open_node(world *w, const char *name) {
   cfg.span_arg = w;
   cfg.on_event = orch ? on_event_orch : on_event_part;
   cfg.event_arg = w;
+  if (orch) cfg.event_channel = "trip.events";
   saga_node *n = NULL;
   char err[256];
   int rc = saga_node_open(&n, &w->loop, &cfg, err, sizeof err);
@@ -215,6 +224,7 @@ static saga_node *open_node(world *w, const char *name) {
     child_def.nsteps = 1;
     child_def.step_size = sizeof(saga_step);
     assert_int_equal(saga_node_register(n, &child_def), SAGA_OK);
+    assert_int_equal(saga_node_subscribe_events(n, "trip.events", on_remote_event, w), SAGA_OK);
   }
   assert_int_equal(saga_node_start(n, NULL), SAGA_OK);
   return n;
@@ -426,6 +436,8 @@ static void test_start_malformed_refused(void **state) {
 #define CALLER_SPAN "00f067aa0ba902b7"
 #define CALLER_TP "00-" CALLER_TRACE "-" CALLER_SPAN "-01"
 
+static int remote_pred(void *arg) { return ((world *)arg)->remote_tp[0] != '\0'; }
+
 static void test_spans_completed(void **state) {
   (void)state;
   world w;
@@ -443,8 +455,10 @@ static void test_spans_completed(void **state) {
   const span_copy *root_end = end_of(&w, root);
   assert_int_equal(root_end->status, SAGA_SPAN_OK);
   assert_string_equal(root_end->error, "");
-  /* The saga's own events carry its context. */
+  /* The saga's own events carry its context, also as published to other nodes. */
   expect_tp(w.event_tp, CALLER_TRACE, root->span, "01");
+  assert_int_equal(th_run_manual(&w.loop, w.clock, remote_pred, &w, 10000), 0);
+  expect_tp(w.remote_tp, CALLER_TRACE, root->span, "01");
   char seen_ids[8][24];
   for (int k = 0; k < 3; k++) {
     /* One attempt per step, a child of the saga's span ... */
