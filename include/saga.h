@@ -16,6 +16,7 @@
 #include "saga/transport.h"
 #include "saga/transport_mem.h"
 #include "saga/transport_inproc.h"
+#include "saga/trace.h"
 #include "saga/node.h"
 
 #endif /* SAGA_H */

@@ -3,7 +3,7 @@
 # its own process with its own database and HTTP port, their saga nodes talking over the TCP
 # transport or NATS JetStream, behind nginx as the one base URL.
 #
-# usage: scripts/shop_cluster.sh start [--transport tcp|nats] [--payment-limit N] [--insecure-plaintext]
+# usage: scripts/shop_cluster.sh start [--transport tcp|nats] [--payment-limit N] [--insecure-plaintext] [--otlp URL]
 #        scripts/shop_cluster.sh stop | status
 #        scripts/shop_cluster.sh restart SERVICE [--kill]
 #
@@ -17,6 +17,8 @@
 #            NATS: nats-server over TLS with a user per service (random passwords in
 #            run/secrets) whose permissions let it publish only to the subjects it sends to and
 #            use only its own consumers and reply subjects.
+#            --otlp URL: every service exports its spans to the OpenTelemetry collector at URL
+#            (OTLP over HTTP/JSON, URL/v1/traces; docs/shop.md, "Tracing").
 #   stop     stops everything started (SIGTERM, then SIGKILL after 10 s).
 #   status   says what runs and asks each /healthz.
 #   restart  stops one service (SIGTERM, or SIGKILL with --kill) and starts it again on the
@@ -168,10 +170,11 @@ nats_conf() {
 }
 
 start() {
-  local transport=tcp limit=5000 plaintext=0
+  local transport=tcp limit=5000 plaintext=0 otlp=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --transport) [ $# -ge 2 ] || usage; transport=$2; shift 2 ;;
+      --otlp) [ $# -ge 2 ] || usage; otlp=$2; shift 2 ;;
       --payment-limit) [ $# -ge 2 ] || usage; limit=$2; shift 2 ;;
       --insecure-plaintext) plaintext=1; shift ;;
       *) usage ;;
@@ -269,6 +272,9 @@ start() {
       fi
       if [ "$s" = purchase ]; then
         printf '%s\n' --product-url "http://127.0.0.1:$(port_of product)"
+      fi
+      if [ -n "$otlp" ]; then
+        printf '%s\n' --otlp "$otlp"
       fi
     } >"$run/cmd/$s"
     launch "$s"

@@ -472,6 +472,9 @@ static int m_inst_save(saga__store *ss, const saga__inst *i) {
   r->v.updated_ms = i->updated_ms;
   r->v.step_deadline = i->step_deadline;
   r->v.saga_deadline = i->saga_deadline;
+  memcpy(r->v.attempt_span, i->attempt_span, sizeof r->v.attempt_span);
+  r->v.attempt_span[sizeof r->v.attempt_span - 1] = '\0';
+  r->v.attempt_ns = i->attempt_ns;
   r->deadline = i->parked ? 0 : saga__inst_next_deadline(i);
   s->writes++;
   return SAGA_OK;
@@ -1245,12 +1248,14 @@ uint64_t mem_store_digest(const saga__store *ss) {
     h_str(&h, r->idem);
     h_str(&h, v->error);
     h_str(&h, v->trace_span);
+    h_str(&h, v->trace_parent);
+    h_str(&h, v->attempt_span);
     h_blob(&h, r->data, r->len);
     int64_t nums[] = {v->def_version, v->state,  v->phase,   v->step, v->wait,
                       v->flags,       v->parked, v->attempt, v->hseq};
     h_bytes(&h, nums, sizeof nums);
     uint64_t times[] = {v->created_ms, v->updated_ms, v->step_deadline, v->saga_deadline,
-                        r->deadline};
+                        r->deadline, v->started_ns, v->attempt_ns};
     h_bytes(&h, times, sizeof times);
   }
   h_u64(&h, st->nhist);

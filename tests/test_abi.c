@@ -28,7 +28,8 @@ static size_t config_end(int v) {
   case 1: return offsetof(saga_node_config, retention);
   case 2: return offsetof(saga_node_config, checkpoint);
   case 3: return offsetof(saga_node_config, checkpoint_pages) + sizeof(uint32_t);
-  default: return offsetof(saga_node_config, db_check) + sizeof(saga_db_check);
+  case 4: return offsetof(saga_node_config, db_check) + sizeof(saga_db_check);
+  default: return offsetof(saga_node_config, span_arg) + sizeof(void *);
   }
 }
 
@@ -87,6 +88,7 @@ static void open_old_config(int v) {
   cfg->transport = t;
   cfg->clock = clock;
   cfg->synchronous = SAGA_SYNC_OFF;
+  if (v >= 4) cfg->db_mode = SAGA_DB_CREATE;
   saga_node *n = NULL;
   char err[256];
   int rc = saga_node_open(&n, &loop, cfg, err, sizeof err);
@@ -96,6 +98,9 @@ static void open_old_config(int v) {
   saga_retention def;
   saga__retention_defaults(&def);
   assert_memory_equal(&n->retention.cfg, &def, sizeof def);
+  /* a config before version 5 has no span hook: none, not the 0xff bytes after it */
+  assert_null(n->on_span);
+  assert_int_equal(n->journal.keep_spans, 0);
   saga_node_close(n, NULL, NULL);
   th_drain(&loop);
   saga_mem_hub_close(hub);
@@ -110,6 +115,7 @@ static void open_old_config(int v) {
 static void test_open_old_configs(void **state) {
   open_old_config(1);
   open_old_config(3); /* 0xff after it would be an unknown db_mode and db_check */
+  open_old_config(4); /* 0xff after it would be a span hook */
 }
 
 static void test_stats_sized(void **state) {

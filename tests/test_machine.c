@@ -243,7 +243,7 @@ static int start_key(fx *f, const char *def_name, const void *input, size_t len,
   const saga__def *d = saga__engine_find(&f->e, def_name, 0);
   assert_non_null(d);
   tx_begin(f);
-  return tx_end(f, saga__engine_start(&f->e, d, input, len, key, id, existed));
+  return tx_end(f, saga__engine_start(&f->e, d, input, len, key, NULL, id, existed));
 }
 
 /* Starts the saga under test and checks its first command. */

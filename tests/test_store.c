@@ -104,8 +104,19 @@ static void test_newer_schema_refused(void **state) {
   th_rmdir(dir);
 }
 
-/* The number of the last migration in schema.sql: what a database is brought to. */
-#define SCHEMA_LATEST 7
+/* The number of the last migration in schema.sql (what a new database is at). */
+static int last_migration(void) {
+  FILE *f = fopen(SAGA_SCHEMA_FILE, "rb");
+  assert_non_null(f);
+  static char sql[1 << 16];
+  size_t len = fread(sql, 1, sizeof sql - 1, f);
+  fclose(f);
+  sql[len] = '\0';
+  int last = 0;
+  for (const char *p = sql; (p = strstr(p, "-- migration ")) != NULL; p++)
+    last = atoi(p + strlen("-- migration "));
+  return last;
+}
 
 static int64_t q_int(sqlite3 *db, const char *sql) {
   sqlite3_stmt *st = NULL;
@@ -153,7 +164,7 @@ static void test_migrate_from_v1(void **state) {
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   /* Migration 3: the outbox keeps its rows, loses AUTOINCREMENT, and the id mark carries on
    * from sqlite_sequence (3, although row 3 was deleted). */
-  assert_int_equal(q_int(db, "PRAGMA user_version"), SCHEMA_LATEST);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), last_migration());
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_outbox WHERE id IN (1, 2)"), 2);
   /* Migration 7: the views name states and phases of rows written long before them. */
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance_view WHERE"
@@ -196,6 +207,63 @@ static char *schema_before(int upto) {
   return sql;
 }
 
+/* The number of the migration whose text holds `what` (found by content, not by number: a
+ * migration may be renumbered when branches merge). */
+static int migration_with(const char *what) {
+  FILE *f = fopen(SAGA_SCHEMA_FILE, "rb");
+  assert_non_null(f);
+  static char text[1 << 16];
+  size_t len = fread(text, 1, sizeof text - 1, f);
+  fclose(f);
+  text[len] = '\0';
+  const char *at = strstr(text, what);
+  assert_non_null(at);
+  int num = 0;
+  for (const char *p = text; (p = strstr(p, "-- migration ")) != NULL && p < at; p++)
+    num = atoi(p + strlen("-- migration "));
+  return num;
+}
+
+/* A database made before the trace columns, with a saga in flight, gets them on open: the row
+ * keeps its values, the new columns their defaults (no caller's context: the trace of the saga
+ * id; no attempt span: its reply ends none). */
+static void test_migrate_trace_columns(void **state) {
+  int m = migration_with("ADD COLUMN trace_parent");
+  assert_true(m > 6);
+  char *sql = schema_before(m);
+  char *dir = th_tmpdir();
+  char *path = th_path(dir, "pretrace.db");
+  sqlite3 *db = NULL;
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+  free(sql);
+  char set[64];
+  snprintf(set, sizeof set, "PRAGMA user_version = %d;", m - 1);
+  assert_int_equal(sqlite3_exec(db, set, NULL, NULL, NULL), SQLITE_OK);
+  assert_int_equal(
+      sqlite3_exec(db,
+                   "INSERT INTO saga_instance(id, def_name, def_version, state, phase, step,"
+                   " attempt, wait, data, trace_span, created_ms, updated_ms) VALUES"
+                   " ('0123456789abcdef0123456789abcdef', 'd', 1, 1, 0, 0, 1, 1, x'80',"
+                   " 'fedcba9876543210', 5, 6);",
+                   NULL, NULL, NULL),
+      SQLITE_OK);
+  /* Before the migration there is no such column. */
+  assert_int_not_equal(sqlite3_exec(db, "SELECT trace_parent FROM saga_instance", NULL, NULL,
+                                    NULL), SQLITE_OK);
+  sqlite3_close(db);
+  assert_int_equal(open_once(path), 0);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), last_migration());
+  assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance WHERE trace_parent = '' AND"
+                             " started_ns = 0 AND attempt_span = '' AND attempt_ns = 0 AND"
+                             " trace_span = 'fedcba9876543210' AND created_ms = 5"), 1);
+  sqlite3_close(db);
+  assert_int_equal(open_once(path), 0); /* nothing applied twice */
+  free(path);
+  th_rmdir(dir);
+}
+
 static const char *const insert_x =
     "INSERT INTO saga_instance(id, def_name, def_version, idem_key, state, phase, step,"
     " attempt, wait, data, created_ms, updated_ms) VALUES ('x', 'beta', 1, 'k1', 1, 0, 0, 1,"
@@ -233,7 +301,7 @@ static void test_migrate_from_v4(void **state) {
   assert_int_equal(try_open(path, SAGA_DB_OPEN_EXISTING, SAGA_DB_CHECK_QUICK, 0, err, sizeof err),
                    SAGA_OK);
   assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
-  assert_int_equal(q_int(db, "PRAGMA user_version"), SCHEMA_LATEST);
+  assert_int_equal(q_int(db, "PRAGMA user_version"), last_migration());
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_instance"), 3);
   assert_int_equal(q_int(db, "SELECT rowid FROM saga_instance WHERE id = 'a' AND def_name ="
                              " 'alpha' AND def_version = 1 AND idem_key = 'k1' AND wait = 1"
@@ -634,6 +702,7 @@ int main(void) {
       cmocka_unit_test(test_newer_schema_refused),
       cmocka_unit_test(test_migrate_from_v1),
       cmocka_unit_test(test_migrate_from_v4),
+      cmocka_unit_test(test_migrate_trace_columns),
       cmocka_unit_test(test_idem_key_per_definition),
       cmocka_unit_test(test_missing_needs_create),
       cmocka_unit_test(test_truncated_refused),

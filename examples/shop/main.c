@@ -88,6 +88,7 @@ typedef struct options {
   char nats_secret[256]; /* the password or token read from its file */
   const char *bind;
   int port;
+  const char *otlp; /* --otlp: the collector's base URL */
 } options;
 
 typedef struct app {
@@ -99,6 +100,7 @@ typedef struct app {
   saga_transport *transports[N_NODES]; /* distributed: the node's transport, for /metrics */
   int node_index[N_NODES];             /* nodes[k] runs node_names[node_index[k]] */
   int nnodes;
+  shop_otlp *otlp; /* --otlp: the span exporter of every node of this process */
   uv_signal_t sigint, sigterm;
   int closing, closed;
   char product_db[512];
@@ -114,6 +116,7 @@ static const char usage[] =
     "             [--nats URL] [--nats-ack-wait MS] [--nats-user U --nats-password-file FILE]\n"
     "             [--nats-token-file FILE] [--nats-creds FILE] [--nats-tls-ca FILE]\n"
     "             [--nats-tls-cert FILE --nats-tls-key FILE] [--nats-tls-hostname NAME]]\n"
+    "            [--otlp URL]\n"
     "       shop --free-ports N\n"
     "  without --service: every service in this process (embedded, in-memory transport)\n"
     "  --service: account, product, order, payment, orchestrator or purchase, alone;\n"
@@ -121,7 +124,9 @@ static const char usage[] =
     "    channels it sends to, and mutual TLS (--tls-ca, --tls-cert, --tls-key, the access\n"
     "    list --tls-allow IDENTITY=CHANNEL, \"*\" for any) or --insecure-plaintext;\n"
     "    nats: --nats URL, default nats://127.0.0.1:4222, credentials and TLS optional);\n"
-    "    purchase needs --product-url (the product service's base URL, to check products)\n";
+    "    purchase needs --product-url (the product service's base URL, to check products)\n"
+    "  --otlp URL: export the nodes' spans to an OpenTelemetry collector (OTLP/HTTP JSON,\n"
+    "    POST URL/v1/traces), service.name = the service (\"shop\" embedded)\n";
 
 static int bad(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int bad(const char *fmt, ...) {
@@ -306,6 +311,10 @@ static int parse_args(app *a, int argc, char **argv) {
       if (parse_long(v, 100, 3600000, &n) != 0)
         return bad("--nats-ack-wait: '%s' is not 100..3600000 (ms)", v);
       o->nats_ack_wait_ms = n;
+    } else if (strcmp(f, "--otlp") == 0) {
+      if ((strncmp(v, "http://", 7) != 0 && strncmp(v, "https://", 8) != 0) || strlen(v) > 512)
+        return bad("--otlp: '%s' is not an http:// or https:// URL", v);
+      o->otlp = v;
     } else if (strcmp(f, "--product-url") == 0) {
       if ((strncmp(v, "http://", 7) != 0 && strncmp(v, "https://", 8) != 0) || strlen(v) > 512)
         return bad("--product-url: '%s' is not an http:// or https:// URL", v);
@@ -565,6 +574,10 @@ static int open_node(app *a, int i) {
   cfg.log = log_cb;
   cfg.log_arg = (void *)node_names[i];
   if (strcmp(node_names[i], "orchestrator") == 0) cfg.event_channel = SHOP_EVENTS;
+  if (a->otlp != NULL && shop_otlp_attach(a->otlp, node_names[i], &cfg) != 0) {
+    saga_transport_free(t);
+    return SAGA_ENOMEM;
+  }
   int k = a->nnodes;
   rc = saga_node_open(&a->nodes[k], a->loop, &cfg, err, sizeof err);
   if (rc != SAGA_OK) {
@@ -628,6 +641,13 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (shop_metrics_init(&a.ctx) != 0) return 1;
+  if (a.o.otlp != NULL) {
+    if (shop_otlp_new(&a.otlp, a.o.otlp, a.ctx.service) != 0 ||
+        shop_metrics_add(&a.ctx, shop_otlp_metrics, a.otlp) != 0) {
+      fprintf(stderr, "shop: --otlp %s: cannot start the exporter\n", a.o.otlp);
+      return 1;
+    }
+  }
 
   int only = a.o.service ? service_index(a.o.service) : -1; /* -1: account or embedded */
   int account = a.o.service == NULL || strcmp(a.o.service, "account") == 0;
@@ -660,6 +680,7 @@ int main(int argc, char **argv) {
   printf("listening on %d\n", shop_http_port(a.ctx.http));
   fflush(stdout);
   uv_run(a.loop, UV_RUN_DEFAULT);
+  shop_otlp_close(a.otlp); /* every node closed: send the spans left, then stop */
   for (size_t i = 0; i < a.o.nroutes; i++) free(a.o.route_buf[i]);
   for (size_t i = 0; i < a.o.nallow; i++) free(a.o.allow_buf[i]);
   curl_global_cleanup();

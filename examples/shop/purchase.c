@@ -87,6 +87,8 @@ typedef struct pending {
   int tries;
   char *items; /* JSON text, as stored in the saga data */
   char currency[4];
+  /* The caller's W3C traceparent header when well-formed ("" none): the purchase's trace. */
+  char traceparent[SAGA_TRACEPARENT_LEN + 1];
   struct pending *prev, *next;
 } pending;
 
@@ -384,7 +386,9 @@ static int start_request(purchase_svc *s, pending *p) {
   if (rc == SAGA_OK) rc = saga_data_set_i64(d, "customer_id", p->customer_id);
   if (rc == SAGA_OK) rc = saga_data_set_str(d, "items", p->items);
   if (rc == SAGA_OK) rc = saga_data_set_str(d, "currency", p->currency);
-  if (rc == SAGA_OK) rc = saga_start(s->node, "purchase-request", d, p->purchase_id, started, p);
+  if (rc == SAGA_OK)
+    rc = saga_start_traced(s->node, "purchase-request", d, p->purchase_id,
+                           p->traceparent[0] ? p->traceparent : NULL, started, p);
   saga_data_free(d);
   if (rc != SAGA_OK) {
     char msg[300];
@@ -597,6 +601,10 @@ static void post_purchase(shop_req *r, void *arg) {
   }
   p->r = r;
   p->customer_id = customer;
+  /* A caller's trace context: used when well-formed, else ignored (W3C: a new trace). */
+  const char *tp = shop_req_header(r, "traceparent");
+  if (tp != NULL && saga_traceparent_check(tp, NULL) == SAGA_OK)
+    snprintf(p->traceparent, sizeof p->traceparent, "%s", tp);
   char msg[300];
   size_t n = 0;
   int code = parse_purchase(shop_req_json(r), shop_req_header(r, "Idempotency-Key"), p, ids, &n,

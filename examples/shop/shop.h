@@ -154,6 +154,19 @@ int shop_metrics_add(shop_ctx *c, shop_metrics_fn fn, void *arg);
 /* Frees what shop_metrics_init made (after shop_http_stop). */
 void shop_metrics_close(shop_ctx *c);
 
+/* ---- span export (otlp.c): OTLP over HTTP/JSON, from a thread of its own ------------------ */
+
+typedef struct shop_otlp shop_otlp;
+/* Starts an exporter to the collector at base_url (spans go to <base_url>/v1/traces) with
+ * resource attribute service.name = service. 0, or -1. */
+int shop_otlp_new(shop_otlp **out, const char *base_url, const char *service);
+/* Sets cfg's span hook to queue the spans of node `node` (before saga_node_open). 0 or -1. */
+int shop_otlp_attach(shop_otlp *o, const char *node, saga_node_config *cfg);
+/* /metrics: exported, dropped, failed spans (a shop_metrics_fn; arg = the exporter). */
+void shop_otlp_metrics(shop_text *b, void *arg);
+/* Sends what is queued, stops the thread, frees o (after every attached node closed). */
+void shop_otlp_close(shop_otlp *o);
+
 /* ---- auth (auth.c): JWT HS256 with libjwt, argon2id with libsodium --------------------- */
 
 /* Checks "Authorization: Bearer <access token>": on success sets *customer_id and returns 0;

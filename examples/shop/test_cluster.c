@@ -71,6 +71,7 @@
 #endif
 
 #include "e2e.h"
+#include "trace_e2e.h"
 
 #if !defined(SHOP_BIN) || !defined(SHOP_CLUSTER_SCRIPT)
 #error "SHOP_BIN and SHOP_CLUSTER_SCRIPT must be defined"
@@ -81,6 +82,7 @@
 #define END_WAIT_MS 120000 /* safety net for the whole stream to end */
 
 static const char *transport = "tcp";
+static int trace_mode; /* "trace": the services export spans to a collector of this test's */
 static char run_dir[256];
 
 /* ---- the cluster -------------------------------------------------------------------------- */
@@ -95,21 +97,29 @@ static void pause_ms(long ms) { /* a retry's backoff or a polling interval, neve
   nanosleep(&ts, NULL);
 }
 
-/* Runs the cluster script with args (NULL-terminated); returns its exit status or -1. */
-static int script(const char *a1, const char *a2, const char *a3, const char *a4, const char *a5) {
+/* Runs the cluster script with args (NULL-terminated, at most 8); returns its exit status or
+ * -1. */
+static int script_v(const char *const *args) {
   const char *path =
       getenv("SHOP_CLUSTER_SCRIPT") ? getenv("SHOP_CLUSTER_SCRIPT") : SHOP_CLUSTER_SCRIPT;
+  const char *argv[12] = {"bash", path};
+  for (int i = 0; i < 8 && args[i] != NULL; i++) argv[2 + i] = args[i];
   fflush(stdout);
   pid_t pid = fork();
   if (pid < 0) return -1;
   if (pid == 0) {
-    execlp("bash", "bash", path, a1, a2, a3, a4, a5, (char *)NULL);
+    execvp("bash", (char *const *)argv);
     _exit(127);
   }
   int st;
   while (waitpid(pid, &st, 0) < 0)
     if (errno != EINTR) return -1;
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static int script(const char *a1, const char *a2, const char *a3, const char *a4, const char *a5) {
+  const char *args[] = {a1, a2, a3, a4, a5, NULL};
+  return script_v(args);
 }
 
 static char *slurp(const char *path) {
@@ -170,7 +180,16 @@ static int group_setup(void **state) {
   long long t0 = shop_now_ms();
   char limit[32];
   snprintf(limit, sizeof limit, "%d", PAYMENT_LIMIT);
-  if (script("start", "--transport", transport, "--payment-limit", limit) != 0) {
+  const char *otlp = NULL;
+  if (trace_mode && (otlp = trace_sink_start()) == NULL) {
+    fprintf(stderr, "cannot start the OTLP collector\n");
+    return -1;
+  }
+  /* Exports only per 512 spans or at the stop: the test sees the shutdown flush at work. */
+  if (trace_mode) setenv("SHOP_OTLP_INTERVAL_MS", "3600000", 1);
+  const char *args[] = {"start", "--transport", transport, "--payment-limit", limit,
+                        otlp ? "--otlp" : NULL, otlp, NULL};
+  if (script_v(args) != 0) {
     fprintf(stderr, "shop_cluster.sh start failed\n");
     cluster_stop();
     return -1;
@@ -192,6 +211,7 @@ static int group_setup(void **state) {
 static int group_teardown(void **state) {
   (void)state;
   cluster_stop();
+  if (trace_mode) trace_sink_stop();
   if (run_dir[0]) nftw(run_dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
   shop_client_global_cleanup();
   return 0;
@@ -1109,6 +1129,14 @@ static void test_clean_stop(void **state) {
   if (bad) fail();
 }
 
+/* Tracing: purchases, a clean stop (the exporters send what they hold), then the traces the
+ * collector received (trace_e2e.c). */
+static void test_traces(void **state) {
+  trace_purchases(state);
+  test_clean_stop(state);
+  trace_check(state);
+}
+
 static int have_program(const char *name) {
   const char *dirs[] = {"/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin"};
   char path[256];
@@ -1121,8 +1149,10 @@ static int have_program(const char *name) {
 
 int main(int argc, char **argv) {
   if (argc > 1) transport = argv[1];
-  if (strcmp(transport, "tcp") != 0 && strcmp(transport, "nats") != 0) {
-    fprintf(stderr, "usage: test_cluster [tcp|nats]\n");
+  trace_mode = argc > 2 && strcmp(argv[2], "trace") == 0;
+  if ((strcmp(transport, "tcp") != 0 && strcmp(transport, "nats") != 0) ||
+      (argc > 2 && !trace_mode)) {
+    fprintf(stderr, "usage: test_cluster [tcp|nats] [trace]\n");
     return 2;
   }
   const char *need[] = {"nginx", "curl", strcmp(transport, "nats") == 0 ? "nats-server" : "bash"};
@@ -1140,6 +1170,12 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_forgeries),         cmocka_unit_test(test_clean_stop),
   };
   char name[64];
-  snprintf(name, sizeof name, "shop cluster (%s)", transport);
+  snprintf(name, sizeof name, "shop cluster (%s%s)", transport, trace_mode ? ", traces" : "");
+  if (trace_mode) {
+    const struct CMUnitTest trace_tests[] = {
+        cmocka_unit_test(test_traces),
+    };
+    return cmocka_run_group_tests_name(name, trace_tests, group_setup, group_teardown);
+  }
   return cmocka_run_group_tests_name(name, tests, group_setup, group_teardown);
 }

@@ -39,6 +39,7 @@
 #include "data.h"
 #include "definition.h"
 #include "participant.h"
+#include "trace.h"
 #include "transport.h"
 
 #ifdef __cplusplus
@@ -108,7 +109,14 @@ typedef struct saga_event {
   const saga_data *data;  /**< events received from another node (saga_node_subscribe_events):
                                the saga's data at the transition; NULL for this node's own
                                events (read it with saga_get()) */
+  /** The saga's trace context, "00-<trace id>-<the saga's span id>-<flags>" (saga/trace.h);
+   * for an event from another node, its traceparent header when well-formed, else "". */
+  const char *traceparent;
 } saga_event;
+
+/** The span hook (saga_node_config.on_span): called on the loop, after the transaction that
+ * recorded the span's start or end committed. See saga/trace.h and saga_node_config. */
+typedef void (*saga_span_cb)(saga_node *node, const saga_span *span, void *arg);
 
 /** The event hook: called after the transition's transaction committed, on the loop. */
 typedef void (*saga_event_cb)(saga_node *node, const saga_event *ev, void *arg);
@@ -192,7 +200,7 @@ typedef enum saga_db_check {
 } saga_db_check;
 
 /** The newest saga_node_config.struct_version (docs/abi.md lists each version's fields). */
-#define SAGA_NODE_CONFIG_VERSION 4
+#define SAGA_NODE_CONFIG_VERSION 5
 
 /** Node configuration. Initialise with saga_node_config_init(), then set fields. Fields are
  * only ever appended, each group under a new struct_version; the version fixes the layout of
@@ -261,6 +269,21 @@ typedef struct saga_node_config {
   /** Default SAGA_DB_CHECK_QUICK (also for older configs): a damaged file is refused with
    * SAGA_ECORRUPT. */
   saga_db_check db_check;
+  /* ---- struct_version 5 ---- (older configs: none) */
+  /**
+   * NULL, or the span hook: the start and end of every saga this node orchestrates, of each
+   * attempt of its steps and compensations, and of each handler run on this node
+   * (saga/trace.h), for tracing (docs/operating.md, "Tracing"). Called on the loop after the
+   * transaction that recorded what it reports committed: a transaction that fails or is
+   * rolled back reports nothing, and one that commits reports its spans once (a crash right
+   * after the commit loses the reports of that transaction). The saga_span is read-only and
+   * borrowed for the call. The hook must return quickly (queue the span for another thread;
+   * do not block or do I/O on the loop); it may read state (saga_get()) and queue work
+   * (saga_start(), saga_cancel()), as the event hook may, but must not call saga_node_close()
+   * or run the loop. Nothing it does can undo or change what was committed.
+   */
+  saga_span_cb on_span;
+  void *span_arg;
 } saga_node_config;
 
 /**
@@ -359,6 +382,20 @@ typedef void (*saga_start_cb)(saga_node *node, int status, const char *saga_id, 
  */
 SAGA_EXTERN int saga_start(saga_node *node, const char *name, const saga_data *input,
                            const char *idem_key, saga_start_cb cb, void *arg);
+
+/**
+ * saga_start() in the caller's trace: traceparent (may be NULL: as saga_start(), the trace id
+ * is then the saga id) is a W3C traceparent header value, checked strictly
+ * (saga_traceparent_check()): the saga's trace id is its trace id, the saga's span a child of
+ * its span, and its flags are kept. Stored with the saga, so a restarted node keeps them.
+ * A malformed traceparent is refused with SAGA_EINVAL (errmsg says what is wrong) and nothing
+ * is started: drop a malformed header from the network with saga_traceparent_check() first.
+ * With an idempotency key that matched an earlier saga, that saga keeps its own trace.
+ * Returns as saga_start().
+ */
+SAGA_EXTERN int saga_start_traced(saga_node *node, const char *name, const saga_data *input,
+                                  const char *idem_key, const char *traceparent,
+                                  saga_start_cb cb, void *arg);
 
 /**
  * Receives, from then on, the events other nodes publish to `channel` (their

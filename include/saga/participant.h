@@ -88,13 +88,23 @@ SAGA_EXTERN uint32_t saga_msg_attempt(const saga_msg *m);
 SAGA_EXTERN int saga_msg_is_compensation(const saga_msg *m);
 /** The saga's data as sent with the command. Never NULL. */
 SAGA_EXTERN const saga_data *saga_msg_data(const saga_msg *m);
-/** A header value (e.g. "traceparent"), or NULL. */
+/** A header value as received (e.g. "traceparent": the sender's step attempt), or NULL. It
+ * came from the network: a handler that uses a header checks it (saga_traceparent_check()). */
 SAGA_EXTERN const char *saga_msg_header(const saga_msg *m, const char *name);
+/**
+ * The trace context of this handler run (saga/trace.h): "00-<trace id>-<span id>-<flags>",
+ * whose span id is the handler's own span (reported to saga_node_config.on_span), a child of
+ * the step attempt named by the command's traceparent header. When that header is missing or
+ * malformed it is never used: the trace id is then the saga id and the span has no parent.
+ * Pass it on (as a traceparent header) to the calls the handler makes. Never NULL.
+ */
+SAGA_EXTERN const char *saga_msg_traceparent(const saga_msg *m);
 
 /**
  * Starts a saga of definition `name` (registered on this node) inside the handler's
  * transaction: it exists if and only if the handler's work commits, so a command can start a
- * saga exactly once. idem_key as for saga_start() (an existing saga with that key is not
+ * saga exactly once. The new saga is in the handler's trace: its span is a child of the
+ * handler's span (saga_msg_traceparent()). idem_key as for saga_start() (an existing saga with that key is not
  * started again: *existed is set to 1). The new or existing saga id is copied into id_out
  * (at least 40 bytes). Returns SAGA_OK, SAGA_ENODEF, SAGA_EINVAL, SAGA_ENOMEM, SAGA_ESTORE.
  */

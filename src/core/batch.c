@@ -169,11 +169,13 @@ static int item_fn(saga_node *n, void *arg) {
     return process_delivery(n, q, w);
   case W_START: {
     const char *name = saga__queue_str(q, w->off1);
+    size_t nlen = strlen(name); /* then NUL and the caller's traceparent, if any */
+    const char *tp = w->len1 > nlen ? name + nlen + 1 : NULL;
     const saga__def *def = saga__engine_find(&n->engine, name, 0);
     if (def == NULL)
       return saga__fail(&n->env, SAGA_ENODEF, "definition '%s' is not registered", name);
     return saga__engine_start(&n->engine, def, q->arena.data + w->off2, w->len2,
-                              w->len3 == SIZE_MAX ? NULL : saga__queue_str(q, w->off3),
+                              w->len3 == SIZE_MAX ? NULL : saga__queue_str(q, w->off3), tp,
                               w->saga_id, &w->existed);
   }
   case W_CANCEL:

@@ -33,6 +33,7 @@ typedef struct saga__env {
   saga__csprng ids;   /* OS CSPRNG output for saga and trace ids */
   char errmsg[512];   /* the last failure, for saga_node_errmsg() */
   size_t dead_body_max; /* bytes of a dead letter's message kept (the rest is cut) */
+  int wall_ns;          /* spans take the wall clock (the node's clock is its own real one) */
 } saga__env;
 
 /* Sets up e (no store, clock or callbacks yet). */
@@ -71,6 +72,30 @@ int saga__id_bytes(saga__env *e, void *out, size_t len);
 void saga__latency(saga__env *e, uint64_t ms);
 /* The bucket of the latency histograms that counts ms (see saga_latency_bound_ms). */
 int saga__latency_bucket(uint64_t ms);
+/* The time of spans, in unix ns: the wall clock when the node runs on its own real clock
+ * (wall_ns set), else the node's clock in ms x 10^6 (a manual clock: deterministic). */
+uint64_t saga__now_ns(saga__env *e);
+
+/* ---- trace context (trace.c) ------------------------------------------------------------ */
+
+/* A traceparent's string with its NUL. */
+#define SAGA__TRACEPARENT_SIZE (SAGA_TRACEPARENT_LEN + 1)
+
+typedef struct saga__trace {
+  char trace_id[33];
+  char span_id[17];
+  uint8_t flags;
+} saga__trace;
+
+/* Splits a traceparent checked by saga_traceparent_check(). SAGA_OK or SAGA_EINVAL. */
+int saga__trace_parse(const char *tp, saga__trace *out);
+/* Whether id is a valid trace id: 32 lowercase hex digits, not all zero. */
+int saga__trace_id_ok(const char *id);
+/* "00-<trace_id>-<span_id>-<flags>". */
+void saga__trace_format(char out[SAGA__TRACEPARENT_SIZE], const char *trace_id,
+                        const char *span_id, uint8_t flags);
+/* A new span id (16 hex digits, never all zero) from the ids' CSPRNG (or cfg.random). */
+int saga__span_id(saga__env *e, char out[17]);
 
 /* ---- definitions (definition.c) --------------------------------------------------------- */
 

@@ -154,6 +154,63 @@ static int ev(saga__engine *e, saga__inst *i, saga_event_type t, const char *det
   return saga__journal_event(e->journal, t, i, step, i->attempt, detail);
 }
 
+/* ---- spans (saga/trace.h) ---------------------------------------------------------------- */
+
+static saga_span_kind attempt_kind(int phase) {
+  return phase == SAGA_PHASE_COMPENSATION ? SAGA_SPAN_COMPENSATION
+         : phase == SAGA_PHASE_RESOLVE    ? SAGA_SPAN_RESOLVE
+                                          : SAGA_SPAN_STEP;
+}
+
+/* "purchase/product.reserve", "purchase/compensate product.reserve", "purchase/resolve ...". */
+static void attempt_name(const saga__inst *i, int step, int phase, char *out, size_t len) {
+  const saga__step *s = &i->def->steps[step];
+  const char *what = s->action != NULL ? s->action : s->name;
+  snprintf(out, len, "%s/%s%s", i->def->name,
+           phase == SAGA_PHASE_COMPENSATION ? "compensate "
+           : phase == SAGA_PHASE_RESOLVE    ? "resolve "
+                                            : "",
+           what);
+}
+
+/* Buffers a span report of i (its trace): the saga's span when kind is SAGA_SPAN_SAGA, else
+ * an attempt of (step, phase, attempt) with span id `span`. */
+static int span_rec(saga__engine *e, const saga__inst *i, saga_span_event what,
+                    saga_span_kind kind, const char *span, int step, int phase,
+                    uint32_t attempt, uint64_t start_ns, uint64_t end_ns,
+                    saga_span_status status, const char *error) {
+  if (!e->journal->keep_spans) return SAGA_OK;
+  saga__trace t;
+  saga__inst_trace(i, &t);
+  saga__span_rec r;
+  memset(&r, 0, sizeof r);
+  r.event = what;
+  r.kind = kind;
+  r.status = status;
+  memcpy(r.trace_id, t.trace_id, sizeof r.trace_id);
+  snprintf(r.span_id, sizeof r.span_id, "%.16s", span);
+  /* The saga's span: a child of the caller's span (or a root); an attempt: of the saga's. */
+  snprintf(r.parent_id, sizeof r.parent_id, "%.16s",
+           kind == SAGA_SPAN_SAGA ? t.span_id : i->trace_span);
+  r.flags = t.flags;
+  memcpy(r.saga_id, i->id, sizeof r.saga_id);
+  r.step = kind == SAGA_SPAN_SAGA ? -1 : step;
+  r.attempt = kind == SAGA_SPAN_SAGA ? 0 : attempt;
+  r.start_ns = start_ns;
+  r.end_ns = end_ns;
+  char name[400];
+  if (kind == SAGA_SPAN_SAGA)
+    snprintf(name, sizeof name, "%s", i->def_name);
+  else
+    attempt_name(i, step, phase, name, sizeof name);
+  return saga__journal_span(e->journal, &r, name, i->def_name, error);
+}
+
+/* The start of i's saga span, unix ns (rows older than the trace columns: created_ms). */
+static uint64_t saga_start_ns(const saga__inst *i) {
+  return i->started_ns != 0 ? i->started_ns : i->created_ms * UINT64_C(1000000);
+}
+
 /* ---- sending commands ------------------------------------------------------------------- */
 
 /* The id of the command for i's current step, phase and attempt:
@@ -183,7 +240,14 @@ static int send_command(saga__engine *e, saga__inst *i) {
   }
   if (i->phase == SAGA_PHASE_COMPENSATION) sent = SAGA_EV_COMPENSATION_SENT;
   command_id(e, i, msg_id, sizeof msg_id);
-  snprintf(trace, sizeof trace, "00-%s-%s-01", i->id, i->trace_span);
+  /* A span per attempt, stored with the instance: the reply's transaction ends it with the
+   * same id, after a restart too. The command names it as the parent of the handler's. */
+  int rc = saga__span_id(e->env, i->attempt_span);
+  if (rc != SAGA_OK) return rc;
+  i->attempt_ns = saga__now_ns(e->env);
+  saga__trace t;
+  saga__inst_trace(i, &t);
+  saga__trace_format(trace, t.trace_id, i->attempt_span, t.flags);
   saga_header hdr = {"traceparent", trace};
   saga_envelope env;
   memset(&env, 0, sizeof env);
@@ -201,7 +265,7 @@ static int send_command(saga__engine *e, saga__inst *i) {
   env.payload = i->data.data;
   env.payload_len = i->data.len;
   saga__buf_reset(&e->cmd);
-  int rc = saga__envelope_encode_buf(&env, &e->cmd);
+  rc = saga__envelope_encode_buf(&env, &e->cmd);
   if (rc != SAGA_OK) return saga__fail(e->env, rc, "encoding command: %s", saga_strerror(rc));
   if (e->cmd.len > e->env->limits.max_message_bytes) /* data is kept below its limit */
     return saga__fail(e->env, SAGA_ETOOBIG, "command for step '%s' of saga '%s' is %zu bytes; "
@@ -211,7 +275,9 @@ static int send_command(saga__engine *e, saga__inst *i) {
   if (rc != SAGA_OK) return rc;
   i->wait = WAIT_REPLY;
   i->step_deadline = s->timeout_ms ? saga__now(e->env) + s->timeout_ms : 0;
-  return ev(e, i, sent, "");
+  rc = span_rec(e, i, SAGA_SPAN_START, attempt_kind(i->phase), i->attempt_span, i->step,
+                i->phase, i->attempt, i->attempt_ns, 0, SAGA_SPAN_UNSET, "");
+  return rc != SAGA_OK ? rc : ev(e, i, sent, "");
 }
 
 /* ---- helpers of the actions ------------------------------------------------------------- */
@@ -445,13 +511,85 @@ static mode mode_of(const saga__inst *i) {
 
 /* The one step function: applies e to i and saves it. Returns SAGA_ESTATE when e does not
  * apply in i's mode (nothing changed). */
+static int is_terminal(int state) {
+  return state == SAGA_COMPLETED || state == SAGA_COMPENSATED || state == SAGA_FAILED;
+}
+
+/* The attempt in flight before a transition: its span ends when the transition leaves it. */
+typedef struct open_attempt {
+  int open, step, phase, state;
+  uint32_t attempt;
+  char span[20];
+  uint64_t start_ns;
+} open_attempt;
+
+/* Reports the end of the attempt a (if the transition left it) and of the saga (if it
+ * became terminal). */
+static int end_spans(saga__engine *e, saga__inst *i, const open_attempt *a, event evt,
+                     const saga_envelope *r) {
+  if (i->wait != WAIT_REPLY) i->attempt_span[0] = '\0'; /* no attempt in flight */
+  if (!e->journal->keep_spans) return SAGA_OK;
+  int left = i->step != a->step || i->phase != a->phase || i->attempt != a->attempt ||
+             i->wait != WAIT_REPLY || is_terminal(i->state);
+  int rc = SAGA_OK;
+  if (a->open && left) {
+    saga_span_status st = SAGA_SPAN_ERROR;
+    const char *why = "";
+    char buf[160];
+    switch (evt) {
+    case E_OK:
+      st = SAGA_SPAN_OK;
+      break;
+    case E_FAIL:
+      st = r != NULL && r->status == SAGA_EREFUSED ? SAGA_SPAN_REFUSED : SAGA_SPAN_ERROR;
+      if (r != NULL && r->error[0] != '\0') {
+        why = r->error;
+      } else {
+        snprintf(buf, sizeof buf, "%s", r != NULL ? saga_strerror(r->status) : "failed");
+        why = buf;
+      }
+      break;
+    case E_TIMEOUT:
+      why = "timed out";
+      break;
+    case E_DEADLINE:
+      why = "saga deadline reached";
+      break;
+    default:
+      why = "cancelled";
+      break;
+    }
+    rc = span_rec(e, i, SAGA_SPAN_END, attempt_kind(a->phase), a->span, a->step, a->phase,
+                  a->attempt, a->start_ns, saga__now_ns(e->env), st, why);
+  }
+  if (rc == SAGA_OK && is_terminal(i->state) && !is_terminal(a->state)) {
+    saga_span_status st = i->state == SAGA_COMPLETED     ? SAGA_SPAN_OK
+                          : i->state == SAGA_COMPENSATED ? SAGA_SPAN_REFUSED
+                                                         : SAGA_SPAN_ERROR;
+    rc = span_rec(e, i, SAGA_SPAN_END, SAGA_SPAN_SAGA, i->trace_span, -1, 0, 0,
+                  saga_start_ns(i), saga__now_ns(e->env), st,
+                  i->state == SAGA_COMPLETED ? "" : i->error);
+  }
+  return rc;
+}
+
 static int step(saga__engine *e, saga__inst *i, event evt, const saga_envelope *r) {
-  action_fn fn = machine[mode_of(i)][evt];
+  mode m = mode_of(i);
+  action_fn fn = machine[m][evt];
   if (fn == NULL)
     return saga__fail(e->env, SAGA_ESTATE, "saga '%s' is %s; %s does not apply", i->id,
                            saga_state_name(i->state),
                            evt == E_CANCEL ? "cancel" : "this event");
+  open_attempt a;
+  a.open = (m == M_ACT_WAIT || m == M_RES_WAIT || m == M_COMP_WAIT) && i->attempt_span[0];
+  a.step = i->step;
+  a.phase = i->phase;
+  a.state = i->state;
+  a.attempt = i->attempt;
+  memcpy(a.span, i->attempt_span, sizeof a.span);
+  a.start_ns = i->attempt_ns;
   int rc = fn(e, i, r, evt);
+  if (rc == SAGA_OK) rc = end_spans(e, i, &a, evt, r);
   if (rc == SAGA_OK) rc = inst_save(e, i);
   if (rc == SAGA_OK) SAGA__HOOK(e->env, "engine.after_transition");
   return rc;
@@ -475,7 +613,8 @@ static void hex_bytes(char *out, const uint8_t *b, size_t len) {
 }
 
 int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
-                       size_t input_len, const char *idem_key, char id_out[40], int *existed) {
+                       size_t input_len, const char *idem_key, const char *traceparent,
+                       char id_out[40], int *existed) {
   saga__store *s = e->env->store;
   *existed = 0;
   if (idem_key != NULL) {
@@ -515,6 +654,13 @@ int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
   i->created_ms = i->updated_ms = now;
   i->step_deadline = 0;
   i->saga_deadline = def->deadline_ms ? now + def->deadline_ms : 0;
+  /* The caller's context, checked by whoever took it (saga_start_traced, a handler's). */
+  i->trace_parent[0] = '\0';
+  if (traceparent != NULL && saga_traceparent_check(traceparent, NULL) == SAGA_OK)
+    snprintf(i->trace_parent, sizeof i->trace_parent, "%s", traceparent);
+  i->started_ns = saga__now_ns(e->env);
+  i->attempt_span[0] = '\0';
+  i->attempt_ns = 0;
   saga__buf_reset(&i->data);
   static const uint8_t empty_map = 0x80;
   rc = input_len ? saga__buf_append(&i->data, input, input_len)
@@ -526,6 +672,9 @@ int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
   i->saved_state = i->state;
   i->saved_parked = 0;
   rc = ev(e, i, SAGA_EV_STARTED, "");
+  if (rc == SAGA_OK)
+    rc = span_rec(e, i, SAGA_SPAN_START, SAGA_SPAN_SAGA, i->trace_span, -1, 0, 0,
+                  i->started_ns, 0, SAGA_SPAN_UNSET, "");
   if (rc == SAGA_OK) rc = send_command(e, i);
   if (rc == SAGA_OK) rc = inst_save(e, i);
   if (rc == SAGA_OK) memcpy(id_out, i->id, sizeof i->id);

@@ -62,10 +62,13 @@ void saga__engine_stats_commit(saga__engine *e);
 /* The definition name at version (0 = the highest registered), or NULL. */
 const saga__def *saga__engine_find(const saga__engine *e, const char *name, uint32_t version);
 
-/* Starts a saga of def (input: an encoded data map; idem_key NULL = none). id_out gets its id
- * (the existing one, with *existed = 1, when idem_key was used before). */
+/* Starts a saga of def (input: an encoded data map; idem_key NULL = none) in the trace of
+ * traceparent (NULL, or a traceparent checked by saga_traceparent_check(): the saga's span is
+ * its child). id_out gets its id (the existing one, with *existed = 1, when idem_key was used
+ * before). */
 int saga__engine_start(saga__engine *e, const saga__def *def, const void *input,
-                       size_t input_len, const char *idem_key, char id_out[40], int *existed);
+                       size_t input_len, const char *idem_key, const char *traceparent,
+                       char id_out[40], int *existed);
 /* A reply to a command of this node. SAGA_ENODEF: its saga's definition is not registered
  * (keep the message). */
 int saga__engine_reply(saga__engine *e, const saga_envelope *reply);

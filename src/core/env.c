@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "core.h"
 
@@ -112,3 +113,12 @@ static const char *const event_names[] = {
     "COMPLETED",         "SAGA_COMPENSATED", "SAGA_FAILED",      "STALE_REPLY",
     "DEFINITION_MISSING", "OPERATOR_REQUEST"};
 const char *saga_event_name(int t) { return t >= 1 && t <= 17 ? event_names[t] : "UNKNOWN"; }
+
+uint64_t saga__now_ns(saga__env *e) {
+  if (e->wall_ns) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) == 0)
+      return (uint64_t)ts.tv_sec * UINT64_C(1000000000) + (uint64_t)ts.tv_nsec;
+  }
+  return saga__now(e) * UINT64_C(1000000);
+}

@@ -45,6 +45,9 @@ static void dispatch_remote(saga_node *n, size_t off) {
   ev.detail = env->error;
   ev.at_ms = at ? strtoull(at, NULL, 10) : 0;
   ev.data = data;
+  /* From the network: passed on only when well-formed. */
+  const char *tp = saga_envelope_header(env, "traceparent");
+  ev.traceparent = tp != NULL && saga_traceparent_check(tp, NULL) == SAGA_OK ? tp : "";
   n->event_sub_cb(n, &ev, n->event_sub_arg);
   saga_data_free(data);
   saga_envelope_free(env);
@@ -174,8 +177,40 @@ void saga__events_dispatch(saga_node *n) {
     ev.state = r->state;
     ev.at_ms = r->at_ms;
     ev.data = NULL;
+    ev.traceparent = r->traceparent;
     n->on_event(n, &ev, n->event_arg);
   }
+  saga__spans_dispatch(n);
   saga__journal_clear_events(j);
   saga__waiters_fire(n);
+}
+
+void saga__spans_dispatch(saga_node *n) {
+  saga__journal *j = &n->journal;
+  /* The count is read again each time: a hook that closes the node (it must not) clears the
+   * list and ends the loop instead of reading freed records. */
+  for (size_t i = 0; i < j->nspans && n->on_span != NULL && !n->closing; i++) {
+    const saga__span_rec *r = &j->spans[i];
+    const char *text = (const char *)j->span_text.data + r->text_off;
+    saga_span sp;
+    memset(&sp, 0, sizeof sp);
+    sp.event = r->event;
+    sp.kind = r->kind;
+    sp.trace_id = r->trace_id;
+    sp.span_id = r->span_id;
+    sp.parent_span_id = r->parent_id;
+    sp.flags = r->flags;
+    sp.name = text;
+    sp.definition = text + strlen(text) + 1;
+    sp.error = sp.definition + strlen(sp.definition) + 1;
+    sp.saga_id = r->saga_id;
+    sp.step = r->step;
+    sp.attempt = r->attempt;
+    sp.start_ns = r->start_ns;
+    sp.end_ns = r->end_ns;
+    sp.status = r->status;
+    n->on_span(n, &sp, n->span_arg);
+  }
+  j->nspans = 0;
+  saga__buf_reset(&j->span_text);
 }

@@ -17,6 +17,7 @@ void saga__journal_init(saga__journal *j, saga__env *env) {
   saga__buf_init(&j->hist, env->alloc);
   saga__buf_init(&j->hist_text, env->alloc);
   saga__buf_init(&j->step_stats, env->alloc);
+  saga__buf_init(&j->span_text, env->alloc);
 }
 
 void saga__journal_free(saga__journal *j) {
@@ -28,11 +29,15 @@ void saga__journal_free(saga__journal *j) {
   saga__buf_free(&j->hist);
   saga__buf_free(&j->hist_text);
   saga__buf_free(&j->step_stats);
+  saga__free(j->env->alloc, j->spans);
+  j->spans = NULL;
+  saga__buf_free(&j->span_text);
 }
 
 saga__journal_mark saga__journal_mark_get(const saga__journal *j) {
-  saga__journal_mark m = {j->nevents,    j->event_text.len, j->remote_events.len,
-                          j->hist.len,   j->hist_text.len,  j->step_stats.len};
+  saga__journal_mark m = {j->nevents,        j->event_text.len, j->remote_events.len,
+                          j->hist.len,       j->hist_text.len,  j->step_stats.len,
+                          j->nspans,         j->span_text.len};
   return m;
 }
 
@@ -43,12 +48,42 @@ void saga__journal_rewind(saga__journal *j, const saga__journal_mark *m) {
   j->hist.len = m->hist;
   j->hist_text.len = m->hist_text;
   j->step_stats.len = m->step_stats;
+  j->nspans = m->nspans;
+  j->span_text.len = m->span_text;
 }
 
 void saga__journal_clear_events(saga__journal *j) {
   j->nevents = 0;
   saga__buf_reset(&j->event_text);
   saga__buf_reset(&j->remote_events);
+  j->nspans = 0;
+  saga__buf_reset(&j->span_text);
+}
+
+int saga__journal_span(saga__journal *j, const saga__span_rec *r, const char *name,
+                       const char *definition, const char *error) {
+  if (!j->keep_spans) return SAGA_OK;
+  if (j->nspans == j->spans_cap) {
+    size_t cap = j->spans_cap ? j->spans_cap * 2 : 64;
+    saga__span_rec *p = saga__realloc(j->env->alloc, j->spans, cap * sizeof *p);
+    if (p == NULL) return saga__fail(j->env, SAGA_ENOMEM, "out of memory buffering a span");
+    j->spans = p;
+    j->spans_cap = cap;
+  }
+  if (name == NULL) name = "";
+  if (definition == NULL) definition = "";
+  if (error == NULL) error = "";
+  size_t off = j->span_text.len;
+  size_t ln = strlen(name) + 1, ld = strlen(definition) + 1, le = strlen(error) + 1;
+  if (saga__buf_reserve(&j->span_text, ln + ld + le) != SAGA_OK)
+    return saga__fail(j->env, SAGA_ENOMEM, "out of memory buffering a span");
+  saga__buf_append(&j->span_text, name, ln);
+  saga__buf_append(&j->span_text, definition, ld);
+  saga__buf_append(&j->span_text, error, le);
+  saga__span_rec *s = &j->spans[j->nspans++];
+  *s = *r;
+  s->text_off = off;
+  return SAGA_OK;
 }
 
 /* ---- events and history ----------------------------------------------------------------- */
@@ -73,8 +108,10 @@ static int publish_event(saga__journal *j, saga_event_type type, const saga__ins
   const saga__def *def = inst->def;
   const char *step_name =
       (def && step >= 0 && (size_t)step < def->nsteps) ? def->steps[step].name : "";
-  saga_header hdr[4] = {{"definition", inst->def_name}, {"version", version},
-                        {"step-name", step_name}, {"at", at}};
+  char tp[SAGA__TRACEPARENT_SIZE];
+  saga__inst_traceparent(inst, tp);
+  saga_header hdr[5] = {{"definition", inst->def_name}, {"version", version},
+                        {"step-name", step_name}, {"at", at}, {"traceparent", tp}};
   saga_envelope env;
   memset(&env, 0, sizeof env);
   env.version = SAGA_ENVELOPE_VERSION;
@@ -87,7 +124,7 @@ static int publish_event(saga__journal *j, saga_event_type type, const saga__ins
   env.status = inst->state;
   env.error = detail;
   env.headers = hdr;
-  env.nheaders = 4;
+  env.nheaders = 5;
   env.payload = inst->data.data;
   env.payload_len = inst->data.len;
   saga__buf_reset(&j->event_buf);
@@ -95,6 +132,24 @@ static int publish_event(saga__journal *j, saga_event_type type, const saga__ins
   if (rc != SAGA_OK) return saga__fail(j->env, rc, "encoding event");
   return saga__journal_outbox(j, j->event_channel, inst->id, j->event_buf.data,
                               j->event_buf.len);
+}
+
+void saga__inst_trace(const saga__inst *i, saga__trace *t) {
+  if (i->trace_parent[0] != '\0' && saga__trace_parse(i->trace_parent, t) == SAGA_OK) return;
+  /* No caller's context (or a damaged one): the trace of the saga's own id, no parent. */
+  snprintf(t->trace_id, sizeof t->trace_id, "%.32s", i->id);
+  t->span_id[0] = '\0';
+  t->flags = 1;
+}
+
+void saga__inst_traceparent(const saga__inst *i, char out[SAGA__TRACEPARENT_SIZE]) {
+  saga__trace t;
+  saga__inst_trace(i, &t);
+  if (!saga__trace_id_ok(t.trace_id) || i->trace_span[0] == '\0') {
+    out[0] = '\0';
+    return;
+  }
+  saga__trace_format(out, t.trace_id, i->trace_span, t.flags);
 }
 
 int saga__journal_last(saga__journal *j, const saga__inst *inst, int *type, saga__buf *detail) {
@@ -164,6 +219,7 @@ int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst
   r->attempt = attempt;
   r->state = (saga_state)inst->state;
   r->at_ms = now;
+  saga__inst_traceparent(inst, r->traceparent);
   j->nevents++;
   return SAGA_OK;
 }

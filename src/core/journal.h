@@ -21,7 +21,22 @@ typedef struct saga__event_rec {
   saga_state state;
   size_t detail_off; /* in event_text: detail, NUL, definition name, NUL */
   uint64_t at_ms;
+  char traceparent[SAGA__TRACEPARENT_SIZE]; /* the saga's context */
 } saga__event_rec;
+
+/* A span's start or end buffered until the commit (saga/trace.h). */
+typedef struct saga__span_rec {
+  saga_span_event event;
+  saga_span_kind kind;
+  saga_span_status status;
+  char trace_id[33], span_id[17], parent_id[17];
+  uint8_t flags;
+  char saga_id[40];
+  int step;
+  uint32_t attempt;
+  uint64_t start_ns, end_ns;
+  size_t text_off; /* in span_text: name, NUL, definition, NUL, error, NUL */
+} saga__span_rec;
 
 typedef struct saga__journal {
   saga__env *env;
@@ -35,6 +50,10 @@ typedef struct saga__journal {
   saga__buf event_buf;        /* encoding of a published event */
   saga__buf hist, hist_text;  /* history rows of the transaction (saga__hist_rec each) */
   saga__buf step_stats;       /* per-step metric updates of the transaction (below) */
+  int keep_spans;             /* someone listens (cfg.on_span): buffer spans */
+  saga__span_rec *spans;
+  size_t nspans, spans_cap;
+  saga__buf span_text;
   uint64_t outbox_next;       /* next outbox id */
   int outbox_next_valid;      /* outbox_next checked against the store in this transaction */
   int outbox_used;            /* ids taken in this transaction (the mark to update) */
@@ -43,7 +62,7 @@ typedef struct saga__journal {
 
 /* Where the journal stood: rewinding to it forgets what was recorded since. */
 typedef struct saga__journal_mark {
-  size_t nevents, event_text, remote, hist, hist_text, step_stats;
+  size_t nevents, event_text, remote, hist, hist_text, step_stats, nspans, span_text;
 } saga__journal_mark;
 
 /* One update of a per-step metric, kept until the commit: slot and kind are the engine's
@@ -63,9 +82,19 @@ void saga__journal_begin(saga__journal *j);
 int saga__journal_finish(saga__journal *j);
 saga__journal_mark saga__journal_mark_get(const saga__journal *j);
 void saga__journal_rewind(saga__journal *j, const saga__journal_mark *m);
-/* Forgets the buffered events (after they were dispatched, or after a rollback). */
+/* Forgets the buffered events and spans (after they were dispatched, or after a
+ * rollback). */
 void saga__journal_clear_events(saga__journal *j);
+/* Buffers a span's start or end (nothing when nobody listens): r without its text, which is
+ * copied from name, definition and error. */
+int saga__journal_span(saga__journal *j, const saga__span_rec *r, const char *name,
+                       const char *definition, const char *error);
 
+/* The saga's trace: its trace id and flags, and as span_id the caller's span ("" none). */
+void saga__inst_trace(const saga__inst *i, saga__trace *t);
+/* The saga's own trace context, "00-<trace id>-<saga span>-<flags>" ("" when its id cannot
+ * be a trace id: a row edited by hand). */
+void saga__inst_traceparent(const saga__inst *i, char out[SAGA__TRACEPARENT_SIZE]);
 /* Records a transition of inst (history row, event, published event); bumps inst->hseq. */
 int saga__journal_event(saga__journal *j, saga_event_type type, saga__inst *inst, int step,
                         uint32_t attempt, const char *detail);

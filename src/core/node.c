@@ -23,6 +23,7 @@ static const size_t config_end[SAGA_NODE_CONFIG_VERSION + 1] = {
     offsetof(saga_node_config, checkpoint),
     offsetof(saga_node_config, checkpoint_pages) + sizeof(uint32_t),
     offsetof(saga_node_config, db_check) + sizeof(saga_db_check),
+    offsetof(saga_node_config, span_arg) + sizeof(void *),
 };
 
 int saga_node_config_init_sized(saga_node_config *cfg, size_t size) {
@@ -138,6 +139,10 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   n->finish_close = finish_close;
   n->on_event = cfg->on_event;
   n->event_arg = cfg->event_arg;
+  if (cfg->struct_version >= 5) { /* older configs have no span hook */
+    n->on_span = cfg->on_span;
+    n->span_arg = cfg->span_arg;
+  }
   n->resend_ms = cfg->resend_ms ? cfg->resend_ms : 1000;
   n->batch_max = cfg->batch_max ? cfg->batch_max : 1024;
   saga__buf_init(&n->queues[0].arena, n->env.alloc);
@@ -151,6 +156,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
     n->name = (saga__free(n->env.alloc, n->name), NULL);
   saga__journal_init(&n->journal, &n->env);
   n->journal.keep_events = n->on_event != NULL;
+  n->journal.keep_spans = n->on_span != NULL;
   n->journal.event_channel = n->event_channel;
   saga__engine_init(&n->engine, &n->env, &n->journal, n->name);
   saga__participant_init(&n->part, &n->env, &n->journal, &n->engine, cfg->max_deliveries);
@@ -172,6 +178,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
       goto fail;
     }
     n->own_clock = 1;
+    n->env.wall_ns = 1; /* spans in wall-clock ns; a clock of the application's: its ms */
   }
   saga__batch_init(n);
   saga__relay_init(n);
@@ -389,9 +396,21 @@ static int check_usable(saga_node *n) {
 
 int saga_start(saga_node *n, const char *name, const saga_data *input, const char *idem_key,
                saga_start_cb cb, void *arg) {
+  return saga_start_traced(n, name, input, idem_key, NULL, cb, arg);
+}
+
+int saga_start_traced(saga_node *n, const char *name, const saga_data *input,
+                      const char *idem_key, const char *traceparent, saga_start_cb cb,
+                      void *arg) {
   int rc = check_usable(n);
   if (rc != SAGA_OK) return rc;
   if (name == NULL) return saga__fail(&n->env, SAGA_EINVAL, "definition name is NULL");
+  const char *why = NULL;
+  if (traceparent != NULL && saga_traceparent_check(traceparent, &why) != SAGA_OK) {
+    char shown[80];
+    saga__printable(shown, sizeof shown, traceparent, strnlen(traceparent, 70));
+    return saga__fail(&n->env, SAGA_EINVAL, "traceparent '%s' is malformed: %s", shown, why);
+  }
   if (saga__engine_find(&n->engine, name, 0) == NULL)
     return saga__fail(&n->env, SAGA_ENODEF, "definition '%s' is not registered", name);
   if (idem_key != NULL && (idem_key[0] == '\0' || strlen(idem_key) > n->env.limits.max_string_bytes))
@@ -404,7 +423,17 @@ int saga_start(saga_node *n, const char *name, const saga_data *input, const cha
   rc = saga__data_fits(&n->env, "the input", input != NULL ? saga_data_count(input) : 0,
                        n->input_buf.len);
   if (rc != SAGA_OK) return rc;
-  saga__work *w = saga__queue_push(n, W_START, name, strlen(name), n->input_buf.data, n->input_buf.len,
+  /* The definition name, then (when given) NUL and the traceparent, as the first bytes. */
+  size_t nlen = strlen(name);
+  char named[320 + SAGA__TRACEPARENT_SIZE];
+  if (nlen >= 320) return saga__fail(&n->env, SAGA_ENODEF, "definition name too long");
+  memcpy(named, name, nlen + 1);
+  size_t l1 = nlen;
+  if (traceparent != NULL) {
+    memcpy(named + nlen + 1, traceparent, SAGA_TRACEPARENT_LEN);
+    l1 = nlen + 1 + SAGA_TRACEPARENT_LEN;
+  }
+  saga__work *w = saga__queue_push(n, W_START, named, l1, n->input_buf.data, n->input_buf.len,
                              idem_key, idem_key ? strlen(idem_key) : 0);
   if (w == NULL) return saga__fail(&n->env, SAGA_ENOMEM, "out of memory queueing start");
   if (idem_key == NULL) w->len3 = SIZE_MAX;

@@ -21,6 +21,7 @@ struct saga_tx {
 struct saga_msg {
   const saga_envelope *env;
   const saga_data *data;
+  const char *traceparent; /* the handler run's context */
 };
 
 /* The command being handled, as received: dead letters keep these bytes. */
@@ -67,6 +68,9 @@ const saga_data *saga_msg_data(const saga_msg *m) { return m->data; }
 const char *saga_msg_header(const saga_msg *m, const char *name) {
   return saga_envelope_header(m->env, name);
 }
+const char *saga_msg_traceparent(const saga_msg *m) {
+  return m != NULL && m->traceparent != NULL ? m->traceparent : "";
+}
 
 int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const char *idem_key,
                   char *id_out, size_t id_len, int *existed) {
@@ -86,7 +90,10 @@ int saga_tx_start(saga_tx *tx, const char *name, const saga_data *input, const c
     rc = saga__data_fits(env, "the input", input != NULL ? saga_data_count(input) : 0, in.len);
   char id[40];
   int had = 0;
-  if (rc == SAGA_OK) rc = saga__engine_start(p->engine, def, in.data, in.len, idem_key, id, &had);
+  /* The new saga is a child of the handler's span, in its trace. */
+  const char *tp = p->handler_ran && p->handler_tp[0] ? p->handler_tp : NULL;
+  if (rc == SAGA_OK)
+    rc = saga__engine_start(p->engine, def, in.data, in.len, idem_key, tp, id, &had);
   saga__buf_free(&in);
   if (rc != SAGA_OK) return rc;
   snprintf(id_out, id_len, "%s", id);
@@ -236,13 +243,20 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
     rc = saga__store_fail(p->env, rc, "opening handler savepoint");
     goto done;
   }
+  /* The handler's span: a child of the step attempt that sent the command. */
+  rc = saga__span_id(p->env, p->handler_span);
+  if (rc != SAGA_OK) goto done;
+  saga__trace_format(p->handler_tp, p->in.trace_id, p->handler_span, p->in.flags);
+  p->handler_ran = 1;
+  p->handler_start_ns = saga__now_ns(p->env);
   saga_tx tx = {p};
-  saga_msg msg = {env, data};
+  saga_msg msg = {env, data, p->handler_tp};
   p->env->stats.handler_runs++;
   int64_t writes_before = s->m->writes(s);
   /* Transitions of sagas the handler starts (saga_tx_start) are rolled back with it. */
   saga__journal_mark mark = saga__journal_mark_get(p->journal);
   int hrc = h->fn(&tx, &msg, &reply, h->arg);
+  p->handler_end_ns = saga__now_ns(p->env);
   SAGA__HOOK(p->env, "participant.after_handler");
   if (!s->m->in_tx(s)) {
     /* The handler ended the transaction itself: its writes and everything this batch wrote
@@ -424,6 +438,32 @@ static int decide(saga__participant *p, const char *channel, const saga_envelope
   return rc;
 }
 
+/* Reports the start and end of the handler run of env (after the commit). */
+static int handler_spans(saga__participant *p, const saga_envelope *env, const outcome *o) {
+  if (!p->journal->keep_spans) return SAGA_OK;
+  saga__span_rec r;
+  memset(&r, 0, sizeof r);
+  r.event = SAGA_SPAN_START;
+  r.kind = SAGA_SPAN_HANDLER;
+  r.status = SAGA_SPAN_UNSET;
+  memcpy(r.trace_id, p->in.trace_id, sizeof r.trace_id);
+  memcpy(r.span_id, p->handler_span, sizeof r.span_id);
+  memcpy(r.parent_id, p->in.span_id, sizeof r.parent_id);
+  r.flags = p->in.flags;
+  snprintf(r.saga_id, sizeof r.saga_id, "%.39s", env->saga_id);
+  r.step = env->step > INT32_MAX ? -1 : (int)env->step;
+  r.attempt = env->attempt;
+  r.start_ns = p->handler_start_ns;
+  int rc = saga__journal_span(p->journal, &r, env->name, "", "");
+  if (rc != SAGA_OK) return rc;
+  r.event = SAGA_SPAN_END;
+  r.end_ns = p->handler_end_ns;
+  r.status = o->status == SAGA_OK        ? SAGA_SPAN_OK
+             : o->status == SAGA_EREFUSED ? SAGA_SPAN_REFUSED
+                                          : SAGA_SPAN_ERROR;
+  return saga__journal_span(p->journal, &r, env->name, "", o->status == SAGA_OK ? "" : o->error);
+}
+
 /* Whether a reply to reply_to can ever leave this node: not the reserved loopback channel,
  * and routable by the transport (a transport without can_send reaches every channel). */
 static int reply_to_reachable(saga__participant *p, const char *reply_to) {
@@ -475,10 +515,27 @@ int saga__participant_command(saga__participant *p, const char *channel, const s
   if (rc == SAGA_ENOMEM) return saga__fail(p->env, rc, "out of memory reading step record");
   if (rc != SAGA_OK) return saga__store_fail(p->env, rc, "reading step");
 
-  /* 3. Decide, running the handler if it is due. */
+  /* 3. Decide, running the handler if it is due, in the trace the command names. */
+  const char *in_tp = saga_envelope_header(env, "traceparent");
+  int in_ok = in_tp != NULL && saga__trace_parse(in_tp, &p->in) == SAGA_OK;
+  if (!in_ok) {
+    /* Missing or malformed (the network's): never used. The saga's own trace, no parent. */
+    snprintf(p->in.trace_id, sizeof p->in.trace_id, "%.32s", env->saga_id);
+    p->in.span_id[0] = '\0';
+    p->in.flags = 1;
+    if (!saga__trace_id_ok(p->in.trace_id)) { /* a saga id that is no trace id: a new one */
+      char a[17], b[17];
+      if ((rc = saga__span_id(p->env, a)) != SAGA_OK || (rc = saga__span_id(p->env, b)) != SAGA_OK)
+        return rc;
+      snprintf(p->in.trace_id, sizeof p->in.trace_id, "%s%s", a, b);
+    }
+  }
+  p->handler_ran = 0;
+  p->handler_tp[0] = '\0';
   outcome o;
   memset(&o, 0, sizeof o);
   rc = decide(p, channel, env, &raw, pstate, pattempt, preply->data, preply->len, &o);
+  if (rc == SAGA_OK && p->handler_ran) rc = handler_spans(p, env, &o);
   if (rc != SAGA_OK) return rc;
   if (o.pstate != PS_NONE) {
     rc = put_pstep(p, env, o.pstate, o.store_reply ? o.payload : NULL, o.payload_len);
@@ -488,7 +545,13 @@ int saga__participant_command(saga__participant *p, const char *channel, const s
   /* 4. The reply: recorded in the inbox and queued in the outbox, in this transaction. */
   char msg_id[MAX_MSG_ID + 3];
   snprintf(msg_id, sizeof msg_id, "%s/r", env->msg_id);
-  saga_header hdr = {"traceparent", saga_envelope_header(env, "traceparent")};
+  /* The reply names the handler's span, or (no handler ran) the command's own context. */
+  char reply_tp[SAGA__TRACEPARENT_SIZE] = "";
+  if (p->handler_ran)
+    memcpy(reply_tp, p->handler_tp, sizeof reply_tp);
+  else if (in_ok)
+    memcpy(reply_tp, in_tp, SAGA__TRACEPARENT_SIZE);
+  saga_header hdr = {"traceparent", reply_tp[0] ? reply_tp : NULL};
   saga_envelope r;
   memset(&r, 0, sizeof r);
   r.version = SAGA_ENVELOPE_VERSION;

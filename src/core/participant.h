@@ -38,6 +38,14 @@ typedef struct saga__participant {
    * again. tx_ended: that happened in the current transaction (the node logs it as such). */
   uint64_t broke[SAGA__BROKE_SLOTS];
   int tx_ended;
+  /* The trace context of the command being handled (saga/trace.h): its traceparent when
+   * well-formed, else the saga's own trace without a parent; and the handler's span, when
+   * a handler runs. */
+  saga__trace in;
+  int handler_ran;
+  char handler_span[17];
+  char handler_tp[SAGA__TRACEPARENT_SIZE]; /* the handler run's context */
+  uint64_t handler_start_ns, handler_end_ns;
   saga__buf reply; /* the handler's reply data, encoded */
   saga__buf prev;  /* the step record's reply */
   saga__buf enc;   /* the reply envelope */

@@ -90,6 +90,8 @@ struct saga_node {
 
   saga_event_cb on_event;
   void *event_arg;
+  saga_span_cb on_span; /* cfg.on_span (version 5) */
+  void *span_arg;
   char *event_channel;      /* publish transitions there (cfg.event_channel) */
   char *event_sub_channel;  /* receive other nodes' transitions */
   saga_event_cb event_sub_cb;
@@ -189,6 +191,9 @@ void saga__events_dispatch_remote(saga_node *n);
 /* Hands the events of the committed transaction to the application (remote ones first, if
  * not yet), then forgets them. */
 void saga__events_dispatch(saga_node *n);
+/* Hands the spans of the committed transaction to cfg.on_span, then forgets them (also
+ * called by saga__events_dispatch). */
+void saga__spans_dispatch(saga_node *n);
 /* Tells the watchers whose saga reached a terminal state (events.c). */
 void saga__waiters_fire(saga_node *n);
 /* Tells every watcher left that the node closes (SAGA_ECLOSED), and frees the list. */

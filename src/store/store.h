@@ -34,10 +34,16 @@ typedef struct saga__inst {
   int64_t hseq; /* last history sequence number */
   saga__buf data; /* encoded data map */
   char error[520];
-  char trace_span[20];
+  char trace_span[20]; /* the saga's span id (16 hex digits) */
   uint64_t created_ms, updated_ms;
   uint64_t step_deadline, saga_deadline; /* 0 = none */
   int exists;
+  /* Trace context (migration 7). Written when the instance is inserted: */
+  char trace_parent[56]; /* the caller's traceparent, "" for none (trace id = the saga id) */
+  uint64_t started_ns;   /* start of the saga's span, unix ns (0: use created_ms) */
+  /* Written by every save: the span of the attempt whose command is in flight. */
+  char attempt_span[20]; /* 16 hex digits; "" when no attempt is open */
+  uint64_t attempt_ns;   /* its start, unix ns */
 } saga__inst;
 
 static inline void saga__inst_init(saga__inst *i, const saga_allocator *a) {

@@ -284,3 +284,13 @@ SELECT id, strftime('%Y-%m-%dT%H:%M:%fZ', at_ms / 1000.0, 'unixepoch') AS reques
        CASE WHEN done_ms IS NULL THEN NULL
             ELSE strftime('%Y-%m-%dT%H:%M:%fZ', done_ms / 1000.0, 'unixepoch') END AS done
 FROM saga_operator_request;
+
+-- migration 8
+-- Trace context (docs/operating.md, "Tracing"): the caller's W3C traceparent a saga was
+-- started with ('' = none: the trace id is the saga id), when the saga's span started, and
+-- the span of the attempt whose command is in flight with its start, so that a restarted
+-- node ends that span with the same id and every later span keeps its parent.
+ALTER TABLE saga_instance ADD COLUMN trace_parent TEXT NOT NULL DEFAULT '';
+ALTER TABLE saga_instance ADD COLUMN started_ns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE saga_instance ADD COLUMN attempt_span TEXT NOT NULL DEFAULT '';
+ALTER TABLE saga_instance ADD COLUMN attempt_ns INTEGER NOT NULL DEFAULT 0;

@@ -27,21 +27,26 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_INST_INSERT] =
         "INSERT INTO saga_instance(id, def_name, def_version, idem_key, state, phase, step,"
         " attempt, wait, flags, hseq, data, error, trace_span, created_ms, updated_ms,"
-        " step_deadline_ms, saga_deadline_ms, deadline_ms)"
-        " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+        " step_deadline_ms, saga_deadline_ms, deadline_ms, trace_parent, started_ns,"
+        " attempt_span, attempt_ns)"
+        " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,"
+        "?22,?23)",
     [ST_INST_GET] =
         "SELECT id, def_name, def_version, state, phase, step, attempt, wait, flags, hseq,"
         " data, error, trace_span, created_ms, updated_ms, step_deadline_ms,"
-        " saga_deadline_ms, parked FROM saga_instance WHERE id = ?1",
+        " saga_deadline_ms, parked, trace_parent, started_ns, attempt_span, attempt_ns"
+        " FROM saga_instance WHERE id = ?1",
     [ST_INST_BY_KEY] = "SELECT id FROM saga_instance WHERE def_name = ?1 AND idem_key = ?2",
     [ST_INST_UPDATE] =
         "UPDATE saga_instance SET state=?2, phase=?3, step=?4, attempt=?5, wait=?6, flags=?7,"
         " hseq=?8, data=?9, error=?10, updated_ms=?11, step_deadline_ms=?12,"
-        " saga_deadline_ms=?13, deadline_ms=?14, parked=?15 WHERE id = ?1",
+        " saga_deadline_ms=?13, deadline_ms=?14, parked=?15, attempt_span=?16,"
+        " attempt_ns=?17 WHERE id = ?1",
     [ST_INST_UPDATE_STEP] =
         "UPDATE saga_instance SET phase=?3, step=?4, attempt=?5, wait=?6, flags=?7,"
         " hseq=?8, data=?9, error=?10, updated_ms=?11, step_deadline_ms=?12,"
-        " saga_deadline_ms=?13, deadline_ms=?14 WHERE id = ?1",
+        " saga_deadline_ms=?13, deadline_ms=?14, attempt_span=?16, attempt_ns=?17"
+        " WHERE id = ?1",
     [ST_INST_DUE] = "SELECT id FROM saga_instance WHERE deadline_ms <= ?1"
                     " ORDER BY deadline_ms LIMIT ?2",
     [ST_INST_MIN_DEADLINE] = "SELECT min(deadline_ms) FROM saga_instance"
@@ -255,6 +260,10 @@ static int sq_inst_load(saga__store *ss, const char *id, saga__inst *i) {
   i->step_deadline = col_u64(st, 15);
   i->saga_deadline = col_u64(st, 16);
   i->parked = sqlite3_column_int(st, 17);
+  copy_col(i->trace_parent, sizeof i->trace_parent, st, 18);
+  i->started_ns = col_u64(st, 19);
+  copy_col(i->attempt_span, sizeof i->attempt_span, st, 20);
+  i->attempt_ns = col_u64(st, 21);
   i->saved_state = i->state;
   i->saved_parked = i->parked;
   i->def = NULL;
@@ -298,6 +307,10 @@ static int sq_inst_insert(saga__store *ss, const saga__inst *i, const char *idem
   bind_opt(st, 17, i->step_deadline);
   bind_opt(st, 18, i->saga_deadline);
   bind_opt(st, 19, i->parked ? 0 : saga__inst_next_deadline(i));
+  bind_text(st, 20, i->trace_parent);
+  sqlite3_bind_int64(st, 21, (sqlite3_int64)i->started_ns);
+  bind_text(st, 22, i->attempt_span);
+  sqlite3_bind_int64(st, 23, (sqlite3_int64)i->attempt_ns);
   return exec(s, ST_INST_INSERT);
 }
 
@@ -324,6 +337,8 @@ static int sq_inst_save(saga__store *ss, const saga__inst *i) {
   bind_opt(st, 13, i->saga_deadline);
   bind_opt(st, 14, i->parked ? 0 : saga__inst_next_deadline(i));
   if (sid == ST_INST_UPDATE) sqlite3_bind_int(st, 15, i->parked);
+  bind_text(st, 16, i->attempt_span);
+  sqlite3_bind_int64(st, 17, (sqlite3_int64)i->attempt_ns);
   return exec(s, sid);
 }
 
