@@ -124,6 +124,13 @@ static void test_definitions_recorded(void **state) {
   assert_int_equal(q_int(db, "SELECT count(*) FROM saga_definition_step WHERE def_name = 'test'"
                              " AND step = 2 AND name = 'S2' AND kind = 1 AND compensation = ''"),
                    1);
+  /* Defaults as the engine applies them: one attempt, 100 ms x 2 up to 30 s; no timeout
+   * (the harness asks for SAGA_STEP_NO_TIMEOUT) as 4294967295; the compensation's own
+   * policy as set (2 attempts). */
+  assert_int_equal(q_int(db, "SELECT count(*) FROM saga_definition_step WHERE def_name = 'test'"
+                             " AND step = 0 AND max_attempts = 1 AND backoff_ms = 100 AND"
+                             " multiplier = 2 AND cap_ms = 30000 AND timeout_ms = 4294967295"
+                             " AND comp_max_attempts = 2"), 1);
   /* The participant node registered no definition: it records none. */
   sqlite3 *pdb = tool_db(&w, "part");
   assert_int_equal(q_int(pdb, "SELECT count(*) FROM saga_definition"), 0);

@@ -22,6 +22,16 @@ enum { REQ_DONE = 1, REQ_REFUSED = 2, POLL_MAX = 64 };
 
 /* ---- definitions ------------------------------------------------------------------------ */
 
+/* A retry policy with its zero fields replaced by the defaults the engine uses. */
+static saga_retry resolved(const saga_retry *in) {
+  saga_retry r = *in;
+  r.max_attempts = saga__retry_max(in);
+  if (r.backoff_ms == 0) r.backoff_ms = 100;
+  if (!(r.multiplier > 0)) r.multiplier = 2;
+  if (r.cap_ms == 0) r.cap_ms = 30000;
+  return r;
+}
+
 static int record_def(saga_node *n, const saga__def *d, saga__buf *recs) {
   saga__store *s = n->env.store;
   saga__buf_reset(recs);
@@ -36,9 +46,10 @@ static int record_def(saga_node *n, const saga__def *d, saga__buf *recs) {
     r.kind = (int)p->kind;
     r.local = p->local_action != NULL;
     r.local_compensation = p->local_compensation != NULL;
-    r.retry = p->retry;
-    r.comp_retry = p->comp_retry;
-    r.timeout_ms = p->timeout_ms;
+    /* As the engine applies them: defaults resolved, no timeout written as UINT32_MAX. */
+    r.retry = resolved(&p->retry);
+    r.comp_retry = resolved(&p->comp_retry);
+    r.timeout_ms = p->timeout_ms == 0 ? SAGA_STEP_NO_TIMEOUT : p->timeout_ms;
     int rc = saga__buf_append(recs, &r, sizeof r);
     if (rc != SAGA_OK) return rc;
   }
