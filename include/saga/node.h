@@ -283,7 +283,7 @@ typedef struct saga_node_config {
    * or run the loop. Nothing it does can undo or change what was committed.
    */
   saga_span_cb on_span;
-  void *span_arg;
+  void *span_arg; /**< passed to on_span */
 } saga_node_config;
 
 /**
@@ -641,7 +641,7 @@ SAGA_EXTERN int saga_node_outbox_channels(saga_node *node, saga_outbox_channel_c
  *    libsaga_outbox_oldest_seconds{node,channel} (gauges: unconfirmed outbox rows, per
  *    channel, and the age of the oldest), libsaga_outbox_stuck_channels{node};
  *  - libsaga_transport_connected{node} (1 or 0);
- *  - every counter of saga_node_stats as libsaga_<name>_total{node} (transactions, commit
+ *  - every counter of saga_node_stats as libsaga_NAME_total{node} (transactions, commit
  *    failures, sent, resent, dead letters, stale replies, send refusals, ...);
  *  - libsaga_metrics_read_errors{node}: database reads that failed for this text (their
  *    series are left out; the call still succeeds).

@@ -80,8 +80,8 @@ typedef enum saga_span_event {
  * fields (docs/abi.md): never copy it by value or allocate one.
  */
 typedef struct saga_span {
-  saga_span_event event;
-  saga_span_kind kind;
+  saga_span_event event;      /**< SAGA_SPAN_START or SAGA_SPAN_END */
+  saga_span_kind kind;        /**< what the span covers (saga, step, compensation, ...) */
   const char *trace_id;       /**< 32 lowercase hex digits */
   const char *span_id;        /**< 16 lowercase hex digits, from the node's CSPRNG */
   const char *parent_span_id; /**< 16 hex digits, or "" for a root span */
@@ -90,7 +90,7 @@ typedef struct saga_span {
    * product.reserve", "purchase/resolve payment.charge", "product.reserve" (handler: the
    * command's name). */
   const char *name;
-  const char *saga_id;
+  const char *saga_id;        /**< the saga this span belongs to */
   const char *definition;     /**< definition name; "" on a participant */
   int step;                   /**< step index; -1 for the saga's span */
   uint32_t attempt;           /**< attempt number; 0 for the saga's span */
