@@ -104,16 +104,7 @@ static int dl_list(sctl_opts *o) {
   if (!o->json) sctl_table_init(&t, 6, dl_header);
   int rc = dl_select(db, o, o->limit >= 0 ? o->limit : 100, arr, o->json ? NULL : &t, NULL, NULL);
   sctl_db_close(db);
-  if (o->json) {
-    if (rc == SCTL_OK)
-      rc = sctl_json_print(arr);
-    else
-      json_decref(arr);
-  } else {
-    if (rc == SCTL_OK) sctl_table_print(&t, stdout);
-    sctl_table_free(&t);
-  }
-  return rc;
+  return sctl_emit(rc, o->json ? arr : NULL, o->json ? NULL : &t);
 }
 
 typedef struct data_ctx {

@@ -388,14 +388,5 @@ int sctl_cmd_definitions(sctl_opts *o) {
   sqlite3_finalize(st);
   int rc = r == SQLITE_DONE ? SCTL_OK : sctl_db_error(db, "reading definitions");
   sctl_db_close(db);
-  if (o->json) {
-    if (rc == SCTL_OK)
-      rc = sctl_json_print(arr);
-    else
-      json_decref(arr);
-  } else {
-    if (rc == SCTL_OK) sctl_table_print(&t, stdout);
-    sctl_table_free(&t);
-  }
-  return rc;
+  return sctl_emit(rc, o->json ? arr : NULL, o->json ? NULL : &t);
 }

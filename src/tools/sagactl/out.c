@@ -283,6 +283,18 @@ void sctl_table_free(sctl_table *t) {
   memset(t, 0, sizeof *t);
 }
 
+int sctl_emit(int rc, json_t *arr, sctl_table *t) {
+  if (arr != NULL) {
+    if (rc == SCTL_OK) return sctl_json_print(arr);
+    json_decref(arr);
+  }
+  if (t != NULL) {
+    if (rc == SCTL_OK) sctl_table_print(t, stdout);
+    sctl_table_free(t);
+  }
+  return rc;
+}
+
 /* ---- the saga data map: msgpack map (str -> bin), read with bounds checks ---- */
 
 /* Reads a big-endian unsigned of n bytes at *p, if n bytes remain. */

@@ -109,6 +109,9 @@ void sctl_table_init(sctl_table *t, int ncols, const char *const *header);
 void sctl_table_row(sctl_table *t, char **cells);
 void sctl_table_print(const sctl_table *t, FILE *f);
 void sctl_table_free(sctl_table *t);
+/* Ends a listing: with rc SCTL_OK prints the JSON array arr (when not NULL) or the table t,
+ * and frees both either way. Returns rc, or the print's failure. */
+int sctl_emit(int rc, json_t *arr, sctl_table *t);
 /* malloc'd printf; exits on out of memory. */
 char *sctl_fmt(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 char *sctl_strdup(const char *s);
