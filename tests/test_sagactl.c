@@ -567,6 +567,10 @@ static void test_bad_input(void **state) {
   ctl_free(&r);
   assert_int_equal(CTL(&r, "retry", other, "--state", "running"), 2); /* retry needs FAILED */
   ctl_free(&r);
+  /* "--wait 10" of dead-letters: the 10 could be an id; refused, not guessed. */
+  assert_int_equal(CTL(&r, "dead-letters", other, "replay", "--wait", "10"), 2);
+  expect_err(&r, "'--wait 10' is ambiguous");
+  ctl_free(&r);
 
   /* Help reads like a man page: every command has one, with exit codes and examples. */
   static const char *const cmds[] = {"list",     "show",  "retry",      "cancel", "dead-letters",
@@ -915,7 +919,8 @@ static void test_live(void **state) {
   ctl_free(&r);
 
   /* ---- cancel of a RUNNING saga ---- */
-  assert_int_equal(CTL(&r, "cancel", W.orch_path, run1, "--wait=30"), 0);
+  /* "--wait 30": a number after --wait is seconds here (a saga id is 32 hex digits). */
+  assert_int_equal(CTL(&r, "cancel", W.orch_path, run1, "--wait", "30"), 0);
   expect_out(&r, "DONE");
   ctl_free(&r);
   wait_state(run1, 4);

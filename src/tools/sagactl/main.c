@@ -128,6 +128,7 @@ static const char help_show[] =
   "  --yes, --execute   write the requests of a filter\n"                                     \
   "  --wait[=SECONDS]   wait (default 30 s) until a node carried out every request, print\n" \
   "                     each result; exit 1 if any was refused or the time ran out\n"         \
+  "                     (--wait 10 works too: a saga id is never a number)\n"               \
   "  --by NAME          requested_by of the requests (default: $USER)\n"                      \
   "\n"                                                                                         \
   "EXIT STATUS\n"                                                                              \
@@ -205,6 +206,7 @@ static const char help_dead[] =
     "  --limit N            at most N dead letters, newest first (list: default 100)\n"
     "  --yes, --execute     write the requests of --all\n"
     "  --wait[=SECONDS]     wait (default 30 s) until a node carried out every request\n"
+    "                       (write --wait=10: here '--wait 10' is refused as ambiguous)\n"
     "  --by NAME            requested_by of the requests (default: $USER)\n"
     "  --json               JSON instead of text (list, show)\n"
     "\n"
@@ -348,7 +350,8 @@ static const command *find_command(const char *name) {
 typedef struct option {
   const char *name;
   unsigned bit;
-  int arg; /* 0 none, 1 required, 2 optional (only as --name=value) */
+  int arg; /* 0 none, 1 required, 2 optional (as --name=value; --wait also takes a number
+            * as the next argument, see O_WAIT) */
 } option;
 
 static const option options[] = {
@@ -444,6 +447,16 @@ static int parse(const command *c, int argc, char **argv, sctl_opts *o) {
       o->wait = 1;
       if (val != NULL && positive(val, 86400L, &o->wait_s) != 0)
         return sctl_usage(c->name, "--wait=SECONDS takes a positive number of seconds");
+      /* "--wait 10": a saga id is 32 hex digits, so a number after --wait of retry or
+       * cancel can only be seconds. Dead-letter ids are numbers too: there it is ambiguous,
+       * and refused rather than guessed. */
+      if (val == NULL && i + 1 < argc && positive(argv[i + 1], 86400L, &(long){0}) == 0) {
+        if (strcmp(c->name, "dead-letters") == 0)
+          return sctl_usage(c->name, "'--wait %s' is ambiguous: write --wait=%s for seconds, "
+                                     "or put the dead-letter id before --wait", argv[i + 1],
+                            argv[i + 1]);
+        (void)positive(argv[++i], 86400L, &o->wait_s);
+      }
       break;
     case O_BY: o->by = val; break;
     case O_CHANNEL: o->channel = val; break;
