@@ -197,7 +197,7 @@ start() {
     local build="$root/build/cluster"
     echo "shop_cluster: building in $build"
     cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSAGA_BUILD_TESTS=OFF >/dev/null
-    cmake --build "$build" -j2 --target shop shop_demo >/dev/null
+    cmake --build "$build" -j2 --target shop shop_demo shop_traces sagactl >/dev/null
     bin="$build/examples/shop/shop"
   fi
   [ -x "$bin" ] || die "no shop binary at $bin"

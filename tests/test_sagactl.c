@@ -320,6 +320,8 @@ static int started_pred(void *arg) {
   return W.nstarted >= *want;
 }
 
+#define TRACE_R1 "4bf92f3577b34da6a3ce929d0e0e4736"
+
 /* Starts a "pay" saga and returns its id (in W.started). */
 static const char *start_pay(world *w, const char *key, int fail) {
   saga_data *d = NULL;
@@ -328,7 +330,9 @@ static const char *start_pay(world *w, const char *key, int fail) {
   saga_data_set_i64(d, "n", 42);
   if (fail) saga_data_set_str(d, "fail", "yes");
   int want = w->nstarted + 1;
-  assert_int_equal(saga_start(w->orch, "pay", d, key, on_started, w), SAGA_OK);
+  /* "r1" with a caller's trace context: show gives its trace id, the others their own id */
+  const char *tp = strcmp(key, "r1") == 0 ? "00-" TRACE_R1 "-00f067aa0ba902b7-01" : NULL;
+  assert_int_equal(saga_start_traced(w->orch, "pay", d, key, tp, on_started, w), SAGA_OK);
   saga_data_free(d);
   assert_int_equal(th_run_real(&w->loop, started_pred, &want, 10000), 0);
   return w->started[w->nstarted - 1];
@@ -769,6 +773,12 @@ static void test_live(void **state) {
   expect_out(&r, "\\x1b[31m declined\\nretry later");
   assert_null(strstr(r.o.p, "s3cr3t-value")); /* values only with --values */
   assert_null(strchr(r.o.p, '\x1b'));
+  char line[64];
+  snprintf(line, sizeof line, "\ntrace       %s\n", f[0]); /* no traceparent: its own id */
+  expect_out(&r, line);
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "show", W.orch_path, run1), 0);
+  expect_out(&r, "\ntrace       " TRACE_R1 "\n"); /* the caller's trace */
   ctl_free(&r);
   assert_int_equal(CTL(&r, "show", W.orch_path, f[0], "--values"), 0);
   expect_out(&r, "s3cr3t-value");
@@ -776,6 +786,7 @@ static void test_live(void **state) {
   assert_int_equal(CTL(&r, "show", W.orch_path, f[0], "--json"), 0);
   j = parse_json(&r);
   assert_string_equal(json_string_value(json_object_get(j, "key")), "f0");
+  assert_string_equal(json_string_value(json_object_get(j, "trace_id")), f[0]);
   json_t *hist = json_object_get(j, "history");
   assert_true(json_array_size(hist) >= 5);
   assert_string_equal(json_string_value(json_object_get(json_array_get(hist, 0), "event")),

@@ -72,6 +72,7 @@
 
 #include "e2e.h"
 #include "trace_e2e.h"
+#include "trace_sink.h"
 
 #if !defined(SHOP_BIN) || !defined(SHOP_CLUSTER_SCRIPT)
 #error "SHOP_BIN and SHOP_CLUSTER_SCRIPT must be defined"
@@ -181,7 +182,7 @@ static int group_setup(void **state) {
   char limit[32];
   snprintf(limit, sizeof limit, "%d", PAYMENT_LIMIT);
   const char *otlp = NULL;
-  if (trace_mode && (otlp = trace_sink_start()) == NULL) {
+  if (trace_mode && (otlp = trace_sink_start(NULL, 0, 100000)) == NULL) {
     fprintf(stderr, "cannot start the OTLP collector\n");
     return -1;
   }
@@ -1130,11 +1131,12 @@ static void test_clean_stop(void **state) {
 }
 
 /* Tracing: purchases, a clean stop (the exporters send what they hold), then the traces the
- * collector received (trace_e2e.c). */
+ * collector received, and how it draws them (trace_e2e.c). */
 static void test_traces(void **state) {
   trace_purchases(state);
   test_clean_stop(state);
   trace_check(state);
+  trace_tree(state);
 }
 
 static int have_program(const char *name) {

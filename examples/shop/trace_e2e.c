@@ -1,14 +1,9 @@
 /*
- * The tracing end-to-end test of the distributed shop (test_cluster's "trace" mode): a small
- * OTLP/HTTP collector (libmicrohttpd, in this process, on 127.0.0.1 with a free port) that the
- * cluster's services export their spans to (scripts/shop_cluster.sh start --otlp URL), and
- * test_traces(), which makes purchases and checks the traces that arrive.
- *
- * The collector accepts POST /v1/traces with an ExportTraceServiceRequest in the OTLP JSON
- * mapping, checks its shape (resourceSpans / scopeSpans / spans, hex ids of the right length,
- * times as decimal strings), and keeps every span with the service.name of its resource. A
- * request that is not such a document is answered 400 and counted as malformed: the test
- * fails on any.
+ * The tracing end-to-end test of the distributed shop (test_cluster's "trace" mode): the
+ * cluster's services export their spans (scripts/shop_cluster.sh start --otlp URL) to the
+ * OTLP/HTTP collector of trace_sink.c, run in this process on 127.0.0.1 with a free port; the
+ * tests make purchases and check the traces that arrive. The collector refuses (400) and
+ * counts any request that is not an ExportTraceServiceRequest: the test fails on any.
  */
 #include <arpa/inet.h>
 #include <inttypes.h>
@@ -29,162 +24,7 @@
 
 #include "e2e.h"
 #include "trace_e2e.h"
-
-/* ---- the collector -------------------------------------------------------------------------- */
-
-static struct MHD_Daemon *daemon_;
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
-static json_t *spans;       /* every span received, with "service" added */
-static int malformed;       /* requests that were not ExportTraceServiceRequests */
-static unsigned long posts; /* requests accepted */
-static char url[64];
-
-typedef struct body {
-  char *p;
-  size_t len;
-  int too_big;
-} body;
-
-static int hex_of(const json_t *v, size_t len) {
-  const char *s = json_string_value(v);
-  if (s == NULL || strlen(s) != len) return 0;
-  for (size_t i = 0; i < len; i++)
-    if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return 0;
-  return 1;
-}
-
-static int decimal_of(const json_t *v) {
-  const char *s = json_string_value(v);
-  if (s == NULL || s[0] == '\0') return 0;
-  for (; *s; s++)
-    if (*s < '0' || *s > '9') return 0;
-  return 1;
-}
-
-/* Checks one request and adds its spans; 0, or -1 when it is not a valid request. */
-static int take(const char *text, size_t len) {
-  json_t *req = json_loadb(text, len, 0, NULL);
-  json_t *rs = json_object_get(req, "resourceSpans");
-  int ok = json_is_array(rs) && json_array_size(rs) > 0;
-  json_t *got = json_array();
-  size_t i, j, k;
-  json_t *r, *ss, *sp;
-  json_array_foreach(rs, i, r) {
-    const char *service = NULL;
-    json_t *a;
-    size_t n;
-    json_array_foreach(json_object_get(json_object_get(r, "resource"), "attributes"), n, a) {
-      if (strcmp(json_string_value(json_object_get(a, "key")) ?: "", "service.name") == 0)
-        service = json_string_value(json_object_get(json_object_get(a, "value"), "stringValue"));
-    }
-    json_t *scopes = json_object_get(r, "scopeSpans");
-    ok = ok && service != NULL && json_is_array(scopes);
-    json_array_foreach(scopes, j, ss) {
-      json_t *list = json_object_get(ss, "spans");
-      ok = ok && json_is_array(list) && json_is_object(json_object_get(ss, "scope"));
-      json_array_foreach(list, k, sp) {
-        json_t *parent = json_object_get(sp, "parentSpanId");
-        ok = ok && hex_of(json_object_get(sp, "traceId"), 32) &&
-             hex_of(json_object_get(sp, "spanId"), 16) && (parent == NULL || hex_of(parent, 16)) &&
-             json_is_string(json_object_get(sp, "name")) &&
-             json_is_integer(json_object_get(sp, "kind")) &&
-             decimal_of(json_object_get(sp, "startTimeUnixNano")) &&
-             decimal_of(json_object_get(sp, "endTimeUnixNano")) &&
-             json_is_array(json_object_get(sp, "attributes")) &&
-             json_is_integer(json_object_get(json_object_get(sp, "status"), "code"));
-        if (!ok) break;
-        json_t *copy = json_deep_copy(sp);
-        json_object_set_new(copy, "service", json_string(service ? service : ""));
-        json_array_append_new(got, copy);
-      }
-    }
-  }
-  pthread_mutex_lock(&mu);
-  if (ok) {
-    json_array_extend(spans, got);
-    posts++;
-  } else {
-    malformed++;
-    fprintf(stderr, "collector: malformed request: %.*s\n", (int)(len > 400 ? 400 : len), text);
-  }
-  pthread_cond_broadcast(&cond);
-  pthread_mutex_unlock(&mu);
-  json_decref(got);
-  json_decref(req);
-  return ok ? 0 : -1;
-}
-
-static enum MHD_Result answer(struct MHD_Connection *c, unsigned code) {
-  struct MHD_Response *r =
-      MHD_create_response_from_buffer(2, (void *)"{}", MHD_RESPMEM_PERSISTENT);
-  MHD_add_response_header(r, "Content-Type", "application/json");
-  enum MHD_Result ret = MHD_queue_response(c, code, r);
-  MHD_destroy_response(r);
-  return ret;
-}
-
-static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *path,
-                                  const char *method, const char *version, const char *data,
-                                  size_t *data_size, void **ctx) {
-  (void)cls, (void)version;
-  body *b = *ctx;
-  if (b == NULL) {
-    b = calloc(1, sizeof *b);
-    if (b == NULL) return MHD_NO;
-    *ctx = b;
-    return MHD_YES;
-  }
-  if (*data_size > 0) {
-    if (b->len + *data_size > 8 * 1024 * 1024) {
-      b->too_big = 1;
-    } else {
-      char *p = realloc(b->p, b->len + *data_size);
-      if (p == NULL) return MHD_NO;
-      memcpy(p + b->len, data, *data_size);
-      b->p = p;
-      b->len += *data_size;
-    }
-    *data_size = 0;
-    return MHD_YES;
-  }
-  if (strcmp(method, "POST") != 0 || strcmp(path, "/v1/traces") != 0) return answer(c, 404);
-  if (b->too_big) return answer(c, 413);
-  return answer(c, take(b->p, b->len) == 0 ? 200 : 400);
-}
-
-static void on_done(void *cls, struct MHD_Connection *c, void **ctx,
-                    enum MHD_RequestTerminationCode why) {
-  (void)cls, (void)c, (void)why;
-  body *b = *ctx;
-  if (b != NULL) free(b->p);
-  free(b);
-  *ctx = NULL;
-}
-
-const char *trace_sink_start(void) {
-  spans = json_array();
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0; /* a free port */
-  daemon_ = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-                             on_request, NULL, MHD_OPTION_NOTIFY_COMPLETED, on_done, NULL,
-                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&a, MHD_OPTION_END);
-  if (daemon_ == NULL) return NULL;
-  const union MHD_DaemonInfo *info = MHD_get_daemon_info(daemon_, MHD_DAEMON_INFO_BIND_PORT);
-  if (info == NULL || info->port == 0) return NULL;
-  snprintf(url, sizeof url, "http://127.0.0.1:%u", (unsigned)info->port);
-  return url;
-}
-
-void trace_sink_stop(void) {
-  if (daemon_ != NULL) MHD_stop_daemon(daemon_);
-  daemon_ = NULL;
-  json_decref(spans);
-  spans = NULL;
-}
+#include "trace_sink.h"
 
 /* ---- reading traces ------------------------------------------------------------------------- */
 
@@ -348,17 +188,17 @@ static int wait_traces(wait_ctx *w, long ms) {
   until.tv_sec += ms / 1000;
   until.tv_nsec += (ms % 1000) * 1000000L;
   if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
-  pthread_mutex_lock(&mu);
+  json_t *spans = trace_sink_lock();
   int done = 0;
   for (;;) {
     done = 1;
     for (size_t i = 0; i < w->n && done; i++) done = trace_ok(spans, &w->e[i], &w->why);
-    if (done || pthread_cond_timedwait(&cond, &mu, &until) != 0) break;
+    if (done || trace_sink_wait(&until) != 0) break;
   }
   if (!done) /* one last look after the deadline */
     for (size_t i = 0; i < w->n; i++)
       if (!trace_ok(spans, &w->e[i], &w->why)) break;
-  pthread_mutex_unlock(&mu);
+  trace_sink_unlock();
   return done;
 }
 
@@ -425,9 +265,9 @@ void trace_purchases(void **state) {
   assert_int_equal(shop_track_outcome(stream_wait(&s, id3, WAIT_MS)), SHOP_SUCCEEDED);
   /* The services export every hour or per 512 spans (SHOP_OTLP_INTERVAL_MS): nothing yet.
    * Their clean stop must send it all. */
-  pthread_mutex_lock(&mu);
-  assert_int_equal(json_array_size(spans), 0);
-  pthread_mutex_unlock(&mu);
+  size_t exported = json_array_size(trace_sink_lock());
+  trace_sink_unlock();
+  assert_int_equal(exported, 0);
   stream_close(&s);
   json_decref(id1);
   json_decref(id2);
@@ -444,7 +284,7 @@ void trace_check(void **state) {
   char trace2[33] = "", trace3[33] = "";
   long long until = shop_now_ms() + WAIT_MS;
   for (;;) {
-    pthread_mutex_lock(&mu);
+    json_t *spans = trace_sink_lock();
     size_t i;
     json_t *sp;
     int roots = 0;
@@ -459,18 +299,18 @@ void trace_check(void **state) {
                              c, 1) > 0;
       snprintf(comp ? trace2 : trace3, 33, "%s", str(sp, "traceId"));
     }
-    pthread_mutex_unlock(&mu);
+    trace_sink_unlock();
     if ((roots == 2 && trace2[0] && trace3[0]) || shop_now_ms() > until) {
       if (roots != 2) print_error("%d request sagas outside trace 1\n", roots);
       assert_int_equal(roots, 2);
       break;
     }
-    pthread_mutex_lock(&mu);
+    (void)trace_sink_lock();
     struct timespec t;
     clock_gettime(CLOCK_REALTIME, &t);
     t.tv_sec += 1;
-    pthread_cond_timedwait(&cond, &mu, &t); /* the next request, or a second */
-    pthread_mutex_unlock(&mu);
+    (void)trace_sink_wait(&t); /* the next request, or a second */
+    trace_sink_unlock();
   }
   assert_true(trace2[0] && trace3[0]);
   assert_string_not_equal(trace2, trace3);
@@ -480,25 +320,84 @@ void trace_check(void **state) {
   if (!ok) print_error("traces incomplete or wrong: %s\n", w.why);
   assert_true(ok);
   /* One trace per purchase: every purchase saga span is in one of the three. */
-  pthread_mutex_lock(&mu);
-  size_t i, sagas = 0;
+  json_t *spans = trace_sink_lock();
+  size_t i, sagas = 0, strays = 0, total = json_array_size(spans);
   json_t *sp;
   json_array_foreach(spans, i, sp) {
     if (strcmp(str(sp, "name"), "purchase") != 0) continue;
     sagas++;
     const char *t = str(sp, "traceId");
-    assert_true(strcmp(t, trace1) == 0 || strcmp(t, trace2) == 0 || strcmp(t, trace3) == 0);
+    strays += strcmp(t, trace1) != 0 && strcmp(t, trace2) != 0 && strcmp(t, trace3) != 0;
   }
+  unsigned long malformed = trace_sink_malformed(), dropped = trace_sink_dropped();
+  unsigned long posts = trace_sink_posts();
+  trace_sink_unlock();
   assert_int_equal(sagas, 3);
+  assert_int_equal(strays, 0);
   assert_int_equal(malformed, 0);
-  printf("# %zu spans in %lu OTLP requests; traces %s %s %s\n", json_array_size(spans), posts,
-         trace1, trace2, trace3);
-  pthread_mutex_unlock(&mu);
+  assert_int_equal(dropped, 0);
+  printf("# %zu spans in %lu OTLP requests; traces %s %s %s\n", total, posts, trace1, trace2,
+         trace3);
 }
 
-int trace_sink_malformed(void) {
-  pthread_mutex_lock(&mu);
-  int m = malformed;
-  pthread_mutex_unlock(&mu);
-  return m;
+/* The lines of text, and of those the ones at depth 0 (not indented, after the header). */
+static size_t tree_lines(const char *text, size_t *roots) {
+  size_t n = 0;
+  *roots = 0;
+  for (const char *p = text; *p != '\0'; p++) {
+    if (p != text && p[-1] != '\n') continue;
+    n++;
+    if (n > 1 && *p != ' ') (*roots)++;
+  }
+  return n;
+}
+
+/* The collector draws each trace as one tree: GET /traces/ID, as an operator would look. */
+void trace_tree(void **state) {
+  (void)state;
+  const char *ids[3] = {trace1, NULL, NULL};
+  char listed[3][33];
+  json_t *spans = trace_sink_lock();
+  /* trace 2 and 3 are the others holding a purchase saga */
+  size_t i, k = 1, counts[3] = {0, 0, 0};
+  json_t *sp;
+  json_array_foreach(spans, i, sp) {
+    const char *t = str(sp, "traceId");
+    if (strcmp(str(sp, "name"), "purchase") == 0 && strcmp(t, trace1) != 0 && k < 3) {
+      snprintf(listed[k], 33, "%s", t);
+      ids[k] = listed[k];
+      k++;
+    }
+  }
+  for (size_t t = 0; t < k; t++)
+    json_array_foreach(spans, i, sp) counts[t] += strcmp(str(sp, "traceId"), ids[t]) == 0;
+  trace_sink_unlock();
+  assert_int_equal(k, 3);
+  shop_client *c = NULL;
+  assert_int_equal(shop_client_new(&c, trace_sink_url()), 0);
+  for (size_t t = 0; t < 3; t++) {
+    char path[64];
+    snprintf(path, sizeof path, "/traces/%s", ids[t]);
+    shop_resp r;
+    long code = shop_client_send(c, "GET", path, NULL, &r);
+    assert_int_equal(code, 200);
+    const char *text = r.body != NULL ? r.body : "";
+    printf("%s", text);
+    size_t roots, lines = tree_lines(text, &roots);
+    /* a header, then every span of the trace, and one root: the purchase request (trace 1's
+     * hangs under the caller's span, which no service exported) */
+    assert_int_equal(lines, counts[t] + 1);
+    assert_int_equal(roots, 1);
+    assert_non_null(strstr(text, "\npurchase-request  [purchase]"));
+    assert_true((strstr(text, "not received") != NULL) == (t == 0));
+    shop_resp_destroy(&r);
+  }
+  /* a bad id is refused, an unknown one not found */
+  shop_resp r;
+  assert_int_equal(shop_client_send(c, "GET", "/traces/XYZ", NULL, &r), 400);
+  shop_resp_destroy(&r);
+  assert_int_equal(
+      shop_client_send(c, "GET", "/traces/0123456789abcdef0123456789abcdef", NULL, &r), 404);
+  shop_resp_destroy(&r);
+  shop_client_free(c);
 }

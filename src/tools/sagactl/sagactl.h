@@ -23,8 +23,8 @@
 #define SCTL_ERROR 1
 #define SCTL_USAGE 2
 
-/* The schema version that has everything sagactl reads (migration 7). */
-#define SCTL_SCHEMA_MIN 7
+/* The schema version that has everything sagactl reads (migration 8: the trace context). */
+#define SCTL_SCHEMA_MIN 8
 
 /* Options of every command, filled by the parser in main.c. A command accepts a subset; the
  * parser refuses the others by name. */

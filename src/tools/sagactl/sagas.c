@@ -22,11 +22,12 @@ static const char *req_state_name(int s) {
 
 enum {
   C_ID, C_DEF, C_VER, C_STATE, C_STEP, C_STEPNAME, C_PHASE, C_ATTEMPT, C_WAIT, C_KEY,
-  C_CREATED, C_UPDATED, C_ERROR, C_PARKED, C_DATA
+  C_CREATED, C_UPDATED, C_ERROR, C_PARKED, C_DATA, C_TRACE
 };
 #define SAGA_COLS                                                                              \
   "i.id, i.def_name, i.def_version, i.state, i.step, coalesce(s.name, ''), i.phase, "          \
-  "i.attempt, i.wait, i.idem_key, i.created_ms, i.updated_ms, i.error, i.parked, i.data "      \
+  "i.attempt, i.wait, i.idem_key, i.created_ms, i.updated_ms, i.error, i.parked, i.data, "     \
+  "i.trace_parent "                                                                            \
   "FROM saga_instance i LEFT JOIN saga_definition_step s ON s.def_name = i.def_name AND "      \
   "s.def_version = i.def_version AND s.step = i.step "
 
@@ -67,6 +68,18 @@ static int select_sagas(sqlite3 *db, const sctl_opts *o, int state, long limit,
   return SCTL_OK;
 }
 
+/* The saga's trace id: the one of the traceparent it was started with (the node checked it
+ * then: "00-" and 32 hex digits), else its own id. Into out (33 bytes). */
+static const char *trace_id(sqlite3_stmt *st, char out[33]) {
+  const char *tp = sctl_col_text(st, C_TRACE);
+  const char *id = strlen(tp) >= 35 ? tp + 3 : sctl_col_text(st, C_ID);
+  size_t n = 0;
+  for (; n < 32 && ((id[n] >= '0' && id[n] <= '9') || (id[n] >= 'a' && id[n] <= 'f')); n++)
+    out[n] = id[n];
+  out[n] = '\0';
+  return out;
+}
+
 static json_t *saga_json(sqlite3_stmt *st, int64_t now) {
   char b1[40], b2[40];
   const char *key = (const char *)sqlite3_column_text(st, C_KEY);
@@ -82,6 +95,8 @@ static json_t *saga_json(sqlite3_stmt *st, int64_t now) {
   json_object_set_new(j, "attempt", json_integer(sqlite3_column_int64(st, C_ATTEMPT)));
   json_object_set_new(j, "waiting_for", json_string(wait_name(sqlite3_column_int(st, C_WAIT))));
   json_object_set_new(j, "key", key != NULL ? sctl_jstr0(key) : json_null());
+  char trace[33];
+  json_object_set_new(j, "trace_id", json_string(trace_id(st, trace)));
   json_object_set_new(j, "created_ms", json_integer(created));
   json_object_set_new(j, "created", json_string(sctl_iso(created, b1, sizeof b1)));
   json_object_set_new(j, "updated_ms", json_integer(updated));
@@ -370,7 +385,9 @@ int sctl_cmd_show(sctl_opts *o) {
            phase_name(sqlite3_column_int(st, C_PHASE)),
            (long long)sqlite3_column_int64(st, C_ATTEMPT),
            wait_name(sqlite3_column_int(st, C_WAIT)));
+    char trace[33];
     printf("key         %s\n", skey);
+    printf("trace       %s\n", trace_id(st, trace));
     printf("created     %s (%s ago)\n", sctl_iso(created, b1, sizeof b1),
            sctl_age(now - created, a1, sizeof a1));
     printf("updated     %s (%s ago)\n", sctl_iso(updated, b2, sizeof b2),
