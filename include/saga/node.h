@@ -556,6 +556,12 @@ typedef struct saga_node_stats {
   /** send() calls the transport refused with a transient code (broker down, queue full): the
    * rows stay in the outbox and are resent. Logged once, then at most every 10 s. */
   uint64_t send_refusals;
+  /** Domain-event handler runs (saga_node_on_event(), saga/domain.h), whatever their
+   * outcome; a run in a transaction that then failed is counted too. */
+  uint64_t event_handler_runs;
+  /** Domain events that arrived before their key's previous event was handled: left
+   * unacknowledged, to come again (saga/domain.h). */
+  uint64_t events_held;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last
