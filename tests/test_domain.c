@@ -388,6 +388,21 @@ static void test_exactly_once_in_order_under_faults(void **state) {
   teardown_world(&w);
 }
 
+#ifdef SAGACTL
+/* Runs sagactl with args (a shell command line), its output into out; asserts exit 0. */
+static void sagactl(const char *args, char *out, size_t cap) {
+  char cmd[800];
+  snprintf(cmd, sizeof cmd, "%s %s 2>&1", SAGACTL, args);
+  FILE *f = popen(cmd, "r");
+  assert_non_null(f);
+  size_t n = fread(out, 1, cap - 1, f);
+  out[n] = '\0';
+  int st = pclose(f);
+  if (st != 0) printf("sagactl %s:\n%s\n", args, out);
+  assert_int_equal(st, 0);
+}
+#endif
+
 /* A poison event goes to the dead letters with the reason, its write rolled back, and the
  * events after it (same key, other keys) flow; an operator's replay runs it once it is
  * fixed. */
@@ -412,13 +427,31 @@ static void test_poison_dead_lettered_then_replayed(void **state) {
                               " EINVAL%'"),
                    1);
   assert_int_equal(saga_node_outbox_depth(w.pub), 0);
-  /* Fixed: replayed by an operator request (as sagactl writes it). */
+  /* Fixed: replayed by an operator request. */
   w.poison = 0;
   int64_t dead = q_int(sdb, "SELECT id FROM saga_dead_letter");
+#ifdef SAGACTL
+  /* Visible and replayable with sagactl, like every dead letter. */
+  char *path = th_path(w.dir, "sub.db"), out[4096];
+  snprintf(out, sizeof out, "dead-letters %s list", path);
+  sagactl(out, out, sizeof out);
+  assert_non_null(strstr(out, "event handler for 'Poison' on 'ev' failed: EINVAL"));
+  char cmd[700];
+  snprintf(cmd, sizeof cmd, "dead-letters %s show %lld", path, (long long)dead);
+  sagactl(cmd, out, sizeof out);
+  assert_non_null(strstr(out, "event      Poison"));
+  assert_non_null(strstr(out, "seq: 2"));
+  assert_non_null(strstr(out, "key: p"));
+  assert_non_null(strstr(out, "data       1 bytes: 2"));
+  snprintf(cmd, sizeof cmd, "dead-letters %s replay %lld", path, (long long)dead);
+  sagactl(cmd, out, sizeof out);
+  free(path);
+#else
   char sql[200];
   snprintf(sql, sizeof sql, "INSERT INTO saga_operator_request(at_ms, action, target,"
            " requested_by) VALUES(1, 'replay', '%lld', 'test')", (long long)dead);
   exec_sql(sdb, sql);
+#endif
   run_until(&w, 4, 0);
   settle(&w, 2000);
   assert_int_equal(q_int(sdb, "SELECT count(*) FROM got WHERE name = 'Poison'"), 1);
