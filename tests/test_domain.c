@@ -442,7 +442,7 @@ static void test_poison_dead_lettered_then_replayed(void **state) {
   assert_non_null(strstr(out, "event      Poison"));
   assert_non_null(strstr(out, "seq: 2"));
   assert_non_null(strstr(out, "key: p"));
-  assert_non_null(strstr(out, "data       1 bytes: 2"));
+  assert_non_null(strstr(out, "data       1 bytes (a domain event's data: not shown)"));
   snprintf(cmd, sizeof cmd, "dead-letters %s replay %lld", path, (long long)dead);
   sagactl(cmd, out, sizeof out);
   free(path);
