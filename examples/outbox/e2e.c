@@ -283,8 +283,14 @@ static int run(int round, int demo, const char *keep) {
   if (!done && failures == 0) fail("not everything was delivered within 120 s");
   for (int i = 0; i < 4; i++)
     if (sv[i].pid > 0) kill(sv[i].pid, SIGTERM);
-  for (int i = 0; i < 4; i++)
-    if (sv[i].pid > 0) waitpid(sv[i].pid, NULL, 0);
+  for (int i = 0; i < 4; i++) {
+    int status = 0;
+    /* A clean stop: exit status 0 (under the sanitizers, also no leak or error report). */
+    if (sv[i].pid > 0 && waitpid(sv[i].pid, &status, 0) == sv[i].pid &&
+        !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
+      fail("%s did not stop cleanly on SIGTERM (status %d; see %s)", sv[i].role, status,
+           sv[i].log);
+  }
   int kills = 0;
   for (int i = 0; i < 4; i++) kills += sv[i].kills;
   if (kills != planned) fail("%d kills of the %d planned", kills, planned);

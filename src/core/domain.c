@@ -355,8 +355,10 @@ int saga__domain_event(saga__domain *d, const char *channel, const saga_envelope
   if (!replay && seq > last + 1) { /* its predecessor has not been handled: comes again */
     e->stats.events_held++;
     *ack = 0;
-    saga__log(e, SAGA_LOG_DEBUG, "event %" PRIu64 " of key '%.64s' on '%s' held: %" PRIu64
-              " was the last handled", seq, key, channel, last);
+    char shown[80]; /* from the network: no control characters into the log */
+    saga__printable(shown, sizeof shown, key, strnlen(key, 64));
+    saga__log(e, SAGA_LOG_DEBUG, "event %" PRIu64 " of key '%s' on '%s' held: %" PRIu64
+              " was the last handled", seq, shown, channel, last);
     return SAGA_OK;
   }
 
