@@ -78,6 +78,12 @@ static int on_any(saga_tx *tx, const saga_domain_event *ev, void *arg) {
   if (rc != SQLITE_DONE) return SAGA_ESTORE;
   /* A poison event fails after writing: its write must be rolled back. */
   if (w->poison && strcmp(ev->name, "Poison") == 0) return SAGA_EINVAL;
+  /* Handlers may start sagas: an "Enrolled" starts a "welcome" saga, keyed on the event. */
+  if (strcmp(ev->name, "Enrolled") == 0) {
+    char id[40];
+    int existed = 0;
+    return saga_tx_start(tx, "welcome", NULL, ev->id, id, sizeof id, &existed);
+  }
   /* Handlers may publish further events: "Posted" makes a "Mailed" for the publisher. */
   if (strcmp(ev->name, "Posted") == 0)
     return saga_tx_publish(tx, "back", "Mailed", ev->key, ev->data, ev->len);
@@ -126,6 +132,11 @@ static int enroll(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
   int rc = saga_tx_publish(tx, "ev", "Enrolled", student, "x", 1);
   if (rc != SAGA_OK) return rc;
   if (saga_data_get_str(d, "refuse") != NULL) return saga_reply_fail(r, "full");
+  return SAGA_OK;
+}
+
+static int greet(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
+  (void)tx, (void)m, (void)r, (void)arg;
   return SAGA_OK;
 }
 
@@ -183,6 +194,10 @@ static void open_nodes(world *w) {
   static const saga_definition def = {SAGA_DEFINITION_VERSION, "enroll", 1, steps, 1, 0,
                                       sizeof(saga_step)};
   assert_int_equal(saga_node_register(w->pub, &def), SAGA_OK);
+  static const saga_step wsteps[] = {{.name = "GREET", .local_action = greet}};
+  static const saga_definition welcome = {SAGA_DEFINITION_VERSION, "welcome", 1, wsteps, 1, 0,
+                                          sizeof(saga_step)};
+  assert_int_equal(saga_node_register(w->sub, &welcome), SAGA_OK);
   assert_int_equal(saga_node_handle(w->pub, "pubq", "enroll", enroll, w), SAGA_OK);
   assert_int_equal(saga_node_on_event(w->pub, "back", "Mailed", on_mailed, w), SAGA_OK);
   assert_int_equal(saga_node_on_event(w->sub, "ev", NULL, on_any, w), SAGA_OK);
@@ -351,6 +366,11 @@ static void test_publish_in_handler(void **state) {
   assert_int_equal(q_int(sdb, "SELECT count(*) FROM got"), 1);
   assert_int_equal(q_int(sdb, "SELECT count(*) FROM got WHERE name = 'Enrolled' AND key = 's1'"),
                    1);
+  /* The event handler started a saga in its transaction: it ran to its end, once. */
+  int64_t c[6];
+  assert_int_equal(saga_node_count_by_state(w.sub, c), SAGA_OK);
+  assert_int_equal(c[SAGA_COMPLETED], 1);
+  assert_int_equal(q_int(sdb, "SELECT count(*) FROM saga_instance WHERE def_name = 'welcome'"), 1);
   teardown_world(&w);
 }
 
