@@ -74,8 +74,6 @@ typedef struct saga_domain_event {
   size_t len;          /**< bytes at data */
   uint64_t seq;        /**< its sequence number among the publisher's events of this key */
   const char *source;  /**< the name of the publishing node, as it says (for logs) */
-  const char *saga_id; /**< the saga whose handler published it, "" for an application
-                            transaction */
 } saga_domain_event;
 
 /**

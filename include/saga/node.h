@@ -402,7 +402,8 @@ SAGA_EXTERN int saga_start_traced(saga_node *node, const char *name, const saga_
  * cfg.event_channel): cb runs on the loop, after the delivery was recorded, with ev->data set.
  * Delivery is at least once: a receiver that must not show an event twice keeps the last
  * (saga_id, at_ms, type) it saw. Must be called before saga_node_start(); one callback per
- * node. Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE, SAGA_EEXIST, SAGA_ENOMEM.
+ * node. Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE, SAGA_EEXIST (subscribed already, or channel
+ * carries domain events: saga_node_on_event() in saga/domain.h), SAGA_ENOMEM.
  */
 SAGA_EXTERN int saga_node_subscribe_events(saga_node *node, const char *channel,
                                            saga_event_cb cb, void *arg);
