@@ -235,7 +235,9 @@ typedef struct saga_node_config {
   uint32_t busy_timeout_ms;   /**< SQLite busy timeout; default 5000 */
   uint32_t max_deliveries;    /**< a command whose handler fails transiently (busy, I/O,
                                    memory) this many times is dead-lettered and answered
-                                   with a failure; default 10 */
+                                   with a failure; likewise a domain event whose handler
+                                   does (saga/domain.h), which is then dead-lettered and its
+                                   key moves on; default 10 */
   /**
    * Fault-injection hook for crash tests (NULL in production): called at named points of
    * the node's work, e.g. to _exit() the process there. Points: "tx.before_commit",
