@@ -676,33 +676,38 @@ static void test_malformed_events(void **state) {
   saga_header no_key[2] = {{"stream", stream}, {"seq", "1"}};
   saga_header long_key[3] = {{"stream", stream}, {"seq", "1"}, {"key", longkey}};
   saga_header good[3] = {{"stream", stream}, {"seq", "1"}, {"key", "a"}};
-  send_event(&p, "e1", "N", no_stream, 2);
-  send_event(&p, "e2", "N", bad_stream, 3);
-  send_event(&p, "e3", "N", zero_seq, 3);
-  send_event(&p, "e4", "N", text_seq, 3);
-  send_event(&p, "e5", "N", huge_seq, 3);
-  send_event(&p, "e6", "N", no_key, 2);
-  send_event(&p, "e7", "N", long_key, 3);
+#define ID(n) "0000000000000000000000000000000" #n
+  send_event(&p, ID(1), "N", no_stream, 2);
+  send_event(&p, ID(2), "N", bad_stream, 3);
+  send_event(&p, ID(3), "N", zero_seq, 3);
+  send_event(&p, ID(4), "N", text_seq, 3);
+  send_event(&p, ID(5), "N", huge_seq, 3);
+  send_event(&p, ID(6), "N", no_key, 2);
+  send_event(&p, ID(7), "N", long_key, 3);
   send_event(&p, "", "N", good, 3);
-  send_event(&p, "e9", "", good, 3);
-  send_event(&p, "e10", "N", good, 3);
-  confirmed_n c = {&p, 11};
+  /* A command's id: an event may never take its inbox record. */
+  send_event(&p, "0123456789abcdef0123456789abcdef/0/0/1/0123456789abcdef", "N", good, 3);
+  send_event(&p, "0000000000000000000000000000000A", "N", good, 3);
+  send_event(&p, ID(9), "", good, 3);
+  send_event(&p, ID(8), "N", good, 3);
+  confirmed_n c = {&p, 13};
   assert_int_equal(th_run_manual(&w.loop, w.clock, all_confirmed, &c, 60000), 0);
   sqlite3 *sdb = saga_node_db(w.sub);
-  assert_int_equal(q_int(sdb, "SELECT count(*) FROM saga_dead_letter"), 10);
+  assert_int_equal(q_int(sdb, "SELECT count(*) FROM saga_dead_letter"), 12);
   assert_int_equal(q_int(sdb, "SELECT count(*) FROM saga_dead_letter WHERE reason LIKE"
                               " 'EMALFORMED:%'"),
                    1);
-  static const char *const reasons[] = {"''stream''", "''seq''", "''key''", "no event id",
-                                        "event name"};
-  static const int counts[] = {2, 3, 2, 1, 1};
+  static const char *const reasons[] = {"''stream''", "''seq''", "''key''",
+                                        "event id is not 32 lowercase hex", "event name"};
+  static const int counts[] = {2, 3, 2, 3, 1};
   for (int i = 0; i < 5; i++) {
     char sql[200];
     snprintf(sql, sizeof sql, "SELECT count(*) FROM saga_dead_letter WHERE reason LIKE"
              " 'malformed domain event: %%%s%%'", reasons[i]);
     assert_int_equal(q_int(sdb, sql), counts[i]);
   }
-  assert_int_equal(q_int(sdb, "SELECT count(*) FROM got WHERE id = 'e10'"), 1);
+  assert_int_equal(q_int(sdb, "SELECT count(*) FROM got WHERE id = '" ID(8) "'"), 1);
+  assert_int_equal(q_int(sdb, "SELECT count(*) FROM saga_inbox"), 1);
   p.t->methods->close(p.t);
   p.t->methods->destroy(p.t);
   teardown_world(&w);

@@ -15,8 +15,6 @@
 
 #include "domain.h"
 
-/* The longest event id accepted from the network (ours are 32 hex digits). */
-#define MAX_EVENT_ID 512
 
 void saga__domain_init(saga__domain *d, saga__env *env, saga__journal *j, saga__participant *p,
                        const char *source, uint32_t max_deliveries) {
@@ -281,8 +279,9 @@ static int parse_seq(const char *t, uint64_t *out) {
   return 1;
 }
 
-static int is_stream(const char *t) {
-  if (t == NULL || strlen(t) != 16) return 0;
+/* Exactly n lowercase hex digits. */
+static int is_hex(const char *t, size_t n) {
+  if (t == NULL || strlen(t) != n) return 0;
   for (const char *c = t; *c; c++)
     if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'f'))) return 0;
   return 1;
@@ -310,11 +309,13 @@ int saga__domain_event(saga__domain *d, const char *channel, const saga_envelope
   const char *source = saga_envelope_header(env, "source");
   uint64_t seq = 0;
   const char *bad = NULL;
-  if (env->msg_id[0] == '\0' || strlen(env->msg_id) > MAX_EVENT_ID)
-    bad = "no event id, or one longer than 512 bytes";
+  /* 32 hex digits, as saga_tx_publish makes them: never the id of a command (those hold
+   * slashes), whose inbox record an event could otherwise take. */
+  if (!is_hex(env->msg_id, 32))
+    bad = "the event id is not 32 lowercase hex digits";
   else if (!name_ok(env->name, 1))
     bad = "the event name is empty or longer than 256 bytes";
-  else if (!is_stream(stream))
+  else if (!is_hex(stream, 16))
     bad = "no 'stream' header of 16 lowercase hex digits";
   else if (!parse_seq(seqs, &seq))
     bad = "no 'seq' header with a sequence number from 1 to 2^63-1";
