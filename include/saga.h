@@ -18,5 +18,6 @@
 #include "saga/transport_inproc.h"
 #include "saga/trace.h"
 #include "saga/node.h"
+#include "saga/domain.h"
 
 #endif /* SAGA_H */

@@ -235,7 +235,9 @@ typedef struct saga_node_config {
   uint32_t busy_timeout_ms;   /**< SQLite busy timeout; default 5000 */
   uint32_t max_deliveries;    /**< a command whose handler fails transiently (busy, I/O,
                                    memory) this many times is dead-lettered and answered
-                                   with a failure; default 10 */
+                                   with a failure; likewise a domain event whose handler
+                                   does (saga/domain.h), which is then dead-lettered and its
+                                   key moves on; default 10 */
   /**
    * Fault-injection hook for crash tests (NULL in production): called at named points of
    * the node's work, e.g. to _exit() the process there. Points: "tx.before_commit",
@@ -402,7 +404,8 @@ SAGA_EXTERN int saga_start_traced(saga_node *node, const char *name, const saga_
  * cfg.event_channel): cb runs on the loop, after the delivery was recorded, with ev->data set.
  * Delivery is at least once: a receiver that must not show an event twice keeps the last
  * (saga_id, at_ms, type) it saw. Must be called before saga_node_start(); one callback per
- * node. Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE, SAGA_EEXIST, SAGA_ENOMEM.
+ * node. Returns SAGA_OK, SAGA_EINVAL, SAGA_ESTATE, SAGA_EEXIST (subscribed already, or channel
+ * carries domain events: saga_node_on_event() in saga/domain.h), SAGA_ENOMEM.
  */
 SAGA_EXTERN int saga_node_subscribe_events(saga_node *node, const char *channel,
                                            saga_event_cb cb, void *arg);
@@ -556,6 +559,12 @@ typedef struct saga_node_stats {
   /** send() calls the transport refused with a transient code (broker down, queue full): the
    * rows stay in the outbox and are resent. Logged once, then at most every 10 s. */
   uint64_t send_refusals;
+  /** Domain-event handler runs (saga_node_on_event(), saga/domain.h), whatever their
+   * outcome; a run in a transaction that then failed is counted too. */
+  uint64_t event_handler_runs;
+  /** Domain events that arrived before their key's previous event was handled: left
+   * unacknowledged, to come again (saga/domain.h). */
+  uint64_t events_held;
 } saga_node_stats;
 
 /** Upper bound in ms of latency bucket b (1, 2, 5, 10, ... 10000); UINT32_MAX for the last

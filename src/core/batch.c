@@ -59,6 +59,13 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
     if (rc == SAGA_ENODEF) rc = park_reply(n, env, data, w->len2);
     break;
   default:
+    if (saga__domain_has_channel(&n->domain, channel)) {
+      int ack = 1;
+      rc = saga__domain_event(&n->domain, channel, env, data, w->len2, 0, &ack);
+      saga_envelope_free(env);
+      w->ack = rc == SAGA_OK && ack;
+      return rc;
+    }
     rc = saga__journal_remote_event(&n->journal, data, w->len2);
     break;
   }
@@ -195,6 +202,14 @@ static int item_fn(saga_node *n, void *arg) {
     return saga__relay_unsendable(n, w->tag, w->code);
   case W_OPREQ:
     return saga__operator_apply(n, (int64_t)w->tag);
+  case W_TRANSACT: {
+    struct {
+      saga_transact_fn fn;
+      void *arg;
+    } t;
+    memcpy(&t, q->arena.data + w->off1, sizeof t);
+    return saga__domain_transact(&n->domain, t.fn, t.arg);
+  }
   default: /* W_SENT: delete_sent() */
     return SAGA_OK;
   }
@@ -268,6 +283,7 @@ static void after_tx(saga_node *n, saga__queue *q, size_t from, size_t to, int c
       break;
     case W_CANCEL:
     case W_RETRY:
+    case W_TRANSACT:
       if (w->cb != NULL) ((saga_done_cb)w->cb)(n, status, w->cb_arg);
       break;
     case W_OPREQ:

@@ -160,6 +160,7 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   n->journal.event_channel = n->event_channel;
   saga__engine_init(&n->engine, &n->env, &n->journal, n->name);
   saga__participant_init(&n->part, &n->env, &n->journal, &n->engine, cfg->max_deliveries);
+  saga__domain_init(&n->domain, &n->env, &n->journal, &n->part, n->name, cfg->max_deliveries);
   n->part.can_send = saga__host_can_send;
   n->part.can_send_arg = n;
   /* a version-1 config has no retention field */
@@ -216,6 +217,11 @@ int saga_node_open(saga_node **out, uv_loop_t *loop, const saga_node_config *cfg
   if (rc != SAGA_OK) {
     saga__errf(err, errlen, "database '%s': setting up the reply key: %s", cfg->db_path,
                n->env.store->m->errmsg(n->env.store));
+    goto fail;
+  }
+  rc = saga__domain_open(&n->domain);
+  if (rc != SAGA_OK) {
+    saga__errf(err, errlen, "database '%s': %s", cfg->db_path, n->env.errmsg);
     goto fail;
   }
   rc = saga__host_attach(n, t, err, errlen);
@@ -295,6 +301,9 @@ int saga_node_subscribe_events(saga_node *n, const char *channel, saga_event_cb 
     return saga__fail(&n->env, SAGA_ESTATE, "subscribe to events before start");
   if (n->event_sub_cb != NULL)
     return saga__fail(&n->env, SAGA_EEXIST, "already subscribed to events");
+  if (saga__domain_has_channel(&n->domain, channel))
+    return saga__fail(&n->env, SAGA_EEXIST, "channel '%s' carries domain events "
+                      "(saga_node_on_event)", channel);
   if ((n->event_sub_channel = saga__strdup(n->env.alloc, channel)) == NULL)
     return saga__fail(&n->env, SAGA_ENOMEM, "out of memory");
   n->event_sub_cb = cb;
@@ -304,6 +313,25 @@ int saga_node_subscribe_events(saga_node *n, const char *channel, saga_event_cb 
 }
 
 /* Local steps become handlers on the reserved loopback channel, one per definition step. */
+int saga_node_on_event(saga_node *n, const char *channel, const char *name,
+                       saga_event_handler fn, void *arg) {
+  if (n == NULL) return SAGA_EINVAL;
+  n->env.errmsg[0] = '\0';
+  size_t cl = channel != NULL ? strnlen(channel, SAGA_EVENT_NAME_MAX + 1) : 0;
+  size_t nl = name != NULL ? strnlen(name, SAGA_EVENT_NAME_MAX + 1) : 1;
+  if (fn == NULL || cl == 0 || cl > SAGA_EVENT_NAME_MAX || nl == 0 || nl > SAGA_EVENT_NAME_MAX)
+    return saga__fail(&n->env, SAGA_EINVAL, "channel and name (1..%u bytes; name NULL for "
+                      "every name) and fn needed", SAGA_EVENT_NAME_MAX);
+  if (strcmp(channel, SAGA__LOCAL_CHANNEL) == 0)
+    return saga__fail(&n->env, SAGA_EINVAL, "channel '%s' is reserved", SAGA__LOCAL_CHANNEL);
+  if (n->started || n->closing)
+    return saga__fail(&n->env, SAGA_ESTATE, "event handlers must be registered before start");
+  if (n->event_sub_channel != NULL && strcmp(n->event_sub_channel, channel) == 0)
+    return saga__fail(&n->env, SAGA_EEXIST, "channel '%s' carries saga lifecycle events "
+                      "(saga_node_subscribe_events)", channel);
+  return saga__domain_subscribe(&n->domain, channel, name, fn, arg);
+}
+
 static int register_local_steps(saga_node *n) {
   char name[320];
   for (size_t d = 0; d < n->engine.ndefs; d++) {
@@ -363,6 +391,8 @@ int saga_node_start(saga_node *n, uint64_t *missing_out) {
     const char *ch = h[i].channel;
     if (strcmp(ch, SAGA__LOCAL_CHANNEL) != 0) rc = subscribe_once(n, failed = ch);
   }
+  for (size_t i = 0; rc == SAGA_OK && i < n->domain.nsubs; i++)
+    rc = subscribe_once(n, failed = n->domain.subs[i].channel);
   if (rc != SAGA_OK)
     return saga__fail(&n->env, rc, "transport refused the subscription to '%s': %s", failed,
                       saga_strerror(rc));
@@ -454,6 +484,22 @@ static int queue_op(saga_node *n, saga__work_type type, const char *id, saga_don
   return SAGA_OK;
 }
 
+int saga_node_transact(saga_node *n, saga_transact_fn fn, void *arg, saga_done_cb done,
+                       void *done_arg) {
+  int rc = check_usable(n);
+  if (rc != SAGA_OK) return rc;
+  if (fn == NULL) return saga__fail(&n->env, SAGA_EINVAL, "fn is NULL");
+  struct {
+    saga_transact_fn fn;
+    void *arg;
+  } t = {fn, arg};
+  saga__work *w = saga__queue_push(n, W_TRANSACT, &t, sizeof t, NULL, 0, NULL, 0);
+  if (w == NULL) return saga__fail(&n->env, SAGA_ENOMEM, "out of memory queueing a transaction");
+  w->cb = (void *)done;
+  w->cb_arg = done_arg;
+  return SAGA_OK;
+}
+
 int saga_cancel(saga_node *n, const char *id, saga_done_cb cb, void *arg) {
   return queue_op(n, W_CANCEL, id, cb, arg);
 }
@@ -519,6 +565,7 @@ static void async_cb(uv_async_t *h) { run_posts((saga_node *)h->data, 0); }
 static void free_node(saga_node *n) {
   const saga_allocator *a = n->env.alloc;
   saga__retention_free(&n->retention);
+  saga__domain_free(&n->domain);
   saga__participant_free(&n->part);
   saga__engine_free(&n->engine);
   saga__journal_free(&n->journal);

@@ -254,7 +254,12 @@ static int do_replay(opctx *c) {
     rc = saga__engine_reply(&n->engine, env);
     break;
   default:
-    rc = saga__journal_remote_event(&n->journal, body.data, body.len);
+    if (saga__domain_has_channel(&n->domain, ch)) {
+      int ack = 1;
+      rc = saga__domain_event(&n->domain, ch, env, body.data, body.len, 1, &ack);
+    } else {
+      rc = saga__journal_remote_event(&n->journal, body.data, body.len);
+    }
     break;
   }
   if (rc == SAGA_OK && n->env.stats.dead_letters != dead_before) {

@@ -14,10 +14,6 @@
 
 enum { PS_NONE = 0, PS_APPLIED = 1, PS_COMPENSATED = 2, PS_TOMBSTONE = 3, PS_REFUSED = 4 };
 
-struct saga_tx {
-  saga__participant *p;
-};
-
 struct saga_msg {
   const saga_envelope *env;
   const saga_data *data;

@@ -18,6 +18,8 @@ typedef struct saga__handler {
   void *arg;
 } saga__handler;
 
+struct saga__domain;
+
 typedef struct saga__participant {
   saga__env *env;
   saga__journal *journal;
@@ -50,7 +52,13 @@ typedef struct saga__participant {
   saga__buf prev;  /* the step record's reply */
   saga__buf enc;   /* the reply envelope */
   saga__buf dup_to, dup; /* a duplicate's recorded reply */
+  struct saga__domain *domain; /* saga_tx_publish() from a handler (domain.c); set by the node */
 } saga__participant;
+
+/* The transaction a handler, an event handler or a saga_node_transact() function runs in. */
+struct saga_tx {
+  saga__participant *p;
+};
 
 void saga__participant_init(saga__participant *p, saga__env *env, saga__journal *j,
                             saga__engine *e, uint32_t max_deliveries);

@@ -19,6 +19,7 @@
 #ifndef SAGA_SRC_CORE_RUNTIME_H
 #define SAGA_SRC_CORE_RUNTIME_H
 
+#include "domain.h"
 #include "participant.h"
 #include "retention.h"
 
@@ -32,7 +33,8 @@ typedef enum saga__work_type {
   W_SENT,
   W_DEAD, /* a message the transport gave up on: keep it, then acknowledge it */
   W_UNSENDABLE, /* an outbox row send() refused for good: dead-letter it, fail its step */
-  W_OPREQ       /* an operator request (tag = its id), operator.c */
+  W_OPREQ,      /* an operator request (tag = its id), operator.c */
+  W_TRANSACT    /* saga_node_transact(): off1 holds the function and its argument */
 } saga__work_type;
 
 /* One queued item. Variable-length bytes live in the queue's arena, referenced by offset. */
@@ -81,6 +83,7 @@ struct saga_node {
   saga__journal journal;
   saga__engine engine;
   saga__participant part;
+  saga__domain domain; /* domain events: publishing, subscribers (domain.c) */
   saga__retention retention;
 
   saga_transport *transport;

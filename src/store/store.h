@@ -280,6 +280,19 @@ typedef struct saga__store_methods {
    * on the loop once it finished. */
   int (*stop)(saga__store *s, void (*done)(void *arg), void *arg);
   void (*close)(saga__store *s);
+
+  /* ---- domain events (saga/domain.h; may be NULL in a backend without them) ---- */
+  /* The database's event stream id: fresh (nonzero) is stored on first use, then the stored
+   * one is read. */
+  int (*event_stream)(saga__store *s, uint64_t fresh, uint64_t *stream);
+  /* Bumps and returns the sequence number of (channel, key): 1 for its first event. */
+  int (*event_seq_next)(saga__store *s, const char *channel, const char *key, uint64_t *seq);
+  /* The last sequence number handled of (stream, channel, key): 0 when none. */
+  int (*event_cursor_get)(saga__store *s, const char *stream, const char *channel,
+                          const char *key, uint64_t *seq);
+  /* Sets it (inserting the row when there is none). */
+  int (*event_cursor_put)(saga__store *s, const char *stream, const char *channel,
+                          const char *key, uint64_t seq, uint64_t now);
 } saga__store_methods;
 
 struct saga__store {

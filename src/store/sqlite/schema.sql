@@ -294,3 +294,24 @@ ALTER TABLE saga_instance ADD COLUMN trace_parent TEXT NOT NULL DEFAULT '';
 ALTER TABLE saga_instance ADD COLUMN started_ns INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE saga_instance ADD COLUMN attempt_span TEXT NOT NULL DEFAULT '';
 ALTER TABLE saga_instance ADD COLUMN attempt_ns INTEGER NOT NULL DEFAULT 0;
+
+-- migration 9
+-- Domain events (include/saga/domain.h, docs/patterns.md). The publisher's last sequence
+-- number per (channel, key), bumped in the transaction that publishes; and the subscriber's
+-- cursor per (publisher stream, channel, key): the last sequence number handled, skipped or
+-- dead-lettered. Neither is purged: a key's sequence must never start over. The publisher's
+-- stream id is saga_meta('event_stream'), made at random on the first publish.
+CREATE TABLE saga_event_seq (
+  channel TEXT NOT NULL,
+  key     TEXT NOT NULL,
+  seq     INTEGER NOT NULL,
+  PRIMARY KEY (channel, key)
+) WITHOUT ROWID;
+CREATE TABLE saga_event_cursor (
+  stream     TEXT NOT NULL,
+  channel    TEXT NOT NULL,
+  key        TEXT NOT NULL,
+  seq        INTEGER NOT NULL,
+  updated_ms INTEGER NOT NULL,
+  PRIMARY KEY (stream, channel, key)
+) WITHOUT ROWID;

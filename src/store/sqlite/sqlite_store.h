@@ -83,6 +83,8 @@ typedef struct sq_store {
   void (*stop_done)(void *);  /* called once a running pass ends after stop() */
   void *stop_arg;
   uint64_t checkpoints, checkpoints_inline, checkpoint_failures;
+  /* domain.c: its statements, prepared on first use (NULL until then) */
+  sqlite3_stmt *ev_st[4];
 } sq_store;
 
 /* operator.c: the store methods for operators' tools (see ../store.h). */
@@ -95,6 +97,17 @@ int saga__sq_opreq_finish(saga__store *s, int64_t id, int state, const char *res
 int saga__sq_dead_get(saga__store *s, int64_t id, saga__buf *channel, saga__buf *reason,
                       saga__buf *body);
 int saga__sq_dead_delete(saga__store *s, int64_t id, uint64_t *deleted);
+
+/* domain.c: the store methods for domain events (see ../store.h), and the finalizing of
+ * their statements at close. */
+int saga__sq_event_stream(saga__store *s, uint64_t fresh, uint64_t *stream);
+int saga__sq_event_seq_next(saga__store *s, const char *channel, const char *key,
+                            uint64_t *seq);
+int saga__sq_event_cursor_get(saga__store *s, const char *stream, const char *channel,
+                              const char *key, uint64_t *seq);
+int saga__sq_event_cursor_put(saga__store *s, const char *stream, const char *channel,
+                              const char *key, uint64_t seq, uint64_t now);
+void saga__sq_events_close(sq_store *s);
 
 /* Maps a SQLite result code to a SAGA_E* code. */
 int saga__sq_err(int sqlite_rc);

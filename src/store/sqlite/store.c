@@ -950,6 +950,7 @@ static void sq_close(saga__store *ss) {
   sq_store *s = SQ(ss);
   saga__sq_checkpoint_free(s);
   for (int i = 0; i < ST__COUNT; i++) sqlite3_finalize(s->st[i]);
+  saga__sq_events_close(s);
   if (s->db != NULL) sqlite3_close_v2(s->db);
   saga__free(s->alloc, s);
 }
@@ -1012,6 +1013,10 @@ static const saga__store_methods sqlite_methods = {
     .stats = sq_stats,
     .stop = sq_stop,
     .close = sq_close,
+    .event_stream = saga__sq_event_stream,
+    .event_seq_next = saga__sq_event_seq_next,
+    .event_cursor_get = saga__sq_event_cursor_get,
+    .event_cursor_put = saga__sq_event_cursor_put,
 };
 
 /* The integer a PRAGMA returns (its first column of its first row): a SQLite code. */

@@ -224,7 +224,11 @@ static int dl_show(sctl_opts *o) {
   print_field("saga", env->saga_id);
   printf("  %-10s %u (attempt %u, phase %s)\n", "step", env->step, env->attempt,
          phase_name(env->phase));
-  print_field(env->kind == SAGA_MSG_EVENT ? "definition" : "action", env->name);
+  /* A domain event (saga/domain.h) carries its stream and sequence number in headers and
+   * any bytes as data; a saga's lifecycle event names its definition. */
+  int domain = env->kind == SAGA_MSG_EVENT && saga_envelope_header(env, "seq") != NULL;
+  print_field(domain ? "event" : env->kind == SAGA_MSG_EVENT ? "definition" : "action",
+              env->name);
   print_field("msg id", env->msg_id);
   print_field("reply_to", env->reply_to);
   if (env->kind == SAGA_MSG_REPLY) {
@@ -240,7 +244,9 @@ static int dl_show(sctl_opts *o) {
   }
   data_ctx count = {0};
   const char *werr = NULL;
-  if (sctl_data_walk(env->payload, env->payload_len, data_key, &count, &werr) != 0) {
+  if (domain) {
+    printf("  data       %zu bytes (a domain event's data: not shown)\n", env->payload_len);
+  } else if (sctl_data_walk(env->payload, env->payload_len, data_key, &count, &werr) != 0) {
     printf("  data       %zu bytes, not a valid data map (%s)\n", env->payload_len, werr);
   } else {
     data_ctx pr = {.print = 1};
