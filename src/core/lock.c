@@ -79,7 +79,9 @@ int saga_lock_release(saga_tx *tx, const char *type, const char *id) {
   if (rc == SAGA_ENOTFOUND)
     return saga__fail(env, SAGA_ENOTFOUND, "%s", "no saga holds this lock");
   if (rc != SAGA_OK) return saga__store_fail(env, rc, "reading a semantic lock");
-  return saga__fail(env, SAGA_ELOCKED, "the lock is held by saga %s, not by this one", holder);
+  snprintf(tx->p->lock_reason, sizeof tx->p->lock_reason,
+           "cannot release: the record is held by saga %s, not by this one", holder);
+  return saga__fail(env, SAGA_ELOCKED, "%s", tx->p->lock_reason);
 }
 
 int saga_lock_release_all(saga_tx *tx, uint64_t *released) {
