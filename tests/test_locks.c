@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <sqlite3.h>
 
@@ -37,6 +39,7 @@ typedef struct lw {
   int take_fail_after; /* TAKE locks, then refuses (1) or fails technically (2) */
   uint64_t released;   /* what FINISH's saga_lock_release_all() released */
   int take_runs;
+  const char *crash_at; /* the participant's process _exit()s at this point (a forked child) */
 } lw;
 
 static lw W;
@@ -133,6 +136,11 @@ static saga_step local_steps[] = {
 static const saga_definition local_def = {SAGA_DEFINITION_VERSION, "local", 1, local_steps, 2,
                                           0, sizeof(saga_step)};
 
+static void crash_hook(void *arg, const char *point) {
+  (void)arg;
+  if (W.crash_at != NULL && strcmp(point, W.crash_at) == 0) _exit(0);
+}
+
 static saga_node *open_node(const char *name, int orchestrate) {
   saga_transport *t = NULL;
   assert_int_equal(saga_mem_transport_new(&t, W.hub), SAGA_OK);
@@ -148,6 +156,7 @@ static saga_node *open_node(const char *name, int orchestrate) {
   cfg.clock = W.clock;
   cfg.retention.finished_ms = 0;
   cfg.retention.inbox_ms = 0;
+  if (!orchestrate) cfg.test_hook = crash_hook;
   saga_node *n = NULL;
   char err[256];
   int rc = saga_node_open(&n, &W.loop, &cfg, err, sizeof err);
@@ -383,6 +392,64 @@ static void test_lock_survives_restart(void **state) {
   assert_string_equal(holder(W.part, "order", "77"), a);
 }
 
+/* The crash story: the lock row commits with the handler's writes, its inbox record and its
+ * reply. The participant's process dies (a forked child, _exit()) after the handler wrote
+ * everything but before the commit: after the restart nothing is held, the command comes
+ * again and the saga ends holding the lock once. It dies right after the commit (before the
+ * acknowledgement): the lock is held, the redelivered command is answered from the inbox. */
+static void crash_at(const char *point, int held_after_crash) {
+  close_nodes();
+  fflush(stdout);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    uv_loop_init(&W.loop);
+    W.crash_at = point;
+    open_nodes();
+    W.ended = 0;
+    saga_data *d = NULL;
+    saga_data_new(&d, NULL);
+    saga_data_set_str(d, "order", "88");
+    saga_start(W.orch, "hold", d, NULL, started, NULL);
+    saga_data_free(d);
+    th_run_manual(&W.loop, W.clock, ended, NULL, 60000);
+    _exit(3); /* the point was never reached */
+  }
+  int status = 0;
+  assert_int_equal(waitpid(pid, &status, 0), pid);
+  assert_true(WIFEXITED(status));
+  assert_int_equal(WEXITSTATUS(status), 0);
+  open_nodes();
+  char id[40];
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(saga_node_db(W.orch), "SELECT id FROM saga_instance", -1,
+                                      &st, NULL),
+                   SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW); /* the start had committed */
+  snprintf(id, sizeof id, "%s", (const char *)sqlite3_column_text(st, 0));
+  sqlite3_finalize(st);
+  assert_string_equal(holder(W.part, "order", "88"), held_after_crash ? id : "");
+  assert_int_equal(count_rows(W.part, "SELECT count(*) FROM saga_inbox"), held_after_crash);
+  int runs = W.take_runs;
+  W.ended = 0;
+  assert_int_equal(saga_node_watch(W.orch, id, watched, NULL), SAGA_OK);
+  assert_int_equal(th_run_manual(&W.loop, W.clock, ended, NULL, 600000), 0);
+  assert_int_equal(W.state, SAGA_COMPLETED);
+  assert_int_equal(W.take_runs, runs + (held_after_crash ? 0 : 1)); /* once in all */
+  assert_string_equal(holder(W.part, "order", "88"), id);
+  assert_int_equal(count_rows(W.part, "SELECT count(*) FROM saga_lock"), 1);
+}
+
+static void test_crash_before_commit(void **state) {
+  (void)state;
+  crash_at("participant.after_inbox", 0);
+}
+
+static void test_crash_after_commit(void **state) {
+  (void)state;
+  crash_at("tx.after_commit", 1);
+}
+
 /* saga_lock_view names each lock, its saga and step, and the saga's state where this node
  * orchestrates it. */
 static void test_view(void **state) {
@@ -535,6 +602,8 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_compensation_releases, setup, teardown),
       cmocka_unit_test_setup_teardown(test_terminal_releases_on_orchestrator, setup, teardown),
       cmocka_unit_test_setup_teardown(test_lock_survives_restart, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_crash_before_commit, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_crash_after_commit, setup, teardown),
       cmocka_unit_test_setup_teardown(test_view, setup, teardown),
       cmocka_unit_test_setup_teardown(test_bad_arguments, setup, teardown),
   };
