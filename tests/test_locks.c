@@ -116,25 +116,44 @@ static int local_room(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) 
 }
 
 static const saga_step hold_steps[] = {
-    {.name = "TAKE", .channel = "part", .action = "take", .compensation = "untake",
-     .kind = SAGA_STEP_COMPENSATABLE, .timeout_ms = SAGA_STEP_NO_TIMEOUT},
-    {.name = "TAKE2", .channel = "part", .action = "take2", .compensation = "untake2",
-     .kind = SAGA_STEP_COMPENSATABLE, .timeout_ms = SAGA_STEP_NO_TIMEOUT},
-    {.name = "CHECK", .channel = "part", .action = "check", .kind = SAGA_STEP_COMPENSATABLE,
+    {.name = "TAKE",
+     .channel = "part",
+     .action = "take",
+     .compensation = "untake",
+     .kind = SAGA_STEP_COMPENSATABLE,
      .timeout_ms = SAGA_STEP_NO_TIMEOUT},
-    {.name = "FINISH", .channel = "part", .action = "finish", .kind = SAGA_STEP_PIVOT,
+    {.name = "TAKE2",
+     .channel = "part",
+     .action = "take2",
+     .compensation = "untake2",
+     .kind = SAGA_STEP_COMPENSATABLE,
+     .timeout_ms = SAGA_STEP_NO_TIMEOUT},
+    {.name = "CHECK",
+     .channel = "part",
+     .action = "check",
+     .kind = SAGA_STEP_COMPENSATABLE,
+     .timeout_ms = SAGA_STEP_NO_TIMEOUT},
+    {.name = "FINISH",
+     .channel = "part",
+     .action = "finish",
+     .kind = SAGA_STEP_PIVOT,
      .timeout_ms = SAGA_STEP_NO_TIMEOUT},
 };
 static const saga_definition hold_def = {SAGA_DEFINITION_VERSION, "hold", 1, hold_steps, 4, 0,
                                          sizeof(saga_step)};
 static saga_step local_steps[] = {
-    {.name = "ROOM", .local_action = local_room, .kind = SAGA_STEP_COMPENSATABLE,
+    {.name = "ROOM",
+     .local_action = local_room,
+     .kind = SAGA_STEP_COMPENSATABLE,
      .timeout_ms = SAGA_STEP_NO_TIMEOUT},
-    {.name = "CHECK", .channel = "part", .action = "check", .kind = SAGA_STEP_PIVOT,
+    {.name = "CHECK",
+     .channel = "part",
+     .action = "check",
+     .kind = SAGA_STEP_PIVOT,
      .timeout_ms = SAGA_STEP_NO_TIMEOUT},
 };
-static const saga_definition local_def = {SAGA_DEFINITION_VERSION, "local", 1, local_steps, 2,
-                                          0, sizeof(saga_step)};
+static const saga_definition local_def = {SAGA_DEFINITION_VERSION, "local", 1, local_steps, 2, 0,
+                                          sizeof(saga_step)};
 
 static void crash_hook(void *arg, const char *point) {
   (void)arg;
@@ -302,8 +321,7 @@ static void test_acquire_refuse_release(void **state) {
   assert_string_equal(holder(W.part, "order", "42"), a); /* the refused saga took nothing */
 
   /* A saga whose last step releases: free afterwards (both of its locks). */
-  assert_int_equal(run("hold", "order", "43", "ticket", "7", "release", "1", NULL),
-                   SAGA_COMPLETED);
+  assert_int_equal(run("hold", "order", "43", "ticket", "7", "release", "1", NULL), SAGA_COMPLETED);
   assert_int_equal(W.released, 2);
   assert_string_equal(holder(W.part, "order", "43"), "");
   assert_string_equal(holder(W.part, "ticket", "7"), "");
@@ -342,8 +360,7 @@ static int was_retried(void *arg) {
  * releases them. */
 static void test_compensation_releases(void **state) {
   (void)state;
-  assert_int_equal(run("hold", "order", "5", "ticket", "6", "refuse", "1", NULL),
-                   SAGA_COMPENSATED);
+  assert_int_equal(run("hold", "order", "5", "ticket", "6", "refuse", "1", NULL), SAGA_COMPENSATED);
   assert_string_equal(holder(W.part, "order", "5"), "");
   assert_string_equal(holder(W.part, "ticket", "6"), "");
 
@@ -351,7 +368,7 @@ static void test_compensation_releases(void **state) {
   assert_int_equal(run("hold", "order", "5", "ticket", "6", "refuse", "1", NULL), SAGA_FAILED);
   char f[40];
   snprintf(f, sizeof f, "%s", W.id);
-  assert_string_equal(holder(W.part, "order", "5"), f); /* TAKE's compensation failed */
+  assert_string_equal(holder(W.part, "order", "5"), f);   /* TAKE's compensation failed */
   assert_string_equal(holder(W.part, "ticket", "6"), ""); /* TAKE2's succeeded */
   /* A FAILED saga's locks still refuse others. */
   W.untake_refuse = 0;
@@ -422,9 +439,9 @@ static void crash_at(const char *point, int held_after_crash) {
   open_nodes();
   char id[40];
   sqlite3_stmt *st = NULL;
-  assert_int_equal(sqlite3_prepare_v2(saga_node_db(W.orch), "SELECT id FROM saga_instance", -1,
-                                      &st, NULL),
-                   SQLITE_OK);
+  assert_int_equal(
+      sqlite3_prepare_v2(saga_node_db(W.orch), "SELECT id FROM saga_instance", -1, &st, NULL),
+      SQLITE_OK);
   assert_int_equal(sqlite3_step(st), SQLITE_ROW); /* the start had committed */
   snprintf(id, sizeof id, "%s", (const char *)sqlite3_column_text(st, 0));
   sqlite3_finalize(st);
@@ -482,8 +499,8 @@ static void test_view(void **state) {
   snprintf(sql, sizeof sql, "INSERT INTO saga_lock VALUES('room', 'x', '%s', 0, 0)", a);
   assert_int_equal(sqlite3_exec(saga_node_db(W.orch), sql, NULL, NULL, NULL), SQLITE_OK);
   assert_int_equal(sqlite3_prepare_v2(saga_node_db(W.orch),
-                                      "SELECT saga_state, definition FROM saga_lock_view", -1,
-                                      &st, NULL),
+                                      "SELECT saga_state, definition FROM saga_lock_view", -1, &st,
+                                      NULL),
                    SQLITE_OK);
   assert_int_equal(sqlite3_step(st), SQLITE_ROW);
   assert_string_equal((const char *)sqlite3_column_text(st, 0), "COMPLETED");
@@ -533,8 +550,7 @@ static void test_bad_arguments(void **state) {
   assert_int_equal(saga_lock_holder(NULL, "order", "1", buf, sizeof buf), SAGA_EINVAL);
   assert_int_equal(saga_lock_holder(db, NULL, "1", buf, sizeof buf), SAGA_EINVAL);
   assert_int_equal(saga_lock_holder(db, "order", "", buf, sizeof buf), SAGA_EINVAL);
-  assert_int_equal(saga_lock_holder(db, "order", "1", buf, SAGA_LOCK_HOLDER_SIZE - 1),
-                   SAGA_EINVAL);
+  assert_int_equal(saga_lock_holder(db, "order", "1", buf, SAGA_LOCK_HOLDER_SIZE - 1), SAGA_EINVAL);
   char big[SAGA_LOCK_ID_MAX + 2];
   memset(big, 'i', sizeof big - 1);
   big[sizeof big - 1] = '\0';
@@ -548,8 +564,9 @@ static void test_bad_arguments(void **state) {
   sqlite3_close(plain);
 
   /* Inside a handler: a record another saga holds, then the probe. */
-  assert_int_equal(sqlite3_exec(db, "INSERT INTO saga_lock VALUES('order', 'held-by-other', "
-                                    "'0123456789abcdef0123456789abcdef', 3, 0)",
+  assert_int_equal(sqlite3_exec(db,
+                                "INSERT INTO saga_lock VALUES('order', 'held-by-other', "
+                                "'0123456789abcdef0123456789abcdef', 3, 0)",
                                 NULL, NULL, NULL),
                    SQLITE_OK);
   close_nodes();
@@ -577,10 +594,9 @@ static void test_bad_arguments(void **state) {
     assert_int_equal(saga_node_start(W.part, NULL), SAGA_OK);
   }
   assert_int_equal(run("hold", NULL), SAGA_COMPLETED);
-  static const int want[] = {SAGA_EINVAL,  SAGA_EINVAL,    SAGA_EINVAL,  SAGA_EINVAL,
-                             SAGA_ETOOBIG, SAGA_ETOOBIG,   SAGA_OK,      SAGA_ENOTFOUND,
-                             SAGA_ELOCKED, SAGA_OK,        SAGA_EINVAL,  SAGA_EINVAL,
-                             SAGA_ELOCKED, SAGA_OK};
+  static const int want[] = {SAGA_EINVAL,  SAGA_EINVAL, SAGA_EINVAL,    SAGA_EINVAL,  SAGA_ETOOBIG,
+                             SAGA_ETOOBIG, SAGA_OK,     SAGA_ENOTFOUND, SAGA_ELOCKED, SAGA_OK,
+                             SAGA_EINVAL,  SAGA_EINVAL, SAGA_ELOCKED,   SAGA_OK};
   for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
     if (probe_codes[k] != want[k])
       fail_msg("probe call %zu returned %s, expected %s", k, saga_err_name(probe_codes[k]),
@@ -588,10 +604,8 @@ static void test_bad_arguments(void **state) {
   }
   assert_int_equal(probe_released, 0); /* the long id was released again by the probe */
   /* The other saga's lock is untouched. */
-  assert_string_equal(holder(W.part, "order", "held-by-other"),
-                      "0123456789abcdef0123456789abcdef");
-  assert_string_equal(saga_strerror(SAGA_ELOCKED),
-                      "record held by another saga (semantic lock)");
+  assert_string_equal(holder(W.part, "order", "held-by-other"), "0123456789abcdef0123456789abcdef");
+  assert_string_equal(saga_strerror(SAGA_ELOCKED), "record held by another saga (semantic lock)");
   assert_string_equal(saga_err_name(SAGA_ELOCKED), "ELOCKED");
 }
 

@@ -30,8 +30,8 @@ typedef struct ftgo_order_svc {
 /* Opens the Order service's node on db_path (created), listening on listen, with routes to
  * the three participants, and its own connection. 0 or -1 (err says why). */
 int ftgo_order_open(ftgo_order_svc *s, uv_loop_t *loop, const char *db_path, const char *listen,
-                    const char *consumer, const char *kitchen, const char *accounting,
-                    char *err, size_t errlen);
+                    const char *consumer, const char *kitchen, const char *accounting, char *err,
+                    size_t errlen);
 void ftgo_order_close(ftgo_order_svc *s);
 
 /* An order as the client asks for it. */

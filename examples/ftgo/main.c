@@ -92,8 +92,7 @@ static void on_child_exit(uv_process_t *p, int64_t status, int sig) {
   c->running = 0;
   if (status != 0 || (sig != 0 && sig != SIGTERM)) {
     failures++; /* a service must stop cleanly (under a sanitizer: without a report) */
-    fprintf(stderr, "ftgo: a service exited with status %lld, signal %d\n", (long long)status,
-            sig);
+    fprintf(stderr, "ftgo: a service exited with status %lld, signal %d\n", (long long)status, sig);
   }
   uv_close((uv_handle_t *)p, NULL);
 }
@@ -112,8 +111,8 @@ static int spawn(uv_loop_t *loop, child *c, int which) {
   char exe[1024];
   size_t len = sizeof exe;
   if (uv_exepath(exe, &len) != 0) return -1;
-  char *args[] = {exe, (char *)g_names[which], db_path(g_names[which]), g_addr[which],
-                  g_addr[0], NULL};
+  char *args[] = {exe, (char *)g_names[which], db_path(g_names[which]), g_addr[which], g_addr[0],
+                  NULL};
   uv_stdio_container_t stdio[3] = {{.flags = UV_IGNORE},
                                    {.flags = UV_INHERIT_FD, .data.fd = 2},
                                    {.flags = UV_INHERIT_FD, .data.fd = 2}};
@@ -127,8 +126,8 @@ static int spawn(uv_loop_t *loop, child *c, int which) {
   c->proc.data = c;
   if (uv_spawn(loop, &c->proc, &po) != 0) return -1;
   c->running = 1;
-  printf("started %s (pid %d) on %s, database %s\n", g_names[which], c->proc.pid,
-         g_addr[which], db_path(g_names[which]));
+  printf("started %s (pid %d) on %s, database %s\n", g_names[which], c->proc.pid, g_addr[which],
+         db_path(g_names[which]));
   return 0;
 }
 
@@ -245,8 +244,8 @@ static int demo_main(const char *dir_arg) {
   if (spawn(loop, &kids[1], 1) != 0 || spawn(loop, &kids[2], 2) != 0) return 1;
   ftgo_order_svc s;
   char err[256];
-  if (ftgo_order_open(&s, loop, db_path("order"), g_addr[0], g_addr[1], g_addr[2], g_addr[3],
-                      err, sizeof err) != 0) {
+  if (ftgo_order_open(&s, loop, db_path("order"), g_addr[0], g_addr[1], g_addr[2], g_addr[3], err,
+                      sizeof err) != 0) {
     fprintf(stderr, "ftgo: %s\n", err);
     return 1;
   }
@@ -296,8 +295,9 @@ static int demo_main(const char *dir_arg) {
   rejected(&s, "4. Order o3 of an item not on the menu: rejected at CREATE_TICKET", &r3, "",
            "the restaurant does not serve this item");
   ftgo_order_req r4 = {"o4", "c1", "r1", "pasta", "4000-0002", 1, 1500};
-  rejected(&s, "5. Order o4 with a declined card: rejected at AUTHORIZE_CARD (the pivot); the\n"
-               "   ticket is rejected by its compensation",
+  rejected(&s,
+           "5. Order o4 with a declined card: rejected at AUTHORIZE_CARD (the pivot); the\n"
+           "   ticket is rejected by its compensation",
            &r4, "REJECTED", "card declined by the issuer");
 
   printf("\n6. cancelOrder(o1) once approved\n");

@@ -194,8 +194,8 @@ static int kitchen_cancel(saga_tx *tx, const saga_msg *m, saga_reply *r, void *a
   if (rc < 0) return SAGA_ESTORE;
   if (rc == 0 || strcmp(state, "AWAITING_ACCEPTANCE") != 0)
     return saga_reply_fail(r, "only a ticket awaiting acceptance can be cancelled");
-  return sql1(db, NULL, 0, "UPDATE ftgo_ticket SET state = 'CANCELLED' WHERE order_id = ?1",
-              order, NULL) < 0
+  return sql1(db, NULL, 0, "UPDATE ftgo_ticket SET state = 'CANCELLED' WHERE order_id = ?1", order,
+              NULL) < 0
              ? SAGA_ESTORE
              : SAGA_OK;
 }
@@ -320,8 +320,8 @@ static int order_begin_cancel(saga_tx *tx, const saga_msg *m, saga_reply *r, voi
     snprintf(why, sizeof why, "the order is %s: only an APPROVED order can be cancelled", state);
     return saga_reply_fail(r, why);
   }
-  return sql1(db, NULL, 0, "UPDATE ftgo_order SET state = 'CANCEL_PENDING' WHERE id = ?1",
-              order, NULL) < 0
+  return sql1(db, NULL, 0, "UPDATE ftgo_order SET state = 'CANCEL_PENDING' WHERE id = ?1", order,
+              NULL) < 0
              ? SAGA_ESTORE
              : SAGA_OK;
 }
@@ -352,37 +352,61 @@ static int order_confirm_cancel(saga_tx *tx, const saga_msg *m, saga_reply *r, v
 
 /* ---- Order: the definitions -------------------------------------------------------------- */
 
-#define FOREVER {SAGA_RETRY_FOREVER, 100, 2.0, 2000, 0, 0}
+#define FOREVER                                                                                    \
+  { SAGA_RETRY_FOREVER, 100, 2.0, 2000, 0, 0 }
 
 static saga_step create_steps[] = {
-    {.name = "CREATE_ORDER", .local_action = order_create, .local_compensation = order_reject,
+    {.name = "CREATE_ORDER",
+     .local_action = order_create,
+     .local_compensation = order_reject,
      .kind = SAGA_STEP_COMPENSATABLE},
-    {.name = "VERIFY_CONSUMER", .channel = "consumer", .action = "consumer.verify",
+    {.name = "VERIFY_CONSUMER",
+     .channel = "consumer",
+     .action = "consumer.verify",
      .kind = SAGA_STEP_COMPENSATABLE},
-    {.name = "CREATE_TICKET", .channel = "kitchen", .action = "kitchen.createTicket",
-     .compensation = "kitchen.rejectTicket", .kind = SAGA_STEP_COMPENSATABLE},
-    {.name = "AUTHORIZE_CARD", .channel = "accounting", .action = "accounting.authorize",
+    {.name = "CREATE_TICKET",
+     .channel = "kitchen",
+     .action = "kitchen.createTicket",
+     .compensation = "kitchen.rejectTicket",
+     .kind = SAGA_STEP_COMPENSATABLE},
+    {.name = "AUTHORIZE_CARD",
+     .channel = "accounting",
+     .action = "accounting.authorize",
      .kind = SAGA_STEP_PIVOT},
-    {.name = "CONFIRM_TICKET", .channel = "kitchen", .action = "kitchen.confirmTicket",
-     .kind = SAGA_STEP_RETRIABLE, .retry = FOREVER},
-    {.name = "APPROVE_ORDER", .local_action = order_approve, .kind = SAGA_STEP_RETRIABLE,
+    {.name = "CONFIRM_TICKET",
+     .channel = "kitchen",
+     .action = "kitchen.confirmTicket",
+     .kind = SAGA_STEP_RETRIABLE,
+     .retry = FOREVER},
+    {.name = "APPROVE_ORDER",
+     .local_action = order_approve,
+     .kind = SAGA_STEP_RETRIABLE,
      .retry = FOREVER},
 };
 
 static saga_step cancel_steps[] = {
-    {.name = "BEGIN_CANCEL", .local_action = order_begin_cancel,
-     .local_compensation = order_undo_cancel, .kind = SAGA_STEP_COMPENSATABLE},
-    {.name = "CANCEL_TICKET", .channel = "kitchen", .action = "kitchen.cancelTicket",
+    {.name = "BEGIN_CANCEL",
+     .local_action = order_begin_cancel,
+     .local_compensation = order_undo_cancel,
+     .kind = SAGA_STEP_COMPENSATABLE},
+    {.name = "CANCEL_TICKET",
+     .channel = "kitchen",
+     .action = "kitchen.cancelTicket",
      .kind = SAGA_STEP_PIVOT},
-    {.name = "REVERSE_AUTHORIZATION", .channel = "accounting", .action = "accounting.reverse",
-     .kind = SAGA_STEP_RETRIABLE, .retry = FOREVER},
-    {.name = "CONFIRM_CANCEL", .local_action = order_confirm_cancel,
-     .kind = SAGA_STEP_RETRIABLE, .retry = FOREVER},
+    {.name = "REVERSE_AUTHORIZATION",
+     .channel = "accounting",
+     .action = "accounting.reverse",
+     .kind = SAGA_STEP_RETRIABLE,
+     .retry = FOREVER},
+    {.name = "CONFIRM_CANCEL",
+     .local_action = order_confirm_cancel,
+     .kind = SAGA_STEP_RETRIABLE,
+     .retry = FOREVER},
 };
 
 int ftgo_order_open(ftgo_order_svc *s, uv_loop_t *loop, const char *db_path, const char *listen,
-                    const char *consumer, const char *kitchen, const char *accounting,
-                    char *err, size_t errlen) {
+                    const char *consumer, const char *kitchen, const char *accounting, char *err,
+                    size_t errlen) {
   memset(s, 0, sizeof *s);
   s->loop = loop;
   /* The local steps' replies come back on the node's own channel, "order": over TCP that
@@ -416,7 +440,8 @@ int ftgo_order_open(ftgo_order_svc *s, uv_loop_t *loop, const char *db_path, con
                             sizeof(saga_step)};
   if (ftgo_schema(saga_node_db(s->node), "order") != 0 ||
       saga_node_register(s->node, &create) != SAGA_OK ||
-      saga_node_register(s->node, &cancel) != SAGA_OK || saga_node_start(s->node, NULL) != SAGA_OK) {
+      saga_node_register(s->node, &cancel) != SAGA_OK ||
+      saga_node_start(s->node, NULL) != SAGA_OK) {
     snprintf(err, errlen, "order: %s", saga_node_errmsg(s->node));
     return -1;
   }
@@ -526,12 +551,10 @@ int ftgo_revise_order(ftgo_order_svc *s, const char *order, int qty, char *why, 
   int res = -1;
   int rc = saga_lock_holder(db, "order", order, holder, sizeof holder);
   if (rc == SAGA_OK) {
-    snprintf(why, len, "order %s is held by saga %s: try again once it has ended", order,
-             holder);
+    snprintf(why, len, "order %s is held by saga %s: try again once it has ended", order, holder);
     res = 0;
   } else if (rc == SAGA_ENOTFOUND) {
-    rc = sql1(db, state, sizeof state, "SELECT state FROM ftgo_order WHERE id = ?1", order,
-              NULL);
+    rc = sql1(db, state, sizeof state, "SELECT state FROM ftgo_order WHERE id = ?1", order, NULL);
     if (rc == 0) {
       snprintf(why, len, "no order %s", order);
       res = 0;
@@ -541,8 +564,7 @@ int ftgo_revise_order(ftgo_order_svc *s, const char *order, int qty, char *why, 
     } else if (rc == 1) {
       char q[24];
       snprintf(q, sizeof q, "%d", qty);
-      if (sql1(db, NULL, 0, "UPDATE ftgo_order SET qty = ?2 WHERE id = ?1", order, q, NULL) ==
-              0 &&
+      if (sql1(db, NULL, 0, "UPDATE ftgo_order SET qty = ?2 WHERE id = ?1", order, q, NULL) == 0 &&
           sql1(db, NULL, 0,
                "INSERT INTO ftgo_order_revision VALUES(?1, ?2, "
                "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))",

@@ -99,8 +99,8 @@ static void test_create_order_saga(void **state) {
   /* The cancel refused while pending names the lock and its holder. */
   char held[128];
   snprintf(held, sizeof held, "order 'o1' is held by saga %s (step 0)", create1);
-  const char *err = q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1",
-                      "cancel-o1-1");
+  const char *err =
+      q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1", "cancel-o1-1");
   if (strstr(err, held) == NULL) fail_msg("cancel-o1-1's error '%s' lacks '%s'", err, held);
   /* The revise while pending was refused: one revision only, the later one. */
   assert_string_equal(q("order", "SELECT count(*) FROM ftgo_order_revision", NULL), "1");
@@ -128,12 +128,15 @@ static void test_create_order_saga(void **state) {
     assert_string_equal(q("accounting", auth, id), "");
   }
   /* Where each rejection came from. */
-  assert_non_null(strstr(q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1",
-                           "create-o2"), "consumer is not allowed to order"));
-  assert_non_null(strstr(q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1",
-                           "create-o3"), "the restaurant does not serve this item"));
-  assert_non_null(strstr(q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1",
-                           "create-o4"), "card declined"));
+  assert_non_null(
+      strstr(q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1", "create-o2"),
+             "consumer is not allowed to order"));
+  assert_non_null(
+      strstr(q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1", "create-o3"),
+             "the restaurant does not serve this item"));
+  assert_non_null(
+      strstr(q("order", "SELECT error FROM saga_instance WHERE idem_key = ?1", "create-o4"),
+             "card declined"));
 
   /* No lock left anywhere; the kitchen's were taken and released (its history shows a
    * ticket for o1 and o4). */

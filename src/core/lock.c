@@ -16,11 +16,15 @@ static int check_key(saga__env *env, const char *type, const char *id) {
     return saga__fail(env, SAGA_EINVAL, "a lock needs a type and an id (non-empty strings)");
   size_t tl = strlen(type), il = strlen(id);
   if (tl > SAGA_LOCK_TYPE_MAX)
-    return saga__fail(env, SAGA_ETOOBIG, "lock type is %zu bytes; the limit is %d "
-                      "(SAGA_LOCK_TYPE_MAX)", tl, SAGA_LOCK_TYPE_MAX);
+    return saga__fail(env, SAGA_ETOOBIG,
+                      "lock type is %zu bytes; the limit is %d "
+                      "(SAGA_LOCK_TYPE_MAX)",
+                      tl, SAGA_LOCK_TYPE_MAX);
   if (il > SAGA_LOCK_ID_MAX)
-    return saga__fail(env, SAGA_ETOOBIG, "lock id is %zu bytes; the limit is %d "
-                      "(SAGA_LOCK_ID_MAX)", il, SAGA_LOCK_ID_MAX);
+    return saga__fail(env, SAGA_ETOOBIG,
+                      "lock id is %zu bytes; the limit is %d "
+                      "(SAGA_LOCK_ID_MAX)",
+                      il, SAGA_LOCK_ID_MAX);
   return SAGA_OK;
 }
 
@@ -76,8 +80,7 @@ int saga_lock_release(saga_tx *tx, const char *type, const char *id) {
   if (deleted) return SAGA_OK;
   char holder[SAGA_LOCK_HOLDER_SIZE];
   rc = s->m->lock_get(s, type, id, holder, NULL);
-  if (rc == SAGA_ENOTFOUND)
-    return saga__fail(env, SAGA_ENOTFOUND, "%s", "no saga holds this lock");
+  if (rc == SAGA_ENOTFOUND) return saga__fail(env, SAGA_ENOTFOUND, "%s", "no saga holds this lock");
   if (rc != SAGA_OK) return saga__store_fail(env, rc, "reading a semantic lock");
   snprintf(tx->p->lock_reason, sizeof tx->p->lock_reason,
            "cannot release: the record is held by saga %s, not by this one", holder);

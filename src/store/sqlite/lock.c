@@ -8,15 +8,14 @@
 
 #include "sqlite_store.h"
 
-int saga_lock_holder(sqlite3 *db, const char *type, const char *id, char *saga_id,
-                     size_t len) {
+int saga_lock_holder(sqlite3 *db, const char *type, const char *id, char *saga_id, size_t len) {
   if (db == NULL || type == NULL || type[0] == '\0' || id == NULL || id[0] == '\0' ||
       (saga_id != NULL && len < SAGA_LOCK_HOLDER_SIZE))
     return SAGA_EINVAL;
   if (strlen(type) > SAGA_LOCK_TYPE_MAX || strlen(id) > SAGA_LOCK_ID_MAX) return SAGA_ETOOBIG;
   sqlite3_stmt *st = NULL;
-  int rc = sqlite3_prepare_v2(db, "SELECT saga_id FROM saga_lock WHERE type = ?1 AND id = ?2",
-                              -1, &st, NULL);
+  int rc = sqlite3_prepare_v2(db, "SELECT saga_id FROM saga_lock WHERE type = ?1 AND id = ?2", -1,
+                              &st, NULL);
   if (rc != SQLITE_OK) {
     int code = saga__sq_err(rc);
     return code != SAGA_OK ? code : SAGA_ESTORE;

@@ -15,7 +15,8 @@ static int has_locks(sqlite3 *db, const char *path) {
   if (!have) {
     char *safe = sctl_safe_str(path, 200);
     sctl_err("'%s' has no semantic locks table (schema older than 10): start a node of this "
-             "libsaga on it once to migrate it", safe);
+             "libsaga on it once to migrate it",
+             safe);
     free(safe);
   }
   return have;
