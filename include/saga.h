@@ -11,6 +11,7 @@
 #include "saga/clock.h"
 #include "saga/data.h"
 #include "saga/participant.h"
+#include "saga/lock.h"
 #include "saga/definition.h"
 #include "saga/envelope.h"
 #include "saga/transport.h"

@@ -26,6 +26,7 @@ fi
 for f in src/core/env.c src/core/journal.c src/core/journal.h src/core/engine.c \
          src/core/engine.h src/core/participant.c src/core/participant.h \
          src/core/retention.c src/core/retention.h src/core/core.h src/core/definition.c \
+         src/core/lock.c \
          src/codec/data.c; do
   if grep -nE '#include "runtime\.h"' "$f"; then
     echo "$f includes runtime.h: the parts below the node must not see it"

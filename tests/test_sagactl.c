@@ -212,8 +212,10 @@ typedef struct world {
 
 static world W;
 
-static int h_ok(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
-  return SAGA_OK;
+/* acct.hold: locks ("account", data "lock") when the data has it (sagactl locks). */
+static int h_hold(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
+  const char *lock = saga_data_get_str(saga_msg_data(cmd), "lock");
+  return lock != NULL ? saga_lock_acquire(tx, "account", lock) : SAGA_OK;
 }
 static int h_confirm(saga_tx *tx, const saga_msg *cmd, saga_reply *reply, void *arg) {
   if (saga_data_get_str(saga_msg_data(cmd), "fail") != NULL)
@@ -292,7 +294,7 @@ static void open_part(world *w) {
   cfg.resend_ms = 200;
   char err[256];
   assert_int_equal(saga_node_open(&w->part, &w->loop, &cfg, err, sizeof err), SAGA_OK);
-  assert_int_equal(saga_node_handle(w->part, "acct", "acct.hold", h_ok, w), SAGA_OK);
+  assert_int_equal(saga_node_handle(w->part, "acct", "acct.hold", h_hold, w), SAGA_OK);
   assert_int_equal(saga_node_handle(w->part, "acct", "acct.confirm", h_confirm, w), SAGA_OK);
   assert_int_equal(saga_node_handle(w->part, "acct", "acct.release", h_release, w), SAGA_OK);
   if (w->audit_registered)
@@ -497,6 +499,95 @@ static void world_free(void) {
   free(W.part_path);
 }
 
+/* ---- semantic locks ---------------------------------------------------------------------- */
+
+static const char *start_locking(world *w, const char *key, const char *lock) {
+  saga_data *d = NULL;
+  assert_int_equal(saga_data_new(&d, NULL), SAGA_OK);
+  saga_data_set_str(d, "lock", lock);
+  int want = w->nstarted + 1;
+  assert_int_equal(saga_start(w->orch, "pay", d, key, on_started, w), SAGA_OK);
+  saga_data_free(d);
+  assert_int_equal(th_run_real(&w->loop, started_pred, &want, 10000), 0);
+  return w->started[w->nstarted - 1];
+}
+
+/* sagactl locks: a lock held by a running saga on the participant's database (the id from
+ * the network escaped), refused to a second saga, filtered by type and saga, as JSON; none
+ * on the orchestrator's; released by the compensation after an operator's cancel. */
+static void test_locks(void **state) {
+  world_open();
+  ctl_run r;
+  static const char lock[] = "acct\x1b[31m7";
+  char held[40], refused[40];
+  snprintf(held, sizeof held, "%s", start_locking(&W, "l1", lock));
+  assert_int_equal(th_run_real(&W.loop, at_wait_pred, held, 20000), 0);
+  snprintf(refused, sizeof refused, "%s", start_locking(&W, "l2", lock));
+  wait_state(refused, 4); /* COMPENSATED: the hold was refused */
+
+  assert_int_equal(CTL(&r, "locks", W.part_path), 0);
+  expect_out(&r, "TYPE");
+  expect_out(&r, "account");
+  expect_out(&r, "acct\\x1b[31m7");
+  assert_null(strchr(r.o.p, '\x1b'));
+  expect_out(&r, held);
+  expect_out(&r, "(elsewhere)");
+  assert_null(strstr(r.o.p, refused));
+  ctl_free(&r);
+
+  assert_int_equal(CTL(&r, "locks", W.part_path, "--json"), 0);
+  json_t *j = parse_json(&r);
+  assert_int_equal(json_array_size(j), 1);
+  json_t *e = json_array_get(j, 0);
+  assert_string_equal(json_string_value(json_object_get(e, "type")), "account");
+  assert_string_equal(json_string_value(json_object_get(e, "id")), lock);
+  assert_string_equal(json_string_value(json_object_get(e, "saga_id")), held);
+  assert_int_equal(json_integer_value(json_object_get(e, "step")), 0);
+  assert_true(json_is_null(json_object_get(e, "saga_state")));
+  assert_true(json_integer_value(json_object_get(e, "acquired_ms")) > 0);
+  json_decref(j);
+  ctl_free(&r);
+
+  /* Filters: another type, another saga, this saga. */
+  assert_int_equal(CTL(&r, "locks", W.part_path, "--type", "order", "--json"), 0);
+  j = parse_json(&r);
+  assert_int_equal(json_array_size(j), 0);
+  json_decref(j);
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "locks", W.part_path, refused, "--json"), 0);
+  j = parse_json(&r);
+  assert_int_equal(json_array_size(j), 0);
+  json_decref(j);
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "locks", W.part_path, held), 0);
+  expect_out(&r, held);
+  ctl_free(&r);
+  /* The orchestrator's database holds none. */
+  assert_int_equal(CTL(&r, "locks", W.orch_path, "--json"), 0);
+  j = parse_json(&r);
+  assert_int_equal(json_array_size(j), 0);
+  json_decref(j);
+  ctl_free(&r);
+
+  /* An operator cancels the saga: its compensations release the lock. */
+  assert_int_equal(CTL(&r, "cancel", W.orch_path, held, "--wait=30"), 0);
+  ctl_free(&r);
+  wait_state(held, 4);
+  assert_int_equal(CTL(&r, "locks", W.part_path, "--json"), 0);
+  j = parse_json(&r);
+  assert_int_equal(json_array_size(j), 0);
+  json_decref(j);
+  ctl_free(&r);
+
+  /* Usage: at most one saga id. */
+  assert_int_equal(CTL(&r, "locks", W.part_path, "a", "b"), 2);
+  expect_err(&r, "at most one saga id");
+  ctl_free(&r);
+  assert_int_equal(CTL(&r, "locks", W.part_path, "--state", "FAILED"), 2);
+  ctl_free(&r);
+  world_free();
+}
+
 /* ---- bad input --------------------------------------------------------------------------- */
 
 static void test_bad_input(void **state) {
@@ -547,6 +638,13 @@ static void test_bad_input(void **state) {
   sqlite3_close(db);
   assert_int_equal(CTL(&r, "list", old), 1);
   expect_err(&r, "schema version 6");
+  ctl_free(&r);
+  /* A libsaga database from before semantic locks (schema 9): locks says so. */
+  assert_int_equal(sqlite3_open(old, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 9", NULL, NULL, NULL), SQLITE_OK);
+  sqlite3_close(db);
+  assert_int_equal(CTL(&r, "locks", old), 1);
+  expect_err(&r, "no semantic locks table (schema older than 10)");
   ctl_free(&r);
   /* Nothing was written into either. */
   assert_int_equal(db_int(other, "SELECT count(*) FROM sqlite_master", NULL), 1);
@@ -1044,6 +1142,7 @@ int main(void) {
       cmocka_unit_test(test_bad_input),
       cmocka_unit_test(test_graph_golden),
       cmocka_unit_test(test_live),
+      cmocka_unit_test(test_locks),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -64,7 +64,8 @@ SAGA_EXTERN const char *saga_version(void);
   XX(EIO, -19, "I/O error")                                                                      \
   XX(EBUSY, -20, "resource busy")                                                                \
   XX(ECORRUPT, -21, "database file is damaged")                                                \
-  XX(EEXPIRED, -22, "record expired")
+  XX(EEXPIRED, -22, "record expired")                                                            \
+  XX(ELOCKED, -23, "record held by another saga (semantic lock)")
 
 /** Error codes. All failures are negative. */
 typedef enum saga_error {

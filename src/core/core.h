@@ -63,6 +63,10 @@ int saga__fail(saga__env *e, int code, const char *fmt, ...)
 /* Sets e->errmsg to "what: <the store's message> (<code's text>)" and returns code. */
 int saga__store_fail(saga__env *e, int code, const char *what);
 uint64_t saga__now(saga__env *e);
+/* Releases the semantic locks (src/core/lock.c) that step `step` of saga_id took (step < 0:
+ * every lock of the saga) in this node's database, in the caller's transaction; *released is
+ * how many (may be NULL). A store without locks holds none: SAGA_OK. */
+int saga__locks_release(saga__env *e, const char *saga_id, int64_t step, uint64_t *released);
 /* A fast pseudo-random number for retry jitter. Not for ids: guessable. */
 uint64_t saga__rand(saga__env *e);
 /* len unpredictable bytes for ids (saga ids, trace ids): from the OS CSPRNG, or from

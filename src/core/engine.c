@@ -590,6 +590,11 @@ static int step(saga__engine *e, saga__inst *i, event evt, const saga_envelope *
   a.start_ns = i->attempt_ns;
   int rc = fn(e, i, r, evt);
   if (rc == SAGA_OK) rc = end_spans(e, i, &a, evt, r);
+  /* A saga that ended well holds no lock in this database any more (saga/lock.h); a FAILED
+   * one keeps its locks until its repair. */
+  if (rc == SAGA_OK && (i->state == SAGA_COMPLETED || i->state == SAGA_COMPENSATED) &&
+      !is_terminal(a.state))
+    rc = saga__locks_release(e->env, i->id, -1, NULL);
   if (rc == SAGA_OK) rc = inst_save(e, i);
   if (rc == SAGA_OK) SAGA__HOOK(e->env, "engine.after_transition");
   return rc;

@@ -245,7 +245,8 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
   saga__trace_format(p->handler_tp, p->in.trace_id, p->handler_span, p->in.flags);
   p->handler_ran = 1;
   p->handler_start_ns = saga__now_ns(p->env);
-  saga_tx tx = {p};
+  saga_tx tx = {p, env};
+  p->lock_reason[0] = '\0';
   saga_msg msg = {env, data, p->handler_tp};
   p->env->stats.handler_runs++;
   int64_t writes_before = s->m->writes(s);
@@ -281,6 +282,13 @@ static int run_handler(saga__participant *p, const char *channel, const saga_env
                "code; a positive value is likely an SQLite result code passed through)", hrc);
       hrc = SAGA_EINVAL;
     }
+  } else if (hrc == SAGA_ELOCKED && !reply.failed) {
+    /* A record held by another saga (saga_lock_acquire()): a business refusal, with the
+     * lock's holder as the reason. */
+    reply.failed = 1;
+    snprintf(reply.reason, sizeof reply.reason, "%s",
+             p->lock_reason[0] ? p->lock_reason : "a record is held by another saga");
+    hrc = SAGA_EREFUSED;
   } else if (hrc < 0 && strcmp(saga_err_name(hrc), "UNKNOWN") == 0) {
     p->env->stats.handler_contract_errors++;
     snprintf(why_code, sizeof why_code, "returned %d, which is not a libsaga code", hrc);
@@ -409,7 +417,11 @@ static int decide(saga__participant *p, const char *channel, const saga_envelope
   case SAGA_PHASE_COMPENSATION:
     if (pstate == PS_APPLIED) {
       rc = run_handler(p, channel, env, raw, o);
-      if (rc == SAGA_OK && o->status == SAGA_OK) o->pstate = PS_COMPENSATED;
+      if (rc == SAGA_OK && o->status == SAGA_OK) {
+        o->pstate = PS_COMPENSATED;
+        /* The locks the action took go with its compensation, in this transaction. */
+        rc = saga__locks_release(p->env, env->saga_id, env->step, NULL);
+      }
     } else if (pstate == PS_NONE && (rc = record_may_be_purged(p, env->saga_id)) != 0) {
       if (rc < 0) return rc;
       rc = SAGA_OK;

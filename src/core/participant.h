@@ -8,6 +8,7 @@
 #define SAGA_SRC_CORE_PARTICIPANT_H
 
 #include "engine.h"
+#include "saga/lock.h"
 
 #define SAGA__BROKE_SLOTS 64
 
@@ -53,11 +54,16 @@ typedef struct saga__participant {
   saga__buf enc;   /* the reply envelope */
   saga__buf dup_to, dup; /* a duplicate's recorded reply */
   struct saga__domain *domain; /* saga_tx_publish() from a handler (domain.c); set by the node */
+  /* Why the last saga_lock_acquire() of the running handler found the record held: the
+   * refusal's reason when the handler returns SAGA_ELOCKED. */
+  char lock_reason[SAGA_LOCK_TYPE_MAX + SAGA_LOCK_ID_MAX + 128];
 } saga__participant;
 
-/* The transaction a handler, an event handler or a saga_node_transact() function runs in. */
+/* The transaction a handler, an event handler or a saga_node_transact() function runs in:
+ * the participant, and the command it serves (NULL outside a participant handler). */
 struct saga_tx {
   saga__participant *p;
+  const saga_envelope *env;
 };
 
 void saga__participant_init(saga__participant *p, saga__env *env, saga__journal *j,

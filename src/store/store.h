@@ -205,6 +205,21 @@ typedef struct saga__store_methods {
   int (*pstep_put)(saga__store *s, const char *saga_id, uint32_t step, int state,
                    uint32_t attempt, const void *reply, size_t len, uint64_t now);
 
+  /* ---- semantic locks (saga_lock; may be NULL in a backend without them) ---- */
+  /* The saga holding (type, id) into holder (40 bytes) and the step that took it.
+   * SAGA_ENOTFOUND when nobody holds it. */
+  int (*lock_get)(saga__store *s, const char *type, const char *id, char holder[40],
+                  uint32_t *step);
+  /* Records (type, id) as held by saga_id's step; SAGA_EEXIST when someone holds it. */
+  int (*lock_put)(saga__store *s, const char *type, const char *id, const char *saga_id,
+                  uint32_t step, uint64_t now);
+  /* Deletes (type, id) if saga_id holds it; *deleted is 1 when it did. */
+  int (*lock_delete)(saga__store *s, const char *type, const char *id, const char *saga_id,
+                     int *deleted);
+  /* Deletes the locks saga_id holds: those its step took (step >= 0), or all (step < 0);
+   * *deleted is how many. */
+  int (*lock_release)(saga__store *s, const char *saga_id, int64_t step, uint64_t *deleted);
+
   /* ---- replies parked until their definition is registered ---- */
   /* Keeps a reply for saga_id; a second one for the same saga (a redelivery of the same
    * answer) is ignored. */

@@ -315,3 +315,32 @@ CREATE TABLE saga_event_cursor (
   updated_ms INTEGER NOT NULL,
   PRIMARY KEY (stream, channel, key)
 ) WITHOUT ROWID;
+
+-- migration 10
+-- Semantic locks (include/saga/lock.h, docs/patterns.md): a business record (type, id) held by
+-- the saga whose step wrote the row, in the participant's transaction: the row commits with
+-- the step's effects, its inbox record and its reply, or not at all. Released by a later step
+-- (saga_lock_release), by the node when it handles the compensation of the step that took it,
+-- and on the orchestrator's node when the saga ends COMPLETED or COMPENSATED. A FAILED saga
+-- keeps its locks until its repair.
+CREATE TABLE saga_lock (
+  type        TEXT NOT NULL,
+  id          TEXT NOT NULL,
+  saga_id     TEXT NOT NULL,
+  step        INTEGER NOT NULL,  -- the step whose handler took the lock
+  acquired_ms INTEGER NOT NULL,
+  PRIMARY KEY (type, id)
+) WITHOUT ROWID;
+CREATE INDEX saga_lock_saga ON saga_lock(saga_id, step);
+
+-- The locks held, with the saga's state where this node orchestrates it (NULL elsewhere).
+CREATE VIEW saga_lock_view AS
+SELECT l.type, l.id, l.saga_id, l.step,
+       strftime('%Y-%m-%dT%H:%M:%fZ', l.acquired_ms / 1000.0, 'unixepoch') AS acquired,
+       CASE WHEN i.id IS NULL THEN NULL
+            ELSE CASE i.state WHEN 1 THEN 'RUNNING' WHEN 2 THEN 'COMPENSATING'
+                   WHEN 3 THEN 'COMPLETED' WHEN 4 THEN 'COMPENSATED' WHEN 5 THEN 'FAILED'
+                   ELSE 'UNKNOWN' END END AS saga_state,
+       i.def_name AS definition, l.acquired_ms
+FROM saga_lock l
+LEFT JOIN saga_instance i ON i.id = l.saga_id;

@@ -107,6 +107,12 @@ static const char *const stmt_sql[ST__COUNT] = {
                      " updated_ms) VALUES(?1,?2,?3,?4,?5,?6)",
     [ST_DEAD_INSERT] = "INSERT INTO saga_dead_letter(at_ms, channel, msg_id, reason, body)"
                        " VALUES(?1,?2,?3,?4,?5)",
+    [ST_LOCK_GET] = "SELECT saga_id, step FROM saga_lock WHERE type = ?1 AND id = ?2",
+    [ST_LOCK_PUT] = "INSERT INTO saga_lock(type, id, saga_id, step, acquired_ms)"
+                    " VALUES(?1,?2,?3,?4,?5)",
+    [ST_LOCK_DELETE] = "DELETE FROM saga_lock WHERE type = ?1 AND id = ?2 AND saga_id = ?3",
+    [ST_LOCK_RELEASE_STEP] = "DELETE FROM saga_lock WHERE saga_id = ?1 AND step = ?2",
+    [ST_LOCK_RELEASE_SAGA] = "DELETE FROM saga_lock WHERE saga_id = ?1",
 };
 
 
@@ -600,6 +606,58 @@ static int sq_pstep_put(saga__store *ss, const char *saga_id, uint32_t step, int
   return exec(s, ST_PSTEP_PUT);
 }
 
+static int sq_lock_get(saga__store *ss, const char *type, const char *id, char holder[40],
+                       uint32_t *step) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = stmt(s, ST_LOCK_GET);
+  bind_text(st, 1, type);
+  bind_text(st, 2, id);
+  int rc = sqlite3_step(st);
+  if (rc == SQLITE_ROW) {
+    copy_col(holder, 40, st, 0);
+    if (step != NULL) *step = (uint32_t)sqlite3_column_int64(st, 1);
+  }
+  int found = rc == SQLITE_ROW;
+  rc = done(st, rc);
+  return rc != SAGA_OK ? rc : found ? SAGA_OK : SAGA_ENOTFOUND;
+}
+
+static int sq_lock_put(saga__store *ss, const char *type, const char *id, const char *saga_id,
+                       uint32_t step, uint64_t now) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = stmt(s, ST_LOCK_PUT);
+  bind_text(st, 1, type);
+  bind_text(st, 2, id);
+  bind_text(st, 3, saga_id);
+  sqlite3_bind_int64(st, 4, step);
+  sqlite3_bind_int64(st, 5, (sqlite3_int64)now);
+  return exec(s, ST_LOCK_PUT);
+}
+
+static int sq_lock_delete(saga__store *ss, const char *type, const char *id,
+                          const char *saga_id, int *deleted) {
+  sq_store *s = SQ(ss);
+  sqlite3_stmt *st = stmt(s, ST_LOCK_DELETE);
+  bind_text(st, 1, type);
+  bind_text(st, 2, id);
+  bind_text(st, 3, saga_id);
+  int rc = exec(s, ST_LOCK_DELETE);
+  *deleted = rc == SAGA_OK && sqlite3_changes(s->db) > 0;
+  return rc;
+}
+
+static int sq_lock_release(saga__store *ss, const char *saga_id, int64_t step,
+                           uint64_t *deleted) {
+  sq_store *s = SQ(ss);
+  sq_stmt_id id = step >= 0 ? ST_LOCK_RELEASE_STEP : ST_LOCK_RELEASE_SAGA;
+  sqlite3_stmt *st = stmt(s, id);
+  bind_text(st, 1, saga_id);
+  if (step >= 0) sqlite3_bind_int64(st, 2, step);
+  int rc = exec(s, id);
+  *deleted = rc == SAGA_OK ? (uint64_t)sqlite3_changes(s->db) : 0;
+  return rc;
+}
+
 static int sq_dead_insert(saga__store *ss, uint64_t now, const char *channel,
                           const char *msg_id, const char *reason, const void *body,
                           size_t len) {
@@ -989,6 +1047,10 @@ static const saga__store_methods sqlite_methods = {
     .inbox_insert = sq_inbox_insert,
     .pstep_get = sq_pstep_get,
     .pstep_put = sq_pstep_put,
+    .lock_get = sq_lock_get,
+    .lock_put = sq_lock_put,
+    .lock_delete = sq_lock_delete,
+    .lock_release = sq_lock_release,
     .outbox_channels = sq_outbox_channels,
     .parked_insert = sq_parked_insert,
     .parked_after = sq_parked_after,

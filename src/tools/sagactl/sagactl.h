@@ -7,7 +7,8 @@
  *
  * Files: main.c (arguments, help, dispatch), db.c (opening and checking the database),
  * out.c (terminal-safe text, tables, times, JSON helpers, the saga data map), sagas.c (list,
- * show, retry, cancel, requests), dead.c (dead letters, outbox), graph.c (graph, definitions).
+ * show, retry, cancel, requests), dead.c (dead letters, outbox), graph.c (graph, definitions),
+ * locks.c (semantic locks).
  */
 #ifndef SAGACTL_H
 #define SAGACTL_H
@@ -46,6 +47,7 @@ typedef struct sctl_opts {
   int all;                /* --all */
   int pending;            /* --pending */
   const char *format;     /* --format dot|mermaid */
+  const char *type;       /* --type (locks) */
   const char **args;      /* positional arguments after the command (DB first) */
   int nargs;
 } sctl_opts;
@@ -132,6 +134,7 @@ int sctl_cmd_dead_letters(sctl_opts *o, const char *sub);
 int sctl_cmd_outbox(sctl_opts *o);
 int sctl_cmd_graph(sctl_opts *o);
 int sctl_cmd_definitions(sctl_opts *o);
+int sctl_cmd_locks(sctl_opts *o);
 
 /* Shared by the commands that write requests (sagas.c): inserts one request per target in
  * one BEGIN IMMEDIATE transaction on a read-write connection, filling ids[]; then, with
