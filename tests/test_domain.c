@@ -543,6 +543,11 @@ static int publish_args(saga_tx *tx, void *arg) {
   free(data);
   big[SAGA_EVENT_NAME_MAX] = '\0'; /* 256 bytes: accepted */
   assert_int_equal(saga_tx_publish(tx, big, big, big, NULL, 0), SAGA_OK);
+  /* An application transaction serves no saga: it cannot hold a semantic lock. */
+  assert_int_equal(saga_lock_acquire(tx, "order", "1"), SAGA_ESTATE);
+  assert_non_null(strstr(saga_node_errmsg(n), "held by a saga"));
+  assert_int_equal(saga_lock_release(tx, "order", "1"), SAGA_ESTATE);
+  assert_int_equal(saga_lock_release_all(tx, NULL), SAGA_ESTATE);
   return SAGA_OK;
 }
 

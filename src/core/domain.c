@@ -191,7 +191,7 @@ static int in_handler_savepoint(saga__domain *d, const char *what, unit_fn fn, v
   saga__journal_mark mark = saga__journal_mark_get(d->journal);
   p->handler_ran = 0; /* sagas it starts get a trace of their own */
   p->handler_tp[0] = '\0';
-  saga_tx tx = {p};
+  saga_tx tx = {p, NULL};
   int hrc = fn(&tx, a, b);
   if (!s->m->in_tx(s)) {
     d->env->stats.handler_contract_errors++;
