@@ -9,7 +9,6 @@ import numbers
 import queue
 import threading
 import traceback
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
@@ -560,7 +559,7 @@ class MemoryHub:
     def __init__(self, faults=None):
         fl = self._faults(faults)
         self.loop = Loop("libsaga-hub")
-        self._nodes = weakref.WeakSet()
+        self._nodes = set()  # strong: an open node's callbacks must outlive its Python name
         self._closed = False
 
         def make():
@@ -863,8 +862,10 @@ class EventStream:
 
 _LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
 _SYNC = {"off": 0, "normal": 1, "full": 2}
-_nodes = weakref.WeakSet()
-_hubs = weakref.WeakSet()
+# Strong references to every open node and hub: C calls their callbacks (CFUNCTYPE objects
+# they hold) until they are closed, whatever the application still references.
+_nodes = set()
+_hubs = set()
 
 
 class Node:
