@@ -70,7 +70,7 @@ class Soak(unittest.TestCase):
             # Generous: the SQLite page caches (2 MiB each by default) and the allocator may
             # still grow a little; a leak of a saga_data, saga_info or callback per saga would
             # be several MiB over 9,000 sagas.
-            self.assertLess(rss - base_rss, 6 * 1024)
+            self.assertLess(rss - base_rss, 4 * 1024)
             events.close()
 
 
