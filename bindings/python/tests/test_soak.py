@@ -70,7 +70,12 @@ class Soak(unittest.TestCase):
             # Generous: the SQLite page caches (2 MiB each by default) and the allocator may
             # still grow a little; a leak of a saga_data, saga_info or callback per saga would
             # be several MiB over 9,000 sagas.
-            self.assertLess(rss - base_rss, 4 * 1024)
+            if os.environ.get("LIBSAGA_SOAK_RSS", "1") == "0":
+                # Sanitizer builds: ASan's quarantine holds freed memory back on purpose, so
+                # RSS grows whatever the binding does; the plain build checks it.
+                print("# RSS bound not checked (LIBSAGA_SOAK_RSS=0)", file=sys.stderr)
+            else:
+                self.assertLess(rss - base_rss, 4 * 1024)
             events.close()
 
 
