@@ -216,7 +216,15 @@ start() {
       lib=$(ldd "$bin" | sed -n 's/^[[:space:]]*libsaga\.so[^ ]* => \([^ ]*\) .*/\1/p' | head -n 1)
       [ -n "$lib" ] || die "--python-payment: cannot tell which libsaga $bin uses; set LIBSAGA_LIBRARY"
     fi
-    payment_cmd=(env "LIBSAGA_LIBRARY=$lib" "$py" "$root/examples/shop/payment.py")
+    payment_cmd=(env "LIBSAGA_LIBRARY=$lib")
+    # A sanitizer build of libsaga: python3 is not instrumented, so the runtimes go first.
+    local asan ubsan
+    asan=$(ldd "$lib" | sed -n 's/^[[:space:]]*libasan\.so[^ ]* => \([^ ]*\) .*/\1/p' | head -n 1)
+    ubsan=$(ldd "$lib" | sed -n 's/^[[:space:]]*libubsan\.so[^ ]* => \([^ ]*\) .*/\1/p' | head -n 1)
+    if [ -n "$asan" ]; then
+      payment_cmd+=("LD_PRELOAD=$asan${ubsan:+:$ubsan}" "ASAN_OPTIONS=detect_leaks=0")
+    fi
+    payment_cmd+=("$py" "$root/examples/shop/payment.py")
   fi
 
   rm -rf "$run"
