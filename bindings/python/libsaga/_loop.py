@@ -1,7 +1,7 @@
 """The libuv loop the binding runs on a thread of its own."""
 import ctypes
-import threading
 import collections
+import threading
 
 from . import _ffi as f
 from .errors import ClosedError
@@ -110,7 +110,6 @@ class Loop:
         if self.on_loop():
             raise RuntimeError("a loop cannot be stopped from its own thread")
         self._thread.join()
-        self._drain(None)  # anything queued meanwhile fails below
         rc = f.uv_loop_close(self.ptr)
         if rc != 0:
             raise OSError("uv_loop_close: %s" % f.uv_strerror(rc).decode())
