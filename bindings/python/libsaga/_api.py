@@ -7,6 +7,7 @@ import logging
 import math
 import numbers
 import queue
+import re
 import threading
 import traceback
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ _U32_MAX = 0xFFFFFFFF
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _TRANSIENT = {-2: "ENOMEM", -20: "EBUSY", -19: "EIO", -6: "EFULL"}
 _SAGA_EINVAL, _SAGA_EREFUSED = -1, -12
+_DECIMAL = re.compile(rb"-?[0-9]+")
 
 
 def library_version():
@@ -435,10 +437,13 @@ class Transaction:
         v = self.data.get(key)
         if v is None:
             return default
-        try:
-            return int(v.decode("ascii"), 10)
-        except (UnicodeDecodeError, ValueError):
-            raise ValueError("data %r is not a decimal integer: %r" % (key, v[:40])) from None
+        # As saga_data_get_i64(): exactly an optional '-' and decimal digits, in int64 range
+        # (no sign '+', no spaces, no '_', which Python's int() would take).
+        if _DECIMAL.fullmatch(v):
+            n = int(v)
+            if _INT64[0] <= n <= _INT64[1]:
+                return n
+        raise ValueError("data %r is not a decimal 64-bit integer: %r" % (key, v[:40]))
 
     def header(self, name):
         """A header of the command as received (hostile input: check it), or None."""
