@@ -6,7 +6,7 @@
  *              [--transport mem|inproc|tcp|nats] [--nats-url URL] [--fail RATIO] [--json FILE]
  *              [--dir DIR] [--preload N] [--recovery N] [--paused] [--resend-ms MS]
  *              [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]
- *              [--checkpoint-pages N] [--tls]
+ *              [--checkpoint-pages N] [--tls] [--participant-cmd CMD]
  *
  * Throughput run (the default): an orchestrator node and a participant node (each its own
  * SQLite file) run N sagas of S steps, keeping K in flight; a fraction RATIO of them is
@@ -41,6 +41,15 @@
  * --tls (with --transport tcp): mutual TLS 1.3 between the two nodes, each with a certificate
  * from a throwaway CA made by scripts/make_pki.sh in the run's folder, and an access list that
  * lets each node send only to the other's channel — the production setup of docs/security.md.
+ *
+ * --participant-cmd CMD (with --transport tcp): the participant is not this process's node but
+ * the program CMD runs (sh -c), e.g. a participant written in another language
+ * (bench/python_participant.py): it gets SAGA_BENCH_PART_LISTEN (the address to listen on,
+ * serving channel "bench", commands b.do and b.undo: b.do refuses when the data's "fail" is
+ * its step index), SAGA_BENCH_ORCH_ADDR (the orchestrator's address, channel "orch"),
+ * SAGA_BENCH_DIR and SAGA_BENCH_SYNC in its environment, prints "ready" on its standard
+ * output once it listens, and ends on SIGTERM. Plaintext loopback; the ceiling is not measured
+ * (the participant's commits are not counted here), so it and the ratio read -1.
  *
  * With --inflight 1 the run also reports the latency floor: the ceiling's commits summed in
  * groups of the engine's commits per saga (floor_p50_ms, floor_p99_ms), i.e. what plain
@@ -87,6 +96,8 @@ typedef struct bench {
   uv_loop_t *loop;
   saga_node *orch, *part;
   int sagas, steps, inflight, sync, transport, no_memstatus, ckpt_background, threads, tls;
+  const char *part_cmd; /* --participant-cmd: the participant is this program */
+  pid_t part_pid;
   uint32_t ckpt_pages;
   /* --threads 2: the participant node on a loop of its own, in its own thread. */
   uv_loop_t part_loop;
@@ -445,6 +456,7 @@ static void part_view_cb(saga_node *n, void *arg) {
 static void part_read(bench *b, part_view *v) {
   memset(v, 0, sizeof *v);
   v->b = b;
+  if (b->part_cmd != NULL) return; /* another process's node: not counted here */
   if (b->threads < 2) {
     part_view_cb(b->part, v);
     uv_sem_wait(&b->part_sem);
@@ -789,13 +801,62 @@ static void run_recovery(bench *b, char *summary, size_t len) {
   (void)sa;
 }
 
+/* ---- an external participant (--participant-cmd) ------------------------------------------ */
+
+static void spawn_participant(bench *b) {
+  char listen[32], orch[32], sync[8];
+  snprintf(listen, sizeof listen, "127.0.0.1:%d", b->port_part);
+  snprintf(orch, sizeof orch, "127.0.0.1:%d", b->port_orch);
+  snprintf(sync, sizeof sync, "%s", sync_name(b->sync));
+  int fds[2];
+  if (pipe(fds) != 0) die("pipe", strerror(errno));
+  fflush(NULL);
+  b->part_pid = fork();
+  if (b->part_pid < 0) die("fork", strerror(errno));
+  if (b->part_pid == 0) {
+    setenv("SAGA_BENCH_PART_LISTEN", listen, 1);
+    setenv("SAGA_BENCH_ORCH_ADDR", orch, 1);
+    setenv("SAGA_BENCH_DIR", b->dir, 1);
+    setenv("SAGA_BENCH_SYNC", sync, 1);
+    dup2(fds[1], STDOUT_FILENO);
+    close(fds[0]);
+    close(fds[1]);
+    /* exec: the pid saga_bench signals is the participant's, not a shell's. */
+    char line[4096];
+    snprintf(line, sizeof line, "exec %s", b->part_cmd);
+    execl("/bin/sh", "sh", "-c", line, (char *)NULL);
+    _exit(127);
+  }
+  close(fds[1]);
+  FILE *f = fdopen(fds[0], "r");
+  char line[256];
+  int ready = 0;
+  while (f != NULL && fgets(line, sizeof line, f) != NULL)
+    if (strncmp(line, "ready", 5) == 0) {
+      ready = 1;
+      break;
+    }
+  if (f != NULL) fclose(f);
+  if (!ready) die("the participant command ended without printing \"ready\"", b->part_cmd);
+}
+
+static void stop_participant(bench *b) {
+  if (b->part_pid <= 0) return;
+  int st = 0;
+  kill(b->part_pid, SIGTERM);
+  if (waitpid(b->part_pid, &st, 0) == b->part_pid && (!WIFEXITED(st) || WEXITSTATUS(st) != 0))
+    fprintf(stderr, "saga_bench: the participant command ended with wait status %d\n", st);
+  b->part_pid = 0;
+}
+
 /* ---- the throughput run ------------------------------------------------------------------- */
 
 static void run_throughput(bench *b, char *summary, size_t len) {
   /* The participant first: over TCP it must be listening when the orchestrator connects. */
-  if (b->threads >= 2) part_start_thread(b);
+  if (b->part_cmd != NULL) spawn_participant(b);
+  else if (b->threads >= 2) part_start_thread(b);
   b->orch = open_node(b, "orch", make_transport(b, 1), b->resend_ms);
-  if (b->threads < 2) {
+  if (b->threads < 2 && b->part_cmd == NULL) {
     if (uv_sem_init(&b->part_sem, 0) != 0) die("uv_sem_init", NULL);
     b->part = open_node(b, "part", make_transport(b, 0), b->resend_ms);
     setup_part(b, b->part);
@@ -835,8 +896,8 @@ static void run_throughput(bench *b, char *summary, size_t len) {
   int64_t bytes = db_bytes(b->orch) + pv.bytes - bytes0;
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
-  double ceil_secs = ceiling(b->dir, b->sync, commits, rows);
-  double ceil_sps = steps_done / ceil_secs;
+  double ceil_sps = -1;
+  if (b->part_cmd == NULL) ceil_sps = steps_done / ceiling(b->dir, b->sync, commits, rows);
   qsort(b->lat_ms, b->nlat, sizeof *b->lat_ms, cmp_double);
   double p50 = pct(b->lat_ms, b->nlat, 0.50), p99 = pct(b->lat_ms, b->nlat, 0.99),
          p999 = pct(b->lat_ms, b->nlat, 0.999);
@@ -865,7 +926,10 @@ static void run_throughput(bench *b, char *summary, size_t len) {
          sync_name(b->sync), tn, b->preload);
   printf("engine:  %.0f sagas/s, %.0f steps/s, %llu commits, %llu row writes\n",
          b->sagas / secs, sps, (unsigned long long)commits, (unsigned long long)rows);
-  printf("ceiling: %.0f steps/s (same commits and row writes on plain SQLite)\n", ceil_sps);
+  if (b->part_cmd != NULL)
+    printf("ceiling: not measured (the participant is another program: %s)\n", b->part_cmd);
+  else
+    printf("ceiling: %.0f steps/s (same commits and row writes on plain SQLite)\n", ceil_sps);
   printf("latency: p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms\n", p50, p99, p999);
   if (floor_p99 >= 0)
     printf("floor:   p50 %.3f ms, p99 %.3f ms for the same %llu sequential commits per saga on "
@@ -879,12 +943,13 @@ static void run_throughput(bench *b, char *summary, size_t len) {
            "peak_rss_kib=%ld db_bytes_per_saga=%.0f completed=%d compensated=%d failed=%d "
            "mode=run preloaded=%ld commits=%llu row_writes=%llu memstatus=%d "
            "checkpoints=%llu checkpoints_inline=%llu threads=%d floor_p50_ms=%.3f "
-           "floor_p99_ms=%.3f tls=%d",
+           "floor_p99_ms=%.3f tls=%d external_participant=%d",
            b->sagas, b->steps, b->inflight, sync_name(b->sync), tn, b->sagas / secs, sps,
-           ceil_sps, sps / ceil_sps, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
+           ceil_sps, ceil_sps > 0 ? sps / ceil_sps : -1.0, p50, p99, p999, ru.ru_maxrss, (double)bytes / b->sagas,
            b->completed, b->compensated, b->failed, b->preload, (unsigned long long)commits,
            (unsigned long long)rows, !b->no_memstatus, (unsigned long long)ckpt_bg,
-           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2, floor_p50, floor_p99, b->tls);
+           (unsigned long long)ckpt_in, b->threads < 2 ? 1 : 2, floor_p50, floor_p99, b->tls,
+           b->part_cmd != NULL);
 }
 
 /* Parses a whole decimal number in [lo, hi] or exits with a message naming the option. */
@@ -917,7 +982,7 @@ static void usage(void) {
           "                  [--transport mem|inproc|tcp|nats] [--nats-url URL] [--fail R] [--json F]\n"
           "                  [--dir D] [--preload N] [--recovery N] [--paused] [--resend-ms MS]\n"
           "                  [--no-memstatus] [--checkpoint inline|background] [--threads 1|2]\n"
-          "                  [--checkpoint-pages N] [--tls]\n");
+          "                  [--checkpoint-pages N] [--tls] [--participant-cmd CMD]\n");
 }
 
 int main(int argc, char **argv) {
@@ -936,7 +1001,8 @@ int main(int argc, char **argv) {
       {"preload", 1, 0, 'p'},   {"recovery", 1, 0, 'r'}, {"paused", 0, 0, 'P'},
       {"resend-ms", 1, 0, 'R'}, {"no-memstatus", 0, 0, 'M'},
       {"checkpoint", 1, 0, 'C'}, {"threads", 1, 0, 'T'},
-      {"checkpoint-pages", 1, 0, 'K'}, {"tls", 0, 0, 'L'}, {0, 0, 0, 0}};
+      {"checkpoint-pages", 1, 0, 'K'}, {"tls", 0, 0, 'L'},
+      {"participant-cmd", 1, 0, 'X'}, {0, 0, 0, 0}};
   int o;
   while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
     switch (o) {
@@ -966,6 +1032,7 @@ int main(int argc, char **argv) {
     case 'R': b.resend_ms = (uint32_t)opt_long("resend-ms", optarg, 1, 86400000); break;
     case 'M': b.no_memstatus = 1; break;
     case 'L': b.tls = 1; break;
+    case 'X': b.part_cmd = optarg; break;
     case 'T': b.threads = (int)opt_long("threads", optarg, 1, 2); break;
     case 'K': b.ckpt_pages = (uint32_t)opt_long("checkpoint-pages", optarg, 1, 100000000); break;
     case 'C':
@@ -987,6 +1054,12 @@ int main(int argc, char **argv) {
   if (b.threads == 2 && (b.transport == T_MEM || b.preload > 0 || b.recovery > 0 || b.paused)) {
     fprintf(stderr, "saga_bench: --threads 2 needs --transport inproc, tcp or nats (the mem "
                     "hub serves one loop) and a plain throughput run\n");
+    return 2;
+  }
+  if (b.part_cmd != NULL && (b.transport != T_TCP || b.tls || b.threads == 2 ||
+                             b.preload > 0 || b.recovery > 0 || b.paused)) {
+    fprintf(stderr, "saga_bench: --participant-cmd needs --transport tcp (plaintext, one "
+                    "thread) and a plain throughput run\n");
     return 2;
   }
   if (b.paused && b.recovery == 0) b.recovery = b.inflight;
@@ -1048,6 +1121,7 @@ int main(int argc, char **argv) {
 
   if (b.threads >= 2 && b.part != NULL) part_stop_thread(&b);
   close_nodes(&b, b.orch, b.part);
+  stop_participant(&b);
   if (b.hub != NULL) saga_mem_hub_close(b.hub);
   uv_run(b.loop, UV_RUN_DEFAULT);
   if (b.ihub != NULL && saga_inproc_hub_free(b.ihub) != SAGA_OK) die("inproc hub busy", NULL);

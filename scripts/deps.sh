@@ -5,7 +5,8 @@ set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config g++ libsqlite3-dev libuv1-dev libmsgpack-dev libcmocka-dev
       libmicrohttpd-dev libjansson-dev libjwt-dev libsodium-dev libcurl4-openssl-dev curl libssl-dev openssl
-      libnats-dev nats-server libhiredis-dev redis-server nginx doxygen)
+      libnats-dev nats-server libhiredis-dev redis-server nginx doxygen
+      python3 python3-setuptools python3-pip)
 
 if ! command -v dpkg-query >/dev/null; then
   echo "deps: not a Debian-based system; make sure these (or equivalents) are installed: ${pkgs[*]}"

@@ -3,7 +3,7 @@
 # its own process with its own database and HTTP port, their saga nodes talking over the TCP
 # transport or NATS JetStream, behind nginx as the one base URL.
 #
-# usage: scripts/shop_cluster.sh start [--transport tcp|nats] [--payment-limit N] [--insecure-plaintext] [--otlp URL]
+# usage: scripts/shop_cluster.sh start [--transport tcp|nats] [--payment-limit N] [--insecure-plaintext] [--otlp URL] [--python-payment]
 #        scripts/shop_cluster.sh stop | status
 #        scripts/shop_cluster.sh restart SERVICE [--kill]
 #
@@ -19,6 +19,9 @@
 #            use only its own consumers and reply subjects.
 #            --otlp URL: every service exports its spans to the OpenTelemetry collector at URL
 #            (OTLP over HTTP/JSON, URL/v1/traces; docs/shop.md, "Tracing").
+#            --python-payment: the payment service is examples/shop/payment.py (the Python
+#            binding, bindings/python) instead of the shop binary's, with the same command
+#            line, database, channel and HTTP API (docs/shop.md, "A participant in Python").
 #   stop     stops everything started (SIGTERM, then SIGKILL after 10 s).
 #   status   says what runs and asks each /healthz.
 #   restart  stops one service (SIGTERM, or SIGKILL with --kill) and starts it again on the
@@ -30,6 +33,9 @@
 #              SHOP_JWT_SECRET    the shared token secret (default: a random one per start)
 #              SHOP_CLUSTER_EXTRA_CERTS  more names the CA signs certificates for (tools, tests;
 #                                 they are on no access list and have no NATS user)
+#              SHOP_PYTHON        the python3 that runs payment.py (default python3)
+#              LIBSAGA_LIBRARY    the libsaga payment.py loads (default: the one the shop
+#                                 binary is linked with)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run=${SHOP_CLUSTER_RUN:-$root/build/cluster-run}
@@ -170,9 +176,10 @@ nats_conf() {
 }
 
 start() {
-  local transport=tcp limit=5000 plaintext=0 otlp=""
+  local transport=tcp limit=5000 plaintext=0 otlp="" python_payment=0
   while [ $# -gt 0 ]; do
     case "$1" in
+      --python-payment) python_payment=1; shift ;;
       --transport) [ $# -ge 2 ] || usage; transport=$2; shift 2 ;;
       --otlp) [ $# -ge 2 ] || usage; otlp=$2; shift 2 ;;
       --payment-limit) [ $# -ge 2 ] || usage; limit=$2; shift 2 ;;
@@ -201,6 +208,24 @@ start() {
     bin="$build/examples/shop/shop"
   fi
   [ -x "$bin" ] || die "no shop binary at $bin"
+  local -a payment_cmd=("$bin")
+  if [ $python_payment = 1 ]; then
+    local py=${SHOP_PYTHON:-python3} lib=${LIBSAGA_LIBRARY:-}
+    command -v "$py" >/dev/null || die "--python-payment: $py is missing"
+    if [ -z "$lib" ]; then
+      lib=$(ldd "$bin" | sed -n 's/^[[:space:]]*libsaga\.so[^ ]* => \([^ ]*\) .*/\1/p' | head -n 1)
+      [ -n "$lib" ] || die "--python-payment: cannot tell which libsaga $bin uses; set LIBSAGA_LIBRARY"
+    fi
+    payment_cmd=(env "LIBSAGA_LIBRARY=$lib")
+    # A sanitizer build of libsaga: python3 is not instrumented, so the runtimes go first.
+    local asan ubsan
+    asan=$(ldd "$lib" | sed -n 's/^[[:space:]]*libasan\.so[^ ]* => \([^ ]*\) .*/\1/p' | head -n 1)
+    ubsan=$(ldd "$lib" | sed -n 's/^[[:space:]]*libubsan\.so[^ ]* => \([^ ]*\) .*/\1/p' | head -n 1)
+    if [ -n "$asan" ]; then
+      payment_cmd+=("LD_PRELOAD=$asan${ubsan:+:$ubsan}" "ASAN_OPTIONS=detect_leaks=0")
+    fi
+    payment_cmd+=("$py" "$root/examples/shop/payment.py")
+  fi
 
   rm -rf "$run"
   mkdir -p "$run/pids" "$run/logs" "$run/cmd" "$run/data" "$run/nginx/tmp"
@@ -252,7 +277,8 @@ start() {
   for s in "${services[@]}"; do
     mkdir -p "$run/data/$s"
     {
-      printf '%s\n' "$bin" --service "$s" --data "$run/data/$s" --port "$(port_of "$s")" \
+      if [ "$s" = payment ]; then printf '%s\n' "${payment_cmd[@]}"; else printf '%s\n' "$bin"; fi
+      printf '%s\n' --service "$s" --data "$run/data/$s" --port "$(port_of "$s")" \
         --secret "$secret" --payment-limit "$limit"
       if [ "$s" != account ]; then
         if [ "$transport" = tcp ]; then
@@ -302,6 +328,7 @@ start() {
   else
     echo "shop_cluster: nats over TLS with a user per service, run folder $run"
   fi
+  if [ $python_payment = 1 ]; then echo "shop_cluster: payment is the Python service (examples/shop/payment.py)"; fi
   echo "shop_cluster: base URL $url"
 }
 

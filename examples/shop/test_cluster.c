@@ -36,6 +36,9 @@
  *    Then the payments, orders and stock must be unchanged and the held purchase refused and
  *    compensated;
  *  - last, a clean stop: every service exits 0 on SIGTERM, with no sanitizer report in its log.
+ * With the argument "python" (test_cluster tcp python) the same tests run with the payment
+ * service written in Python (examples/shop/payment.py, started by the script's
+ * --python-payment): the shop's pivot is then a Python participant.
  * Waits are on streamed events and on polled state (each with a deadline), never on sleeps.
  */
 #include <errno.h>
@@ -84,6 +87,7 @@
 
 static const char *transport = "tcp";
 static int trace_mode; /* "trace": the services export spans to a collector of this test's */
+static int python_payment; /* "python": the payment service is examples/shop/payment.py */
 static char run_dir[256];
 
 /* ---- the cluster -------------------------------------------------------------------------- */
@@ -189,7 +193,8 @@ static int group_setup(void **state) {
   /* Exports only per 512 spans or at the stop: the test sees the shutdown flush at work. */
   if (trace_mode) setenv("SHOP_OTLP_INTERVAL_MS", "3600000", 1);
   const char *args[] = {"start", "--transport", transport, "--payment-limit", limit,
-                        otlp ? "--otlp" : NULL, otlp, NULL};
+                        python_payment ? "--python-payment" : otlp ? "--otlp" : NULL,
+                        otlp, NULL};
   if (script_v(args) != 0) {
     fprintf(stderr, "shop_cluster.sh start failed\n");
     cluster_stop();
@@ -1152,10 +1157,15 @@ static int have_program(const char *name) {
 int main(int argc, char **argv) {
   if (argc > 1) transport = argv[1];
   trace_mode = argc > 2 && strcmp(argv[2], "trace") == 0;
+  python_payment = argc > 2 && strcmp(argv[2], "python") == 0;
   if ((strcmp(transport, "tcp") != 0 && strcmp(transport, "nats") != 0) ||
-      (argc > 2 && !trace_mode)) {
-    fprintf(stderr, "usage: test_cluster [tcp|nats] [trace]\n");
+      (argc > 2 && !trace_mode && !python_payment)) {
+    fprintf(stderr, "usage: test_cluster [tcp|nats] [trace|python]\n");
     return 2;
+  }
+  if (python_payment && !have_program("python3")) {
+    printf("# python3 is not installed (scripts/deps.sh installs it): skipped\n");
+    return 77;
   }
   const char *need[] = {"nginx", "curl", strcmp(transport, "nats") == 0 ? "nats-server" : "bash"};
   for (int i = 0; i < 3; i++) {
@@ -1172,7 +1182,8 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_forgeries),         cmocka_unit_test(test_clean_stop),
   };
   char name[64];
-  snprintf(name, sizeof name, "shop cluster (%s%s)", transport, trace_mode ? ", traces" : "");
+  snprintf(name, sizeof name, "shop cluster (%s%s)", transport,
+           trace_mode ? ", traces" : python_payment ? ", Python payment service" : "");
   if (trace_mode) {
     const struct CMUnitTest trace_tests[] = {
         cmocka_unit_test(test_traces),
