@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sqlite3.h>
+
 #include "harness.h"
 #include "saga/sys/transport.h"
 
@@ -24,6 +26,9 @@ typedef struct world {
   int subs_pay;    /* subscriptions to "pay" that reached the hub */
   int subs_shop;   /* subscriptions to the node's own channel */
   int pay_runs, local_runs, done;
+  int no_self_route; /* can_send refuses the node's own name (a TCP node without a route to
+                        itself) */
+  saga_transport *t;
 } world;
 
 static world *the_world;
@@ -39,6 +44,11 @@ static int wrapped_subscribe(saga_transport *t, const char *channel) {
   }
   if (strcmp(channel, "shop") == 0) w->subs_shop++;
   return w->subscribe(t, channel);
+}
+
+static int wrapped_can_send(saga_transport *t, const char *channel) {
+  (void)t;
+  return !(the_world->no_self_route && strcmp(channel, "shop") == 0);
 }
 
 static int pay(saga_tx *tx, const saga_msg *m, saga_reply *r, void *arg) {
@@ -63,6 +73,9 @@ static const saga_step steps[] = {
     {.name = "PAY", .channel = "pay", .action = "pay.charge", .kind = SAGA_STEP_PIVOT},
 };
 static const saga_definition def = {SAGA_DEFINITION_VERSION, "buy", 1, steps, 2, 0, sizeof(saga_step)};
+/* The local step alone: a saga that never leaves the node. */
+static const saga_definition solo = {SAGA_DEFINITION_VERSION, "solo", 1, steps, 1, 0,
+                                     sizeof(saga_step)};
 
 /* An allocator that never reuses memory: a freed block is zeroed and kept until the test ends,
  * so that a use after free reads zeros (a libuv handle with a NULL loop: a crash) instead of
@@ -121,7 +134,9 @@ static void open_world_alloc(world *w, void (*hook)(void *, const char *), void 
   w->methods = *t->methods;
   w->subscribe = w->methods.subscribe;
   w->methods.subscribe = wrapped_subscribe;
+  w->methods.can_send = wrapped_can_send;
   t->methods = &w->methods;
+  w->t = t;
   char *path = th_path(w->dir, "node.db");
   saga_node_config cfg;
   saga_node_config_init(&cfg);
@@ -138,6 +153,7 @@ static void open_world_alloc(world *w, void (*hook)(void *, const char *), void 
   assert_int_equal(saga_node_open(&w->node, &w->loop, &cfg, NULL, 0), SAGA_OK);
   free(path);
   assert_int_equal(saga_node_register(w->node, &def), SAGA_OK);
+  assert_int_equal(saga_node_register(w->node, &solo), SAGA_OK);
   assert_int_equal(saga_node_handle(w->node, "pay", "pay.charge", pay, w), SAGA_OK);
 }
 
@@ -179,6 +195,48 @@ static void test_start_retried(void **state) {
   saga_node_stats st;
   saga_node_stats_get(w.node, &st, sizeof st);
   assert_int_equal(st.duplicates, 0);
+  close_world(&w);
+}
+
+static int dead_letter_kept(void *arg) {
+  sqlite3_stmt *st = NULL;
+  int n = 0;
+  if (sqlite3_prepare_v2(arg, "SELECT count(*) FROM saga_dead_letter", -1, &st, NULL) ==
+          SQLITE_OK &&
+      sqlite3_step(st) == SQLITE_ROW)
+    n = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  return n > 0;
+}
+
+/* A local step's command and reply go round the node's loopback, not through the transport:
+ * a node whose transport has no route to its own name (TCP without a route to itself) runs
+ * its local steps all the same. And the loopback channel is the node's own: a delivery on it
+ * from the transport is kept as a dead letter, never handled. */
+static void test_local_steps_without_self_route(void **state) {
+  world w;
+  open_world(&w, NULL, NULL);
+  w.no_self_route = 1;
+  assert_int_equal(saga_node_start(w.node, NULL), SAGA_OK);
+  for (int i = 0; i < 3; i++)
+    assert_int_equal(saga_start(w.node, "solo", NULL, NULL, NULL, NULL), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, all_done, &w, 60000), 0);
+  assert_int_equal(w.local_runs, 3);
+  sqlite3 *db = saga_node_db(w.node);
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, "SELECT count(*) FROM saga_dead_letter", -1, &st, NULL),
+                   SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  assert_int_equal(sqlite3_column_int(st, 0), 0);
+  sqlite3_finalize(st);
+  /* A forged delivery on the loopback channel, as a transport might hand one over. */
+  assert_int_equal(saga_transport_deliver(w.t, "saga.local", "forged", 6, 77), SAGA_OK);
+  assert_int_equal(th_run_manual(&w.loop, w.clock, dead_letter_kept, db, 60000), 0);
+  assert_int_equal(sqlite3_prepare_v2(db, "SELECT reason FROM saga_dead_letter", -1, &st, NULL),
+                   SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  assert_non_null(strstr((const char *)sqlite3_column_text(st, 0), "reserved channel"));
+  sqlite3_finalize(st);
   close_world(&w);
 }
 
@@ -271,6 +329,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_start_retried),
       cmocka_unit_test(test_errmsg_cleared),
+      cmocka_unit_test(test_local_steps_without_self_route),
       cmocka_unit_test(test_post_racing_close),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -409,17 +409,16 @@ int ftgo_order_open(ftgo_order_svc *s, uv_loop_t *loop, const char *db_path, con
                     size_t errlen) {
   memset(s, 0, sizeof *s);
   s->loop = loop;
-  /* The local steps' replies come back on the node's own channel, "order": over TCP that
-   * needs a route to this node's own address. */
+  /* No route to "order" itself: the local steps' commands and replies go round the node's
+   * loopback, never through the transport. */
   saga_tcp_route routes[] = {{"consumer", consumer, NULL},
                              {"kitchen", kitchen, NULL},
-                             {"accounting", accounting, NULL},
-                             {"order", listen, NULL}};
+                             {"accounting", accounting, NULL}};
   saga_tcp_config tc;
   saga_tcp_config_init(&tc);
   tc.listen = listen;
   tc.routes = routes;
-  tc.nroutes = 4;
+  tc.nroutes = 3;
   tc.insecure_plaintext = 1; /* loopback only: docs/security.md for TLS */
   saga_transport *t = NULL;
   if (saga_tcp_transport_new(&t, &tc) != SAGA_OK) {

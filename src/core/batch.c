@@ -37,6 +37,17 @@ static int process_delivery(saga_node *n, saga__queue *q, saga__work *w) {
   const uint8_t *data = q->arena.data + w->off2;
   saga_envelope *env = NULL;
   char err[256];
+  if (strcmp(channel, SAGA__LOCAL_CHANNEL) == 0 && !(w->tag & SAGA__LOOPBACK_TAG)) {
+    /* The reserved loopback channel from the transport: only this node may use it (a local
+     * step's command and reply). Kept for an operator and acknowledged. */
+    size_t max = n->env.limits.max_message_bytes;
+    int rc = saga__journal_dead_letter(&n->journal, channel, NULL,
+                                   "a delivery on the reserved channel '" SAGA__LOCAL_CHANNEL
+                                   "' from the transport",
+                                   data, w->len2 > max ? max : w->len2);
+    w->ack = rc == SAGA_OK;
+    return rc;
+  }
   int rc = saga_envelope_decode(data, w->len2, &n->env.limits, n->env.alloc, &env, err,
                                 sizeof err);
   if (rc == SAGA_ENOMEM) return saga__fail(&n->env, rc, "out of memory decoding a message");

@@ -259,7 +259,9 @@ static int send_command(saga__engine *e, saga__inst *i) {
   env.attempt = i->attempt;
   env.phase = (saga_phase)i->phase;
   env.name = name;
-  env.reply_to = e->reply_to;
+  /* A local step's command goes round this node's loopback, and so does its reply: never
+   * through the transport, which may have no route to this node's own name. */
+  env.reply_to = strcmp(channel, SAGA__LOCAL_CHANNEL) == 0 ? SAGA__LOCAL_CHANNEL : e->reply_to;
   env.headers = &hdr;
   env.nheaders = 1;
   env.payload = i->data.data;

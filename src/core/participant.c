@@ -472,10 +472,13 @@ static int handler_spans(saga__participant *p, const saga_envelope *env, const o
   return saga__journal_span(p->journal, &r, env->name, "", o->status == SAGA_OK ? "" : o->error);
 }
 
-/* Whether a reply to reply_to can ever leave this node: not the reserved loopback channel,
- * and routable by the transport (a transport without can_send reaches every channel). */
-static int reply_to_reachable(saga__participant *p, const char *reply_to) {
-  if (strcmp(reply_to, SAGA__LOCAL_CHANNEL) == 0) return 0;
+/* Whether a reply to reply_to can ever reach its orchestrator: the reserved loopback channel
+ * only for a local step's command (received on the loopback: the node refuses that channel
+ * from the transport, see process_delivery), else a channel the transport can route (a
+ * transport without can_send reaches every channel). */
+static int reply_to_reachable(saga__participant *p, const char *channel, const char *reply_to) {
+  if (strcmp(reply_to, SAGA__LOCAL_CHANNEL) == 0)
+    return strcmp(channel, SAGA__LOCAL_CHANNEL) == 0;
   return p->can_send == NULL || p->can_send(p->can_send_arg, reply_to) != 0;
 }
 
@@ -492,7 +495,7 @@ int saga__participant_command(saga__participant *p, const char *channel, const s
    * the reserved loopback channel, which would feed the reply to this node's own engine)
    * would make the reply row resend forever. Refused before anything runs or is written:
    * kept as a dead letter with the reason, then acknowledged. */
-  if (!reply_to_reachable(p, env->reply_to)) {
+  if (!reply_to_reachable(p, channel, env->reply_to)) {
     char shown[131];
     saga__printable(shown, sizeof shown, env->reply_to, strlen(env->reply_to));
     char why[200];
