@@ -76,6 +76,49 @@ static void test_malformed_and_oversized(void **state) {
   assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* An ack the node gives twice for one delivery is ignored (and logged): freeing its slot twice
+ * would hand the slot to the next two deliveries, and acknowledging the first of them would
+ * confirm the second's token to the sender before the node committed it. */
+static void test_double_ack_ignored(void **state) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char b[32];
+  snprintf(b, sizeof b, "127.0.0.1:%d", th_free_port());
+  rx R, S;
+  rx_open(&R, &loop, b, b, 0);
+  rx_open(&S, &loop, NULL, b, 0);
+  assert_int_equal(S.t->methods->send(S.t, "ch", "one", 3, 1), SAGA_OK);
+  want w = {&R, 1, 0, 0};
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  uint64_t tag1 = R.last_tag;
+  R.t->methods->ack(R.t, tag1);
+  R.t->methods->ack(R.t, tag1); /* again: must not free the slot a second time */
+  assert_non_null(strstr(R.log, "awaits none"));
+  want ws = {&S, 0, 1, 0};
+  assert_int_equal(th_run_real(&loop, reached, &ws, 5000), 0);
+  assert_int_equal(S.sent[0], 1);
+  assert_int_equal(S.t->methods->send(S.t, "ch", "two", 3, 2), SAGA_OK);
+  w.delivered = 2;
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  uint64_t tag2 = R.last_tag;
+  assert_int_equal(S.t->methods->send(S.t, "ch", "three", 5, 3), SAGA_OK);
+  w.delivered = 3;
+  assert_int_equal(th_run_real(&loop, reached, &w, 5000), 0);
+  assert_true(R.last_tag != tag2);
+  R.t->methods->ack(R.t, tag2); /* confirms token 2, and only token 2 */
+  ws.nsent = 2;
+  assert_int_equal(th_run_real(&loop, reached, &ws, 5000), 0);
+  assert_int_equal(S.sent[1], 2);
+  R.t->methods->ack(R.t, R.last_tag);
+  ws.nsent = 3;
+  assert_int_equal(th_run_real(&loop, reached, &ws, 5000), 0);
+  assert_int_equal(S.sent[2], 3);
+  rx_close(&S, &loop);
+  rx_close(&R, &loop);
+  th_drain(&loop);
+  assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 /* A message for a channel the receiving node does not serve is refused with a NACK, which
  * the sender reports as a failed send (the outbox will try again later). */
 static void test_unserved_channel(void **state) {
@@ -638,6 +681,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_malformed_and_oversized),
       cmocka_unit_test(test_unserved_channel),
+      cmocka_unit_test(test_double_ack_ignored),
       cmocka_unit_test(test_reconnect_and_bound),
       cmocka_unit_test(test_queue_one_copy),
       cmocka_unit_test(test_bad_config),

@@ -85,6 +85,7 @@ typedef struct lnk {
   const char **allowed;    /* else these channels (pointers into the transport's list) */
   size_t nallowed;
   uint64_t *tokens;        /* slot -> token of a delivery awaiting ack */
+  uint8_t *busy;           /* slot -> 1 while its delivery awaits the node's ack */
   uint32_t *free_slots;
   size_t nslots, nfree;
   int warned_acks;
@@ -521,6 +522,7 @@ static void link_closed(uv_handle_t *h) {
   if (l->ssl != NULL) SSL_free(l->ssl); /* frees both BIOs */
   tr_free(t, l->rbuf);
   tr_free(t, l->tokens);
+  tr_free(t, l->busy);
   tr_free(t, l->free_slots);
   tr_free(t, (void *)l->allowed);
   tr_free(t, l);
@@ -797,13 +799,19 @@ static const char *on_conn_frame(void *ctx, const saga__tcp_frame *f) {
       uint32_t *fs = tr_realloc(t, c->free_slots, cap * sizeof *fs);
       if (fs == NULL) return "out of memory";
       c->free_slots = fs;
+      uint8_t *busy = tr_realloc(t, c->busy, cap);
+      if (busy == NULL) return "out of memory";
+      c->busy = busy;
     }
     slot = (uint32_t)c->nslots++;
   }
   c->tokens[slot] = f->token;
+  c->busy[slot] = 1;
   uint64_t tag = ((uint64_t)c->id << 32) | slot;
-  if (saga_transport_deliver(&t->base, channel, f->payload, f->payload_len, tag) != SAGA_OK)
-    c->free_slots[c->nfree++] = slot; /* the node did not take it: never acknowledged */
+  if (saga_transport_deliver(&t->base, channel, f->payload, f->payload_len, tag) != SAGA_OK) {
+    c->busy[slot] = 0; /* the node did not take it: never acknowledged */
+    c->free_slots[c->nfree++] = slot;
+  }
   return NULL;
 }
 
@@ -1122,7 +1130,15 @@ static void tr_ack(saga_transport *base, uint64_t tag) {
   uint32_t id = (uint32_t)(tag >> 32), slot = (uint32_t)tag;
   for (lnk *c = t->conns; c != NULL; c = c->next) {
     if (c->id != id) continue;
-    if (slot >= c->nslots || c->closing) return;
+    if (c->closing) return;
+    if (slot >= c->nslots || !c->busy[slot]) {
+      /* Not a delivery awaiting its ack (acknowledged already): freeing the slot again would
+       * hand it to two deliveries, and the ACK of one would confirm the other's token. */
+      logf_(t, SAGA_LOG_ERROR, "tcp: ack of a delivery that awaits none (slot %u) ignored",
+            (unsigned)slot);
+      return;
+    }
+    c->busy[slot] = 0;
     c->free_slots[c->nfree++] = slot;
     const char *err = conn_reply(c, make_frame(t, SAGA_TCP_ACK, c->tokens[slot], NULL, NULL, 0));
     if (err != NULL) conn_drop(c, SAGA_LOG_WARN, err);
