@@ -827,8 +827,10 @@ static int m_pstep_put(saga__store *ss, const char *saga_id, uint32_t step, int 
 /* ---- dead letters ------------------------------------------------------------------------- */
 
 static int m_dead_insert(saga__store *ss, uint64_t now, const char *channel, const char *msg_id,
-                         const char *reason, const void *body, size_t len) {
+                         const char *reason, const void *body, size_t len, uint64_t keep,
+                         uint64_t *dropped) {
   mem_store *s = MS(ss);
+  *dropped = 0;
   FAULT(s, MEM_OP_DEAD_INSERT);
   if (grow((void **)&s->st.dead, s->st.ndead, &s->st.cdead, sizeof(ms_dead)) != SAGA_OK)
     return fail(s, SAGA_ENOMEM, "out of memory");
@@ -846,6 +848,13 @@ static int m_dead_insert(saga__store *ss, uint64_t now, const char *channel, con
   }
   s->st.dead[s->st.ndead++] = r;
   s->writes++;
+  if (keep > 0 && s->st.ndead > keep) { /* the oldest beyond the newest keep */
+    size_t n = s->st.ndead - (size_t)keep;
+    for (size_t i = 0; i < n; i++) dead_free(&s->st.dead[i]);
+    memmove(s->st.dead, s->st.dead + n, (size_t)keep * sizeof *s->st.dead);
+    s->st.ndead = (size_t)keep;
+    *dropped = n;
+  }
   return SAGA_OK;
 }
 

@@ -1929,7 +1929,7 @@ static void test_mem_store_tx(void **state) {
   assert_int_equal(m->hist_insert(s, &h, 1, ""), SAGA_OK);
   assert_int_equal(m->outbox_insert(s, 7, "ch", "a", "x", 1, 5), SAGA_OK);
   assert_int_equal(m->outbox_mark(s, 7), SAGA_OK);
-  assert_int_equal(m->dead_insert(s, 5, "ch", NULL, "bad", "y", 1), SAGA_OK);
+  assert_int_equal(m->dead_insert(s, 5, "ch", NULL, "bad", "y", 1, 0, &(uint64_t){0}), SAGA_OK);
   assert_int_equal(m->inbox_insert(s, "m1", "a", 5, "orch", "r", 1), SAGA_OK);
   assert_int_equal(m->pstep_put(s, "a", 0, 1, 1, NULL, 0, 5), SAGA_OK);
   assert_int_equal(m->writes(s), 7);
@@ -2120,7 +2120,7 @@ static void test_mem_store_outbox(void **state) {
   assert_int_equal(attempt, 3);
   assert_int_equal(body.len, 0);
   assert_int_equal(mem_store_pstep_rows(s), 1);
-  assert_int_equal(m->dead_insert(s, 1, "ch", "m9", "broken", "q", 1), SAGA_OK);
+  assert_int_equal(m->dead_insert(s, 1, "ch", "m9", "broken", "q", 1, 0, &(uint64_t){0}), SAGA_OK);
   assert_int_equal(mem_store_dead_letters(s), 1);
   const char *reason = NULL;
   assert_int_equal(mem_store_dead_letter(s, 0, NULL, NULL, &reason), SAGA_OK);

@@ -447,6 +447,49 @@ static blob mk(const char *what, const void *data, size_t len, const char *expec
   return b;
 }
 
+/* The dead-letter count limit holds as each one is written: with SAGA_DEAD_LETTER_MAX kept
+ * already and no retention pass due, a burst of garbage replaces the oldest rather than growing
+ * the table until the next pass (a flood of malformed messages cannot fill the disk). */
+static void test_dead_letters_capped_at_insert(void **state) {
+  th_world w;
+  tester T;
+  open_world(&w, &T, NULL);
+  sqlite3 *db = saga_node_db(w.part);
+  assert_int_equal(sqlite3_exec(db, "BEGIN", NULL, NULL, NULL), SQLITE_OK);
+  sqlite3_stmt *ins = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, "INSERT INTO saga_dead_letter(at_ms, channel, msg_id,"
+                                      " reason, body) VALUES(1, 'p0', ?1, 'old', x'00')",
+                                      -1, &ins, NULL),
+                   SQLITE_OK);
+  for (int i = 0; i < (int)SAGA_DEAD_LETTER_MAX; i++) {
+    sqlite3_bind_int(ins, 1, i);
+    assert_int_equal(sqlite3_step(ins), SQLITE_DONE);
+    sqlite3_reset(ins);
+  }
+  sqlite3_finalize(ins);
+  assert_int_equal(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+  saga_node_stats st0;
+  saga_node_stats_get(w.part, &st0, sizeof st0);
+  for (int i = 0; i < 5; i++) {
+    static const uint8_t junk[] = {0xc1, 0xc1, 0xc1}; /* 0xc1 is never valid msgpack */
+    send_raw(&T, "p0", junk, sizeof junk);
+    run_until(&T, 0);
+    assert_int_equal(dead_letters(&w), SAGA_DEAD_LETTER_MAX);
+  }
+  /* The five newest are the garbage; the five oldest went. */
+  assert_int_equal(q_int(w.part, "SELECT count(*) FROM saga_dead_letter WHERE reason <> 'old'",
+                         NULL),
+                   5);
+  assert_int_equal(q_int(w.part, "SELECT min(CAST(msg_id AS INTEGER)) FROM saga_dead_letter"
+                                 " WHERE reason = 'old'", NULL),
+                   5);
+  saga_node_stats st;
+  saga_node_stats_get(w.part, &st, sizeof st);
+  assert_int_equal(st.dead_letters - st0.dead_letters, 5);
+  assert_int_equal(st.purged_dead_letters - st0.purged_dead_letters, 5);
+  close_world(&w, &T);
+}
+
 static void test_malformed_input(void **state) {
   th_world w;
   tester T;
@@ -931,6 +974,7 @@ int main(void) {
       cmocka_unit_test(test_refusal_rolls_back_only_its_writes),
       cmocka_unit_test(test_unknown_command),
       cmocka_unit_test(test_malformed_input),
+      cmocka_unit_test(test_dead_letters_capped_at_insert),
       cmocka_unit_test(test_resolve),
       cmocka_unit_test(test_orchestrator_ignores_mismatched_replies),
       cmocka_unit_test(test_dead_letter_keeps_command),

@@ -553,8 +553,8 @@ typedef struct saga_node_stats {
   uint64_t outbox_oldest_ms;
   /** As of the same check: channels with an outbox row older than SAGA_OUTBOX_WARN_MS. */
   uint64_t outbox_stuck_channels;
-  /** Dead letters deleted by retention (older than SAGA_DEAD_LETTER_MS, or beyond the newest
-   * SAGA_DEAD_LETTER_MAX). */
+  /** Dead letters deleted: by retention (older than SAGA_DEAD_LETTER_MS), or as newer ones
+   * were written beyond the newest SAGA_DEAD_LETTER_MAX. */
   uint64_t purged_dead_letters;
   /** send() calls the transport refused with a transient code (broker down, queue full): the
    * rows stay in the outbox and are resent. Logged once, then at most every 10 s. */
@@ -599,7 +599,8 @@ SAGA_EXTERN int64_t saga_node_outbox_depth(saga_node *node);
 #define SAGA_DEAD_LETTER_BODY_MAX 65536u
 /** Dead letters older than this (30 days, in ms) are deleted by retention. */
 #define SAGA_DEAD_LETTER_MS (UINT64_C(30) * 24 * 3600 * 1000)
-/** At most this many dead letters are kept; retention deletes the oldest beyond it. */
+/** At most this many dead letters are kept: writing one more deletes the oldest, in the same
+ * transaction (retention passes check it too). */
 #define SAGA_DEAD_LETTER_MAX 10000u
 
 /** An outbox row unconfirmed this long is worth a warning (see saga_node_stats). */

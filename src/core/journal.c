@@ -317,9 +317,14 @@ int saga__journal_dead_letter(saga__journal *j, const char *channel, const char 
     reason = cut;
     len = j->env->dead_body_max;
   }
-  int rc = s->m->dead_insert(s, saga__now(j->env), channel, msg_id, reason, body, len);
+  /* The count limit holds as each one is written, not only at the next retention pass: a
+   * flood of malformed messages cannot grow the table between passes. */
+  uint64_t dropped = 0;
+  int rc = s->m->dead_insert(s, saga__now(j->env), channel, msg_id, reason, body, len,
+                             SAGA_DEAD_LETTER_MAX, &dropped);
   if (rc != SAGA_OK) return saga__store_fail(j->env, rc, "writing dead letter");
   j->env->stats.dead_letters++;
+  j->env->stats.purged_dead_letters += dropped;
   snprintf(j->dead_reason, sizeof j->dead_reason, "%s", reason);
   saga__log(j->env, SAGA_LOG_WARN, "dead letter on '%s' (msg '%s'): %s", channel,
             msg_id ? msg_id : "", reason);

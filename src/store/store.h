@@ -231,8 +231,11 @@ typedef struct saga__store_methods {
   int (*parked_delete)(saga__store *s, uint64_t id);
 
   /* ---- dead letters ---- */
+  /* Writes a dead letter, then deletes the oldest beyond the newest keep (0 = no limit):
+   * *dropped is how many went. */
   int (*dead_insert)(saga__store *s, uint64_t now, const char *channel, const char *msg_id,
-                     const char *reason, const void *body, size_t len);
+                     const char *reason, const void *body, size_t len, uint64_t keep,
+                     uint64_t *dropped);
   /* Deletes at most batch dead letters written before cutoff, then at most batch beyond the
    * newest keep (0 = no count limit), oldest first; *deleted grows by how many, *more is set
    * when a batch was filled. */

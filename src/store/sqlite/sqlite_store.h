@@ -49,6 +49,7 @@ typedef enum sq_stmt_id {
   ST_PSTEP_GET,
   ST_PSTEP_PUT,
   ST_DEAD_INSERT,
+  ST_DEAD_TRIM,
   ST_PURGE_AGED,
   ST_PURGE_EXCESS,
   ST_PURGE_HISTORY,

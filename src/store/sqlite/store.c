@@ -88,6 +88,7 @@ static const char *const stmt_sql[ST__COUNT] = {
                         "(?,?,?,?,?,?,?)",
     [ST_OUTBOX_INSERT] = "INSERT INTO saga_outbox(channel, saga_id, body, created_ms, id)"
                          " VALUES(?1,?2,?3,?4,?5)",
+    [ST_DEAD_TRIM] = "DELETE FROM saga_dead_letter WHERE id <= ?1",
     [ST_OUTBOX_MAX] = "SELECT max(coalesce((SELECT max(id) FROM saga_outbox), 0),"
                       " (SELECT value FROM saga_meta WHERE key = 'outbox_id'))",
     [ST_OUTBOX_MARK] = "UPDATE saga_meta SET value = ?1 WHERE key = 'outbox_id' AND value < ?1",
@@ -660,15 +661,25 @@ static int sq_lock_release(saga__store *ss, const char *saga_id, int64_t step,
 
 static int sq_dead_insert(saga__store *ss, uint64_t now, const char *channel,
                           const char *msg_id, const char *reason, const void *body,
-                          size_t len) {
+                          size_t len, uint64_t keep, uint64_t *dropped) {
   sq_store *s = SQ(ss);
+  *dropped = 0;
   sqlite3_stmt *st = stmt(s, ST_DEAD_INSERT);
   sqlite3_bind_int64(st, 1, (sqlite3_int64)now);
   bind_text(st, 2, channel);
   bind_text(st, 3, msg_id != NULL ? msg_id : "");
   bind_text(st, 4, reason);
   bind_blob(st, 5, body, len);
-  return exec(s, ST_DEAD_INSERT);
+  int rc = exec(s, ST_DEAD_INSERT);
+  /* The ids are distinct integers, so at most keep of them lie in (id - keep, id]: one range
+   * delete on the primary key bounds the table however fast dead letters come. */
+  sqlite3_int64 id = sqlite3_last_insert_rowid(s->db);
+  if (rc != SAGA_OK || keep == 0 || id <= (sqlite3_int64)keep) return rc;
+  st = stmt(s, ST_DEAD_TRIM);
+  sqlite3_bind_int64(st, 1, id - (sqlite3_int64)keep);
+  rc = exec(s, ST_DEAD_TRIM);
+  if (rc == SAGA_OK) *dropped = (uint64_t)sqlite3_changes(s->db);
+  return rc;
 }
 
 static int sq_outbox_channels(saga__store *ss,
