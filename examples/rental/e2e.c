@@ -10,9 +10,10 @@
  *    checks that bad requests are refused with a clear 4xx;
  * 2. five customers reserve; once everything settled, some delivered reservations are
  *    cancelled (the copy is collected back) and a rejected one cannot be;
- * 3. stops delivery (SIGTERM) and reserves and cancels meanwhile: the reservations are still
- *    accepted, the copies taken, nothing delivered; restarts it: the waiting reservations are
- *    delivered, the cancelled ones never are;
+ * 3. stops delivery and MyPage (SIGTERM) and reserves and cancels meanwhile: the
+ *    reservations are still accepted, the copies taken, nothing delivered; restarts delivery:
+ *    the waiting reservations are delivered; then MyPage, which gets what it missed from three
+ *    publishers at once (in no particular order between them);
  * 4. (not with --demo) restarts every service with a kill plan: each kills itself with SIGKILL
  *    at named commit points of its node (RENTAL_CRASH, the node's test hook) — before and
  *    after a commit, after acknowledging a delivery, after writing an event to the outbox and
@@ -195,8 +196,18 @@ static void reap(void) {
 }
 
 /* SIGTERM and a clean exit (status 0; under the sanitizers also no error or leak report). */
+static int http1(const char *addr, const char *method, const char *path, const char *body,
+                 char *out, size_t outlen);
+
 static void stop(svc *s) {
   if (s->pid <= 0) return;
+  /* Up first (answering HTTP), so that it has its signal handler. */
+  char out[512];
+  uint64_t end = now_ms() + 20000;
+  while (now_ms() < end && http1(s->http, "GET", "/", NULL, out, sizeof out) < 0) {
+    struct timespec ts = {0, 10 * 1000000};
+    nanosleep(&ts, NULL);
+  }
   kill(s->pid, SIGTERM);
   int status = 0;
   if (waitpid(s->pid, &status, 0) == s->pid && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
@@ -719,8 +730,9 @@ static int run(int round, const char *keep) {
     fail("step 2: %d delivered and %d rejected reservations to cancel", cancelled_delivered, refused);
 
   /* 3. Delivery stops; customers go on; delivery is back. */
-  say("3. The delivery service stops; customers go on\n");
+  say("3. The delivery service and MyPage stop; customers go on\n");
   stop(&sv[DELIV]);
+  stop(&sv[MYPAGE]);
   int from3 = nmade;
   for (int i = 0; i < 6; i++) reserve(i % NCUSTOMERS, 3, 3); /* the odyssey: copies for all */
   range r3 = {from3, nmade, "RESERVED"};
@@ -734,6 +746,10 @@ static int run(int round, const char *keep) {
   say("   delivery is back\n");
   r3.status = "DELIVERED";
   wait_for(settled_range, &r3, 20000, "the waiting reservations of step 3 are delivered");
+  /* MyPage comes back to the events of three publishers at once, in no particular order
+   * between them. */
+  spawn(&sv[MYPAGE]);
+  say("   MyPage is back\n");
 
   /* 4. Kills at commit points while customers go on. */
   int planned = 0;

@@ -878,6 +878,11 @@ int main(int argc, char **argv) {
     crash_at = strtol(colon + 1, NULL, 10);
   }
   loop = uv_default_loop();
+  /* A stop asked for while starting is handled once the loop runs. */
+  uv_signal_init(loop, &sigterm);
+  uv_signal_start(&sigterm, on_signal, SIGTERM);
+  uv_signal_init(loop, &sigint);
+  uv_signal_start(&sigint, on_signal, SIGINT);
 
   /* Plaintext on loopback for the example; a deployment uses mutual TLS and access lists
    * (docs/security.md). */
@@ -957,10 +962,6 @@ int main(int argc, char **argv) {
     fprintf(stderr, "%s: cannot serve HTTP on %s\n", role, http_addr);
     return 1;
   }
-  uv_signal_init(loop, &sigterm);
-  uv_signal_start(&sigterm, on_signal, SIGTERM);
-  uv_signal_init(loop, &sigint);
-  uv_signal_start(&sigint, on_signal, SIGINT);
   printf("%s: running, events on %s%s%s\n", role, listen, http_addr ? ", HTTP on " : "",
          http_addr ? http_addr : "");
   uv_run(loop, UV_RUN_DEFAULT);
