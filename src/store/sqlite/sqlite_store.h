@@ -116,7 +116,34 @@ int saga__sq_event_cursor_put(saga__store *s, const char *stream, const char *ch
 void saga__sq_events_close(sq_store *s);
 
 /* Maps a SQLite result code to a SAGA_E* code. */
-int saga__sq_err(int sqlite_rc);
+static inline int saga__sq_err(int rc) {
+  switch (rc & 0xff) {
+  case SQLITE_OK:
+  case SQLITE_DONE:
+  case SQLITE_ROW:
+    return SAGA_OK;
+  case SQLITE_NOMEM:
+    return SAGA_ENOMEM;
+  case SQLITE_FULL:
+    return SAGA_EFULL;
+  case SQLITE_READONLY:
+  case SQLITE_PERM:
+    return SAGA_EREADONLY;
+  case SQLITE_CANTOPEN:
+  case SQLITE_IOERR:
+    return SAGA_EIO;
+  case SQLITE_CORRUPT:
+  case SQLITE_NOTADB:
+    return SAGA_ECORRUPT;
+  case SQLITE_BUSY:
+  case SQLITE_LOCKED:
+    return SAGA_EBUSY;
+  case SQLITE_CONSTRAINT:
+    return SAGA_EEXIST;
+  default:
+    return SAGA_ESTORE;
+  }
+}
 
 /* checkpoint.c: installs the WAL hook (background) or SQLite's auto-checkpoint. */
 int saga__sq_checkpoint_init(sq_store *s, const saga__sqlite_config *cfg, char *err,

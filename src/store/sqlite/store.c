@@ -116,36 +116,6 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_LOCK_RELEASE_SAGA] = "DELETE FROM saga_lock WHERE saga_id = ?1",
 };
 
-
-int saga__sq_err(int rc) {
-  switch (rc & 0xff) {
-  case SQLITE_OK:
-  case SQLITE_DONE:
-  case SQLITE_ROW:
-    return SAGA_OK;
-  case SQLITE_NOMEM:
-    return SAGA_ENOMEM;
-  case SQLITE_FULL:
-    return SAGA_EFULL;
-  case SQLITE_READONLY:
-  case SQLITE_PERM:
-    return SAGA_EREADONLY;
-  case SQLITE_CANTOPEN:
-  case SQLITE_IOERR:
-    return SAGA_EIO;
-  case SQLITE_CORRUPT:
-  case SQLITE_NOTADB:
-    return SAGA_ECORRUPT;
-  case SQLITE_BUSY:
-  case SQLITE_LOCKED:
-    return SAGA_EBUSY;
-  case SQLITE_CONSTRAINT:
-    return SAGA_EEXIST;
-  default:
-    return SAGA_ESTORE;
-  }
-}
-
 #define SQ(s) ((sq_store *)(void *)(s))
 
 /* A statement reset and with its bindings cleared. */
